@@ -1,0 +1,39 @@
+"""The one attention entry point. Backends: reference (plain PyTorch, the oracle), sdpa, triton.
+
+`attention(q, k, v, q_pos=…, kv_pos=…, q_doc=…, kv_doc=…, backend=…)`: positions are original token
+positions, so causality (key visible iff kv_pos <= q_pos, same document when ids are given) and RoPE
+never depend on how active tokens were compacted. See `reference.py` for shapes and padding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mor_ds.attention.reference import PAD_POS, reference_attention
+from mor_ds.attention.sdpa import sdpa_attention
+
+__all__ = ["PAD_POS", "attention", "resolve_backend", "BACKENDS"]
+
+AttentionFn = Callable[..., Tensor]
+BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`auto`: the fastest correct backend for the device (CPU: reference)."""
+    if name != "auto":
+        return name
+    return "sdpa" if device.type == "cuda" else "reference"
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *,
+    q_pos: Tensor | None = None, kv_pos: Tensor | None = None,
+    q_doc: Tensor | None = None, kv_doc: Tensor | None = None,
+    backend: str = "reference",
+) -> Tensor:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not available (have: {', '.join(BACKENDS)})")
+    return BACKENDS[backend](q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_doc=q_doc, kv_doc=kv_doc)

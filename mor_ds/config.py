@@ -1,0 +1,366 @@
+"""One config system: dataclasses <-> YAML presets, `--set a.b=c` overrides, validation naming the key.
+
+A run is described by one `Config`. It is built from a preset name (see `mor_ds.presets`) or a YAML
+file (which may name a `preset:` to start from), then `--set key=value` overrides, then validated.
+Every error is a `ConfigError` whose one-line message names the offending key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key (`model.hidden_size`) and the value."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["vanilla", "recursive", "mor"] = "vanilla"
+    vocab_size: int = 49152
+    hidden_size: int = 576  # d
+    num_layers: int = 30  # L, the unrolled depth (vanilla layers the model is compared with)
+    num_heads: int = 9
+    num_kv_heads: int = 3  # GQA groups
+    intermediate_size: int = 1536  # SwiGLU hidden size
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # Recursion (family recursive / mor). Nr = num_recursions.
+    num_recursions: int = 1
+    sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
+    # KV strategy: "cache" = recursion-wise KV caching, "share" = recursive KV sharing (first recursion's KV)
+    kv_mode: Literal["cache", "share"] = "cache"
+    # attention inside packed sequences stays within a document (EOS-delimited) when true
+    document_mask: bool = False
+    attention_backend: Literal["auto", "reference", "sdpa", "triton"] = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class RouterConfig:
+    """MoR router (family mor only). Symbols as in the paper: alpha (α), capacity schedule, Nr."""
+
+    type: Literal["expert_choice", "token_choice"] = "expert_choice"
+    arch: Literal["linear", "mlp"] = "linear"
+    activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    alpha: float = 0.1  # α: router weight g = α·act(router(h)) scales the block output
+    # capacity per recursion step for expert-choice; empty = the paper's (Nr−i)/Nr schedule
+    capacity: list[float] = field(default_factory=list)
+    # scale the recursion block's output by the router weight (off only for equivalence tests)
+    scale_output: bool = True
+    # expert-choice causality at inference: BCE aux loss on router logits, or a separate aux router
+    causal_mode: Literal["aux_loss", "aux_router"] = "aux_loss"
+    aux_loss_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    # token-choice balancing: "loss" (Σ_i P_i·f_i) or "loss_free" (per-depth bias, all-reduced loads)
+    balancing: Literal["loss", "loss_free"] = "loss"
+    balance_loss_coef: float = 0.1
+    bias_update_rate: float = 0.001
+    mlp_hidden_size: int = 0  # for arch=mlp; 0 = hidden_size
+
+    def capacities(self, num_recursions: int) -> list[float]:
+        return list(self.capacity) or [(num_recursions - i) / num_recursions for i in range(num_recursions)]
+
+
+@dataclass
+class DataConfig:
+    # `embedded` (the installed demo corpus), a local path/glob, or hf:NAME[:CONFIG][@SPLIT]
+    source: str = "embedded"
+    text_field: str = "text"
+    # a SentencePiece .model or a Hugging Face tokenizer.json; empty = train one on first use (tiny runs)
+    tokenizer: str = ""
+    # prepared shard directory (`mor-data prepare`); empty = derive from source (embedded) or stream
+    prepared_dir: str = ""
+    mode: Literal["prepared", "stream"] = "prepared"
+    val_shards: int = 1  # held-out shards for validation
+    num_workers: int = 1  # tokenizer worker processes in stream mode
+    min_chars: int = 0
+    max_chars: int = 0  # 0 = no limit
+    cache_dir: str = "~/.cache/mor-ds"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_fraction: float = 0.05
+    decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last 20% of steps
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    micro_batch_size: int = 16  # sequences per GPU per forward
+    global_batch_size: int = 1024  # sequences per optimizer step (all GPUs, all accumulation steps)
+    # budget: exactly one of these decides the number of optimizer steps (first non-zero wins)
+    max_steps: int = 0
+    max_tokens: int = 0
+    max_flops: float = 0.0  # training FLOPs, planner's `flops_convention`
+    flops_convention: Literal["exact", "paper"] = "paper"
+    seed: int = 1234
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_interval: int = 10
+    eval_interval: int = 500
+    eval_batches: int = 20
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps before abort
+    peak_tflops: float = 0.0  # 0 = from the device
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "mor-ds"
+    group: str = ""
+    name: str = ""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto = offline without an API key
+
+
+@dataclass
+class Config:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# dict -> dataclass with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: {value!r} is not null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a bool (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: {value!r} is not an int")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`model.hidden_size=576` -> {"model": {"hidden_size": 576}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({exc.__class__.__name__})") from None
+    out: dict[str, Any] = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from a preset name or a YAML path, then `key=value` overrides."""
+    from mor_ds.presets import preset_dict
+
+    path = Path(spec)
+    if spec.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {spec}: not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {spec}: invalid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {spec}: expected a mapping at the top level")
+        if "preset" in data:
+            data = merge(preset_dict(data.pop("preset")), data)
+    else:
+        data = preset_dict(spec)
+    for text in overrides:
+        data = merge(data, parse_override(text))
+    return from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------
+# validation: every message names the key and the value
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: Config) -> None:
+    m, r, t, o = cfg.model, cfg.router, cfg.train, cfg.optim
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+           f"must be divisible by model.num_heads={m.num_heads}")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+           f"must divide model.num_heads={m.num_heads}")
+    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    _check(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    _check(m.num_recursions >= 1, "model.num_recursions", m.num_recursions, "must be >= 1")
+    if m.family == "vanilla":
+        _check(m.num_recursions == 1, "model.num_recursions", m.num_recursions, "must be 1 for model.family=vanilla")
+    else:
+        from mor_ds.models.sharing import sharing_error
+
+        err = sharing_error(m.num_layers, m.num_recursions, m.sharing)
+        _check(err is None, "model.num_layers", m.num_layers, err or "")
+    if m.family == "mor":
+        _check(m.sharing in ("cycle", "middle_cycle"), "model.sharing", m.sharing,
+               "MoR routes over contiguous recursion blocks: use cycle or middle_cycle")
+        if r.type == "token_choice":
+            _check(m.num_recursions >= 2, "model.num_recursions", m.num_recursions,
+                   "token-choice routing needs at least 2 depths")
+        caps = r.capacity
+        if caps:
+            _check(len(caps) == m.num_recursions, "router.capacity", caps,
+                   f"needs one entry per recursion (model.num_recursions={m.num_recursions})")
+            for i, c in enumerate(caps):
+                _check(0.0 < c <= 1.0, f"router.capacity[{i}]", c, "must be in (0, 1]")
+            _check(all(a >= b for a, b in zip(caps, caps[1:])), "router.capacity", caps,
+                   "must be non-increasing (hierarchical selection)")
+    _check(r.alpha > 0, "router.alpha", r.alpha, "must be > 0")
+    for key in ("aux_loss_coef", "z_loss_coef", "balance_loss_coef", "bias_update_rate"):
+        _check(getattr(r, key) >= 0, f"router.{key}", getattr(r, key), "must be >= 0")
+    _check(r.mlp_hidden_size >= 0, "router.mlp_hidden_size", r.mlp_hidden_size, "must be >= 0")
+
+    _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _check(t.global_batch_size >= t.micro_batch_size, "train.global_batch_size", t.global_batch_size,
+           f"must be >= train.micro_batch_size={t.micro_batch_size}")
+    _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
+           f"must be a multiple of train.micro_batch_size={t.micro_batch_size}")
+    for key in ("max_steps", "max_tokens", "max_flops"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "must be 0, 1, 2 or 3")
+    for key in ("log_interval", "eval_interval", "eval_batches", "max_bad_steps"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    _check(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, "must be >= 0")
+
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+           "must be two numbers in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")
+    _check(0 <= o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in [0, 1]")
+    _check(o.warmup_fraction + o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
+           f"warmup_fraction + decay_fraction must be <= 1 (warmup_fraction={o.warmup_fraction})")
+
+    _check(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, "must be >= 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 1")
+    _check(cfg.data.val_shards >= 0, "data.val_shards", cfg.data.val_shards, "must be >= 0")
+    _check(cfg.data.num_workers >= 1, "data.num_workers", cfg.data.num_workers, "must be >= 1")

@@ -1,0 +1,82 @@
+"""Preset names -> config dicts.
+
+Scheme: `<family>-<size>[-nr<N>][-tc][-kvshare]` for the paper's sizes (135m, 360m, 730m, 1.7b) and
+`tiny-<family>[-nr<N>][-tc][-kvshare]` for CPU runs, with family vanilla | recursive | mor.
+Examples: vanilla-360m, recursive-360m-nr3, mor-360m-nr3, mor-360m-nr3-tc, tiny-mor.
+Recursive/MoR presets are named after the vanilla model they unroll to; when (L−2) is not divisible
+by Nr the depth grows as in the paper (360M Nr=4: 34 layers, 135M Nr=3: 32 layers).
+Defaults follow the paper: middle-cycle sharing, expert-choice routing, recursion-wise KV caching.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mor_ds.config import ConfigError, merge
+from mor_ds.models.sharing import paper_num_layers
+
+PRESET_DIR = Path(__file__).parent
+PAPER_SIZES = ("135m", "360m", "730m", "1.7b")
+FAMILIES = ("vanilla", "recursive", "mor")
+NUM_RECURSIONS = (2, 3, 4)
+TINY_DEFAULT_NR = 2
+
+_NAME = re.compile(
+    r"^(?:(?P<family>vanilla|recursive|mor)-(?P<size>135m|360m|730m|1\.7b)|tiny-(?P<tiny_family>vanilla|recursive|mor))"
+    r"(?:-nr(?P<nr>\d+))?(?P<tc>-tc)?(?P<kvshare>-kvshare)?$"
+)
+
+
+@cache
+def _yaml(name: str) -> dict[str, Any]:
+    return yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The config dict of a preset name; a ConfigError naming the preset if it does not parse."""
+    match = _NAME.match(name)
+    if not match:
+        raise ConfigError(f"preset {name!r}: unknown (see `mor-ds plan --list`; scheme <family>-<size>[-nr<N>][-tc][-kvshare])")
+    tiny = match["tiny_family"] is not None
+    family = match["tiny_family"] or match["family"]
+    nr = int(match["nr"]) if match["nr"] else None
+    if family == "vanilla" and (nr or match["tc"] or match["kvshare"]):
+        raise ConfigError(f"preset {name!r}: vanilla presets take no -nr/-tc/-kvshare suffix")
+    if family != "vanilla" and nr is None:
+        if not tiny:
+            raise ConfigError(f"preset {name!r}: {family} presets need -nr<N> (N in 2, 3, 4)")
+        nr = TINY_DEFAULT_NR
+    if match["tc"] and family != "mor":
+        raise ConfigError(f"preset {name!r}: -tc (token-choice routing) is for mor presets")
+    if nr is not None and nr < 1:
+        raise ConfigError(f"preset {name!r}: -nr must be >= 1")
+
+    data = _yaml("tiny") if tiny else merge(_yaml("_paper_recipe"), _yaml(match["size"]))
+    model: dict[str, Any] = {"family": family}
+    if family != "vanilla":
+        model["num_recursions"] = nr
+        model["sharing"] = "middle_cycle"
+        model["num_layers"] = paper_num_layers(data["model"]["num_layers"], nr, "middle_cycle")
+    if match["kvshare"]:
+        model["kv_mode"] = "share"
+    overlay: dict[str, Any] = {"name": name, "model": model}
+    if match["tc"]:
+        # token-choice: softmax over Nr depths, MLP router (paper's best), balancing loss 0.1, z-loss 1e-5
+        overlay["router"] = {"type": "token_choice", "activation": "softmax", "arch": "mlp", "alpha": 1.0,
+                             "z_loss_coef": 1e-5}
+    return merge(data, overlay)
+
+
+def list_presets() -> list[str]:
+    names = []
+    for size in PAPER_SIZES:
+        names.append(f"vanilla-{size}")
+        for nr in NUM_RECURSIONS:
+            names += [f"recursive-{size}-nr{nr}", f"mor-{size}-nr{nr}", f"mor-{size}-nr{nr}-tc"]
+    names += ["tiny-vanilla", "tiny-recursive", "tiny-mor", "tiny-mor-tc", "tiny-mor-kvshare"]
+    return names
