@@ -32,8 +32,9 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, *,
     q_pos: Tensor | None = None, kv_pos: Tensor | None = None,
     q_doc: Tensor | None = None, kv_doc: Tensor | None = None,
-    backend: str = "reference",
+    backend: str = "auto",
 ) -> Tensor:
+    backend = resolve_backend(backend, q.device)
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not available (have: {', '.join(BACKENDS)})")
     return BACKENDS[backend](q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_doc=q_doc, kv_doc=kv_doc)

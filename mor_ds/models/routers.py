@@ -1,0 +1,173 @@
+"""MoR routers: expert-choice (per recursion step, top-k of the still-active tokens) and token-choice
+(one depth per token, chosen up front). Each router turns hidden states into a `Selection` plus its
+auxiliary losses (already multiplied by their coefficients) and statistics.
+
+Symbols (paper): Nr recursions, step r = 0…Nr−1, capacity_r, k_r = max(1, ⌊capacity_r·S⌋),
+router weight g = α·act(router(h)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mor_ds.config import ModelConfig, RouterConfig
+
+
+@dataclass
+class ActiveSet:
+    """Tokens active at a recursion step, compacted per sequence.
+
+    idx: (B, K) original indices, ascending in each row (causal order kept); padded slots point at the
+         dummy slot S. valid: (B, K) bool, None when every slot is real (fixed k per sequence).
+    """
+
+    idx: Tensor
+    valid: Tensor | None = None
+
+    @staticmethod
+    def everything(batch: int, length: int, device: torch.device) -> "ActiveSet":
+        return ActiveSet(torch.arange(length, device=device).expand(batch, length))
+
+    def valid_mask(self) -> Tensor:
+        return self.valid if self.valid is not None else torch.ones_like(self.idx, dtype=torch.bool)
+
+    def count(self) -> Tensor:
+        return self.valid_mask().sum() if self.valid is not None else torch.tensor(self.idx.numel(), device=self.idx.device)
+
+
+@dataclass
+class Selection:
+    """What a recursion step runs on: the active tokens, their router weights g (B, K, 1), and for
+    token-choice which of them finish at this step (their output is combined with g)."""
+
+    active: ActiveSet
+    weight: Tensor
+    finishing: Tensor | None = None  # (B, K) bool; None = every selected token is scaled by g
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+def compact(prev: ActiveSet, keep: Tensor, length: int) -> tuple[ActiveSet, Tensor]:
+    """Keep the slots of `prev` where `keep` (B, K_prev) is true, packed to the left in causal order.
+
+    Returns the new ActiveSet and `pick` (B, K): for each new slot, its slot index in `prev`.
+    Counts may differ per sequence; rows are padded to the longest with the dummy index `length`.
+    """
+    keep = keep & prev.valid_mask()
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    pick = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=keep.device) < counts[:, None]
+    idx = torch.where(valid, prev.idx.gather(1, pick), length)
+    return ActiveSet(idx, None if bool(valid.all()) else valid), pick
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.mean()
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class RouterNet(nn.Module):
+    """Linear(d, out) or a small MLP, no biases; logits in fp32."""
+
+    def __init__(self, hidden_size: int, out_features: int, cfg: RouterConfig):
+        super().__init__()
+        if cfg.arch == "linear":
+            self.net: nn.Module = nn.Linear(hidden_size, out_features, bias=False)
+        else:
+            inner = cfg.mlp_hidden_size or hidden_size
+            self.net = nn.Sequential(nn.Linear(hidden_size, inner, bias=False), nn.GELU(),
+                                     nn.Linear(inner, out_features, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).float()
+
+
+class ExpertChoiceRouter(nn.Module):
+    """One router per recursion step. Training: step r keeps the top-k_r of the tokens active after step
+    r−1 (hierarchical), k_r = max(1, ⌊capacity_r·S⌋). Inference ("causal" routing): a token continues iff its
+    own score says so — sigmoid(logit) > 0.5 under the BCE aux loss, or the aux router's logit > 0 — which
+    never looks at other (future) tokens."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.capacities = cfg.capacities(model_cfg.num_recursions)
+        self.routers = nn.ModuleList(RouterNet(model_cfg.hidden_size, 1, cfg) for _ in self.capacities)
+        self.aux_routers = (nn.ModuleList(RouterNet(model_cfg.hidden_size, 1, cfg) for _ in self.capacities)
+                            if cfg.causal_mode == "aux_router" else None)
+
+    def _weights(self, logits: Tensor, valid: Tensor | None) -> Tensor:
+        if self.cfg.activation == "sigmoid":
+            return self.cfg.alpha * torch.sigmoid(logits)
+        # softmax over the sequence's active tokens
+        if valid is not None:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        return self.cfg.alpha * torch.softmax(logits, dim=1)
+
+    def select(self, step: int, x: Tensor, prev: ActiveSet, length: int, causal: bool) -> Selection:
+        """x: (B, K_prev, d) hidden states of the tokens in `prev`, entering step r."""
+        logits = self.routers[step](x).squeeze(-1)  # (B, K_prev)
+        weights = self._weights(logits, prev.valid)
+        aux_logits = self.aux_routers[step](x.detach()).squeeze(-1) if self.aux_routers is not None else None
+        if causal:
+            decide = aux_logits if aux_logits is not None else logits
+            active, pick = compact(prev, decide > 0, length)
+            return Selection(active, weights.gather(1, pick)[..., None])
+
+        k = min(max(1, math.floor(self.capacities[step] * length)), prev.idx.shape[1])
+        pick = logits.topk(k, dim=1).indices.sort(dim=1).values
+        chosen = torch.zeros_like(logits).scatter_(1, pick, 1.0)  # BCE target: picked (1) or not (0)
+        bce_logits = aux_logits if aux_logits is not None else logits
+        aux = {"router_bce": self.cfg.aux_loss_coef * F.binary_cross_entropy_with_logits(bce_logits, chosen)}
+        if self.cfg.z_loss_coef:
+            aux["z_loss"] = self.cfg.z_loss_coef * logits.pow(2).mean()
+        return Selection(ActiveSet(prev.idx.gather(1, pick)), weights.gather(1, pick)[..., None], aux_losses=aux)
+
+
+class TokenChoiceRouter(nn.Module):
+    """Depth chosen once per token from a distribution over Nr depths (top-1), on the prelude's output.
+    A token of depth d runs steps 0…d; at its last step its update is scaled by g = α·p(d).
+    Balancing: loss Σ_i P_i·f_i (P_i mean probability, f_i = Nr·fraction routed to depth i), or loss-free:
+    a non-trained bias b added for the choice only, b ← b + rate·sign(mean load − load_i) per optimizer step."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_recursions = model_cfg.num_recursions
+        self.router = RouterNet(model_cfg.hidden_size, self.num_recursions, cfg)
+        self.register_buffer("balance_bias", torch.zeros(self.num_recursions))
+        self.register_buffer("load", torch.zeros(self.num_recursions), persistent=False)
+
+    def assign(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """h: (B, S, d) -> depth (B, S) in 0…Nr−1, g (B, S), weighted aux losses."""
+        logits = self.router(h)  # (B, S, Nr)
+        probs = torch.softmax(logits, -1) if self.cfg.activation == "softmax" else torch.sigmoid(logits)
+        scores = probs.detach() + self.balance_bias if self.cfg.balancing == "loss_free" else probs
+        depth = scores.argmax(dim=-1)
+        weight = self.cfg.alpha * probs.gather(-1, depth[..., None]).squeeze(-1)
+        routed = F.one_hot(depth, self.num_recursions).to(probs.dtype).mean(dim=(0, 1))
+        aux: dict[str, Tensor] = {}
+        if self.cfg.balancing == "loss":
+            aux["balance"] = self.cfg.balance_loss_coef * (probs.mean(dim=(0, 1)) * self.num_recursions * routed).sum()
+        elif self.training:
+            self.load += routed.detach() * depth.numel()
+        if self.cfg.z_loss_coef:
+            aux["z_loss"] = self.cfg.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean()
+        return depth, weight, aux
+
+    @torch.no_grad()
+    def update_bias(self, all_reduce=None) -> None:
+        """Loss-free balancing step; `all_reduce` sums the load over data-parallel ranks so biases agree."""
+        load = self.load.clone()
+        if all_reduce is not None:
+            load = all_reduce(load)
+        if load.sum() > 0:
+            self.balance_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.load.zero_()
