@@ -18,6 +18,21 @@ from typing import Any, Literal
 import yaml
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` and `16.5e18` as strings; resolve them as floats the way YAML 1.2 does."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 class ConfigError(ValueError):
     """A bad config value; the message names the key (`model.hidden_size`) and the value."""
 
@@ -258,7 +273,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({exc.__class__.__name__})") from None
     out: dict[str, Any] = value
@@ -282,7 +297,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         if not path.is_file():
             raise ConfigError(f"config file {spec}: not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {spec}: invalid YAML ({exc})") from None
         if not isinstance(data, dict):

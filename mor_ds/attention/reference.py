@@ -44,7 +44,8 @@ def reference_attention(
     groups = q_heads // kv_heads
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(head_dim)
+    compute = torch.promote_types(q.dtype, torch.float32)  # fp32 accumulation for bf16/fp16, fp64 stays fp64
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) / math.sqrt(head_dim)
     scores = scores.masked_fill(~visibility_mask(q_pos, kv_pos, q_doc, kv_doc), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, v.to(compute)).to(q.dtype)

@@ -74,7 +74,7 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class RouterNet(nn.Module):
-    """Linear(d, out) or a small MLP, no biases; logits in fp32."""
+    """Linear(d, out) or a small MLP, no biases; logits in at least fp32."""
 
     def __init__(self, hidden_size: int, out_features: int, cfg: RouterConfig):
         super().__init__()
@@ -86,7 +86,8 @@ class RouterNet(nn.Module):
                                      nn.Linear(inner, out_features, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).float()
+        logits = self.net(x)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 class ExpertChoiceRouter(nn.Module):

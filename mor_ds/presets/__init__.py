@@ -15,9 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mor_ds.config import ConfigError, merge
+from mor_ds.config import ConfigError, merge, yaml_load
 from mor_ds.models.sharing import paper_num_layers
 
 PRESET_DIR = Path(__file__).parent
@@ -34,7 +32,7 @@ _NAME = re.compile(
 
 @cache
 def _yaml(name: str) -> dict[str, Any]:
-    return yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+    return yaml_load((PRESET_DIR / f"{name}.yaml").read_text())
 
 
 def preset_dict(name: str) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Config system: presets, YAML files, --set overrides, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mor_ds.config import Config, ConfigError, from_dict, load_config, parse_override
+from mor_ds.presets import list_presets
+
+
+def test_every_listed_preset_loads_and_validates():
+    names = list_presets()
+    assert {"vanilla-360m", "recursive-360m-nr3", "mor-360m-nr3", "mor-360m-nr3-tc", "tiny-mor"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+
+
+def test_paper_defaults():
+    cfg = load_config("mor-360m-nr3")
+    m, r, t = cfg.model, cfg.router, cfg.train
+    assert (m.family, m.num_recursions, m.sharing, m.kv_mode) == ("mor", 3, "middle_cycle", "cache")
+    assert (r.type, r.activation, r.alpha, r.aux_loss_coef) == ("expert_choice", "sigmoid", 0.1, 0.001)
+    assert r.capacities(3) == [1.0, 2 / 3, 1 / 3]
+    assert (t.seq_len, t.global_batch_size, cfg.optim.lr, cfg.optim.betas) == (2048, 1024, 3e-3, [0.9, 0.95])
+    assert load_config("mor-360m-nr4").model.num_layers == 34  # (L−2) divisible by Nr, as in the paper
+    assert load_config("mor-135m-nr3").model.num_layers == 32
+    tc = load_config("mor-360m-nr2-tc").router
+    assert (tc.type, tc.activation, tc.balance_loss_coef, tc.z_loss_coef) == ("token_choice", "softmax", 0.1, 1e-5)
+
+
+def test_yaml_file_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny-mor\nmodel:\n  hidden_size: 256\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(str(path), ["model.num_heads=8", "router.capacity=[1.0, 0.25]", "wandb.group=abc"])
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.train.max_steps) == (256, 8, 7)
+    assert cfg.router.capacity == [1.0, 0.25] and cfg.wandb.group == "abc"
+    # round trip through YAML
+    assert from_dict(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.hiden_size=5", "model.hiden_size: unknown key"),
+    ("modle.hidden_size=5", "modle: unknown key"),
+    ("model.num_recursions=0", "model.num_recursions=0: must be >= 1"),
+    ("router.capacity=[1.0, 1.5]", "router.capacity[1]=1.5: must be in (0, 1]"),
+    ("router.capacity=[1.0, 0.0]", "router.capacity[1]=0.0: must be in (0, 1]"),
+    ("router.capacity=[1.0]", "router.capacity=[1.0]: needs one entry per recursion"),
+    ("model.hidden_size=130", "model.hidden_size=130: must be divisible by model.num_heads=4"),
+    ("model.num_kv_heads=3", "model.num_kv_heads=3: must divide model.num_heads=4"),
+    ("model.num_layers=7", "model.num_layers=7: num_layers - 2=5 must be divisible by num_recursions=2"),
+    ("model.sharing=sequence", "model.sharing='sequence': MoR routes over contiguous recursion blocks"),
+    ("model.sharing=spiral", "model.sharing: 'spiral' is not one of cycle, sequence, middle_cycle, middle_sequence"),
+    ("router.type=expert", "router.type: 'expert' is not one of expert_choice, token_choice"),
+    ("model.hidden_size=big", "model.hidden_size: 'big' is not an int"),
+    ("train.micro_batch_size=3", "train.global_batch_size=16: must be a multiple of train.micro_batch_size=3"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]: must be two numbers in [0, 1)"),
+    ("train.zero_stage=4", "train.zero_stage=4: must be 0, 1, 2 or 3"),
+    ("model.tie_embeddings=maybe", "model.tie_embeddings: 'maybe' is not a bool"),
+    ("router.alpha=0", "router.alpha=0.0: must be > 0"),
+    ("nokey", "--set 'nokey': expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-mor", [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("mor-999m-nr2", "preset 'mor-999m-nr2': unknown"),
+    ("vanilla-360m-nr2", "vanilla presets take no -nr"),
+    ("mor-360m", "mor presets need -nr<N>"),
+    ("recursive-360m-nr2-tc", "-tc (token-choice routing) is for mor presets"),
+])
+def test_bad_preset_names(name, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(name)
+
+
+def test_missing_or_invalid_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*nope.yaml: not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(str(bad))
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    assert parse_override("a=1e-3") == {"a": 1e-3}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    assert parse_override("a=text") == {"a": "text"}
+
+
+def test_defaults_are_valid():
+    from mor_ds.config import validate
+
+    validate(Config())
