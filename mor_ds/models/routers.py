@@ -123,7 +123,10 @@ class ExpertChoiceRouter(nn.Module):
             return Selection(active, weights.gather(1, pick)[..., None])
 
         k = min(max(1, math.floor(self.capacities[step] * length)), prev.idx.shape[1])
-        pick = logits.topk(k, dim=1).indices.sort(dim=1).values
+        if k == logits.shape[1]:  # capacity 1 (the schedule's step 0): everyone stays, no top-k needed
+            pick = torch.arange(k, device=logits.device).expand_as(logits)
+        else:
+            pick = logits.topk(k, dim=1).indices.sort(dim=1).values
         chosen = torch.zeros_like(logits).scatter_(1, pick, 1.0)  # BCE target: picked (1) or not (0)
         bce_logits = aux_logits if aux_logits is not None else logits
         aux = {"router_bce": self.cfg.aux_loss_coef * F.binary_cross_entropy_with_logits(bce_logits, chosen)}
