@@ -137,6 +137,7 @@ class TrainConfig:
     seed: int = 1234
     zero_stage: int = 2
     offload_optimizer: bool = False
+    ds_config: str = ""  # DeepSpeed JSON template; "" = ds_configs/zero{stage}[-offload].json
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     compile: bool = False

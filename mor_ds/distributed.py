@@ -1,0 +1,388 @@
+"""Process-group discovery and the DeepSpeed engine: the only module of mor_ds that imports DeepSpeed.
+
+Launchers: `torchrun` / `deepspeed` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (the `deepspeed`
+launcher also passes `--local_rank`); Slurm's `srun` sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and
+SLURM_NODELIST. `discover()` maps either onto one `DistEnv`, and `init_distributed()` exports it as the standard
+variables so DeepSpeed never falls back to MPI discovery. One process per GPU; gloo on CPU, nccl on CUDA.
+
+`build_engine()` wraps a plain single-device model into an `Engine`: a small facade over DeepSpeed's engine
+(forward, backward, step, learning rate, grad norm, checkpoint save/load) so the training loop and its
+callbacks never touch DeepSpeed directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from mor_ds.config import Config
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DEFAULT_MASTER_PORT = 29500
+
+
+class DistributedError(RuntimeError):
+    """The launch environment is inconsistent (message names the variable)."""
+
+
+# --------------------------------------------------------------------------------------------
+# rank / world discovery
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a Slurm node list (`node[01-04]` → `node01`), expanded by `scontrol show hostnames`."""
+    if not any(c in nodelist for c in "[],"):
+        return nodelist
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DistributedError(f"SLURM_NODELIST={nodelist!r}: cannot expand it with `scontrol show hostnames` "
+                               f"({exc.__class__.__name__}); set MASTER_ADDR") from None
+    if not out:
+        raise DistributedError(f"SLURM_NODELIST={nodelist!r}: `scontrol show hostnames` printed no host")
+    return out[0]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def discover(environ: Mapping[str, str] | None = None, local_rank_arg: int | None = None) -> DistEnv:
+    """Rank, world size, local rank and master address from torchrun/deepspeed variables or SLURM_*."""
+    env = os.environ if environ is None else environ
+    rank, world = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
+    local_rank = _int_var(env, "LOCAL_RANK")
+    if rank is None and world is None and _int_var(env, "SLURM_PROCID") is not None:
+        rank, world = _int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_NTASKS")
+        local_rank = _int_var(env, "SLURM_LOCALID")
+        if world is None:
+            raise DistributedError("SLURM_PROCID is set but SLURM_NTASKS is not (launch with srun -n N)")
+    if (rank is None) != (world is None):
+        raise DistributedError(f"RANK={env.get('RANK')!r} and WORLD_SIZE={env.get('WORLD_SIZE')!r}: set both or neither")
+    if rank is None:
+        rank, world = 0, 1
+    if local_rank is None:
+        local_rank = local_rank_arg if local_rank_arg is not None and local_rank_arg >= 0 else 0
+    if not 0 <= rank < world:
+        raise DistributedError(f"rank {rank} is not in [0, world size {world})")
+
+    master_addr = env.get("MASTER_ADDR") or ""
+    if not master_addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        master_addr = slurm_master_addr(nodelist) if nodelist and world > 1 else "127.0.0.1"
+    port = _int_var(env, "MASTER_PORT")
+    if port is None:
+        job_id = _int_var(env, "SLURM_JOB_ID")
+        if world == 1:
+            port = _free_port()  # a lone process must not collide with another lone run on the host
+        elif job_id is not None:
+            port = 15000 + job_id % 20000  # every task of the job derives the same port
+        else:
+            port = DEFAULT_MASTER_PORT
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, master_addr=master_addr, master_port=port)
+
+
+# --------------------------------------------------------------------------------------------
+# process group
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _deepspeed():
+    """Import DeepSpeed with the CPU traps handled (see docs/training.md)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # The shared-memory comm op JIT-compiles for ~27 s and aborts processes at exit now and then; gloo is enough.
+    # `import deepspeed.comm.torch as m` would give the torch package (re-exported name), hence importlib.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Export `env` as the standard variables and start the process group (nccl on CUDA, gloo on CPU)."""
+    for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                       ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
+        os.environ[key] = str(value)
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed = _deepspeed()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return device
+
+
+def shutdown() -> None:
+    """Always called at exit: a live process group at interpreter shutdown can abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over data-parallel ranks (the callable passed to `model.update_router_bias`)."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    all_reduce_sum(tensor)
+    if is_initialized():
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# model wrapping: activation checkpointing, torch.compile
+
+
+CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each unique decoder block (`model.layers[i]`) in backward instead of storing its activations.
+
+    Uses torch's non-reentrant checkpoint wrapper: the wrapped block is still called through `__call__`, so
+    ZeRO-3's parameter-fetch hooks fire again during recomputation, and `state_dict()` keys keep their names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    layers = model.layers
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each unique block in place (dynamic shapes: MoR blocks see a varying number of tokens)."""
+    for block in model.layers:
+        block.compile(dynamic=True)
+
+
+def clean_param_name(name: str) -> str:
+    """Parameter names as the plain model spells them (without activation-checkpoint wrapper prefixes)."""
+    return name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def ds_config_path(cfg: Config) -> Path:
+    if cfg.train.ds_config:
+        return Path(cfg.train.ds_config).expanduser()
+    stage = cfg.train.zero_stage
+    return DS_CONFIG_DIR / (f"zero{stage}-offload.json" if cfg.train.offload_optimizer else f"zero{stage}.json")
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The JSON template for the chosen ZeRO stage, filled from `cfg` (batch sizes, precision, clipping)."""
+    from mor_ds.config import ConfigError
+
+    t, o = cfg.train, cfg.optim
+    path = ds_config_path(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.ds_config: DeepSpeed config {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.ds_config: {path} is not valid JSON ({exc})") from None
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+                          f"train.micro_batch_size × world size = {t.micro_batch_size} × {world_size}")
+    ds["train_batch_size"] = t.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.global_batch_size // per_step
+    ds["gradient_clipping"] = o.grad_clip
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16", "check_grad_overflow": True}
+    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    if t.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {
+            **ds["zero_optimization"].get("offload_optimizer", {}), "device": "cpu"}
+    ds["steps_per_print"] = 2**31 - 1  # mor_ds's callbacks log; keep DeepSpeed quiet
+    ds["wall_clock_breakdown"] = False
+    if t.zero_stage == 0 and t.precision == "fp32":
+        raise ConfigError("train.zero_stage=0: with precision fp32 DeepSpeed applies non-finite gradients; "
+                          "use ZeRO stage 1-3 or bf16 so NaN/Inf steps are skipped")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# the engine facade
+
+
+class Engine:
+    """What the training loop needs from DeepSpeed, and nothing else."""
+
+    def __init__(self, ds_engine: Any, ds_config: dict[str, Any]):
+        self._ds = ds_engine
+        self.ds_config = ds_config
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ds.module
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self._ds.gradient_accumulation_steps()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._ds.backward(loss)  # scales by 1/gradient_accumulation_steps
+
+    def step(self) -> None:
+        """Micro-step bookkeeping; the optimizer runs at the accumulation boundary (skipped on NaN/Inf grads)."""
+        self._ds.step()
+
+    def step_applied(self) -> bool:
+        """False when the last boundary step was skipped because the gradients were not finite."""
+        return bool(self._ds.was_step_applied())
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm before clipping of the last optimizer step (inf when it was skipped)."""
+        norm = self._ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save(self, save_dir: str | os.PathLike, tag: str, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its shards; returns after all ranks are done (DeepSpeed barriers)."""
+        self._ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, load_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+        path, client_state = self._ds.load_checkpoint(str(load_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {Path(load_dir) / tag}: DeepSpeed could not load it")
+        return client_state
+
+
+def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
+                 param_groups: list[dict[str, Any]], optimizer_factory: Callable[[list[dict[str, Any]]], Any]
+                 ) -> Engine:
+    """`deepspeed.initialize` on `model` (activation checkpointing / compile applied first, as configured).
+
+    `optimizer_factory(param_groups)` builds the client optimizer; with optimizer offload DeepSpeed builds its own
+    CPU AdamW from the config instead (same hyper-parameters, same groups).
+    """
+    deepspeed = _deepspeed()
+    if cfg.train.compile:
+        compile_blocks(model)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    ds_config = build_ds_config(cfg, env.world_size)
+    if cfg.train.offload_optimizer:
+        o = cfg.optim
+        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                              "weight_decay": o.weight_decay}}
+        optimizer = None
+    else:
+        optimizer = optimizer_factory(param_groups)
+    ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, optimizer=optimizer,
+                                         config=ds_config, dist_init_required=False)
+    return Engine(ds_engine, ds_config)
+
+
+def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict from a (possibly ZeRO-sharded) checkpoint, via DeepSpeed's zero_to_fp32."""
+    _deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    return {clean_param_name(k): v for k, v in state.items()}
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+__all__ = [
+    "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean",
+    "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
+    "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
+    "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
+]
