@@ -7,6 +7,7 @@ never depend on how active tokens were compacted. See `reference.py` for shapes 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import torch
@@ -19,6 +20,16 @@ __all__ = ["PAD_POS", "attention", "resolve_backend", "BACKENDS"]
 
 AttentionFn = Callable[..., Tensor]
 BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    from mor_ds.attention.triton import triton_attention  # imported on first use: compiles nothing before
+
+    return triton_attention(q, k, v, **kwargs)
+
+
+if importlib.util.find_spec("triton") is not None:
+    BACKENDS["triton"] = _triton_attention
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

@@ -1,0 +1,307 @@
+"""Active-token attention on Triton: public API and autograd.
+
+Two layouts, one set of kernels:
+- dense: q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D) with positions (B, S) — the `mor_ds.attention` contract.
+  Optional fused gather/scatter: with `q_rows` (B, Kq) the kernel reads query row i from row q_rows[b, i]
+  of a full-length q and writes the output (and dQ) back to that row of a full-length result; `kv_rows`
+  likewise for keys/values (dK, dV). Positions then default to the row indices (= original positions).
+- varlen (packed, token-choice without padding): q (Tq, Hq, D), k/v (Tk, Hkv, D), sequence b owns rows
+  cu_seqlens[b] … cu_seqlens[b+1]−1; positions are packed (T,) original positions.
+Key j is visible to query i iff kv_pos[j] <= q_pos[i] (same document when doc ids are given). Queries at
+PAD_POS see nothing: their output is 0 and they pass no gradient.
+Any strides are accepted as long as the head dimension is contiguous (the model's transposed views are
+used in place; the output has q's memory layout).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from mor_ds.kernels.block_ranges import block_ranges
+from mor_ds.kernels.flash_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from mor_ds.kernels.flash_fwd import attention_fwd_kernel
+
+LOG2_E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class KernelConfigs:
+    fwd: TileConfig
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+# Chosen on an H100 (triton 3.6) by `mor-ds bench attention --sweep`; see BENCHMARKS.md.
+_GPU_CONFIGS = {
+    64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
+    128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
+}
+# Interpreter (CPU tests): small, unequal tiles so that short sequences still span many blocks.
+_INTERPRETER_CONFIGS = KernelConfigs(TileConfig(32, 16, 1, 1), TileConfig(16, 32, 1, 1), TileConfig(32, 16, 1, 1))
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_configs(head_dim: int, device: torch.device) -> KernelConfigs:
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIGS
+    return _GPU_CONFIGS.get(head_dim, _GPU_CONFIGS[64] if head_dim < 64 else _GPU_CONFIGS[128])
+
+
+@dataclass
+class _Layout:
+    """Everything but q/k/v that the kernels need; positions and doc ids are int32 with unit last stride."""
+
+    batch: int
+    seqlen_q: int  # active query rows per sequence (varlen: the maximum)
+    seqlen_k: int
+    q_pos: Tensor
+    kv_pos: Tensor
+    q_doc: Tensor | None
+    kv_doc: Tensor | None
+    q_rows: Tensor | None
+    kv_rows: Tensor | None
+    cu_q: Tensor | None
+    cu_k: Tensor | None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+    def strides(self, x: Tensor) -> tuple[int, int, int]:
+        """(batch, head, row) strides of a (B, H, S, D) or packed (T, H, D) tensor."""
+        return (0, x.stride(1), x.stride(0)) if self.varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+    def row_stats_strides(self, stats: Tensor) -> tuple[int, int]:
+        """(batch, head) strides of the fp32 per-query-row buffers (LSE, Δ): (B, Hq, Sq) or (Hq, Tq)."""
+        return (0, stats.stride(0)) if self.varlen else (stats.stride(0), stats.stride(1))
+
+    def new_row_stats(self, q: Tensor) -> Tensor:
+        heads = q.shape[1]
+        shape = (heads, q.shape[0]) if self.varlen else (self.batch, heads, self.seqlen_q)
+        return torch.empty(shape, device=q.device, dtype=torch.float32)
+
+    def index_args(self) -> tuple:
+        """Pointer arguments shared by every kernel (unused ones point at q_pos; the kernels never read them)."""
+        dummy = self.q_pos
+        return (
+            self.q_pos, self.kv_pos,
+            self.q_doc if self.q_doc is not None else dummy, self.kv_doc if self.kv_doc is not None else dummy,
+            self.q_rows if self.q_rows is not None else dummy, self.kv_rows if self.kv_rows is not None else dummy,
+            self.cu_q if self.cu_q is not None else dummy, self.cu_k if self.cu_k is not None else dummy,
+        )
+
+    def index_strides(self) -> tuple[int, int, int, int]:
+        if self.varlen:
+            return 0, 0, 0, 0
+        return (self.q_pos.stride(0), self.kv_pos.stride(0),
+                self.q_rows.stride(0) if self.q_rows is not None else 0,
+                self.kv_rows.stride(0) if self.kv_rows is not None else 0)
+
+    def flags(self) -> dict:
+        return dict(HAS_DOC=self.q_doc is not None, VARLEN=self.varlen,
+                    Q_GATHER=self.q_rows is not None, KV_GATHER=self.kv_rows is not None)
+
+    def ranges(self, tile: TileConfig, rows_are_keys: bool) -> Tensor:
+        return block_ranges(self.q_pos, self.kv_pos, self.q_doc, self.kv_doc, self.cu_q, self.cu_k, self.batch,
+                            self.seqlen_q, self.seqlen_k, tile.block_m, tile.block_n, rows_are_keys)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, sm_scale: float, cfg: KernelConfigs,
+             upcast: bool) -> tuple[Tensor, Tensor]:
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    out = torch.zeros_like(q) if lay.q_rows is not None else torch.empty_like(q)
+    lse = lay.new_row_stats(q)
+    tile = cfg.fwd
+    ranges = lay.ranges(tile, rows_are_keys=False)
+    grid = (triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)
+    attention_fwd_kernel[grid](
+        q, k, v, out, lse, *lay.index_args(), ranges,
+        sm_scale * LOG2_E,
+        *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
+        *lay.row_stats_strides(lse), *lay.index_strides(), ranges.stride(0),
+        heads_q, lay.seqlen_q, lay.seqlen_k,
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        UPCAST=upcast, **lay.flags(), num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return out, lse
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lay: _Layout,
+              sm_scale: float, cfg: KernelConfigs, upcast: bool) -> tuple[Tensor, Tensor, Tensor]:
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    flags = lay.flags()
+    delta = lay.new_row_stats(q)
+    tile = cfg.dq
+    attention_bwd_delta_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)](
+        out, do, delta, lay.q_rows if lay.q_rows is not None else lay.q_pos, lay.cu_q if lay.varlen else lay.q_pos,
+        *lay.strides(out), *lay.strides(do), *lay.row_stats_strides(delta), lay.index_strides()[2],
+        heads_q, lay.seqlen_q,
+        HEAD_DIM=head_dim, BLOCK_M=tile.block_m, VARLEN=flags["VARLEN"], Q_GATHER=flags["Q_GATHER"],
+    )
+    scatter = lay.q_rows is not None, lay.kv_rows is not None
+    dq = torch.zeros_like(q) if scatter[0] else torch.empty_like(q)
+    dk = torch.zeros_like(k) if scatter[1] else torch.empty_like(k)
+    dv = torch.zeros_like(v) if scatter[1] else torch.empty_like(v)
+    common = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do))
+
+    tile = cfg.dkdv
+    ranges = lay.ranges(tile, rows_are_keys=True)
+    attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, tile.block_n), lay.batch * heads_kv)](
+        q, k, v, do, dk, dv, lse, delta, *lay.index_args(), ranges,
+        sm_scale * LOG2_E, sm_scale,
+        *common, *lay.strides(dk), *lay.strides(dv),
+        *lay.row_stats_strides(lse), *lay.index_strides(), ranges.stride(0),
+        heads_kv, lay.seqlen_q, lay.seqlen_k,
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        UPCAST=upcast, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    tile = cfg.dq
+    ranges = lay.ranges(tile, rows_are_keys=False)
+    attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)](
+        q, k, v, do, dq, lse, delta, *lay.index_args(), ranges,
+        sm_scale * LOG2_E, sm_scale,
+        *common, *lay.strides(dq),
+        *lay.row_stats_strides(lse), *lay.index_strides(), ranges.stride(0),
+        heads_q, lay.seqlen_q, lay.seqlen_k,
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        UPCAST=upcast, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return dq, dk, dv
+
+
+class _ActiveAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lay: _Layout, sm_scale: float, cfg: KernelConfigs) -> Tensor:
+        upcast = interpreter_active() and q.dtype == torch.bfloat16  # the interpreter's bf16 math is wrong
+        out, lse = _forward(q, k, v, lay, sm_scale, cfg, upcast)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lay, ctx.sm_scale, ctx.cfg, ctx.upcast = lay, sm_scale, cfg, upcast
+        return out
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.lay, ctx.sm_scale, ctx.cfg, ctx.upcast)
+        return dq, dk, dv, None, None, None
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int) -> None:
+    if q.dim() != rank or k.dim() != rank or v.dim() != rank:
+        raise ValueError(f"active_attention: q, k, v must be {rank}-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"active_attention: q, k, v need one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"active_attention: head dim must be one of {HEAD_DIMS} and equal for q, k, v; "
+                         f"got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"active_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
+                         f"({k.shape[1]}, {v.shape[1]})")
+    if q.device.type != "cuda" and not interpreter_active():
+        raise RuntimeError("active_attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _int32_rows(x: Tensor | None, batch: int, length: int, device: torch.device, name: str) -> Tensor | None:
+    if x is None:
+        return None
+    if tuple(x.shape) != (batch, length):
+        raise ValueError(f"active_attention: {name} must have shape ({batch}, {length}), got {tuple(x.shape)}")
+    return x.to(device=device, dtype=torch.int32).contiguous()
+
+
+def active_attention(
+    q: Tensor, k: Tensor, v: Tensor, *,
+    q_pos: Tensor | None = None, kv_pos: Tensor | None = None,
+    q_doc: Tensor | None = None, kv_doc: Tensor | None = None,
+    q_rows: Tensor | None = None, kv_rows: Tensor | None = None,
+    sm_scale: float | None = None, configs: KernelConfigs | None = None,
+) -> Tensor:
+    """Attention over original positions, dense layout (see the module docstring).
+
+    q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); q_pos (B, Kq), kv_pos (B, Kk): original positions (None: the
+    row indices, or 0…S−1); q_doc / kv_doc: document ids (both or neither). q_rows (B, Kq) / kv_rows (B, Kk):
+    fused gather — the active rows of full-length q / k, v; the result then has q's full shape, zero in
+    rows not listed. Returns (B, Hq, Sq, D) in q's dtype and memory layout.
+    """
+    _check_qkv(q, k, v, 4)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    if (q_doc is None) != (kv_doc is None):
+        raise ValueError("active_attention: give both q_doc and kv_doc or neither")
+    batch, device = q.shape[0], q.device
+    kq = q_rows.shape[1] if q_rows is not None else q.shape[2]
+    kk = kv_rows.shape[1] if kv_rows is not None else k.shape[2]
+    q_rows = _int32_rows(q_rows, batch, kq, device, "q_rows")
+    kv_rows = _int32_rows(kv_rows, batch, kk, device, "kv_rows")
+    if q_pos is None:
+        q_pos = q_rows if q_rows is not None else torch.arange(kq, device=device, dtype=torch.int32).expand(batch, kq)
+    if kv_pos is None:
+        kv_pos = kv_rows if kv_rows is not None else torch.arange(kk, device=device, dtype=torch.int32).expand(batch, kk)
+    lay = _Layout(
+        batch, kq, kk,
+        _int32_rows(q_pos, batch, kq, device, "q_pos"), _int32_rows(kv_pos, batch, kk, device, "kv_pos"),
+        _int32_rows(q_doc, batch, kq, device, "q_doc"), _int32_rows(kv_doc, batch, kk, device, "kv_doc"),
+        q_rows, kv_rows, None, None,
+    )
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _ActiveAttention.apply(q, k, v, lay, scale, configs or default_configs(q.shape[-1], device))
+
+
+def active_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, *,
+    cu_seqlens_q: Tensor, cu_seqlens_kv: Tensor, max_seqlen_q: int, max_seqlen_kv: int,
+    q_pos: Tensor, kv_pos: Tensor, q_doc: Tensor | None = None, kv_doc: Tensor | None = None,
+    sm_scale: float | None = None, configs: KernelConfigs | None = None,
+) -> Tensor:
+    """Packed varlen layout: q (Tq, Hq, D), k/v (Tk, Hkv, D); sequence b owns rows cu_seqlens[b]…cu_seqlens[b+1]−1.
+
+    cu_seqlens_*: (B+1,) int32 offsets (cu[0] = 0); max_seqlen_*: the longest sequence (sets the grid, no
+    device sync); q_pos (Tq,), kv_pos (Tk,): original positions; q_doc / kv_doc: (T,) document ids.
+    """
+    _check_qkv(q, k, v, 3)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    if (q_doc is None) != (kv_doc is None):
+        raise ValueError("active_attention_varlen: give both q_doc and kv_doc or neither")
+    if cu_seqlens_q.shape != cu_seqlens_kv.shape or cu_seqlens_q.dim() != 1:
+        raise ValueError("active_attention_varlen: cu_seqlens_q and cu_seqlens_kv must both be (B+1,)")
+    device = q.device
+
+    def packed(x: Tensor | None, rows: int, name: str) -> Tensor | None:
+        if x is None:
+            return None
+        if tuple(x.shape) != (rows,):
+            raise ValueError(f"active_attention_varlen: {name} must have shape ({rows},), got {tuple(x.shape)}")
+        return x.to(device=device, dtype=torch.int32).contiguous()
+
+    lay = _Layout(
+        cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_kv,
+        packed(q_pos, q.shape[0], "q_pos"), packed(kv_pos, k.shape[0], "kv_pos"),
+        packed(q_doc, q.shape[0], "q_doc"), packed(kv_doc, k.shape[0], "kv_doc"), None, None,
+        cu_seqlens_q.to(device=device, dtype=torch.int32), cu_seqlens_kv.to(device=device, dtype=torch.int32),
+    )
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _ActiveAttention.apply(q, k, v, lay, scale, configs or default_configs(q.shape[-1], device))

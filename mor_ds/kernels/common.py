@@ -1,0 +1,67 @@
+"""Pieces shared by the active-token attention kernels: where a sequence's rows live, and its positions.
+
+Every kernel sees one "sequence" b as `length` logical rows i = 0…length−1:
+- memory row of i: `start + i` (dense or packed varlen layout) or `rows[b, i]` (fused gather: row i is
+  row rows[b, i] of a full-length tensor, and results are scattered back to that row);
+- original position of i: `pos[b, start + i]` (int32); document id likewise.
+Visibility of key j to query i: kpos[j] <= qpos[i] (and same document). Queries at PAD_POS (padded slots)
+see nothing: their output is 0 and they pass no gradient. Out-of-range rows load sentinels that make
+them invisible, so the masked code path needs no separate bounds test.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PAD_POS = 1 << 30  # = mor_ds.attention.reference.PAD_POS (kept literal: kernels must not import torch code)
+NO_QUERY = -1  # position given to out-of-range and padded query rows: no key is at or before it
+NO_KEY = 2**31 - 1  # position given to out-of-range key rows: after every query
+
+
+@triton.jit
+def seq_bounds(cu_ptr, b, fixed_len, VARLEN: tl.constexpr):
+    """(start row, length) of sequence b: from cu_seqlens in the varlen layout, else (0, fixed_len)."""
+    if VARLEN:
+        start = tl.load(cu_ptr + b)
+        length = tl.load(cu_ptr + b + 1) - start
+    else:
+        start = b * 0
+        length = fixed_len + b * 0
+    return start, length
+
+
+@triton.jit
+def memory_rows(rows_ptr, start, offs, valid, GATHER: tl.constexpr):
+    """Memory row (int64) of logical rows `offs`; rows_ptr already points at this sequence's index row."""
+    if GATHER:
+        r = tl.load(rows_ptr + offs, mask=valid, other=0).to(tl.int64)
+    else:
+        r = (start + offs).to(tl.int64)
+    return r
+
+
+@triton.jit
+def query_positions(pos_ptr, offs, valid):
+    """Positions of query rows; out-of-range and padded rows get NO_QUERY (they see no key)."""
+    p = tl.load(pos_ptr + offs, mask=valid, other=-1)
+    return tl.where(p >= 1073741824, -1, p)  # PAD_POS
+
+
+@triton.jit
+def key_positions(pos_ptr, offs, valid):
+    return tl.load(pos_ptr + offs, mask=valid, other=2147483647)  # NO_KEY
+
+
+@triton.jit
+def visible(qp, kp, qd, kd, HAS_DOC: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """(M, N) visibility; KEYS_ON_ROWS gives the transposed (N, M) tile used by the dK/dV kernel."""
+    if KEYS_ON_ROWS:
+        vis = kp[:, None] <= qp[None, :]
+        if HAS_DOC:
+            vis = vis & (kd[:, None] == qd[None, :])
+    else:
+        vis = kp[None, :] <= qp[:, None]
+        if HAS_DOC:
+            vis = vis & (kd[None, :] == qd[:, None])
+    return vis

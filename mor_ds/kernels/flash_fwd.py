@@ -1,0 +1,120 @@
+"""Forward kernel: flash attention (online softmax, fp32 accumulation) over original positions.
+
+One program = one query block of one (sequence, query head). It visits only the key blocks listed by
+`block_ranges` (masked / full / masked runs) and stores O and the row log-sum-exp (base 2) for the backward.
+GQA: query head h reads key/value head h // GROUP. Scores use exp2 with log2(e) folded into the scale.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mor_ds.kernels.common import key_positions, memory_rows, query_positions, seq_bounds, visible
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, qp, qd,
+    k_base, v_base, kpos, kdoc, krows, k_start, k_len, stride_ks, stride_vs,
+    blk_lo, blk_hi, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, HAS_DOC: tl.constexpr, KV_GATHER: tl.constexpr, UPCAST: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for blk in range(blk_lo, blk_hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        rows = memory_rows(krows, k_start, offs_n, n_valid, KV_GATHER)
+        if MASKED:
+            kt = tl.load(k_base + rows[None, :] * stride_ks + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+            v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        else:
+            kt = tl.load(k_base + rows[None, :] * stride_ks + offs_d[:, None])
+            v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :])
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt)
+        if MASKED:
+            kp = key_positions(kpos, offs_n, n_valid)
+            if HAS_DOC:
+                kd = tl.load(kdoc + offs_n, mask=n_valid, other=-1)
+            else:
+                kd = kp
+            s = tl.where(visible(qp, kp, qd, kd, HAS_DOC, False), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, O, LSE, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES,
+    qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    stride_lse_b, stride_lse_h, stride_qpos_b, stride_kpos_b, stride_qrows_b, stride_krows_b, stride_ranges_b,
+    num_q_heads, seqlen_q, seqlen_k,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    qblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    b64 = b.to(tl.int64)
+    kvh = h // GROUP
+    q_start, q_len = seq_bounds(CUQ, b, seqlen_q, VARLEN)
+    k_start, k_len = seq_bounds(CUK, b, seqlen_k, VARLEN)
+
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < q_len
+    q_rows = memory_rows(QROWS + b64 * stride_qrows_b, q_start, offs_m, m_valid, Q_GATHER)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+                mask=m_valid[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qp = query_positions(QPOS + b64 * stride_qpos_b + q_start, offs_m, m_valid)
+    if HAS_DOC:
+        qd = tl.load(QDOC + b64 * stride_qpos_b + q_start + offs_m, mask=m_valid, other=-2)
+    else:
+        qd = qp
+
+    rng = RANGES + b64 * stride_ranges_b + qblk * 4
+    lo = tl.load(rng)
+    a = tl.load(rng + 1)
+    b_end = tl.load(rng + 2)
+    hi = tl.load(rng + 3)
+
+    kpos = KPOS + b64 * stride_kpos_b + k_start
+    kdoc = KDOC + b64 * stride_kpos_b + k_start
+    krows = KROWS + b64 * stride_krows_b
+    k_base = K + b64 * stride_kb + kvh * stride_kh
+    v_base = V + b64 * stride_vb + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
+                               stride_ks, stride_vs, lo, a, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
+                               stride_ks, stride_vs, a, b_end, qk_scale,
+                               BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
+                               stride_ks, stride_vs, b_end, hi, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, UPCAST)
+
+    seen = l_i > 0.0  # rows with no visible key (padded queries): output 0, lse +inf (no gradient)
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(O + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(LSE + b64 * stride_lse_b + h * stride_lse_h + q_start + offs_m, lse, mask=m_valid)
