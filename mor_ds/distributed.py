@@ -191,6 +191,12 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     if not is_initialized() or dist.get_world_size() == 1:
         return [obj]
@@ -381,7 +387,7 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 
 __all__ = [
-    "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean",
+    "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
     "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
     "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",

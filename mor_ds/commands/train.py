@@ -1,0 +1,72 @@
+"""`mor-ds train`: one process per GPU, started by `torchrun`, `deepspeed` or `srun` alike.
+
+    torchrun --nproc_per_node 8 -m mor_ds.cli train --config mor-360m-nr3 --run-dir runs/mor3
+    deepspeed --num_gpus 8 --module mor_ds.cli train --config mor-360m-nr3 --run-dir runs/mor3
+    srun -n 8 mor-ds train --config mor-360m-nr3 --run-dir runs/mor3      (SLURM_* → rank, world, master)
+
+Exit codes: 0 done; 2 bad config/data/checkpoint; 3 NaN/Inf abort (checkpoint saved); 4 CUDA OOM;
+75 stopped by SIGTERM/SIGUSR1 after saving (requeue the job: the same command resumes, --resume auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mor_ds.config import ConfigError, load_config
+from mor_ds.train.faults import EXIT_CONFIG
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="preset name (e.g. tiny-mor, mor-360m-nr3) or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. train.max_steps=100")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train or resume a model with DeepSpeed",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--run-dir", required=True, help="output directory: config.yaml, metrics.jsonl, checkpoints/, "
+                                                    "wandb/")
+    p.add_argument("--resume", default="auto",
+                   help="auto (default): continue from RUN_DIR's latest complete checkpoint if there is one; "
+                        "none: start fresh; or a checkpoint path (a step_* directory or a checkpoints dir)")
+    p.add_argument("--quiet", action="store_true", help="no per-step console line (metrics.jsonl / W&B only)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import DataError
+    from mor_ds import distributed
+    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.train.faults import TrainingAborted
+    from mor_ds.train.run import train
+
+    local_rank = args.local_rank if args.local_rank is not None else getattr(args, "top_local_rank", None)
+    try:
+        env = distributed.discover(local_rank_arg=local_rank)
+    except distributed.DistributedError as exc:
+        print(f"mor-ds train: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    cfg = load_config(args.config, args.overrides)
+    device = distributed.init_distributed(env)
+    try:
+        return train(cfg, args.run_dir, env, device, resume=args.resume, console=not args.quiet)
+    except (ConfigError, CheckpointError) as exc:
+        _error(env, f"mor-ds train: {exc}")
+        return EXIT_CONFIG
+    except TrainingAborted as exc:
+        _error(env, f"mor-ds train: {exc}")
+        return exc.exit_code
+    except DataError as exc:
+        _error(env, f"mor-ds train: data error: {exc}")
+        return EXIT_CONFIG
+    finally:
+        distributed.shutdown()
+
+
+def _error(env, message: str) -> None:
+    if env.is_main:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""DeepSpeed training: `mor_ds.train.run.train` assembles a run, `mor_ds.train.loop.Trainer` runs it."""

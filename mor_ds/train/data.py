@@ -1,0 +1,78 @@
+"""The trainer's side of data_pipeline: tokenizer, the train loader and held-out validation batches.
+
+  data.source=embedded  the installed demo corpus, tokenizer trained and shards prepared on first use (rank 0
+                        first, the others then reuse the cache)
+  data.mode=prepared    shards from `mor-data prepare` in data.prepared_dir; the last data.val_shards are held out
+  data.mode=stream      documents streamed and tokenized on the fly from data.source; validation from
+                        data.prepared_dir when set, else none
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from torch import Tensor
+
+from mor_ds import distributed
+from mor_ds.config import Config, ConfigError
+
+
+@dataclass
+class TrainData:
+    train: Any  # iterable of int64 (B, seq_len+1) windows with state_dict() / load_state_dict()
+    make_val_batches: Callable[[], Iterable[Tensor]] | None
+    tokenizer: Any  # data_pipeline.tokenizer.Tokenizer
+    description: str
+
+
+def _embedded(cfg: Config, env: distributed.DistEnv) -> tuple[str, str]:
+    from data_pipeline.embedded import ensure_embedded
+
+    if env.is_main:
+        out = ensure_embedded(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+    distributed.barrier()
+    if not env.is_main:
+        out = ensure_embedded(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+    return out
+
+
+def _check_vocab(cfg: Config, tokenizer: Any) -> None:
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} ids in {tokenizer.path})")
+
+
+def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
+    from data_pipeline.loader import ShardLoader, StreamLoader
+    from data_pipeline.tokenizer import load_tokenizer
+
+    d, t = cfg.data, cfg.train
+    shard_dir, tokenizer_path = d.prepared_dir, d.tokenizer
+    if d.source == "embedded":
+        embedded_shards, embedded_tokenizer = _embedded(cfg, env)
+        shard_dir = shard_dir or embedded_shards
+        tokenizer_path = tokenizer_path or embedded_tokenizer
+    if not tokenizer_path:
+        raise ConfigError(f"data.tokenizer: not set for data.source={d.source!r}; point it at the tokenizer the "
+                          f"data was (or will be) tokenized with (a SentencePiece .model or tokenizer.json)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    _check_vocab(cfg, tokenizer)
+    common = dict(rank=env.rank, world_size=env.world_size, seed=t.seed)
+
+    def shard_loader(split: str) -> Any:
+        return ShardLoader(shard_dir, t.seq_len, t.micro_batch_size, split=split, val_shards=d.val_shards,
+                           expected_tokenizer_hash=tokenizer.hash, **common)
+
+    if d.mode == "prepared":
+        if not shard_dir:
+            raise ConfigError(f"data.prepared_dir: not set for data.mode=prepared and data.source={d.source!r}; run "
+                              f"`mor-data prepare` and point data.prepared_dir at its output (or use data.mode=stream)")
+        train = shard_loader("train")
+        description = f"prepared shards {shard_dir}"
+    else:
+        train = StreamLoader(d.source, tokenizer_path, t.seq_len, t.micro_batch_size, text_field=d.text_field,
+                             num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars, **common)
+        description = f"stream {d.source}"
+    make_val = (lambda: shard_loader("val")) if shard_dir and d.val_shards > 0 else None
+    return TrainData(train, make_val, tokenizer, description)

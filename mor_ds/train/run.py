@@ -1,0 +1,90 @@
+"""Assemble a training run from a Config: data, model, engine, budget, callbacks, resume; then train.
+
+Called by `mor-ds train` (one process per GPU, after `distributed.init_distributed`) and by the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mor_ds import distributed
+from mor_ds.config import Config
+from mor_ds.flops import plan_budget
+from mor_ds.models import build_model
+from mor_ds.train.callbacks import (CheckpointCallback, EvalCallback, MetricsLogger, NonFiniteGuard, SignalHandler,
+                                    Throughput, WandbLogger)
+from mor_ds.train.checkpoint import CheckpointManager, CheckpointRef, complete_checkpoints, resolve_checkpoint
+from mor_ds.train.data import build_data
+from mor_ds.train.faults import EXIT_CONFIG, FaultPlan, TrainingAborted
+from mor_ds.train.loop import Trainer
+from mor_ds.train.optim import build_optimizer, param_groups
+from mor_ds.train.state import seed_everything
+
+CONFIG_FILE = "config.yaml"
+
+
+def _log(env: distributed.DistEnv, text: str) -> None:
+    if env.is_main:
+        print(f"[mor-ds] {text}", flush=True)
+
+
+def resume_target(resume: str, manager: CheckpointManager) -> CheckpointRef | None:
+    """--resume auto: the run dir's latest complete checkpoint, if any; none: start fresh; else a path."""
+    if resume == "auto":
+        return manager.latest()
+    if resume == "none":
+        if complete_checkpoints(manager.root):
+            raise TrainingAborted(f"--resume none: {manager.root} already holds checkpoints; use --resume auto to "
+                                  f"continue the run or a new --run-dir", EXIT_CONFIG)
+        return None
+    return resolve_checkpoint(resume)
+
+
+def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, device: torch.device,
+                  resume: str = "auto", console: bool = True) -> Trainer:
+    run_dir = Path(run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+    faults = FaultPlan.from_env()
+    if faults.active:
+        _log(env, f"fault injection active: {faults}")
+
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+    data = build_data(cfg, env)
+    model = build_model(cfg.model, cfg.router).to(device)
+    plan = plan_budget(cfg)
+    groups = param_groups(model, cfg.optim)
+    engine = distributed.build_engine(model, cfg, env, groups, lambda g: build_optimizer(g, cfg.optim, device))
+    manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, env.is_main,
+                                before_commit=lambda step: faults.kill_now(step, env.is_main))
+    trainer = Trainer(
+        cfg=cfg, run_dir=run_dir, env=env, device=device, engine=engine, train_loader=data.train,
+        make_val_batches=data.make_val_batches, total_steps=plan.steps, flops_per_token=plan.flops_per_token,
+        callbacks=[NonFiniteGuard(), SignalHandler(), Throughput(), EvalCallback(), MetricsLogger(console),
+                   WandbLogger(), CheckpointCallback(manager)],
+        eos_id=data.tokenizer.eos_id if cfg.model.document_mask else None, faults=faults)
+
+    ref = resume_target(resume, manager)
+    if ref is not None:
+        trainer.load_client_state(engine.load(ref.root, ref.tag), str(ref.path))
+        _log(env, f"resumed from {ref.path} at step {trainer.state.step}")
+    m = cfg.model
+    _log(env, f"{cfg.name or 'run'}: {m.family} d={m.hidden_size} L={m.num_layers} Nr={m.num_recursions}, "
+              f"{model.num_params() / 1e6:.2f}M params | data: {data.description} | {env.world_size} process(es), "
+              f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad accumulation "
+              f"{engine.gradient_accumulation_steps} | budget {plan.budget}: {plan.steps} steps, "
+              f"{plan.tokens:.3g} tokens, {plan.flops:.3g} FLOPs ({plan.convention})")
+    return trainer
+
+
+def train(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, device: torch.device,
+          resume: str = "auto", console: bool = True) -> int:
+    """Train (or resume) `cfg` into `run_dir`; returns the exit code (see mor_ds.train.faults)."""
+    trainer = build_trainer(cfg, run_dir, env, device, resume, console)
+    code = trainer.fit()
+    if trainer.exit_message:
+        _log(env, trainer.exit_message)
+    return code
