@@ -118,6 +118,7 @@ class LayerCall:
     kv_tokens: float  # tokens whose K/V it projects (0 when the K/V of step 0 are reused)
     keys: float  # keys the queries attend over before causal masking
     step: int  # recursion step r (0 for prelude / coda / vanilla layers)
+    masked: bool = False  # runs on a compacted token subset (MoR): attention needs an explicit position mask
 
 
 def step_fractions(cfg: Config, convention: Convention = "exact",
@@ -157,12 +158,13 @@ def layer_calls(cfg: Config, fractions: Sequence[float]) -> list[LayerCall]:
     share = m.family != "vanilla" and m.kv_mode == "share"
     full = LayerCall(queries=seq, kv_tokens=seq, keys=seq, step=0)
     calls = [full] * len(plan.prelude)
+    routed = m.family == "mor"
     for _, step in plan.recursive_part:
         n = fractions[step] * seq
         if share and step > 0:  # active queries over the K/V that the same layer computed at step 0
-            calls.append(LayerCall(queries=n, kv_tokens=0.0, keys=fractions[0] * seq, step=step))
+            calls.append(LayerCall(queries=n, kv_tokens=0.0, keys=fractions[0] * seq, step=step, masked=routed))
         else:
-            calls.append(LayerCall(queries=n, kv_tokens=n, keys=n, step=step))
+            calls.append(LayerCall(queries=n, kv_tokens=n, keys=n, step=step, masked=routed))
     return calls + [full] * len(plan.coda)
 
 
@@ -172,14 +174,15 @@ def layer_calls(cfg: Config, fractions: Sequence[float]) -> list[LayerCall]:
 
 @dataclass(frozen=True)
 class FlopsBreakdown:
-    """Forward FLOPs per token by component (a multiply-add = 2 FLOPs) and the convention's training total."""
+    """FLOPs per token by component (a multiply-add = 2 FLOPs): forward parts, and the backward pass."""
 
     convention: str
     linear: float  # q/k/v/o projections and SwiGLU of every unrolled layer
     attention: float  # QKᵀ and PV
     lm_head: float
-    router: float  # MoR routers whose input receives gradient
-    aux_router: float  # expert-choice auxiliary routers (detached input: backward = weight gradient only)
+    router: float  # MoR routers (expert-choice: main routers; token-choice: the one router)
+    aux_router: float  # expert-choice auxiliary routers (causal_mode=aux_router)
+    backward: float  # exact: 2× forward, less the input gradient the detached aux routers never need; paper: 0
 
     @property
     def forward(self) -> float:
@@ -187,11 +190,8 @@ class FlopsBreakdown:
 
     @property
     def training(self) -> float:
-        """paper: the forward count itself (the paper's convention); exact: forward + backward (2× forward,
-        1× for the auxiliary routers' weight gradients)."""
-        if self.convention == "paper":
-            return self.forward
-        return 3 * (self.linear + self.attention + self.lm_head + self.router) + 2 * self.aux_router
+        """exact: forward + backward; paper: the paper's forward-only count."""
+        return self.forward + self.backward
 
 
 def _check_convention(convention: str) -> None:
@@ -222,19 +222,24 @@ def flops_breakdown(cfg: Config, convention: Convention | None = None, *,
         # QKᵀ and PV: 2 matmuls × 2 FLOPs × head_dim per (query, key) pair per query head
         attention += 4 * q_width * call.queries * call.keys * pair_factor
     if paper:
-        return FlopsBreakdown(convention, linear / seq, attention / seq, 0.0, 0.0, 0.0)
+        return FlopsBreakdown(convention, linear / seq, attention / seq, 0.0, 0.0, 0.0, backward=0.0)
 
-    router = aux_router = 0.0
+    router = aux_router = aux_input_grad = 0.0
     if m.family == "mor":
         r = cfg.router
         if r.type == "token_choice":  # once, on every token after the prelude
             router = 2 * seq * _router_params(m, r, m.num_recursions)
         else:  # step r scores the tokens still active after step r−1
-            candidates = [1.0, *fractions[:-1]]
-            router = sum(2 * c * seq * _router_params(m, r, 1) for c in candidates)
-            aux_router = router if r.causal_mode == "aux_router" else 0.0
+            scored = sum([1.0, *fractions[:-1]]) * seq
+            router = 2 * scored * _router_params(m, r, 1)
+            if r.causal_mode == "aux_router":
+                aux_router = router
+                # its input is detached: the first layer computes no input gradient
+                aux_input_grad = 2 * scored * d * (1 if r.arch == "linear" else (r.mlp_hidden_size or d))
     lm_head = 2 * seq * d * m.vocab_size
-    return FlopsBreakdown(convention, linear / seq, attention / seq, lm_head / seq, router / seq, aux_router / seq)
+    backward = 2 * (linear + attention + lm_head + router + aux_router) - aux_input_grad
+    return FlopsBreakdown(convention, linear / seq, attention / seq, lm_head / seq, router / seq, aux_router / seq,
+                          backward=backward / seq)
 
 
 def flops_per_token(cfg: Config, convention: Convention | None = None, *,
@@ -306,42 +311,48 @@ def plan_budget(cfg: Config, *, tokens: float | None = None, flops: float | None
 
 
 def _call_activation_elements(m: ModelConfig, call: LayerCall) -> float:
-    """Elements autograd keeps for one block call (a fused attention kernel: no S×S matrix).
+    """Elements autograd keeps for one block call with a fused attention kernel (no S×S matrix).
 
-    Per query token: attn-norm input and output, mlp-norm input and output (4d); q before and after RoPE,
-    attention output and its contiguous copy for o_proj (4·Hq·hd); SwiGLU gate, SiLU(gate), up and their
-    product (4·ffn). Per projected K/V token: k before and after RoPE, v (3·Hkv·hd).
+    Per query token: attn-norm input and output, mlp-norm input and output (4d); q after RoPE, the attention
+    output and its contiguous copy that o_proj reads (3·Hq·hd); SwiGLU gate, SiLU(gate), up and their product
+    (4·ffn). Per projected K/V token: k after RoPE and v (2·Hkv·hd). (RoPE keeps only cos/sin.)
     """
     q_width, kv_width = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-    return (call.queries * (4 * m.hidden_size + 4 * q_width + 4 * m.intermediate_size)
-            + call.kv_tokens * 3 * kv_width)
+    return (call.queries * (4 * m.hidden_size + 3 * q_width + 4 * m.intermediate_size)
+            + call.kv_tokens * 2 * kv_width)
 
 
-def _activation_bytes(cfg: Config, checkpointing: bool) -> float:
-    """Saved activations of one sequence."""
+def activation_bytes(cfg: Config, checkpointing: bool = False) -> float:
+    """Peak activation memory of one sequence (bytes): what autograd keeps for backward plus the largest
+    transient on top of it (the logits). With checkpointing, each block call keeps only its input and one
+    call's activations are rebuilt at a time. Checked against torch.cuda.max_memory_allocated on an H100
+    (see tests/test_flops.py)."""
     m, seq = cfg.model, cfg.train.seq_len
     elem = 2 if cfg.train.precision == "bf16" else 4
+    d, kv_width = m.hidden_size, m.num_kv_heads * m.head_dim
     fractions = step_fractions(cfg, "exact")
     calls = layer_calls(cfg, fractions)
     per_call = [_call_activation_elements(m, c) * elem for c in calls]
     if m.attention_backend == "reference":  # fp32 scores and probabilities materialised per call
         per_call = [b + 8 * m.num_heads * c.queries * c.keys for b, c in zip(per_call, calls)]
-    if checkpointing:
-        # each block call keeps its input (and under KV sharing the step-0 K/V it hands on); one call's
-        # activations are rebuilt at a time during backward
-        kept = sum(c.queries * m.hidden_size * elem for c in calls)
-        if m.family != "vanilla" and m.kv_mode == "share":
-            kept += sum(c.kv_tokens * 2 * m.num_kv_heads * m.head_dim * elem for c in calls if c.step == 0)
-        layers = kept + max(per_call)
-    else:
-        layers = sum(per_call)
-    # MoR: per step the block output difference y − x that the router weight multiplies
-    routed = 0.0
+    elif m.attention_backend in ("auto", "sdpa"):
+        # SDPA takes an explicit visibility mask (kept as an additive bias) when tokens are compacted or
+        # documents masked; only dense causal calls run the mask-free flash kernel
+        per_call = [b + elem * c.queries * c.keys * (c.masked or m.document_mask) for b, c in zip(per_call, calls)]
+    # outside the blocks: MoR keeps each step's router input and the block-output difference y − x that the
+    # router weight multiplies; the head keeps the final norm's input/output and the fp32 log-softmax
+    kept = 2 * seq * d * elem + 4 * seq * m.vocab_size
     if m.family == "mor":
-        routed = sum(fractions) * seq * m.hidden_size * elem
-    # final norm input and output; logits in the compute dtype and the fp32 log-softmax the loss keeps
-    head = 2 * seq * m.hidden_size * elem + seq * m.vocab_size * (elem + 4)
-    return layers + routed + head
+        scored = 1.0 if cfg.router.type == "token_choice" else sum([1.0, *fractions[:-1]])
+        kept += (scored + sum(fractions)) * seq * d * elem
+    # transient: the logits in the compute dtype and their fp32 copy (forward) or gradient (backward)
+    logits = (elem + 4) * seq * m.vocab_size
+    if not checkpointing:
+        return kept + sum(per_call) + logits
+    kept += sum(c.queries * d * elem for c in calls)  # block inputs
+    if m.family != "vanilla" and m.kv_mode == "share":  # step-0 K/V handed to later steps
+        kept += sum(c.kv_tokens * 2 * kv_width * elem for c in calls if c.step == 0)
+    return kept + max(logits, max(per_call))
 
 
 def estimate_memory(cfg: Config, zero_stage: int | None = None, micro_batch: int | None = None,
@@ -366,8 +377,8 @@ def estimate_memory(cfg: Config, zero_stage: int | None = None, micro_batch: int
     grads = n * grad_b / (gpus if zero_stage >= 2 else 1)
     optimizer = 0.0 if t.offload_optimizer else n * optim_b / (gpus if zero_stage >= 1 else 1)
     states = weights + grads + optimizer
-    activations = micro_batch * _activation_bytes(cfg, checkpointing=False)
-    checkpointed = micro_batch * _activation_bytes(cfg, checkpointing=True)
+    activations = micro_batch * activation_bytes(cfg, checkpointing=False)
+    checkpointed = micro_batch * activation_bytes(cfg, checkpointing=True)
     return {
         "weights": weights, "gradients": grads, "optimizer": optimizer,
         "activations": activations, "activations_checkpointed": checkpointed,
