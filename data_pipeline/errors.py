@@ -1,0 +1,9 @@
+"""Errors of the data pipeline. Every message is one line naming the file, record or key at fault."""
+
+
+class DataError(Exception):
+    """Bad input or a bad setting: the message says which file/record/key and what is wrong."""
+
+
+class ShardError(DataError):
+    """A prepared shard or index is missing, corrupt, or does not match what the reader expects."""

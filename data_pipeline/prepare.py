@@ -1,0 +1,226 @@
+"""``mor-data prepare``: stream a source, tokenize it with N workers, pack it and write zstd shards + an index.
+
+Packing: documents in source order, each followed by EOS, concatenated and cut into shards of exactly
+``shard_tokens`` tokens (the last one shorter); a document may continue into the next shard. Every token of every
+document appears exactly once. The output does not depend on the number of workers.
+
+Crash safety and resumption: shards are written to a temporary file and renamed, and after every shard
+``progress.json`` records the finished shards, the source stream's state (``datasets`` ``state_dict()``) and the
+already-tokenized tokens past the shard boundary (``progress.carry-*.zst``). Re-running the same command continues
+after the last complete shard and produces the same bytes an uninterrupted run would. ``index.json`` appears only
+when everything is written; then the progress files go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data_pipeline.errors import DataError
+from data_pipeline.files import atomic_write_bytes, atomic_write_json
+from data_pipeline.shards import (DEFAULT_FRAME_TOKENS, DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardIndex, ShardInfo,
+                                  token_dtype, write_shard)
+from data_pipeline.sources import DocumentStream, parse_source
+from data_pipeline.tokenize_pool import TokenizePool, document_tasks
+from data_pipeline.tokenizer import load_tokenizer
+
+PROGRESS_FILE = "progress.json"
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("mor-ds", "datasets", "sentencepiece", "tokenizers", "zstandard", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _settings(source: str, text_field: str, min_chars: int, max_chars: int, tokenizer_hash: str,
+              shard_tokens: int, frame_tokens: int) -> dict:
+    """What must be equal for a resumed or repeated prepare to continue the same shard set."""
+    return {"source": source, "text_field": text_field, "min_chars": min_chars, "max_chars": max_chars,
+            "tokenizer_hash": tokenizer_hash, "shard_tokens": shard_tokens, "frame_tokens": frame_tokens}
+
+
+def _check_same(path: Path, recorded: dict, wanted: dict) -> None:
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            raise DataError(f"{path}: made with {key}={recorded.get(key)!r}, this run has {value!r}; "
+                            f"use another --out or the same settings")
+
+
+class _Progress:
+    """A rich progress line with docs/s, MB/s and tokens/s (or nothing when ``enabled`` is false)."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled
+        self.docs = self.text_bytes = self.tokens = 0
+        self.start = time.perf_counter()
+        if enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                 TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=False)
+            self._task = self._bar.add_task(label, total=None, line="")
+            self._bar.start()
+
+    def rates(self) -> str:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return (f"{self.docs:,} docs {self.docs / seconds:,.0f} docs/s | {self.text_bytes / seconds / 1e6:.2f} MB/s | "
+                f"{self.tokens:,} tokens {self.tokens / seconds:,.0f} tokens/s")
+
+    def advance(self, docs: int, text_bytes: int, tokens: int, shards: int) -> None:
+        self.docs += docs
+        self.text_bytes += text_bytes
+        self.tokens += tokens
+        if self.enabled:
+            self._bar.update(self._task, line=f"{self.rates()} | {shards} shards")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+class _Packer:
+    """Accumulates tokenized tasks and cuts exact ``shard_tokens`` slices, tracking document ends."""
+
+    def __init__(self, carry: np.ndarray, doc_ends: np.ndarray):
+        self.parts = [carry] if len(carry) else []
+        self.size = len(carry)
+        self.doc_ends = [doc_ends] if len(doc_ends) else []  # positions (exclusive ends) relative to the buffer
+
+    def add(self, tokens: np.ndarray, doc_ends: np.ndarray) -> None:
+        self.doc_ends.append(doc_ends + self.size)
+        self.parts.append(tokens)
+        self.size += len(tokens)
+
+    def cut(self, count: int) -> tuple[np.ndarray, int]:
+        """The first ``count`` buffered tokens and the number of documents ending among them."""
+        tokens = np.concatenate(self.parts)
+        ends = np.concatenate(self.doc_ends) if self.doc_ends else np.zeros(0, np.int64)
+        docs = int(np.searchsorted(ends, count, side="right"))
+        rest = tokens[count:]
+        self.parts, self.size = ([rest] if len(rest) else []), len(rest)
+        self.doc_ends = [ends[docs:] - count]
+        return tokens[:count], docs
+
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint32)
+        ends = np.concatenate(self.doc_ends) if self.doc_ends else np.zeros(0, np.int64)
+        return tokens, ends
+
+
+def _save_progress(out: Path, settings: dict, shards: list[ShardInfo], stream_state: dict, packer: _Packer,
+                   totals: dict) -> None:
+    tokens, ends = packer.pending()
+    carry = f"progress.carry-{len(shards):06d}.zst"
+    atomic_write_bytes(out / carry, zstandard.ZstdCompressor().compress(tokens.astype(np.uint32).tobytes()))
+    atomic_write_json(out / PROGRESS_FILE, {"settings": settings, "shards": [asdict(s) for s in shards],
+                                            "stream_state": stream_state, "carry_file": carry,
+                                            "carry_doc_ends": ends.tolist(), "totals": totals})
+    for old in out.glob("progress.carry-*.zst"):
+        if old.name != carry:
+            old.unlink(missing_ok=True)
+
+
+def _copy_tokenizer(tokenizer_path: str, out: Path) -> str:
+    """Copy the tokenizer (and an HF ``tokenizer_config.json``) into the shard dir; returns the copy's name."""
+    name = "tokenizer.json" if tokenizer_path.endswith(".json") else "tokenizer.model"
+    atomic_write_bytes(out / name, Path(tokenizer_path).read_bytes())
+    config = Path(tokenizer_path).with_name("tokenizer_config.json")
+    if name == "tokenizer.json" and config.exists():
+        atomic_write_bytes(out / config.name, config.read_bytes())
+    return name
+
+
+def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1, text_field: str = "text",
+            min_chars: int = 0, max_chars: int = 0, strict: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            frame_tokens: int = DEFAULT_FRAME_TOKENS, max_shards: int = 0, command: str = "",
+            show_progress: bool = True) -> ShardIndex | None:
+    """Tokenize ``source`` into shards under ``out_dir``; returns the index, or None if ``max_shards`` stopped it.
+
+    Re-running with the same arguments resumes an interrupted run, or returns the index of a finished one.
+    ``max_shards`` > 0 stops after writing that many new shards (e.g. to fit a Slurm time limit); run again to go on.
+    """
+    if shard_tokens < 2 or frame_tokens < 1:
+        raise DataError(f"--shard-tokens ({shard_tokens}) must be >= 2 and --frame-tokens ({frame_tokens}) >= 1")
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    spec = parse_source(source)
+    settings = _settings(source, text_field, min_chars, max_chars, tokenizer.hash, shard_tokens, frame_tokens)
+    out = Path(os.path.expanduser(out_dir))
+    if (out / INDEX_FILE).exists():
+        index = ShardIndex.load(out)
+        _check_same(out / INDEX_FILE, {**index.source["settings"]}, settings)
+        return index
+
+    stream = DocumentStream(spec, text_field=text_field, min_chars=min_chars, max_chars=max_chars, strict=strict)
+    shards: list[ShardInfo] = []
+    totals = {"docs": 0, "tokens": 0, "text_bytes": 0}
+    carry, carry_ends = np.zeros(0, np.uint32), np.zeros(0, np.int64)
+    progress_path = out / PROGRESS_FILE
+    if progress_path.exists():
+        saved = json.loads(progress_path.read_text())
+        _check_same(progress_path, saved["settings"], settings)
+        shards = [ShardInfo(**s) for s in saved["shards"]]
+        stream.load_state_dict(saved["stream_state"])
+        carry = np.frombuffer(zstandard.ZstdDecompressor().decompress((out / saved["carry_file"]).read_bytes()),
+                              dtype=np.uint32)
+        carry_ends = np.asarray(saved["carry_doc_ends"], dtype=np.int64)
+        totals = saved["totals"]
+    else:
+        if out.exists() and any(out.glob("shard_*.zst")):
+            raise DataError(f"{out}: holds shards but no {PROGRESS_FILE} or {INDEX_FILE}; refusing to overwrite "
+                            f"them (use an empty --out)")
+        out.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = _copy_tokenizer(tokenizer.path, out)
+
+    packer = _Packer(carry, carry_ends)
+    new_shards = 0
+    bar = _Progress(show_progress, f"prepare {source}")
+    try:
+        with TokenizePool(tokenizer, workers) as pool:
+            for stream_state, task in pool.encode(document_tasks(stream, state=stream.state_dict)):
+                packer.add(task.tokens, task.doc_ends)
+                totals["docs"] += task.docs
+                totals["tokens"] += len(task.tokens)
+                totals["text_bytes"] += task.text_bytes
+                bar.advance(task.docs, task.text_bytes, len(task.tokens), len(shards))
+                while packer.size >= shard_tokens:
+                    tokens, docs = packer.cut(shard_tokens)
+                    shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
+                    _save_progress(out, settings, shards, stream_state, packer, totals)
+                    new_shards += 1
+                    if max_shards and new_shards >= max_shards:
+                        return None
+            if packer.size:
+                tokens, docs = packer.cut(packer.size)
+                shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
+    finally:
+        bar.close()
+    if not shards:
+        raise DataError(f"--source {source}: no documents (every record was bad, filtered or empty)")
+    index = ShardIndex(
+        dtype=dtype.str, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+        tokenizer={**tokenizer.describe(), "file": tokenizer_file},
+        source={**spec.describe(), "settings": settings}, command=command,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=library_versions(),
+        shard_tokens=shard_tokens, frame_tokens=frame_tokens, shards=shards,
+        totals={**totals, **stream.stats()})
+    index.save(out)
+    progress_path.unlink(missing_ok=True)
+    for old in out.glob("progress.carry-*.zst"):
+        old.unlink()
+    return index

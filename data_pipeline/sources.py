@@ -1,0 +1,385 @@
+"""Document sources behind one ``--source`` syntax, streamed through Hugging Face ``datasets``.
+
+``--source`` is one of
+
+* ``embedded`` -- the installed demo corpus (Shakespeare's plays, one document per scene; see ``embedded.py``);
+* a local file, directory or glob of ``.jsonl``/``.json`` (JSON lines), ``.parquet`` or ``.txt`` files, JSON lines
+  and text optionally compressed (``.zst``, ``.gz``), e.g. ``data/*.jsonl.zst``;
+* ``hf:NAME[:CONFIG][@SPLIT]`` -- a hub dataset streamed with ``load_dataset(..., streaming=True)``, e.g.
+  ``hf:HuggingFaceFW/fineweb-edu:sample-10BT@train`` (split defaults to ``train``).
+
+Every source becomes a ``datasets.IterableDataset``, so rank sharding is ``split_dataset_by_node`` (whole files per
+rank when the file count divides by the world size, else every world-size-th record) and resumption is the
+dataset's own ``state_dict()``. Local files are read by small per-format readers wrapped in
+``IterableDataset.from_generator`` (one shard per file) rather than the library's JSON builder, because that
+builder fails a whole batch on one malformed line and cannot say which line: ours turn every bad record (invalid
+UTF-8, malformed JSON, missing/non-string text field, empty document, truncated or corrupt ``.zst``/``.gz``) into a
+counted, reported skip naming ``file:line`` -- or a :class:`DataError` under ``strict``.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import gzip
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import zstandard
+
+from data_pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SOURCE_HELP = ("'embedded', a local file/dir/glob of .jsonl[.zst|.gz], .json[.zst|.gz], .parquet, .txt[.zst|.gz], "
+               "or hf:NAME[:CONFIG][@SPLIT]")
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+_COMPRESSIONS = {".zst": "zst", ".zstd": "zst", ".gz": "gz"}
+_READ_BYTES = 1 << 20
+# Bad records reported one by one (log + kept in the index); the rest are only counted.
+MAX_REPORTED = 20
+# Columns of the records every local/embedded reader yields; ``kind`` is "" for a good record.
+_RECORD_COLUMNS = ("text", "kind", "error", "where")
+
+
+@dataclass
+class SourceSpec:
+    """A parsed ``--source``: ``kind`` is ``embedded``, ``files`` or ``hub``."""
+
+    spec: str
+    kind: str
+    files: list[str] = field(default_factory=list)
+    name: str = ""
+    config: str | None = None
+    split: str = "train"
+
+    def describe(self) -> dict:
+        """Provenance recorded in shard indexes."""
+        out = {"spec": self.spec, "kind": self.kind}
+        if self.kind == "files":
+            out["files"] = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in self.files]
+        elif self.kind == "hub":
+            out.update(name=self.name, config=self.config, split=self.split)
+        else:
+            from data_pipeline.embedded import describe_embedded
+
+            out.update(describe_embedded())
+        return out
+
+
+def file_format(path: str) -> tuple[str, str]:
+    """``(format, compression)`` of a local file from its suffixes, e.g. ``("jsonl", "zst")``."""
+    root, ext = os.path.splitext(path)
+    compression = _COMPRESSIONS.get(ext.lower(), "")
+    if compression:
+        root, ext = os.path.splitext(root)
+    fmt = _FORMATS.get(ext.lower())
+    if fmt is None or (fmt == "parquet" and compression):
+        raise DataError(f"{path}: unsupported file type (supported: {SOURCE_HELP})")
+    return fmt, compression
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """Parse a ``--source`` string; local globs are expanded (sorted) and checked here."""
+    spec = spec.strip()
+    if spec == "embedded":
+        return SourceSpec(spec, "embedded")
+    if spec.startswith("hf:"):
+        rest, _, split = spec[3:].partition("@")
+        name, _, config = rest.partition(":")
+        if not name:
+            raise DataError(f"--source {spec!r}: expected hf:NAME[:CONFIG][@SPLIT]")
+        return SourceSpec(spec, "hub", name=name, config=config or None, split=split or "train")
+    pattern = os.path.expanduser(spec)
+    if glob.has_magic(pattern):
+        paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(pattern):
+        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(pattern) for f in fs if _is_supported(f))
+    elif os.path.isfile(pattern):
+        paths = [pattern]
+    else:
+        raise DataError(f"--source {spec!r}: no such file or directory (expected {SOURCE_HELP})")
+    if not paths:
+        raise DataError(f"--source {spec!r}: no files match")
+    for p in paths:
+        file_format(p)
+    return SourceSpec(spec, "files", files=paths)
+
+
+def _is_supported(name: str) -> bool:
+    try:
+        file_format(name)
+        return True
+    except DataError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- local readers
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _zstd_chunks(f) -> Iterator[bytes]:
+    """Decompressed bytes of a (multi-frame) zstd file; raises ``_Truncated`` if it ends inside a frame."""
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame, consumed = dctx.decompressobj(), False, 0
+    while block := f.read(_READ_BYTES):
+        while block:
+            in_frame = True
+            out = dobj.decompress(block)
+            if out:
+                yield out
+            if dobj.eof:  # a frame ended inside this block: the rest belongs to the next frame
+                block, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+            else:
+                block = b""
+        consumed = f.tell()
+    if in_frame:
+        raise _Truncated(f"zstd stream ends inside a frame at byte {consumed}")
+
+
+def _byte_chunks(path: str, compression: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        if compression == "zst":
+            yield from _zstd_chunks(f)
+        elif compression == "gz":
+            with gzip.GzipFile(fileobj=f) as g:
+                try:
+                    while block := g.read(_READ_BYTES):
+                        yield block
+                except EOFError:
+                    raise _Truncated(f"gzip stream ends early at byte {f.tell()}") from None
+        else:
+            while block := f.read(_READ_BYTES):
+                yield block
+
+
+def _lines(path: str, compression: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line bytes)``; a truncated file's unterminated last line is dropped (it is cut)."""
+    pending, number = b"", 0
+    try:
+        for block in _byte_chunks(path, compression):
+            parts = (pending + block).split(b"\n")
+            pending = parts.pop()
+            for line in parts:
+                number += 1
+                yield number, line
+    except _Truncated as e:
+        raise _Truncated(f"{e}; records after line {number} are lost") from None
+    if pending:
+        yield number + 1, pending
+
+
+def _record(text, kind: str = "", error: str = "", where: str = "") -> dict:
+    return {"text": text, "kind": kind, "error": error, "where": where}
+
+
+def text_of(obj, text_field: str) -> tuple[str | None, str, str]:
+    """``(text, bad kind, message)`` of one parsed record."""
+    if not isinstance(obj, dict):
+        return None, "malformed", f"not a JSON object but {type(obj).__name__}"
+    if text_field not in obj or obj[text_field] is None:
+        return None, "missing_field", f"no field {text_field!r}"
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return None, "missing_field", f"field {text_field!r} is {type(text).__name__}, not a string"
+    return text, "", ""
+
+
+def _jsonl_records(path: str, compression: str, text_field: str) -> Iterator[dict]:
+    for number, line in _lines(path, compression):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield _record(None, "bad_utf8", f"invalid UTF-8 at byte {e.start} of the line", where)
+            continue
+        except ValueError as e:
+            yield _record(None, "malformed", f"malformed JSON ({e})", where)
+            continue
+        text, kind, error = text_of(obj, text_field)
+        yield _record(text, kind, error, where)
+
+
+def _txt_records(path: str, compression: str) -> Iterator[dict]:
+    """One document per paragraph (blank-line separated) of a text file."""
+    para: list[str] = []
+    start, bad = 0, None
+    for number, line in _lines(path, compression):
+        if not line.strip():
+            if para or bad:
+                yield _record(None, "bad_utf8", bad, f"{path}:{start}") if bad else _record("\n".join(para),
+                                                                                             where=f"{path}:{start}")
+            para, bad = [], None
+            continue
+        if not para and not bad:
+            start = number
+        try:
+            para.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            bad = bad or f"invalid UTF-8 at byte {e.start} of line {number}"
+    if para or bad:
+        yield _record(None, "bad_utf8", bad, f"{path}:{start}") if bad else _record("\n".join(para),
+                                                                                     where=f"{path}:{start}")
+
+
+def _parquet_records(path: str, text_field: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        yield _record(None, "missing_field", f"no column {text_field!r} (columns: {parquet.schema_arrow.names})", path)
+        return
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            text, kind, error = text_of({text_field: value}, text_field)
+            yield _record(text, kind, error, f"{path}#row{row}")
+            row += 1
+
+
+def _file_records(files: list[str], text_field: str) -> Iterator[dict]:
+    """Records of local files (``files`` is this generator's shard list: one file per shard)."""
+    for path in files:
+        fmt, compression = file_format(path)
+        try:
+            if fmt == "jsonl":
+                yield from _jsonl_records(path, compression, text_field)
+            elif fmt == "txt":
+                yield from _txt_records(path, compression)
+            else:
+                yield from _parquet_records(path, text_field)
+        except _Truncated as e:
+            yield _record(None, "truncated", str(e), path)
+        except (OSError, zstandard.ZstdError, zlib.error, ValueError) as e:
+            # corrupt compressed data, unreadable or non-parquet file: the rest of this file is skipped
+            yield _record(None, "unreadable", f"cannot read the rest of the file ({type(e).__name__}: {e})", path)
+
+
+def open_dataset(spec: SourceSpec, text_field: str = "text"):
+    """The source as a ``datasets.IterableDataset`` (local/embedded: columns text, kind, error, where)."""
+    import datasets
+
+    if spec.kind == "hub":
+        try:
+            return datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+        except Exception as e:  # the hub client raises many types; all end here as one line
+            raise DataError(f"--source {spec.spec}: cannot open ({type(e).__name__}: {e})") from None
+    features = datasets.Features({c: datasets.Value("string") for c in _RECORD_COLUMNS})
+    if spec.kind == "embedded":
+        from data_pipeline.embedded import embedded_files, embedded_records
+
+        return datasets.IterableDataset.from_generator(embedded_records, features=features,
+                                                       gen_kwargs={"files": embedded_files()})
+    return datasets.IterableDataset.from_generator(_file_records, features=features,
+                                                   gen_kwargs={"files": spec.files, "text_field": text_field})
+
+
+# ------------------------------------------------------------------------------------------------ documents
+
+
+class BadRecords:
+    """Counts bad records by kind and reports the first :data:`MAX_REPORTED`; under ``strict`` the first is fatal."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def add(self, kind: str, where: str, error: str) -> None:
+        message = f"{where}: {error}"
+        if self.strict:
+            raise DataError(f"{message} (bad record; drop --strict to skip such records)")
+        self.counts[kind] += 1
+        if len(self.examples) < MAX_REPORTED:
+            self.examples.append(message)
+            log.warning("skipped bad record %s", message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": list(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = Counter(state["counts"])
+        self.examples = list(state["examples"])
+
+
+class DocumentStream:
+    """Validated document texts of one source, for one data-parallel rank, with a resumable position.
+
+    Iterating yields the texts of one pass (epoch) over this rank's part of the source, starting from the current
+    position; the next iteration is the next epoch. ``state_dict()`` taken between two yielded documents resumes
+    right after the last one.
+    """
+
+    def __init__(self, source: str | SourceSpec, *, text_field: str = "text", rank: int = 0, world_size: int = 1,
+                 min_chars: int = 0, max_chars: int = 0, strict: bool = False):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
+        self.text_field, self.min_chars, self.max_chars = text_field, min_chars, max_chars
+        self.rank, self.world_size = rank, world_size
+        self._source_dataset = open_dataset(self.spec, text_field)
+        self.dataset = self._rank_dataset()
+        self.bad = BadRecords(strict)
+        self.filtered: Counter[str] = Counter()
+        self.epoch = 0
+        self.records = 0  # records read in this epoch (hub records are named by this number)
+
+    def __iter__(self) -> Iterator[str]:
+        self.dataset.set_epoch(self.epoch)
+        hub = self.spec.kind == "hub"
+        for record in self.dataset:
+            self.records += 1
+            if hub:
+                where = f"{self.spec.spec} (rank {self.rank}/{self.world_size}) record {self.records}"
+                text, kind, error = text_of(record, self.text_field)
+            else:
+                text, kind, error, where = record["text"], record["kind"], record["error"], record["where"]
+            if kind:
+                self.bad.add(kind, where, error)
+            elif not text.strip():
+                self.bad.add("empty", where, "empty document")
+            elif len(text) < self.min_chars:
+                self.filtered["shorter_than_min_chars"] += 1
+            elif self.max_chars and len(text) > self.max_chars:
+                self.filtered["longer_than_max_chars"] += 1
+            else:
+                yield text
+        self.epoch += 1
+        self.records = 0
+        self.dataset = self._rank_dataset()  # a loaded state would otherwise restart every later pass
+
+    def _rank_dataset(self):
+        from datasets.distributed import split_dataset_by_node
+
+        if self.world_size == 1:
+            return copy.copy(self._source_dataset)
+        return split_dataset_by_node(self._source_dataset, rank=self.rank, world_size=self.world_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "records": self.records, "dataset": copy.deepcopy(self.dataset.state_dict()),
+                "bad": self.bad.state_dict(), "filtered": dict(self.filtered)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.records = state["epoch"], state["records"]
+        self.dataset = self._rank_dataset()
+        self.dataset.load_state_dict(copy.deepcopy(state["dataset"]))
+        self.bad.load_state_dict(state["bad"])
+        self.filtered = Counter(state["filtered"])
+
+    def stats(self) -> dict:
+        return {"bad_records": dict(self.bad.counts), "bad_examples": list(self.bad.examples),
+                "filtered": dict(self.filtered)}
