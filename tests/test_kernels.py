@@ -188,6 +188,33 @@ def test_fused_gather_scatter(mode):
         assert rel_err(g, r) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("mode", ["cache", "share"])
+def test_fused_gather_with_padded_slots(mode):
+    """Token-choice through the fused gather: padded slots point at row 0 (a real, active row) with PAD_POS;
+    they must neither disturb that row's output nor its gradients."""
+    gen = torch.Generator().manual_seed(13)
+    length = 50
+    idx = sorted_active(2, length, [25, 11], gen)
+    idx[:, 0] = 0
+    valid = idx < PAD_POS
+    rows = torch.where(valid, idx, 0)
+    q, k, v = make_qkv(2, 2, 1, length, length, 16, torch.float32, gen)
+    kv_rows = rows if mode == "cache" else None
+    out = active_attention(q, k, v, q_rows=rows, kv_rows=kv_rows, q_pos=idx, kv_pos=idx if mode == "cache" else None)
+    grad_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for b, count in enumerate([25, 11]):
+        sel = idx[b, :count]
+        qb, kb, vb = (x[b:b + 1].detach().requires_grad_() for x in (q, k, v))
+        kv_sel = (lambda x: x[:, :, sel]) if mode == "cache" else (lambda x: x)
+        ref = reference_attention(qb[:, :, sel], kv_sel(kb), kv_sel(vb), q_pos=sel[None],
+                                  kv_pos=sel[None] if mode == "cache" else None)
+        ref_grads = torch.autograd.grad(ref, (qb, kb, vb), grad_out[b:b + 1, :, sel])
+        assert rel_err(out[b:b + 1, :, sel], ref) < TOL[torch.float32]
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g[b:b + 1], r) < TOL[torch.float32]
+
+
 def test_transposed_views_keep_layout():
     """The model passes (B, S, H, D) projections as (B, H, S, D) views; no copy, output in the same layout."""
     gen = torch.Generator().manual_seed(10)

@@ -5,6 +5,7 @@ Two layouts, one set of kernels:
   Optional fused gather/scatter: with `q_rows` (B, Kq) the kernel reads query row i from row q_rows[b, i]
   of a full-length q and writes the output (and dQ) back to that row of a full-length result; `kv_rows`
   likewise for keys/values (dK, dV). Positions then default to the row indices (= original positions).
+  Padded slots (position PAD_POS) may carry any in-range row index: nothing is written through them.
 - varlen (packed, token-choice without padding): q (Tq, Hq, D), k/v (Tk, Hkv, D), sequence b owns rows
   cu_seqlens[b] … cu_seqlens[b+1]−1; positions are packed (T,) original positions.
 Key j is visible to query i iff kv_pos[j] <= q_pos[i] (same document when doc ids are given). Queries at
@@ -246,7 +247,8 @@ def active_attention(
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); q_pos (B, Kq), kv_pos (B, Kk): original positions (None: the
     row indices, or 0…S−1); q_doc / kv_doc: document ids (both or neither). q_rows (B, Kq) / kv_rows (B, Kk):
     fused gather — the active rows of full-length q / k, v; the result then has q's full shape, zero in
-    rows not listed. Returns (B, Hq, Sq, D) in q's dtype and memory layout.
+    rows not listed (padded slots: position PAD_POS, any in-range row). Returns (B, Hq, Sq, D) in q's dtype
+    and memory layout.
     """
     _check_qkv(q, k, v, 4)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)

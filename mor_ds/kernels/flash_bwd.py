@@ -146,10 +146,14 @@ def attention_bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(dk, dv, k, v, kp, kd, q_base, do_base, lse_base, delta_base, qpos, qdoc, qrows,
                              q_start, q_len, stride_qs, stride_dos, b_end, hi, qk_scale,
                              BLOCK_M, HEAD_DIM, True, HAS_DOC, Q_GATHER, UPCAST)
+    if KV_GATHER:  # a padded slot's row index is a placeholder: never write through it
+        n_store = n_valid & (kp < 1073741824)
+    else:
+        n_store = n_valid
     tl.store(DK + b64 * stride_dkb + kvh * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=n_store[:, None])
     tl.store(DV + b64 * stride_dvb + kvh * stride_dvh + k_rows[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+             dv.to(DV.dtype.element_ty), mask=n_store[:, None])
 
 
 @triton.jit
@@ -248,5 +252,9 @@ def attention_bwd_dq_kernel(
                    stride_ks, stride_vs, a, b_end, qk_scale, BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, UPCAST)
     dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
                    stride_ks, stride_vs, b_end, hi, qk_scale, BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, UPCAST)
+    if Q_GATHER:
+        m_store = m_valid & (qp >= 0)
+    else:
+        m_store = m_valid
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_store[:, None])

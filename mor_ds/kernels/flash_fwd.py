@@ -115,6 +115,10 @@ def attention_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
+    if Q_GATHER:  # a padded slot's row index is a placeholder: never write through it
+        m_store = m_valid & (qp >= 0)
+    else:
+        m_store = m_valid
     tl.store(O + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_valid[:, None])
+             out.to(O.dtype.element_ty), mask=m_store[:, None])
     tl.store(LSE + b64 * stride_lse_b + h * stride_lse_h + q_start + offs_m, lse, mask=m_valid)

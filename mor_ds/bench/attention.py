@@ -1,0 +1,423 @@
+"""Active-token attention: Triton kernels vs full SDPA, gather + SDPA, masked SDPA and FlexAttention.
+
+Workload per (preset shape, seq, active fraction f): full-length q, k, v (B, H, S, D) bf16 and the sorted
+indices of a step's active tokens (random top-k for expert-choice; uneven per-sequence counts around f·S
+for token-choice "tc-*", padded with PAD_POS). Every variant takes the full tensors and returns a
+full-length output, so gathers and scatters are timed too. Modes:
+- cache (recursion-wise KV caching): queries and keys are the active tokens, causal by original position;
+- share (recursive KV sharing): active queries attend to every token's K/V (first recursion's).
+Times are medians (ms) of forward and forward+backward; useful TFLOP/s counts only visible (query, key)
+pairs: 4·D per pair and head forward, 14·D forward+backward. "ideal" = full causal SDPA time × the share of
+visible pairs (≈ f² for cache, ≈ f for share), as in issue 7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mor_ds.attention import PAD_POS
+from mor_ds.bench.timing import bench_ms, environment
+from mor_ds.config import load_config
+
+SHAPE_PRESETS = {"135m": "mor-135m-nr3", "360m": "mor-360m-nr3"}
+MODES = ("cache", "share", "tc-cache", "tc-share")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPE_PRESETS), choices=list(SHAPE_PRESETS))
+    parser.add_argument("--seq", nargs="+", type=int, default=[2048, 4096])
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch: batch = tokens // seq")
+    parser.add_argument("--fractions", nargs="+", default=["1", "1/2", "1/3", "1/4"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--flex", choices=["none", "first", "all"], default="first",
+                        help="FlexAttention baseline (compiles per shape): none, first shape/seq only, or all")
+    parser.add_argument("--step", action="store_true",
+                        help="also time one whole MoR recursion step (gather → decoder block → scatter)")
+    parser.add_argument("--sweep", action="store_true", help="time Triton tile configs instead of the table")
+    parser.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement")
+    parser.add_argument("--out", default="", help="write all numbers as JSON here")
+
+
+@dataclass
+class Workload:
+    shape: str
+    heads_q: int
+    heads_kv: int
+    dim: int
+    batch: int
+    seq: int
+    frac: Fraction
+    mode: str
+
+    @property
+    def kv_mode(self) -> str:
+        return self.mode.removeprefix("tc-")
+
+    def label(self) -> str:
+        return f"{self.shape} S={self.seq} B={self.batch} f={self.frac}"
+
+
+@dataclass
+class Inputs:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    pos: Tensor  # (B, K) original positions of the active slots, PAD_POS on padded slots
+    read_rows: Tensor  # (B, K) row to read per slot (padded slots: row 0)
+    write_rows: Tensor  # (B, K) row to write per slot (padded slots: the dummy row S)
+    valid: Tensor  # (B, K) bool
+    pairs: int  # visible (query, key) pairs per head, summed over the batch
+    full_pairs: int  # the same for full causal attention over all tokens
+
+
+def active_counts(w: Workload, gen: torch.Generator) -> list[int]:
+    """Fixed k = max(1, ⌊f·S⌋) (expert-choice), or per-sequence counts spread over [f/2, 3f/2]·S (token-choice)."""
+    fixed = max(1, math.floor(w.frac * w.seq))
+    if not w.mode.startswith("tc-"):
+        return [fixed] * w.batch
+    spread = torch.linspace(0.5, 1.5, w.batch)[torch.randperm(w.batch, generator=gen)]
+    return [int(min(w.seq, max(1, round(float(w.frac) * w.seq * float(s))))) for s in spread]
+
+
+def make_inputs(w: Workload, gen: torch.Generator, device: str = "cuda") -> Inputs:
+    dev = torch.device(device)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+
+    q, k, v = rand(w.batch, w.heads_q, w.seq, w.dim), rand(w.batch, w.heads_kv, w.seq, w.dim), rand(
+        w.batch, w.heads_kv, w.seq, w.dim)
+    counts = active_counts(w, gen)
+    width = max(counts)
+    pos = torch.full((w.batch, width), PAD_POS, dtype=torch.long)
+    for b, c in enumerate(counts):
+        pos[b, :c] = torch.randperm(w.seq, generator=gen)[:c].sort().values
+    pos = pos.to(dev)
+    valid = pos < PAD_POS
+    if w.kv_mode == "cache":
+        pairs = sum(c * (c + 1) // 2 for c in counts)
+    else:
+        pairs = int((torch.where(valid, pos, -1) + 1).sum())
+    return Inputs(q, k, v, pos, torch.where(valid, pos, 0), torch.where(valid, pos, w.seq), valid, pairs,
+                  w.batch * w.seq * (w.seq + 1) // 2)
+
+
+def _gather(x: Tensor, rows: Tensor) -> Tensor:
+    return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def _scatter(like: Tensor, rows: Tensor, y: Tensor) -> Tensor:
+    """Scatter compact rows into a zero full-length tensor; padded slots land in a dummy row S, dropped."""
+    out = like.new_zeros(like.shape[0], like.shape[1], like.shape[2] + 1, like.shape[3])
+    return out.scatter(2, rows[:, None, :, None].expand(-1, y.shape[1], -1, y.shape[3]), y)[:, :, :-1]
+
+
+def variants(w: Workload, x: Inputs, flex: bool) -> dict[str, Callable[[], Tensor]]:
+    """name -> callable returning the full-length output (inactive rows zero)."""
+    from mor_ds.kernels import active_attention
+
+    q, k, v = x.q, x.k, x.v
+    out: dict[str, Callable[[], Tensor]] = {
+        "full causal SDPA": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    }
+    seq = w.seq
+    if w.kv_mode == "cache":
+        active = torch.zeros(w.batch, seq + 1, dtype=torch.bool, device=q.device)
+        active.scatter_(1, x.write_rows, True)
+        active = active[:, :seq]
+        ar = torch.arange(seq, device=q.device)
+        mask = ((ar[None, :] <= ar[:, None])[None] & active[:, None, :]) | torch.eye(seq, dtype=torch.bool,
+                                                                                       device=q.device)
+        mask = mask[:, None]
+        out["dense masked SDPA"] = lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True) * active[:, None, :, None]
+        # exact for real rows: padded keys sit after every real key in compact order
+        out["gather+SDPA causal"] = lambda: _scatter(q, x.write_rows, F.scaled_dot_product_attention(
+            _gather(q, x.read_rows), _gather(k, x.read_rows), _gather(v, x.read_rows), is_causal=True,
+            enable_gqa=True))
+        if flex:
+            flex_fn, block_mask = _flex_causal(x.pos.shape[1])
+            out["flex"] = lambda: _scatter(q, x.write_rows, flex_fn(
+                _gather(q, x.read_rows), _gather(k, x.read_rows), _gather(v, x.read_rows), block_mask=block_mask,
+                enable_gqa=True))
+        out["triton"] = lambda: active_attention(q, k, v, q_rows=x.read_rows, kv_rows=x.read_rows, q_pos=x.pos,
+                                                 kv_pos=x.pos)
+    else:
+        kv_pos = torch.arange(seq, device=q.device)
+        out["gather+masked SDPA"] = lambda: _scatter(q, x.write_rows, F.scaled_dot_product_attention(
+            _gather(q, x.read_rows), k, v, attn_mask=(kv_pos[None, None, :] <= x.pos[:, :, None])[:, None],
+            enable_gqa=True))
+        if flex:
+            flex_fn, block_mask_for = _flex_share(w.batch, x.pos.shape[1], seq)
+            out["flex"] = lambda: _scatter(q, x.write_rows, flex_fn(
+                _gather(q, x.read_rows), k, v, block_mask=block_mask_for(x.pos), enable_gqa=True))
+        out["triton"] = lambda: active_attention(q, k, v, q_rows=x.read_rows, q_pos=x.pos)
+    return out
+
+
+_FLEX: dict = {}
+
+
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _flex_causal(length: int):
+    """FlexAttention over the gathered active tokens with a causal block mask (data-independent: built once)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, length, length, device="cuda")
+    return _flex_attention(), mask
+
+
+def _flex_share(batch: int, q_len: int, kv_len: int):
+    """Compact queries over all keys: the block mask depends on the step's positions, so it is built per call."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def block_mask_for(pos: Tensor):
+        return create_block_mask(lambda b, h, qi, ki: ki <= pos[b, qi], batch, None, q_len, kv_len, device="cuda")
+
+    return _flex_attention(), block_mask_for
+
+
+def time_variant(fn: Callable[[], Tensor], x: Inputs, rep_ms: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms)."""
+    grad = torch.randn_like(x.q)
+    with torch.no_grad():
+        fwd = bench_ms(fn, rep_ms=rep_ms)
+    both = bench_ms(lambda: fn().backward(grad), grad_to_none=[x.q, x.k, x.v], rep_ms=rep_ms)
+    return fwd, both
+
+
+def check_variant(fn: Callable[[], Tensor], ref: Tensor, x: Inputs) -> float:
+    with torch.no_grad():
+        y = fn().float()
+    rows = _gather(y, x.read_rows) - _gather(ref.float(), x.read_rows)
+    rows = rows * x.valid[:, None, :, None]
+    return float(rows.norm() / (_gather(ref.float(), x.read_rows) * x.valid[:, None, :, None]).norm())
+
+
+def run_workload(w: Workload, flex: bool, rep_ms: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = make_inputs(w, gen)
+    fns = variants(w, x, flex)
+    ref_name = "gather+SDPA causal" if w.kv_mode == "cache" else "gather+masked SDPA"
+    with torch.no_grad():
+        ref = fns[ref_name]()
+    result = {"workload": w.label(), "mode": w.mode, "pairs": x.pairs, "full_pairs": x.full_pairs,
+              "flops_fwd": 4 * w.dim * w.heads_q * x.pairs, "times": {}, "rel_err_vs_" + ref_name: None}
+    result["rel_err_vs_" + ref_name] = check_variant(fns["triton"], ref, x)
+    for name, fn in fns.items():
+        try:
+            result["times"][name] = time_variant(fn, x, rep_ms)
+        except Exception as exc:  # a baseline that cannot run (e.g. Flex on this build) is reported, not fatal
+            result["times"][name] = None
+            result.setdefault("errors", {})[name] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
+    del x, fns, ref
+    torch.cuda.empty_cache()
+    return result
+
+
+def summarize(r: dict) -> dict:
+    """Ideal times, speedups and the issue's goals for one workload result."""
+    t = r["times"]
+    frac_pairs = r["pairs"] / r["full_pairs"]
+    full = t["full causal SDPA"]
+    tri = t["triton"]
+    s = {"ideal": (full[0] * frac_pairs, full[1] * frac_pairs) if full else None}
+    baselines = {n: v for n, v in t.items() if n != "triton" and v is not None}
+    best = min(baselines, key=lambda n: baselines[n][1])
+    s["best_baseline"] = best
+    if tri is None:
+        return s
+    s["tflops"] = (r["flops_fwd"] / tri[0] / 1e9, 3.5 * r["flops_fwd"] / tri[1] / 1e9)
+    s["speedup_best"] = baselines[best][1] / tri[1]
+    s["vs_ideal"] = tri[1] / s["ideal"][1] if s["ideal"] else None
+    goals = []
+    if r["mode"] in ("cache", "share") and r["workload"].endswith("f=1"):
+        goals.append(("f=1: within 10% of full causal SDPA", tri[1] <= 1.10 * full[1]))
+    elif r["mode"] == "cache":
+        g = t["gather+SDPA causal"]
+        goals.append(("≥2x faster than gather+SDPA", g is not None and tri[1] * 2 <= g[1]))
+    else:
+        goals.append(("within 1.5x of ideal", tri[1] <= 1.5 * s["ideal"][1]))
+        goals.append(("≥1.5x faster than best baseline", s["speedup_best"] >= 1.5))
+    s["goals"] = goals
+    return s
+
+
+def _fmt(v: tuple[float, float] | None, i: int) -> str:
+    return "—" if v is None else f"{v[i]:.3f}"
+
+
+def print_tables(results: list[dict]) -> None:
+    for mode in MODES:
+        rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
+        names = list(dict.fromkeys(n for r in rows for n in r["times"]))
+        print(f"\n### mode {mode}: ms forward / forward+backward (gather/scatter included)\n")
+        head = ["workload"] + names + ["ideal", "triton TFLOP/s", "best baseline ÷ triton", "triton ÷ ideal",
+                                       "goals (fwd+bwd)", "rel err"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            s = summarize(r)
+            cells = [r["workload"]] + [f"{_fmt(r['times'][n], 0)} / {_fmt(r['times'][n], 1)}"
+                                       if n in r["times"] else "—" for n in names]
+            cells.append(f"{_fmt(s['ideal'], 0)} / {_fmt(s['ideal'], 1)}")
+            cells.append(f"{s['tflops'][0]:.0f} / {s['tflops'][1]:.0f}" if "tflops" in s else "—")
+            cells.append(f"{s.get('speedup_best', float('nan')):.2f}x ({s['best_baseline']})")
+            cells.append(f"{s['vs_ideal']:.2f}" if s.get("vs_ideal") else "—")
+            cells.append("; ".join(f"{g}: {'met' if ok else 'MISSED'}" for g, ok in s.get("goals", [])))
+            err = next(v for k, v in r.items() if k.startswith("rel_err"))
+            cells.append(f"{err:.1e}")
+            print("| " + " | ".join(cells) + " |")
+            for name, msg in r.get("errors", {}).items():
+                print(f"  ({name} failed: {msg})")
+
+
+def time_index_building(seqs: list[int], fractions: list[Fraction], batch_tokens: int, rep_ms: int) -> list[dict]:
+    """Expert-choice index building: top-k over router scores, then sort to keep causal order."""
+    out = []
+    for seq in seqs:
+        batch = batch_tokens // seq
+        scores = torch.randn(batch, seq, device="cuda")
+        for f in fractions:
+            k = max(1, math.floor(f * seq))
+            ms = bench_ms(lambda: scores.topk(k, dim=1).indices.sort(dim=1).values, rep_ms=rep_ms)
+            out.append({"seq": seq, "batch": batch, "frac": str(f), "ms": ms})
+    return out
+
+
+def time_recursion_step(shape: str, seq: int, batch: int, fractions: list[Fraction], rep_ms: int) -> list[dict]:
+    """One MoR recursion step as the model runs it: gather h → shared decoder block → scatter, fwd+bwd."""
+    from mor_ds.models.block import KV, DecoderBlock, TokenView, rope_cos_sin
+    from mor_ds.models.recursion import gather_rows, scatter_rows
+
+    results = []
+    for kv_mode in ("cache", "share"):
+        for backend in ("sdpa", "triton"):
+            cfg = load_config(SHAPE_PRESETS[shape], [f"model.attention_backend={backend}"]).model
+            torch.manual_seed(0)
+            block = DecoderBlock(cfg).to("cuda", torch.bfloat16)
+            h = torch.randn(batch, seq, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            full_view = TokenView(None, None, rope_cos_sin(torch.arange(seq, device="cuda")[None], cfg.head_dim,
+                                                           cfg.rope_theta, torch.bfloat16))
+            shared = None
+            if kv_mode == "share":
+                with torch.no_grad():
+                    _, kv = block(h, full_view)
+                shared = KV(kv.k.clone().requires_grad_(), kv.v.clone().requires_grad_(), full_view)
+            for f in fractions:
+                k = max(1, math.floor(f * seq))
+                idx = torch.rand(batch, seq, device="cuda").topk(k, dim=1).indices.sort(dim=1).values
+                view = TokenView(idx, None, rope_cos_sin(idx, cfg.head_dim, cfg.rope_theta, torch.bfloat16))
+                grad = torch.randn_like(h)
+
+                def step() -> Tensor:
+                    y, _ = block(gather_rows(h, idx), view, shared)
+                    return scatter_rows(h, idx, y)
+
+                leaves = [h] + list(block.parameters()) + ([shared.k, shared.v] if shared else [])
+                ms = bench_ms(lambda: step().backward(grad), grad_to_none=leaves, rep_ms=rep_ms)
+                results.append({"shape": shape, "seq": seq, "batch": batch, "kv_mode": kv_mode, "backend": backend,
+                                "frac": str(f), "fwd_bwd_ms": ms})
+    return results
+
+
+def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int) -> list[dict]:
+    """Time Triton tile configs (forward, dK/dV, dQ separately) on cache and share workloads."""
+    from mor_ds.kernels import KernelConfigs, TileConfig, active_attention
+    from mor_ds.kernels.attention import default_configs
+
+    preset = load_config(SHAPE_PRESETS[shape]).model
+    base = default_configs(preset.head_dim, torch.device("cuda"))
+    fwd_tiles = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3),
+                 TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 128, 4, 3)]
+    dkdv_tiles = [TileConfig(64, 128, 8, 3), TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3),
+                  TileConfig(32, 64, 4, 4), TileConfig(64, 128, 4, 2), TileConfig(128, 128, 8, 2)]
+    dq_tiles = [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 3), TileConfig(64, 64, 4, 3),
+                TileConfig(128, 64, 4, 3), TileConfig(64, 32, 4, 4)]
+    out = []
+    for mode in ("cache", "share"):
+        for frac in (Fraction(1), Fraction(1, 2)):
+            w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim, batch_tokens // seq, seq,
+                         frac, mode)
+            x = make_inputs(w, torch.Generator().manual_seed(0))
+            kv_rows = x.read_rows if mode == "cache" else None
+            kv_pos = x.pos if mode == "cache" else None
+
+            def call(cfg: KernelConfigs) -> Tensor:
+                return active_attention(x.q, x.k, x.v, q_rows=x.read_rows, kv_rows=kv_rows, q_pos=x.pos,
+                                        kv_pos=kv_pos, configs=cfg)
+
+            trials = ([("fwd", KernelConfigs(t, base.dkdv, base.dq)) for t in fwd_tiles]
+                      + [("dkdv", KernelConfigs(base.fwd, t, base.dq)) for t in dkdv_tiles]
+                      + [("dq", KernelConfigs(base.fwd, base.dkdv, t)) for t in dq_tiles])
+            for part, cfg in trials:
+                try:
+                    fwd, both = time_variant(lambda: call(cfg), x, rep_ms)
+                except Exception as exc:
+                    print(f"  {part} {cfg}: failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})")
+                    continue
+                tile = getattr(cfg, part)
+                out.append({"mode": mode, "frac": str(frac), "part": part, "tile": tile.__dict__, "fwd_ms": fwd,
+                            "fwd_bwd_ms": both})
+                print(f"  {mode} f={frac} {part} {tile}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
+            del x
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("mor-ds bench attention: needs a CUDA GPU")
+        return 2
+    env = environment()
+    print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    fractions = [Fraction(f) for f in args.fractions]
+    record: dict = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    if args.sweep:
+        record["sweep"] = sweep(args.shapes[-1], args.seq[0], args.tokens, args.rep_ms)
+    else:
+        results = []
+        for si, shape in enumerate(args.shapes):
+            preset = load_config(SHAPE_PRESETS[shape]).model
+            for qi, seq in enumerate(args.seq):
+                flex = args.flex == "all" or (args.flex == "first" and si == 0 and qi == 0)
+                for mode in args.modes:
+                    for frac in fractions:
+                        w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim,
+                                     args.tokens // seq, seq, frac, mode)
+                        results.append(run_workload(w, flex, args.rep_ms))
+                        print(f"  done {mode} {w.label()}", flush=True)
+        record["results"] = results
+        record["index_building"] = time_index_building(args.seq, fractions, args.tokens, args.rep_ms)
+        if args.step:
+            seq = args.seq[0]
+            record["recursion_step"] = time_recursion_step(args.shapes[-1], seq, args.tokens // seq, fractions,
+                                                           args.rep_ms)
+        print_tables(results)
+        print("\n### index building (top-k + sort), ms\n")
+        for r in record["index_building"]:
+            print(f"  S={r['seq']} B={r['batch']} f={r['frac']}: {r['ms']:.3f}")
+        for r in record.get("recursion_step", []):
+            print(f"  step {r['shape']} S={r['seq']} B={r['batch']} {r['kv_mode']} {r['backend']} f={r['frac']}: "
+                  f"{r['fwd_bwd_ms']:.3f} ms fwd+bwd")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(record, fh, indent=1, default=str)
+    return 0
