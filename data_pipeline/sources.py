@@ -152,7 +152,7 @@ def _byte_chunks(path: str, compression: str) -> Iterator[bytes]:
         elif compression == "gz":
             with gzip.GzipFile(fileobj=f) as g:
                 try:
-                    while block := g.read(_READ_BYTES):
+                    while block := g.read1(_READ_BYTES):  # read1: hand out what decodes before a cut
                         yield block
                 except EOFError:
                     raise _Truncated(f"gzip stream ends early at byte {f.tell()}") from None

@@ -1,0 +1,131 @@
+"""``mor-data bench``: tokenization MB/s (SentencePiece alone vs. our pipeline, scaling with workers) and loader
+tokens/s from prepared shards on one core."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from data_pipeline.loader import ShardLoader
+from data_pipeline.prepare import library_versions
+from data_pipeline.shards import DEFAULT_FRAME_TOKENS, ShardIndex, read_shard, write_shard
+from data_pipeline.sources import DocumentStream
+from data_pipeline.tokenize_pool import TokenizePool, document_tasks, encode_documents
+from data_pipeline.tokenizer import load_tokenizer
+
+
+def _sample_documents(source: str, text_field: str, sample_bytes: int) -> list[str]:
+    docs, size = [], 0
+    for text in DocumentStream(source, text_field=text_field):
+        docs.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= sample_bytes:
+            break
+    return docs
+
+
+def bench_tokenization(source: str, tokenizer_path: str, worker_counts: list[int], *, text_field: str = "text",
+                       sample_bytes: int = 8_000_000, repeats: int = 1) -> dict:
+    """MB/s of: the tokenizer library alone on one thread, our encode+pack on one thread, and N worker processes."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    docs = _sample_documents(source, text_field, sample_bytes) * repeats
+    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    tasks = list(document_tasks(docs))
+    tokenizer.set_threads(1)
+    start = time.perf_counter()
+    for _, texts in tasks:
+        tokenizer.encode_batch(texts)
+    library = megabytes / (time.perf_counter() - start)
+    start = time.perf_counter()
+    tokens = sum(len(encode_documents(tokenizer, texts).tokens) for _, texts in tasks)
+    inline = megabytes / (time.perf_counter() - start)
+    rows = []
+    for workers in worker_counts:
+        with TokenizePool(tokenizer, workers) as pool:
+            list(pool.encode([(None, ["warm up"])] * workers))  # start the processes before timing
+            start = time.perf_counter()
+            for _ in pool.encode(tasks):
+                pass
+            seconds = time.perf_counter() - start
+        rows.append({"workers": workers, "mb_per_s": megabytes / seconds, "mb_per_s_per_worker": megabytes / seconds
+                     / workers, "tokens_per_s": tokens / seconds})
+    for row in rows:
+        row["scaling"] = row["mb_per_s"] / rows[0]["mb_per_s"]
+    return {"sample_mb": megabytes, "tokens": tokens, "library_1_thread_mb_per_s": library,
+            "pipeline_1_thread_mb_per_s": inline, "workers": rows}
+
+
+def synthetic_shards(directory: str, reference_dir: str, shards: int, shard_tokens: int) -> str:
+    """A shard set of production-sized shards whose ids follow the unigram distribution of ``reference_dir``."""
+    reference = ShardIndex.load(reference_dir)
+    counts = np.zeros(reference.vocab_size, dtype=np.float64)
+    for info in reference.shards:
+        counts += np.bincount(read_shard(reference_dir, info, reference.token_dtype), minlength=reference.vocab_size)
+    rng = np.random.default_rng(0)
+    infos = []
+    for number in range(shards):
+        ids = rng.choice(reference.vocab_size, size=shard_tokens, p=counts / counts.sum()).astype(reference.dtype)
+        infos.append(write_shard(directory, number, ids, docs=0, frame_tokens=DEFAULT_FRAME_TOKENS))
+    ShardIndex(**{**reference.__dict__, "shards": infos, "shard_tokens": shard_tokens,
+                  "command": "mor-data bench (synthetic unigram shards)"}).save(directory)
+    return directory
+
+
+def bench_loader(shard_dir: str, seq_len: int, batch_size: int, *, seconds: float = 5.0, prefetch: int = 2) -> dict:
+    """Tokens/s a :class:`ShardLoader` hands out on this thread (torch limited to one thread), after a warm-up."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = ShardLoader(shard_dir, seq_len, batch_size, prefetch=prefetch, val_shards=0)
+        batches = iter(loader)
+        next(batches)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in itertools.islice(batches, 50):
+                count += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return {"shard_dir": shard_dir, "shards": len(loader.shards), "shard_tokens": loader.index.shard_tokens,
+            "seq_len": seq_len, "batch_size": batch_size, "prefetch": prefetch,
+            "tokens_per_s": count * loader.tokens_per_batch / elapsed, "batches": count}
+
+
+def environment() -> dict:
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+            "processor": platform.processor() or _cpu_model(), "cpus": os.cpu_count(), "versions": library_versions()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def run_bench(source: str, tokenizer_path: str, shard_dir: str, worker_counts: list[int], *, text_field: str,
+              sample_bytes: int, seq_len: int, batch_size: int, seconds: float, synthetic_shard_tokens: int) -> dict:
+    results = {"environment": environment(), "source": source, "tokenizer": tokenizer_path,
+               "tokenization": bench_tokenization(source, tokenizer_path, worker_counts, text_field=text_field,
+                                                  sample_bytes=sample_bytes),
+               "loader": [bench_loader(shard_dir, seq_len, batch_size, seconds=seconds, prefetch=p) for p in (0, 2)]}
+    if synthetic_shard_tokens:
+        with tempfile.TemporaryDirectory(prefix="mor-data-bench-") as tmp:
+            synthetic_shards(tmp, shard_dir, 2, synthetic_shard_tokens)
+            results["loader"] += [bench_loader(tmp, seq_len, batch_size, seconds=seconds, prefetch=p) | {
+                "shard_dir": f"synthetic: 2 shards x {synthetic_shard_tokens:,} unigram-sampled tokens"}
+                for p in (0, 2)]
+    return results
+
