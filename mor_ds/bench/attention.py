@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", nargs="+", default=["1", "1/2", "1/3", "1/4"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--flex", choices=["none", "first", "all"], default="first",
-                        help="FlexAttention baseline (compiles per shape): none, first shape/seq only, or all")
+                        help="FlexAttention baseline (compiles per shape; cache/share modes): none, first shape/seq only, "
+                             "or all")
     parser.add_argument("--step", action="store_true",
                         help="also time one whole MoR recursion step (gather → decoder block → scatter)")
     parser.add_argument("--sweep", action="store_true", help="time Triton tile configs instead of the table")
@@ -397,8 +398,9 @@ def run(args: argparse.Namespace) -> int:
         for si, shape in enumerate(args.shapes):
             preset = load_config(SHAPE_PRESETS[shape]).model
             for qi, seq in enumerate(args.seq):
-                flex = args.flex == "all" or (args.flex == "first" and si == 0 and qi == 0)
+                flex_here = args.flex == "all" or (args.flex == "first" and si == 0 and qi == 0)
                 for mode in args.modes:
+                    flex = flex_here and not mode.startswith("tc-")  # compile time; tc behaves like its mode
                     for frac in fractions:
                         w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim,
                                      args.tokens // seq, seq, frac, mode)
