@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="mor-data: %(message)s")
     logging.getLogger("datasets").setLevel(logging.ERROR)
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)
     try:
         return args.func(args, console)
     except DataError as e:

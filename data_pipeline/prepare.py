@@ -148,11 +148,12 @@ def _copy_tokenizer(tokenizer_path: str, out: Path) -> str:
 def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1, text_field: str = "text",
             min_chars: int = 0, max_chars: int = 0, strict: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             frame_tokens: int = DEFAULT_FRAME_TOKENS, max_shards: int = 0, command: str = "",
-            show_progress: bool = True) -> ShardIndex | None:
+            show_progress: bool = True, task_bytes: int = 1 << 18) -> ShardIndex | None:
     """Tokenize ``source`` into shards under ``out_dir``; returns the index, or None if ``max_shards`` stopped it.
 
     Re-running with the same arguments resumes an interrupted run, or returns the index of a finished one.
     ``max_shards`` > 0 stops after writing that many new shards (e.g. to fit a Slurm time limit); run again to go on.
+    ``task_bytes``: text per worker task (the unit of parallel work; it does not change the output).
     """
     if shard_tokens < 2 or frame_tokens < 1:
         raise DataError(f"--shard-tokens ({shard_tokens}) must be >= 2 and --frame-tokens ({frame_tokens}) >= 1")
@@ -189,25 +190,37 @@ def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1,
 
     packer = _Packer(carry, carry_ends)
     new_shards = 0
+
+    def write_full_shards(stream_state: dict) -> bool:
+        """Cut every complete shard out of the buffer; False once ``max_shards`` new shards are written."""
+        nonlocal new_shards
+        while packer.size >= shard_tokens:
+            tokens, docs = packer.cut(shard_tokens)
+            shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
+            _save_progress(out, settings, shards, stream_state, packer, totals)
+            new_shards += 1
+            if max_shards and new_shards >= max_shards:
+                return False
+        return True
+
     bar = _Progress(show_progress, f"prepare {source}")
     try:
+        if not write_full_shards(stream.state_dict()):
+            return None
         with TokenizePool(tokenizer, workers) as pool:
-            for stream_state, task in pool.encode(document_tasks(stream, state=stream.state_dict)):
+            documents = stream if stream.epoch == 0 else ()  # epoch 1: a resumed run had read everything
+            tasks = document_tasks(documents, task_bytes=task_bytes, state=stream.state_dict)
+            for stream_state, task in pool.encode(tasks):
                 packer.add(task.tokens, task.doc_ends)
                 totals["docs"] += task.docs
                 totals["tokens"] += len(task.tokens)
                 totals["text_bytes"] += task.text_bytes
                 bar.advance(task.docs, task.text_bytes, len(task.tokens), len(shards))
-                while packer.size >= shard_tokens:
-                    tokens, docs = packer.cut(shard_tokens)
-                    shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
-                    _save_progress(out, settings, shards, stream_state, packer, totals)
-                    new_shards += 1
-                    if max_shards and new_shards >= max_shards:
-                        return None
-            if packer.size:
-                tokens, docs = packer.cut(packer.size)
-                shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
+                if not write_full_shards(stream_state):
+                    return None
+        if packer.size:
+            tokens, docs = packer.cut(packer.size)
+            shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
     finally:
         bar.close()
     if not shards:

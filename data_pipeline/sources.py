@@ -331,15 +331,14 @@ class DocumentStream:
         self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
         self.text_field, self.min_chars, self.max_chars = text_field, min_chars, max_chars
         self.rank, self.world_size = rank, world_size
-        self._source_dataset = open_dataset(self.spec, text_field)
-        self.dataset = self._rank_dataset()
         self.bad = BadRecords(strict)
         self.filtered: Counter[str] = Counter()
         self.epoch = 0
         self.records = 0  # records read in this epoch (hub records are named by this number)
+        self._source_dataset = open_dataset(self.spec, text_field)
+        self.dataset = self._rank_dataset()
 
     def __iter__(self) -> Iterator[str]:
-        self.dataset.set_epoch(self.epoch)
         hub = self.spec.kind == "hub"
         for record in self.dataset:
             self.records += 1
@@ -366,8 +365,11 @@ class DocumentStream:
         from datasets.distributed import split_dataset_by_node
 
         if self.world_size == 1:
-            return copy.copy(self._source_dataset)
-        return split_dataset_by_node(self._source_dataset, rank=self.rank, world_size=self.world_size)
+            dataset = copy.copy(self._source_dataset)
+        else:
+            dataset = split_dataset_by_node(self._source_dataset, rank=self.rank, world_size=self.world_size)
+        dataset.set_epoch(self.epoch)
+        return dataset
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "records": self.records, "dataset": copy.deepcopy(self.dataset.state_dict()),

@@ -1,0 +1,184 @@
+"""prepare: exact packing, worker-count independence, crash resume, index contents, verify, the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_pipeline.cli import main
+from data_pipeline.errors import DataError
+from data_pipeline.inspection import verify
+from data_pipeline.prepare import prepare
+from data_pipeline.shards import ShardIndex, read_shard, token_dtype
+from data_pipeline.testing import embedded_sample, fineweb_records, write_records
+from data_pipeline.tokenizer import file_hash, load_tokenizer, train_sentencepiece
+
+DOCS = embedded_sample(40, max_chars=1500)
+SHARD_TOKENS = 3000
+FRAME_TOKENS = 1000
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return train_sentencepiece(embedded_sample(60), str(tmp_path_factory.mktemp("tok") / "sp"), 600)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    records = fineweb_records(DOCS)
+    records.insert(7, {"id": "no text"})
+    for part in range(2):
+        write_records(root / f"part-{part}.jsonl.zst", records[part * 21:(part + 1) * 21])
+    return str(root / "*.jsonl.zst")
+
+
+def _run(source, tokenizer_path, out, **kw):
+    kw = {"workers": 0, "shard_tokens": SHARD_TOKENS, "frame_tokens": FRAME_TOKENS, "show_progress": False,
+          "task_bytes": 5000} | kw
+    return prepare(source, tokenizer_path, str(out), **kw)
+
+
+def _all_tokens(directory):
+    index = ShardIndex.load(directory)
+    return np.concatenate([read_shard(directory, s, index.token_dtype) for s in index.shards])
+
+
+def _shard_bytes(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard_*.zst"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, source, tokenizer_path):
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    _run(source, tokenizer_path, out, workers=2, command="mor-data prepare (test)")
+    return out
+
+
+def test_packing_keeps_every_token_exactly_once(prepared, tokenizer_path):
+    tok = load_tokenizer(tokenizer_path)
+    expected = np.concatenate([np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(DOCS)])
+    np.testing.assert_array_equal(_all_tokens(prepared), expected)
+    index = ShardIndex.load(prepared)
+    assert [s.tokens for s in index.shards[:-1]] == [SHARD_TOKENS] * (len(index.shards) - 1)
+    assert 0 < index.shards[-1].tokens <= SHARD_TOKENS
+    assert sum(s.docs for s in index.shards) == len(DOCS) == index.totals["docs"]
+    ends = np.cumsum([len(ids) + 1 for ids in tok.encode_batch(DOCS)])  # docs counted where they end
+    assert [s.docs for s in index.shards] == np.bincount((ends - 1) // SHARD_TOKENS).tolist()
+
+
+def test_index_records_provenance(prepared, source, tokenizer_path):
+    index = ShardIndex.load(prepared)
+    assert index.dtype == "<u2" and index.vocab_size == 600 and index.eos_id == 3
+    assert index.tokenizer["hash"] == file_hash(tokenizer_path) == file_hash(prepared / "tokenizer.model")
+    assert index.source["spec"] == source and len(index.source["files"]) == 2
+    assert index.command == "mor-data prepare (test)" and index.versions["sentencepiece"]
+    assert index.totals["bad_records"] == {"missing_field": 1}
+    assert index.totals["bad_examples"] == [f"{source[:-11]}part-0.jsonl.zst:8: no field 'text'"]
+    assert all(len(s.frames) == -(-s.tokens // FRAME_TOKENS) for s in index.shards)
+    assert not list(prepared.glob("progress*")) and not list(prepared.glob(".*tmp*"))
+
+
+def test_token_dtype():
+    assert token_dtype(65536) == np.dtype("<u2") and token_dtype(65537) == np.dtype("<u4")
+
+
+def test_output_does_not_depend_on_workers_or_tasks(prepared, source, tokenizer_path, tmp_path):
+    _run(source, tokenizer_path, tmp_path / "inline", workers=0, task_bytes=1 << 20)
+    assert _shard_bytes(tmp_path / "inline") == _shard_bytes(prepared)
+
+
+def test_resume_after_stop_gives_the_same_shards(prepared, source, tokenizer_path, tmp_path):
+    out = tmp_path / "resumed"
+    assert _run(source, tokenizer_path, out, max_shards=2) is None
+    assert sorted(_shard_bytes(out)) == ["shard_000000.zst", "shard_000001.zst"]
+    assert not (out / "index.json").exists() and (out / "progress.json").exists()
+    with pytest.raises(DataError, match=r"index\.json: no shard index \(an unfinished prepare"):
+        ShardIndex.load(out)
+    (out / ".shard_000002.zst.tmp-999").write_bytes(b"partial write of a crashed run")
+    assert _run(source, tokenizer_path, out, max_shards=1) is None
+    index = _run(source, tokenizer_path, out, workers=2)
+    assert _shard_bytes(out) == _shard_bytes(prepared)
+    assert index.totals == ShardIndex.load(prepared).totals  # bad-record counts are not double-counted
+    assert not (out / "progress.json").exists()
+    assert _run(source, tokenizer_path, out).shards == index.shards  # a finished dir is returned as is
+
+
+def test_changed_settings_are_refused(prepared, source, tokenizer_path, tmp_path):
+    with pytest.raises(DataError, match=r"index\.json: made with shard_tokens=3000, this run has 4000"):
+        _run(source, tokenizer_path, prepared, shard_tokens=4000)
+    _run(source, tokenizer_path, tmp_path / "partial", max_shards=1)
+    other = train_sentencepiece(embedded_sample(60), str(tmp_path / "other"), 700)
+    with pytest.raises(DataError, match=r"progress\.json: made with tokenizer_hash="):
+        _run(source, other, tmp_path / "partial")
+
+
+def test_existing_shards_are_never_overwritten(tmp_path, source, tokenizer_path):
+    (tmp_path / "shard_000000.zst").write_bytes(b"someone else's shard")
+    with pytest.raises(DataError, match="holds shards but no progress.json or index.json; refusing to overwrite"):
+        _run(source, tokenizer_path, tmp_path)
+    assert (tmp_path / "shard_000000.zst").read_bytes() == b"someone else's shard"
+
+
+def test_all_bad_source_is_an_error(tmp_path, tokenizer_path):
+    write_records(tmp_path / "bad.jsonl", [{"body": "x"}])
+    with pytest.raises(DataError, match="no documents"):
+        _run(str(tmp_path / "bad.jsonl"), tokenizer_path, tmp_path / "out")
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_verify_names_shard_and_byte_offset(prepared, tmp_path, capsys):
+    assert verify(str(prepared)) == []
+    assert main(["verify", str(prepared)]) == 0
+    broken = _copy(prepared, tmp_path / "broken")
+    shard = ShardIndex.load(broken).shards[1]
+    offset, length, _ = shard.frames[1]
+    data = bytearray((broken / shard.file).read_bytes())
+    data[offset + length // 2] ^= 0xFF
+    (broken / shard.file).write_bytes(bytes(data))
+    problems = verify(str(broken))
+    assert problems == [f"{broken}/{shard.file}: corrupt bytes in frame 1, byte offset {offset}..{offset + length - 1}"]
+    last = ShardIndex.load(broken).shards[-1]
+    (broken / last.file).write_bytes((broken / last.file).read_bytes()[:-10])
+    assert main(["verify", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {broken}/{shard.file}: corrupt bytes in frame 1, byte offset {offset}" in out
+    assert f"FAILED {broken}/{last.file}: {last.bytes - 10} bytes, the index says {last.bytes}: missing data from " \
+           f"byte offset {last.bytes - 10}" in out
+
+
+def test_verify_checks_the_tokenizer(prepared, tmp_path, capsys):
+    other = train_sentencepiece(embedded_sample(60), str(tmp_path / "other"), 700)
+    assert main(["verify", str(prepared), "--tokenizer", other]) == 1
+    assert "differs from the shards' tokenizer" in capsys.readouterr().out
+
+
+def test_cli_end_to_end(tmp_path, source, capsys):
+    prefix = str(tmp_path / "tok")
+    assert main(["train-tokenizer", "--source", source, "--vocab-size", "500", "--out", prefix]) == 0
+    assert "bpe vocab 500 (pad 0, bos 2, eos 3)" in capsys.readouterr().out
+    out = tmp_path / "shards"
+    assert main(["prepare", "--source", source, "--tokenizer", f"{prefix}.model", "--out", str(out), "--workers",
+                 "1", "--shard-tokens", "4000", "--no-progress"]) == 0
+    assert "bad records skipped: 1 {'missing_field': 1}" in capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert index["command"].startswith("mor-data ") and index["source"]["settings"]["shard_tokens"] == 4000
+    assert main(["inspect", str(out), "--samples", "1", "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    assert f"{sum(s['tokens'] for s in index['shards']):,}" in text and "sample 1" in text
+    assert main(["prepare", "--source", str(tmp_path / "nothing*.jsonl"), "--tokenizer", f"{prefix}.model",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "nothing*.jsonl': no files match" in capsys.readouterr().err
+
+
+def test_strict_prepare_stops_at_the_bad_record(tmp_path, source, tokenizer_path):
+    with pytest.raises(DataError, match=r"part-0\.jsonl\.zst:8: no field 'text'"):
+        _run(source, tokenizer_path, tmp_path / "strict", strict=True)
+    assert not os.path.exists(tmp_path / "strict" / "index.json")
