@@ -1,0 +1,374 @@
+"""Continuous depth-wise batching: a serving loop with many sequences in flight.
+
+The engine owns `max_slots` sequence slots and one paged KV pool (preallocated once). Each *tick* is one
+fixed-shape pass over all slots (so it can be captured in a CUDA graph):
+
+  MoR:    tokens that are new this tick run embedding + prelude and the step-0 routing decision; then the
+          shared block runs ONCE over every token in the recursion, each at its own depth r (its attention
+          reads its own depth-r cache, or the step-0 cache under KV sharing; its router is step r's);
+          tokens the router lets go leave through coda + head in the same tick, their sequence samples
+          its next token, and that token enters in the next tick. A token of depth d occupies its slot
+          for d ticks, so the shared block always runs on a batch mixing depths 0…Nr−1 instead of
+          shrinking batches step after step.
+  vanilla / recursive: every live slot runs its whole layer stack each tick.
+
+Between ticks the host appends sampled tokens, retires finished requests (freeing their pages), admits
+queued requests into free slots (a batched prefill through the same modules) and reserves pages for the
+next tick; when the pool runs out it preempts the newest sequence and requeues it (its prompt grows by
+what it generated, so greedy output is unchanged).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mor_ds.inference.kv_cache import KVCacheFull
+from mor_ds.inference.runner import InferenceModel
+from mor_ds.inference.sampling import SamplingParams, sample
+from mor_ds.models.model import CausalLM
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token: int | None = None
+    # filled in by the engine
+    id: int = -1
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "max_len"
+    preemptions: int = 0
+
+
+@dataclass
+class EngineStats:
+    ticks: int = 0
+    tokens: int = 0  # generated tokens (prefill's first token included)
+    prefill_tokens: int = 0
+    preemptions: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    depth: np.ndarray | None = None  # tokens by number of recursion steps run (MoR)
+
+    def depth_fractions(self) -> list[float]:
+        if self.depth is None or self.depth.sum() == 0:
+            return []
+        return (self.depth / self.depth.sum()).round(4).tolist()
+
+
+class Engine:
+    def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
+                 page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
+                 prefill_rows: int = 8192):
+        self.im = im = InferenceModel(model, decode_backend)
+        if num_pages is None:  # the worst case: every cache of every slot full
+            num_pages = im.layout.num_groups * max_slots * -(-max_len // page_size) + 1
+        self.cache = im.new_cache(max_slots=max_slots, max_len=max_len, num_pages=num_pages, page_size=page_size)
+        self.max_slots, self.max_len, self.prefill_rows = max_slots, max_len, prefill_rows
+        dev, d, S = im.device, model.cfg.hidden_size, max_slots
+        self.slot_ids = torch.arange(S, device=dev)
+        # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these)
+        self.tokens = torch.zeros(S, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(S, dtype=torch.long, device=dev)
+        self.entering = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.in_rec = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.depth = torch.zeros(S, dtype=torch.long, device=dev)
+        self.target = torch.zeros(S, dtype=torch.long, device=dev)  # token-choice depth
+        self.gate = torch.zeros(S, dtype=torch.float32, device=dev)  # router weight g of the pending step
+        self.h = torch.zeros(S, d, dtype=im.dtype, device=dev)
+        self.exit = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.exit_steps = torch.zeros(S, dtype=torch.long, device=dev)
+        self.hidden = torch.zeros(S, d, dtype=im.dtype, device=dev)
+        self.temperature = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(S, dtype=torch.float32, device=dev)
+        # host state
+        self.slots: list[Request | None] = [None] * S
+        self.pos_host = np.zeros(S, dtype=np.int64)
+        self.entering_host = np.zeros(S, dtype=bool)
+        self.depth_host = np.zeros(S, dtype=np.int64)
+        self.in_rec_host = np.zeros(S, dtype=bool)
+        self.admitted_at = np.zeros(S, dtype=np.int64)
+        self.queue: deque[Request] = deque()
+        self.finished: list[Request] = []
+        self.generator = torch.Generator(device=dev).manual_seed(seed)
+        self.stats = EngineStats(depth=np.zeros(im.num_recursions + 1, dtype=np.int64) if im.mor else None)
+        self._next_id = 0
+        self._admissions = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if cuda_graph:
+            if dev.type != "cuda":
+                raise ValueError("cuda_graph=True needs the model on a CUDA device")
+            self._capture()
+
+    # ------------------------------------------------------------------ public API
+
+    def add(self, request: Request) -> Request:
+        if not request.prompt:
+            raise ValueError("request prompt is empty")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"request max_new_tokens={request.max_new_tokens}: must be >= 1")
+        if len(request.prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens does not fit max_len={self.max_len}")
+        request.id = self._next_id
+        self._next_id += 1
+        self.queue.append(request)
+        return request
+
+    def has_work(self) -> bool:
+        return bool(self.queue) or any(r is not None for r in self.slots)
+
+    def step(self) -> list[Request]:
+        """Admit what fits, run one tick, retire what finished; returns the requests finished now."""
+        done_before = len(self.finished)
+        self._admit()
+        if any(r is not None for r in self.slots):
+            t0 = time.perf_counter()
+            self._reserve_tick()
+            self._upload_host_state()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._tick()
+            self._after_tick()
+            self.stats.decode_s += time.perf_counter() - t0
+        return self.finished[done_before:]
+
+    def run(self, requests: list[Request] | None = None) -> list[Request]:
+        """Serve `requests` (and anything queued) to completion; returns them in submission order."""
+        for r in requests or []:
+            self.add(r)
+        while self.has_work():
+            self.step()
+        return list(requests) if requests is not None else self.finished
+
+    # ------------------------------------------------------------------ admission and prefill (eager)
+
+    def _free_slots(self) -> list[int]:
+        return [s for s, r in enumerate(self.slots) if r is None]
+
+    def _prefill_pages(self, length: int) -> int:
+        """Pages a prompt may need in the worst case (every cache of the slot)."""
+        return self.im.layout.num_groups * -(-(length + 1) // self.cache.page_size)
+
+    def _admit(self) -> None:
+        free = self._free_slots()
+        batch: list[tuple[int, Request]] = []
+        budget = self.cache.free_pages
+        rows = 0
+        while self.queue and free:
+            req = self.queue[0]
+            ids = req.prompt + req.output
+            need = self._prefill_pages(len(ids))
+            if need > budget or (batch and rows + len(ids) > self.prefill_rows):
+                if not batch and not any(r is not None for r in self.slots):
+                    raise KVCacheFull(f"a prompt of {len(ids)} tokens does not fit the KV pool even when empty")
+                break
+            self.queue.popleft()
+            budget -= need
+            rows += len(ids)
+            batch.append((free.pop(0), req))
+        if batch:
+            self._prefill(batch)
+
+    @torch.no_grad()
+    def _prefill(self, batch: list[tuple[int, Request]]) -> None:
+        t0 = time.perf_counter()
+        dev = self.im.device
+        ids = [req.prompt + req.output for _, req in batch]
+        tokens = torch.tensor([t for seq in ids for t in seq], device=dev)
+        slots = torch.tensor([s for (s, _), seq in zip(batch, ids) for _ in seq], device=dev)
+        pos = torch.tensor([p for seq in ids for p in range(len(seq))], device=dev)
+        stats = {}
+        hidden = self.im.forward(self.cache, tokens, slots, pos, prefill=True, stats=stats)
+        last = torch.tensor(np.cumsum([len(seq) for seq in ids]) - 1, device=dev)
+        logits = self.im.logits(hidden[last])
+        params = [req.sampling for _, req in batch]
+        first = sample(logits, torch.tensor([p.temperature for p in params], device=dev),
+                       torch.tensor([p.top_p for p in params], device=dev), self.generator,
+                       all_greedy=all(p.greedy for p in params)).tolist()
+        for (slot, req), seq, tok in zip(batch, ids, first):
+            self.slots[slot] = req
+            self.admitted_at[slot] = self._admissions
+            self._admissions += 1
+            self.pos_host[slot] = len(seq)
+            self.temperature[slot], self.top_p[slot] = req.sampling.temperature, req.sampling.top_p
+            self.tokens[slot] = tok
+            self.in_rec_host[slot] = False
+            self.depth_host[slot] = 0
+            self.entering_host[slot] = not self._append_token(slot, tok)
+        self.stats.prefill_tokens += len(tokens)
+        self.stats.prefill_s += time.perf_counter() - t0
+
+    def _append_token(self, slot: int, token: int) -> bool:
+        """Record a generated token; retire the request when it is done. Returns True if finished."""
+        req = self.slots[slot]
+        req.output.append(token)
+        self.stats.tokens += 1
+        if req.stop_token is not None and token == req.stop_token:
+            req.finish_reason = "stop"
+        elif len(req.output) >= req.max_new_tokens:
+            req.finish_reason = "length"
+        elif self.pos_host[slot] + 1 >= self.max_len:
+            req.finish_reason = "max_len"
+        else:
+            return False
+        self.finished.append(req)
+        self._release(slot)
+        return True
+
+    def _release(self, slot: int) -> None:
+        self.cache.release(slot)
+        self.slots[slot] = None
+        self.entering_host[slot] = False
+        self.in_rec_host[slot] = False
+
+    def _preempt(self) -> None:
+        live = [s for s, r in enumerate(self.slots) if r is not None]
+        if len(live) <= 1:
+            raise KVCacheFull("the KV pool cannot hold even one sequence; raise num_pages or lower max_len")
+        victim = max(live, key=lambda s: self.admitted_at[s])
+        req = self.slots[victim]
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self._release(victim)
+        self.queue.appendleft(req)
+
+    # ------------------------------------------------------------------ one tick
+
+    def _reserve_tick(self) -> None:
+        """Pages for every cache a slot may append to in the next tick."""
+        layout, S = self.im.layout, self.max_slots
+        while True:
+            live = np.array([r is not None for r in self.slots])
+            groups_rows = []
+            if self.im.mor:
+                depth = np.where(self.entering_host, 0, self.depth_host)
+                busy = live & (self.entering_host | self.in_rec_host)
+                for layer_id in self.im.plan.prelude + self.im.plan.coda:
+                    groups_rows.append(layout.groups[(layer_id, 0)] * S + np.nonzero(busy)[0])
+                writers = busy if not self.im.kv_share else busy & (depth == 0)
+                for layer_id in self.im.block:
+                    group = layout.read_group(layer_id, 0) + (0 if self.im.kv_share else depth)
+                    groups_rows.append((group * S + np.arange(S))[writers])
+            else:
+                slots = np.nonzero(live & self.entering_host)[0]
+                groups_rows = [g * S + slots for g in range(layout.num_groups)]
+            try:
+                self.cache.reserve(np.concatenate(groups_rows), 1)
+                return
+            except KVCacheFull:
+                self._preempt()
+
+    def _upload_host_state(self) -> None:
+        dev = self.im.device
+        self.positions.copy_(torch.from_numpy(self.pos_host).to(dev, non_blocking=True))
+        self.entering.copy_(torch.from_numpy(self.entering_host).to(dev, non_blocking=True))
+        self.in_rec.copy_(torch.from_numpy(self.in_rec_host).to(dev, non_blocking=True))
+
+    def _after_tick(self) -> None:
+        self.stats.ticks += 1
+        params = [r.sampling for r in self.slots if r is not None]
+        nxt = sample(self.im.logits(self.hidden), self.temperature, self.top_p, self.generator,
+                     all_greedy=all(p.greedy for p in params))
+        self.tokens.copy_(torch.where(self.exit, nxt, self.tokens))
+        host = torch.stack([self.exit.long(), nxt, self.depth, self.in_rec.long(), self.exit_steps]).cpu().numpy()
+        self.cache.pull_lengths()
+        exit_, nxt, self.depth_host[:], in_rec, steps = host[0].astype(bool), host[1], host[2], host[3], host[4]
+        self.in_rec_host[:] = in_rec.astype(bool)
+        self.entering_host[:] = False
+        if self.stats.depth is not None:
+            self.stats.depth += np.bincount(steps[exit_], minlength=len(self.stats.depth))
+        for slot in np.nonzero(exit_)[0]:
+            self.pos_host[slot] += 1
+            self.entering_host[slot] = not self._append_token(int(slot), int(nxt[slot]))
+
+    @torch.no_grad()
+    def _tick(self) -> None:
+        """The fixed-shape step over all slots; reads and writes only the static buffers."""
+        im = self.im
+        self.exit.zero_()
+        rope = im.rope(self.positions)
+        x = im.model.embed(self.tokens)
+        ent = self.entering
+        for layer_id in im.plan.prelude:
+            x = self._layer(layer_id, 0, x, rope, ent)
+        if not im.mor:
+            for layer_id, step in im.plan.recursive_part:
+                x = self._layer(layer_id, step, x, rope, ent, write=ent if im.layout.writes(step) else None)
+            exit_ = ent
+        else:
+            x, exit_ = self._recursion_tick(x, rope)
+        for layer_id in im.plan.coda:
+            x = self._layer(layer_id, 0, x, rope, exit_)
+        self.hidden.copy_(im.model.norm(x))
+        self.exit.copy_(exit_)
+
+    def _layer(self, layer_id: int, step: Tensor | int, x: Tensor, rope, rows_mask: Tensor,
+               write: Tensor | None | bool = True) -> Tensor:
+        rows = self.im.cache_rows(layer_id, step, self.slot_ids, self.cache)
+        write = rows_mask if write is True else write
+        return self.im.layer(layer_id, x, rope, self.positions, self.cache, rows, write, attend=rows_mask)
+
+    def _recursion_tick(self, x: Tensor, rope) -> tuple[Tensor, Tensor]:
+        im, nr = self.im, self.im.num_recursions
+        ent = self.entering
+        h = torch.where(ent[:, None], x, self.h)
+        depth = torch.where(ent, 0, self.depth)
+        if im.expert_choice:
+            logits, decide = im.router_logits(h, 0)
+            skip = ent & ~(decide > 0)
+            rec = self.in_rec | (ent & ~skip)
+            gate = torch.where(ent, im.router_weight(logits), self.gate)
+            target = self.target
+        else:  # token-choice: every token runs step 0
+            chosen, weight = im.token_choice_depth(h)
+            skip = torch.zeros_like(ent)
+            rec = self.in_rec | ent
+            gate = torch.where(ent, weight, self.gate)
+            target = torch.where(ent, chosen, self.target)
+        # one pass of the shared block over every token in the recursion, each at its own depth
+        write = rec & (depth == 0) if im.kv_share else rec
+        y = h
+        for layer_id in im.block:
+            y = self._layer(layer_id, depth, y, rope, rec, write=write)
+        if im.scale_output:
+            scaled = im.scaled(h, y, gate)
+            y = scaled if im.expert_choice else torch.where((target == depth)[:, None], scaled, y)
+        h = torch.where(rec[:, None], y, h)
+        nxt = depth + 1
+        if im.expert_choice and nr > 1:
+            logits, decide = zip(*(im.router_logits(h, r) for r in range(1, nr)))
+            col = (nxt - 1).clamp(max=nr - 2)[:, None]
+            cont = rec & (nxt < nr) & (torch.stack(decide, 1).gather(1, col).squeeze(1) > 0)
+            gate = torch.where(cont, im.router_weight(torch.stack(logits, 1).gather(1, col).squeeze(1)), gate)
+        elif im.expert_choice:
+            cont = torch.zeros_like(rec)
+        else:
+            cont = rec & (target > depth)
+        exit_ = (rec & ~cont) | skip
+        self.exit_steps.copy_(torch.where(skip, 0, depth + 1))
+        self.h.copy_(h)
+        self.gate.copy_(gate)
+        self.target.copy_(target)
+        self.depth.copy_(torch.where(cont, nxt, depth))
+        self.in_rec.copy_(cont)
+        return h, exit_
+
+    def _capture(self) -> None:
+        """Capture the tick in a CUDA graph (state is empty now: every mask is false, nothing is written)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._tick()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._tick()

@@ -1,0 +1,151 @@
+"""Paged KV memory for generation: one preallocated pool of pages shared by every cache of the model.
+
+A *cache* is the K/V history of one unrolled attention position for one sequence slot. Which unrolled
+positions own a cache is the model's `CacheLayout`:
+  prelude / coda layers and vanilla layers: one cache each;
+  recursion-wise KV caching (kv_mode "cache"): one cache per (shared layer, recursion step r) — the
+      depth-r cache of a sequence holds only its tokens that reached step r, so it fills more slowly;
+  recursive KV sharing (kv_mode "share"): one cache per shared layer, written at r = 0 and read at r >= 1.
+Pages are handed out on demand from a free list, so memory follows what each depth really holds
+(the paper's ≈ (Nr+1)/(2Nr) of vanilla for recursion-wise caching) instead of a worst case.
+
+Device tensors (fixed after construction, so a decode step can be captured in a CUDA graph):
+  k, v     (num_pages, page_size, Hkv, head_dim)  keys after RoPE and values; page 0 is a trash page
+           that masked writes land in and that no table row ever reads
+  pos      (num_pages, page_size) original positions of the cached tokens (prefill masks)
+  tables   (num_groups·max_slots, pages_per_seq) int32 page ids; row `group·max_slots + slot`
+  lengths  (num_groups·max_slots,) int32 cached tokens per row
+The host keeps the free list, each row's page list and a mirror of `lengths` for allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mor_ds.models.sharing import LayerPlan
+
+
+class KVCacheFull(RuntimeError):
+    """The page pool has no free page left (the engine preempts a sequence when it sees this)."""
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Which cache group each (layer id, recursion step) reads and writes."""
+
+    num_groups: int
+    groups: dict[tuple[int, int], int]  # (layer id, step) -> group that owns its K/V
+    kv_share: bool
+
+    @staticmethod
+    def for_plan(plan: LayerPlan, kv_share: bool) -> "CacheLayout":
+        owners = [(i, 0) for i in plan.prelude] + [(i, 0) for i in plan.coda]
+        owners += sorted({(i, 0 if kv_share else r) for i, r in plan.recursive_part})  # (l, 0..Nr−1) contiguous
+        return CacheLayout(len(owners), {key: g for g, key in enumerate(owners)}, kv_share)
+
+    def read_group(self, layer_id: int, step: int) -> int:
+        """Under KV sharing, step r >= 1 attends to the K/V that step 0 of the same layer wrote."""
+        return self.groups[(layer_id, 0 if self.kv_share else step)]
+
+    def writes(self, step: int) -> bool:
+        return not (self.kv_share and step > 0)
+
+
+class PagedKVCache:
+    def __init__(self, layout: CacheLayout, *, max_slots: int, max_len: int, num_pages: int, page_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        if num_pages < 2:
+            raise ValueError(f"num_pages={num_pages}: need at least 2 (page 0 is the trash page)")
+        self.layout, self.max_slots, self.max_len, self.page_size = layout, max_slots, max_len, page_size
+        self.pages_per_seq = -(-max_len // page_size)
+        rows = layout.num_groups * max_slots
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.zeros(num_pages, page_size, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(rows, self.pages_per_seq, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.host_lengths = np.zeros(rows, dtype=np.int64)
+        self._pages: list[list[int]] = [[] for _ in range(rows)]
+        self._free = list(range(num_pages - 1, 0, -1))
+
+    # ---------------------------------------------------------------- bookkeeping (host)
+
+    @staticmethod
+    def bytes_per_token(num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token in one cache (plus its int32 position)."""
+        return 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8 + 4
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def row(self, group: int, slot: int) -> int:
+        return group * self.max_slots + slot
+
+    def reserve(self, rows: np.ndarray, extra: np.ndarray | int = 1) -> None:
+        """Make sure each cache row in `rows` has room for `extra` more tokens (allocating pages).
+
+        Raises KVCacheFull (nothing is allocated for the rows that did not fit) or ValueError when a
+        sequence would outgrow max_len."""
+        rows = np.asarray(rows, dtype=np.int64)
+        need = self.host_lengths[rows] + extra
+        if need.size and need.max() > self.max_len:
+            raise ValueError(f"sequence needs {int(need.max())} cached tokens, more than max_len={self.max_len}")
+        have = np.fromiter((len(self._pages[r]) for r in rows), dtype=np.int64, count=len(rows))
+        missing = -(-need // self.page_size) - have
+        todo = np.nonzero(missing > 0)[0]
+        if not todo.size:
+            return
+        if int(missing[todo].sum()) > len(self._free):
+            raise KVCacheFull(f"KV pool exhausted: {self.num_pages - 1} pages of {self.page_size} tokens")
+        flat_idx, page_ids = [], []
+        for i in todo:
+            r = int(rows[i])
+            for _ in range(int(missing[i])):
+                page = self._free.pop()
+                flat_idx.append(r * self.pages_per_seq + len(self._pages[r]))
+                page_ids.append(page)
+                self._pages[r].append(page)
+        device = self.tables.device
+        self.tables.view(-1)[torch.tensor(flat_idx, device=device)] = torch.tensor(page_ids, dtype=torch.int32,
+                                                                                   device=device)
+
+    def release(self, slot: int) -> None:
+        """Free every page of a slot (all groups) and empty its caches."""
+        rows = [self.row(g, slot) for g in range(self.layout.num_groups)]
+        for r in rows:
+            self._free.extend(reversed(self._pages[r]))
+            self._pages[r] = []
+        self.host_lengths[rows] = 0
+        self.lengths[torch.tensor(rows, device=self.lengths.device)] = 0
+
+    def pull_lengths(self) -> None:
+        """Refresh the host mirror after device-side appends (the decode step's writes)."""
+        self.host_lengths[:] = self.lengths.cpu().numpy()
+
+    def used_tokens(self) -> int:
+        return int(self.host_lengths.sum())
+
+    # ---------------------------------------------------------------- device ops (graph-safe)
+
+    def append(self, rows: Tensor, k: Tensor, v: Tensor, pos: Tensor, write: Tensor, rank: Tensor | None = None) -> None:
+        """Append K/V (N, Hkv, D) of N tokens to cache `rows` (N,) where `write` (N,) is true.
+
+        Tokens of one row are appended in the order given; `rank` (N,) is each token's index among the
+        written tokens of its row (None: at most one token per row). Pages must have been reserved."""
+        offset = self.lengths[rows].long() + (rank if rank is not None else 0)
+        page = self.tables[rows, (offset // self.page_size).clamp_max(self.pages_per_seq - 1)].long()
+        flat = torch.where(write, page * self.page_size + offset % self.page_size, 0)  # masked -> trash page
+        self.k.view(-1, *self.k.shape[2:]).index_copy_(0, flat, k.to(self.k.dtype))
+        self.v.view(-1, *self.v.shape[2:]).index_copy_(0, flat, v.to(self.v.dtype))
+        self.pos.view(-1).index_copy_(0, flat, pos.to(torch.int32))
+        self.lengths.index_add_(0, rows, write.to(torch.int32))

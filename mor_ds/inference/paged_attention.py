@@ -1,0 +1,134 @@
+"""Attention of query rows over their paged KV caches.
+
+- `decode_attention`: one query per cache row that sees the row's whole cache (one new token per
+  sequence; its own K/V already appended). Fixed shapes, no host sync: CUDA-graph safe. On CUDA a
+  Triton kernel reads only the `length` cached tokens of each row; elsewhere a PyTorch version gathers
+  the pages (the oracle for the kernel).
+- `prefill_attention`: several queries per cache row (a prompt chunk), causal by original position,
+  through the model's attention entry point (reference / SDPA).
+Rows with length 0 (masked rows in a fixed-shape step) return zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mor_ds.attention import PAD_POS, attention
+from mor_ds.inference.kv_cache import PagedKVCache
+
+try:  # Triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+
+
+def _gather_pages(cache: PagedKVCache, rows: Tensor, num_pages: int) -> tuple[Tensor, Tensor, Tensor]:
+    """K, V (R, Hkv, T, D) and positions (R, T) of the first `num_pages` pages of each cache row."""
+    pages = cache.tables[rows, :num_pages].long()  # (R, P)
+    k = cache.k[pages].flatten(1, 2).transpose(1, 2)
+    v = cache.v[pages].flatten(1, 2).transpose(1, 2)
+    return k, v, cache.pos[pages].flatten(1)
+
+
+def decode_attention_torch(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tensor) -> Tensor:
+    """q (N, Hq, D); each row attends to the first lengths[i] tokens of cache row rows[i]."""
+    k, v, _ = _gather_pages(cache, rows, cache.pages_per_seq)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("nhd,nhtd->nht", q.to(compute), k.to(compute)) / math.sqrt(q.shape[-1])
+    visible = torch.arange(k.shape[2], device=q.device) < lengths[:, None, None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("nht,nhtd->nhd", probs, v.to(compute)).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, Out, Tables, Rows, Lengths, scale,
+                       stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_on, stride_oh, stride_t,
+                       PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """One program per (query row, KV head): the GROUP query heads sharing that KV head (GQA),
+        online softmax over the row's cached tokens in blocks of BLOCK, page looked up per token."""
+        n = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        length = tl.load(Lengths + n)
+        table = Tables + tl.load(Rows + n).to(tl.int64) * stride_t
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + g
+        q = tl.load(Q + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < GROUP, other=0.0)
+        q = q.to(tl.float32) * scale
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        denom = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for start in range(0, length, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            valid = t < length
+            page = tl.load(table + t // PAGE, mask=valid, other=0).to(tl.int64)
+            offs = page * stride_kp + (t % PAGE) * stride_ks + kv_head * stride_kh
+            k = tl.load(K + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (GROUP_PAD, BLOCK)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        out = acc / tl.maximum(denom, 1e-30)[:, None]
+        tl.store(Out + n * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=g[:, None] < GROUP)
+
+
+def decode_attention_triton(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tensor, block: int = 64) -> Tensor:
+    n, heads, head_dim = q.shape
+    kv_heads = cache.k.shape[2]
+    group = heads // kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _decode_kernel[(n, kv_heads)](
+        q, cache.k, cache.v, out, cache.tables, rows, lengths, 1.0 / math.sqrt(head_dim),
+        q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
+        out.stride(0), out.stride(1), cache.tables.stride(0),
+        PAGE=cache.page_size, GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+def decode_attention(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tensor, backend: str = "auto") -> Tensor:
+    """backend: "auto" (Triton on CUDA, else torch), "triton" or "torch"."""
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton is not None else "torch"
+    if backend == "triton":
+        return decode_attention_triton(q, cache, rows, lengths)
+    return decode_attention_torch(q, cache, rows, lengths)
+
+
+def prefill_attention(q: Tensor, q_pos: Tensor, cache: PagedKVCache, rows: Tensor, backend: str = "auto") -> Tensor:
+    """q (N, Hq, D) at positions q_pos (N,), rows (N,) their cache rows, grouped: the queries of one cache
+    row are consecutive. Key j of the row is visible iff its position <= the query's (K/V of the queries
+    themselves already appended)."""
+    run_rows, counts = torch.unique_consecutive(rows, return_counts=True)
+    runs = len(run_rows)
+    run_of = torch.repeat_interleave(torch.arange(runs, device=q.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(rows), device=q.device) - starts[run_of]
+    width = int(counts.max())
+    max_len = int(cache.lengths[run_rows].max())
+    k, v, kv_pos = _gather_pages(cache, run_rows, -(-max_len // cache.page_size))
+    filled = torch.arange(kv_pos.shape[1], device=q.device) < cache.lengths[run_rows, None]
+    kv_pos = torch.where(filled, kv_pos.long(), PAD_POS)
+    dense_q = q.new_zeros(runs, width, *q.shape[1:])
+    dense_q[run_of, rank] = q
+    dense_pos = torch.zeros(runs, width, dtype=torch.long, device=q.device)
+    dense_pos[run_of, rank] = q_pos
+    out = attention(dense_q.transpose(1, 2), k, v, q_pos=dense_pos, kv_pos=kv_pos, backend=backend)
+    return out.transpose(1, 2)[run_of, rank]
