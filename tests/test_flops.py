@@ -369,3 +369,12 @@ def test_plan_without_config_or_budget_is_a_config_error(capsys):
     assert "--config" in capsys.readouterr().err
     assert main(["plan", "--config", "vanilla-360m", "--set", "train.max_flops=0"]) == 2
     assert "no budget" in capsys.readouterr().err
+
+
+def test_plan_reads_a_yaml_config(tmp_path, capsys):
+    path = tmp_path / "arm.yaml"
+    path.write_text("preset: mor-360m-nr2\ntrain:\n  max_flops: 5e18\n")
+    assert main(["plan", "--config", str(path), "--json"]) == 0
+    (arm,) = json.loads(capsys.readouterr().out)["arms"]
+    assert arm["plan"]["budget"] == "train.max_flops=5e+18"
+    assert arm["plan"]["steps"] == round(5e18 / (623_493_120 * PAPER_TOKENS_PER_STEP))  # 3824
