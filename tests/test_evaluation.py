@@ -1,0 +1,194 @@
+"""Few-shot evaluation through lm-eval: the adapter's numbers against our own forward pass, the tiny local tasks end
+to end on CPU, causal vs top-k routing, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from safetensors.torch import save_model
+
+from fixtures.tiny_lm import TASKS_DIR, tiny_config, tiny_model, tiny_tokenizer
+from mor_ds.checkpoint import CONFIG_KEY
+from mor_ds.evaluation.adapter import MoRLM
+from mor_ds.evaluation.harness import EvalError, add_fewshot_args, fewshot_main, run_fewshot
+
+FAMILIES = {"vanilla": ("tiny-vanilla",), "mor_ec": ("tiny-mor", "model.num_layers=8"),
+            "mor_tc": ("tiny-mor-tc", "model.num_layers=8"), "mor_kvshare": ("tiny-mor-kvshare", "model.num_layers=8")}
+PAIRS = [("Question: What colour is the sky?\nAnswer:", " blue"), ("Bees make", " honey in the warm sun"),
+         ("", "The dog barks."), ("Trailing space ", "here"), ("Fish live in water and a dog barks at the owl while "
+                                                              "cats have four legs", " and snow is white")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+@torch.no_grad()
+def reference_loglikelihood(model, tokenizer, context: str, continuation: str, routing: str, max_length: int = 64):
+    """Σ log p(continuation | context) from one unpadded forward pass, tokenized as lm-eval's HF model does."""
+    encode = lambda s: tokenizer.encode_batch([s])[0]  # noqa: E731
+    if context:
+        spaces = len(context) - len(context.rstrip())
+        context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+        whole, ctx = encode(context + continuation), encode(context)
+        cont = whole[len(ctx):]
+    else:
+        ctx, cont = [tokenizer.eos_id], encode(continuation)
+    tokens = (ctx + cont)[-(max_length + 1):]
+    logp = F.log_softmax(model(torch.tensor([tokens[:-1]]), routing=routing).logits[0].float(), -1)
+    logp = logp[-len(cont):]
+    target = torch.tensor(cont)
+    return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("routing", ["causal", "topk"])
+def test_loglikelihood_equals_our_forward(tokenizer, family, routing):
+    cfg = tiny_config(*FAMILIES[family])
+    model = tiny_model(cfg)
+    # batch 3 mixes lengths under causal routing (right padding); topk batches equal lengths only
+    lm = MoRLM(model, tokenizer, routing=routing, batch_size=3, max_length=64, device="cpu")
+    got = lm.loglikelihood(requests("loglikelihood", PAIRS))
+    for (context, continuation), (logprob, greedy) in zip(PAIRS, got):
+        want, want_greedy = reference_loglikelihood(model, tokenizer, context, continuation, routing)
+        assert logprob == pytest.approx(want, abs=1e-4)
+        assert greedy == want_greedy
+
+
+def test_routing_reaches_the_model(tokenizer):
+    """Expert-choice MoR: causal (thresholded) and top-k routing give different scores, and causal routing really
+    drops tokens (the test model is not running every token at every step)."""
+    cfg = tiny_config(*FAMILIES["mor_ec"])
+    model = tiny_model(cfg)
+    ids = torch.tensor([tokenizer.encode_batch([PAIRS[4][0]])[0]])
+    stats = model(ids, routing="causal").stats
+    assert 0.0 < float(stats["depth_frac/1"]) < 1.0
+    scores = {r: [lp for lp, _ in MoRLM(model, tokenizer, routing=r, device="cpu").loglikelihood(
+        requests("loglikelihood", PAIRS))] for r in ("causal", "topk")}
+    assert scores["causal"] != pytest.approx(scores["topk"], abs=1e-3)
+
+
+def test_causal_scores_do_not_depend_on_batching(tokenizer):
+    cfg = tiny_config(*FAMILIES["mor_ec"])
+    model = tiny_model(cfg)
+    one = MoRLM(model, tokenizer, batch_size=1, device="cpu").loglikelihood(requests("loglikelihood", PAIRS))
+    many = MoRLM(model, tokenizer, batch_size=8, device="cpu").loglikelihood(requests("loglikelihood", PAIRS))
+    assert [lp for lp, _ in one] == pytest.approx([lp for lp, _ in many], abs=1e-4)
+
+
+def test_context_longer_than_max_length_is_cut_from_the_left(tokenizer):
+    cfg = tiny_config(*FAMILIES["mor_ec"])
+    model = tiny_model(cfg)
+    context, continuation = PAIRS[4]
+    (got, _), = MoRLM(model, tokenizer, max_length=12, device="cpu").loglikelihood(
+        requests("loglikelihood", [(context, continuation)]))
+    want, _ = reference_loglikelihood(model, tokenizer, context, continuation, "causal", max_length=12)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_rolling_loglikelihood_and_greedy_generation(tokenizer):
+    cfg = tiny_config(*FAMILIES["mor_ec"])
+    model = tiny_model(cfg)
+    lm = MoRLM(model, tokenizer, batch_size=2, max_length=64, device="cpu")
+    text = "Fish live in water. The dog barks."
+    (rolling,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
+    assert rolling == pytest.approx(reference_loglikelihood(model, tokenizer, "", text, "causal")[0], abs=1e-4)
+
+    prompts = ["Bees make", "Question: Which animal barks?\nAnswer:"]
+    out = lm.generate_until(requests("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 5}) for p in prompts]))
+    for prompt, text in zip(prompts, out):
+        tokens = tokenizer.encode_batch([prompt])[0]
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = int(model(torch.tensor([tokens + new]), routing="causal").logits[0, -1].argmax())
+                if nxt == tokenizer.eos_id:
+                    break
+                new.append(nxt)
+        assert text == tokenizer.decode(new).split("\n")[0]
+
+
+def test_local_task_end_to_end(tokenizer):
+    """The tiny multiple-choice task through lm-eval's own evaluator: accuracy equals the one computed from our
+    forward pass (the answer with the highest log-likelihood wins)."""
+    cfg = tiny_config(*FAMILIES["mor_ec"])
+    model = tiny_model(cfg, seed=3)
+    results = run_fewshot(model, tokenizer, "mor_tiny_mc", include_path=str(TASKS_DIR), include_defaults=False,
+                          num_fewshot=0, batch_size=4, max_length=64, bootstrap_iters=0, device="cpu")
+    docs = [json.loads(line) for line in (TASKS_DIR / "mor_tiny" / "test.jsonl").read_text().splitlines()]
+    hits = []
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        scores = [reference_loglikelihood(model, tokenizer, context, c, "causal")[0] for c in doc["choices"]]
+        hits.append(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    assert results["results"]["mor_tiny_mc"]["acc,none"] == pytest.approx(sum(hits) / len(hits))
+    assert results["mor_ds"]["routing"] == "causal"
+
+
+def test_generation_and_perplexity_tasks_run(tokenizer):
+    cfg = tiny_config(*FAMILIES["mor_tc"])
+    results = run_fewshot(tiny_model(cfg), tokenizer, ["mor_tiny_gen", "mor_tiny_ppl"], include_path=str(TASKS_DIR),
+                          include_defaults=False, num_fewshot=1, limit=3, bootstrap_iters=0, device="cpu")
+    assert 0.0 <= results["results"]["mor_tiny_gen"]["exact_match,none"] <= 1.0
+    assert results["results"]["mor_tiny_ppl"]["bits_per_byte,none"] > 0
+
+
+def test_unknown_task_is_a_one_line_error(tokenizer):
+    model = tiny_model(tiny_config("tiny-vanilla"))
+    with pytest.raises(EvalError, match=r"^unknown task 'mor_tiny_mq' \(did you mean mor_tiny_mc"):
+        run_fewshot(model, tokenizer, "mor_tiny_mc,mor_tiny_mq", include_path=str(TASKS_DIR), include_defaults=False)
+
+
+# ------------------------------------------------------------------------------------ the `mor-ds eval` entry point
+
+
+def export_file(tmp_path, cfg, model):
+    path = tmp_path / "model.safetensors"
+    save_model(model, str(path), metadata={CONFIG_KEY: json.dumps(cfg.to_dict())})
+    return path
+
+
+def eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", required=True)
+    add_fewshot_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_fewshot_main_both_routings(tokenizer, tmp_path, capsys):
+    cfg = tiny_config(*FAMILIES["mor_ec"], f"data.tokenizer={tokenizer.path}")
+    path = export_file(tmp_path, cfg, tiny_model(cfg))
+    out = tmp_path / "eval.json"
+    code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--routing", "both",
+                                  "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--output", str(out)))
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "causal" in table and "topk" in table and "mor_tiny_mc acc *" in table
+    results = json.loads(out.read_text())
+    assert set(results) == {"causal", "topk"}
+    assert results["topk"]["mor_ds"]["routing"] == "topk"
+
+
+def test_fewshot_main_bad_input_one_line(tokenizer, tmp_path, capsys):
+    cfg = tiny_config("tiny-vanilla", "data.tokenizer=/nonexistent/tok.model", "data.source=/nonexistent/*.jsonl")
+    path = export_file(tmp_path, cfg, tiny_model(cfg))
+    code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc",
+                                  "--include-path", str(TASKS_DIR)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("mor-ds eval: tokenizer: /nonexistent/tok.model: tokenizer file not found")
+
+    code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--tokenizer", tokenizer.path,
+                                  "--include-path", str(tmp_path / "nope")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"mor-ds eval: --include-path {tmp_path / 'nope'}: not a directory"
