@@ -16,6 +16,7 @@ from data_pipeline.loader import ShardLoader
 from data_pipeline.prepare import library_versions
 from data_pipeline.shards import DEFAULT_FRAME_TOKENS, ShardIndex, read_shard, write_shard
 from data_pipeline.sources import DocumentStream
+from data_pipeline.testing import fineweb_records, write_records
 from data_pipeline.tokenize_pool import TokenizePool, document_tasks, encode_documents
 from data_pipeline.tokenizer import load_tokenizer
 
@@ -32,7 +33,8 @@ def _sample_documents(source: str, text_field: str, sample_bytes: int) -> list[s
 
 def bench_tokenization(source: str, tokenizer_path: str, worker_counts: list[int], *, text_field: str = "text",
                        sample_bytes: int = 8_000_000, repeats: int = 1) -> dict:
-    """MB/s of: the tokenizer library alone on one thread, our encode+pack on one thread, and N worker processes."""
+    """MB/s of: reading the sample back as FineWeb-schema ``.jsonl.zst`` through ``datasets`` streaming (what feeds
+    the workers), the tokenizer library alone on one thread, our encode+pack on one thread, N worker processes."""
     tokenizer = load_tokenizer(tokenizer_path)
     docs = _sample_documents(source, text_field, sample_bytes) * repeats
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
@@ -45,6 +47,12 @@ def bench_tokenization(source: str, tokenizer_path: str, worker_counts: list[int
     start = time.perf_counter()
     tokens = sum(len(encode_documents(tokenizer, texts).tokens) for _, texts in tasks)
     inline = megabytes / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="mor-data-bench-") as tmp:
+        path = write_records(os.path.join(tmp, "sample.jsonl.zst"), fineweb_records(docs))
+        start = time.perf_counter()
+        read = sum(1 for _ in DocumentStream(path, text_field="text"))
+        reading = megabytes / (time.perf_counter() - start)
+    assert read == len(docs)
     rows = []
     for workers in worker_counts:
         with TokenizePool(tokenizer, workers) as pool:
@@ -57,7 +65,8 @@ def bench_tokenization(source: str, tokenizer_path: str, worker_counts: list[int
                      / workers, "tokens_per_s": tokens / seconds})
     for row in rows:
         row["scaling"] = row["mb_per_s"] / rows[0]["mb_per_s"]
-    return {"sample_mb": megabytes, "tokens": tokens, "library_1_thread_mb_per_s": library,
+    return {"sample_mb": megabytes, "tokens": tokens, "read_jsonl_zst_mb_per_s": reading,
+            "library_1_thread_mb_per_s": library,
             "pipeline_1_thread_mb_per_s": inline, "workers": rows}
 
 

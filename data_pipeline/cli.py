@@ -107,6 +107,7 @@ def _print_bench(results: dict, console: Console) -> None:
     env, tok = results["environment"], results["tokenization"]
     console.print(f"{env['date']} | {env['processor']} | {env['cpus']} CPUs | {env['versions']}", markup=False)
     console.print(f"tokenization of {tok['sample_mb']:.1f} MB ({tok['tokens']:,} tokens) from {results['source']}: "
+                  f"reading it as .jsonl.zst {tok['read_jsonl_zst_mb_per_s']:.1f} MB/s, "
                   f"tokenizer library alone {tok['library_1_thread_mb_per_s']:.2f} MB/s on 1 thread, our encode+pack "
                   f"{tok['pipeline_1_thread_mb_per_s']:.2f} MB/s on 1 thread", markup=False)
     table = Table(title="tokenization with N worker processes")
