@@ -12,6 +12,7 @@ Rows with length 0 (masked rows in a fixed-shape step) return zeros.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -24,6 +25,11 @@ try:  # Triton is optional on CPU-only installs
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
+
+if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":  # CPU tests run the kernel interpreted
+    from mor_ds.kernels.interpreter_compat import patch_interpreter
+
+    patch_interpreter()
 
 
 def _gather_pages(cache: PagedKVCache, rows: Tensor, num_pages: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,205 @@
+"""Cached generation and the depth-wise batching engine against full recomputation with the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mor_ds.config import load_config
+from mor_ds.inference import Engine, InferenceModel, Request, SamplingParams, generate, sample
+from mor_ds.inference.kv_cache import CacheLayout, KVCacheFull, PagedKVCache
+from mor_ds.inference.paged_attention import decode_attention_torch, triton
+from mor_ds.models import build_model
+from mor_ds.models.sharing import layer_plan
+
+VOCAB = 256
+
+
+def tiny(name: str, *overrides: str):
+    cfg = load_config(name, ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4",
+                             "model.num_kv_heads=2", "model.intermediate_size=96", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.router).double()
+    with torch.no_grad():  # random routers with real spread, so routing decisions differ from token to token
+        for param_name, p in model.named_parameters():
+            if "router" in param_name:
+                p.normal_(0, 1.0)
+    return model.eval()
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def recompute(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy generation by running the whole sequence through the model at every step."""
+    ids, tokens, logits = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            last = model(torch.tensor([ids]), routing="causal").logits[0, -1]
+            tokens.append(int(last.argmax()))
+            logits.append(last)
+            ids.append(tokens[-1])
+    return tokens, logits
+
+
+FAMILIES = [
+    ("tiny-vanilla", ()),
+    ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6")),
+    ("tiny-recursive", ()),  # middle_cycle
+    ("tiny-recursive", ("model.kv_mode=share",)),
+    ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6", "model.kv_mode=share")),
+    ("tiny-mor", ()),  # expert-choice, aux_loss (thresholded router), recursion-wise caching
+    ("tiny-mor-kvshare", ()),
+    ("tiny-mor", ("router.causal_mode=aux_router", "model.num_recursions=3", "model.num_layers=8")),
+    ("tiny-mor", ("router.causal_mode=aux_router", "model.kv_mode=share")),
+    ("tiny-mor-tc", ()),
+    ("tiny-mor-tc", ("model.kv_mode=share", "router.balancing=loss_free")),
+]
+
+
+@pytest.mark.parametrize("name,overrides", FAMILIES)
+def test_cached_generation_equals_full_recomputation(name, overrides):
+    model = tiny(name, *overrides)
+    prompts = [prompt(7, 1), prompt(12, 2)]
+    steps = 9
+    out = generate(model, prompts, steps, return_logits=True)
+    for i, p in enumerate(prompts):
+        tokens, logits = recompute(model, p, steps)
+        assert out.tokens[i] == tokens
+        torch.testing.assert_close(torch.stack(out.logits[i]), torch.stack(logits), rtol=0, atol=1e-10)
+    if "mor" in name:  # routing really varies: tokens stop at several depths
+        assert sum(c > 0 for c in out.depth_counts) >= 2, out.depth_counts
+
+
+REQUESTS = [(5, 9), (11, 4), (3, 12), (8, 1), (14, 7), (6, 10)]  # (prompt length, new tokens)
+
+
+@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[3], FAMILIES[5], FAMILIES[6], FAMILIES[7],
+                                            FAMILIES[9], FAMILIES[10]])
+def test_engine_equals_each_request_alone(name, overrides):
+    """Three slots for six requests: requests join and leave while others are mid-recursion."""
+    model = tiny(name, *overrides)
+    requests = [Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(REQUESTS)]
+    alone = [generate(model, [r.prompt], r.max_new_tokens).tokens[0] for r in requests]
+    engine = Engine(model, max_slots=3, max_len=32, page_size=4)
+    served = engine.run(requests)
+    assert [r.output for r in served] == alone
+    assert all(r.finish_reason == "length" for r in served)
+    assert engine.stats.tokens == sum(m for _, m in REQUESTS)
+    assert engine.cache.free_pages == engine.cache.num_pages - 1  # every page came back
+    if "mor" in name:
+        assert sum(f > 0 for f in engine.stats.depth_fractions()) >= 2
+
+
+def test_engine_preempts_when_the_pool_runs_out_and_output_is_unchanged():
+    model = tiny("tiny-mor")
+    requests = [Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(REQUESTS)]
+    alone = [generate(model, [r.prompt], r.max_new_tokens).tokens[0] for r in requests]
+    engine = Engine(model, max_slots=3, max_len=32, num_pages=40, page_size=4)
+    assert [r.output for r in engine.run(requests)] == alone
+    assert engine.stats.preemptions > 0
+
+
+def test_engine_stop_token_and_max_len():
+    model = tiny("tiny-mor-tc")
+    p = prompt(6, 3)
+    free_run = generate(model, [p], 8).tokens[0]
+    stop = free_run[3]
+    engine = Engine(model, max_slots=2, max_len=10, page_size=4)
+    stopped, capped = engine.run([Request(p, 8, stop_token=stop), Request(p, 8)])
+    assert stopped.output == free_run[:free_run.index(stop) + 1] and stopped.finish_reason == "stop"
+    assert capped.output == free_run[:4] and capped.finish_reason == "max_len"  # 6 + 4 tokens = max_len
+
+
+def test_recursion_wise_cache_holds_only_tokens_that_reached_each_depth():
+    model = tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8")
+    im = InferenceModel(model)
+    cache = im.new_cache(max_slots=1, max_len=64, num_pages=200, page_size=4)
+    ids = torch.tensor(prompt(40, 5))
+    stats: dict = {}
+    im.forward(cache, ids, torch.zeros(40, dtype=torch.long), torch.arange(40), prefill=True, stats=stats)
+    ran = stats["depth"]  # tokens that ran exactly 0, 1, 2, 3 steps
+    reached = [int(ran[r + 1:].sum()) for r in range(3)]
+    layer = im.block[0]
+    held = [int(cache.host_lengths[cache.row(im.layout.groups[(layer, r)], 0)]) for r in range(3)]
+    assert held == reached and reached[0] > reached[1] > reached[2] > 0
+    used_pages = cache.num_pages - 1 - cache.free_pages
+    assert used_pages < im.layout.num_groups * 10  # fewer pages than every cache holding all 40 tokens
+
+
+def test_kv_sharing_keeps_one_cache_per_shared_layer():
+    plan = layer_plan(8, 3, "middle_cycle")
+    share, per_depth = CacheLayout.for_plan(plan, True), CacheLayout.for_plan(plan, False)
+    assert share.num_groups == 2 + 2 and per_depth.num_groups == 2 + 2 * 3
+    assert share.read_group(1, 2) == share.read_group(1, 0) and not share.writes(2)
+
+
+def test_decode_attention_kernel_matches_torch():
+    if triton is None:
+        pytest.skip("triton not installed")
+    from mor_ds.inference.paged_attention import decode_attention_triton
+
+    layout = CacheLayout.for_plan(layer_plan(4, 2, "middle_cycle"), False)
+    cache = PagedKVCache(layout, max_slots=3, max_len=100, num_pages=40, page_size=16, num_kv_heads=2,
+                         head_dim=32, dtype=torch.float32, device="cpu")
+    rows, lengths = torch.tensor([0, 5, 7, 9]), [0, 1, 37, 100]
+    gen = torch.Generator().manual_seed(0)
+    for row, n in zip(rows.tolist(), lengths):
+        cache.reserve(np.array([row]), n)
+        rank = torch.arange(n)
+        cache.append(torch.full((n,), row), torch.randn(n, 2, 32, generator=gen), torch.randn(n, 2, 32, generator=gen),
+                     rank, torch.ones(n, dtype=torch.bool), rank)
+    q = torch.randn(4, 6, 32, generator=gen)  # GQA: 3 query heads per KV head
+    got = decode_attention_triton(q, cache, rows, cache.lengths[rows])
+    torch.testing.assert_close(got, decode_attention_torch(q, cache, rows, cache.lengths[rows]), rtol=1e-5, atol=1e-5)
+    assert torch.all(got[0] == 0)  # an empty cache row attends to nothing
+
+
+def test_pool_exhaustion_and_release():
+    layout = CacheLayout.for_plan(layer_plan(4, 1, "cycle"), False)
+    cache = PagedKVCache(layout, max_slots=2, max_len=16, num_pages=5, page_size=4, num_kv_heads=1, head_dim=8,
+                         dtype=torch.float32, device="cpu")
+    cache.reserve(np.array([cache.row(0, 0), cache.row(1, 0)]), 8)  # slot 0 of both groups
+    with pytest.raises(KVCacheFull, match="KV pool exhausted"):
+        cache.reserve(np.array([cache.row(0, 1)]), 1)
+    with pytest.raises(ValueError, match="max_len=16"):
+        cache.reserve(np.array([3]), 17)
+    cache.release(0)
+    assert cache.free_pages == 4
+
+
+def test_sampling_parameters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(400, 1)
+    gen = torch.Generator().manual_seed(0)
+    greedy = sample(logits, torch.zeros(400), torch.ones(400), gen)
+    assert torch.all(greedy == 0)
+    nucleus = sample(logits, torch.ones(400), torch.full((400,), 0.7), gen)  # p = .61, .22, .14, .03
+    assert set(nucleus.tolist()) == {0, 1}
+    free = sample(logits, torch.full((400,), 1.0), torch.ones(400), gen)
+    assert set(free.tolist()) == {0, 1, 2, 3}
+    again = sample(logits, torch.ones(400), torch.full((400,), 0.7), torch.Generator().manual_seed(0))
+    assert torch.equal(again, sample(logits, torch.ones(400), torch.full((400,), 0.7), torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
+
+
+def test_sampled_generation_is_reproducible_and_respects_top_p():
+    model = tiny("tiny-mor")
+    p = [prompt(5, 1)]
+    hot = SamplingParams(temperature=1.5, top_p=0.9)
+    a = generate(model, p, 12, sampling=hot, seed=3).tokens
+    assert a == generate(model, p, 12, sampling=hot, seed=3).tokens
+    assert generate(model, p, 12, sampling=SamplingParams(temperature=1.0, top_p=1e-6)).tokens == \
+        generate(model, p, 12).tokens  # a vanishing nucleus is greedy
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="softmax"):
+        InferenceModel(tiny("tiny-mor", "router.activation=softmax"))
+    engine = Engine(tiny("tiny-vanilla"), max_slots=1, max_len=8)
+    with pytest.raises(ValueError, match="max_len=8"):
+        engine.add(Request(prompt(8, 0), 2))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.add(Request(prompt(3, 0), 0))
