@@ -6,6 +6,7 @@ Called by `mor-ds train` (one process per GPU, after `distributed.init_distribut
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,7 +44,8 @@ def resume_target(resume: str, manager: CheckpointManager) -> CheckpointRef | No
 
 
 def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, device: torch.device,
-                  resume: str = "auto", console: bool = True) -> Trainer:
+                  resume: str = "auto", console: bool = True,
+                  init_weights: Callable[[torch.nn.Module], None] | None = None) -> Trainer:
     run_dir = Path(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,10 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
 
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
     data = build_data(cfg, env)
-    model = build_model(cfg.model, cfg.router).to(device)
+    model = build_model(cfg.model, cfg.router)
+    if init_weights is not None:  # e.g. uptraining from a vanilla model; a resumed checkpoint overrides it
+        init_weights(model)
+    model = model.to(device)
     plan = plan_budget(cfg)
     groups = param_groups(model, cfg.optim)
     engine = distributed.build_engine(model, cfg, env, groups, lambda g: build_optimizer(g, cfg.optim, device))
@@ -81,9 +86,11 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
 
 
 def train(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, device: torch.device,
-          resume: str = "auto", console: bool = True) -> int:
-    """Train (or resume) `cfg` into `run_dir`; returns the exit code (see mor_ds.train.faults)."""
-    trainer = build_trainer(cfg, run_dir, env, device, resume, console)
+          resume: str = "auto", console: bool = True,
+          init_weights: Callable[[torch.nn.Module], None] | None = None) -> int:
+    """Train (or resume) `cfg` into `run_dir`; returns the exit code (see mor_ds.train.faults).
+    `init_weights(model)` runs on the freshly built model before the engine wraps it."""
+    trainer = build_trainer(cfg, run_dir, env, device, resume, console, init_weights)
     code = trainer.fit()
     if trainer.exit_message:
         _log(env, trainer.exit_message)
