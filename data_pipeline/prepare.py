@@ -71,8 +71,8 @@ class _Progress:
         if enabled:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                 TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=False)
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
+                                 TextColumn("{task.fields[line]}", markup=False), TimeElapsedColumn())
             self._task = self._bar.add_task(label, total=None, line="")
             self._bar.start()
 

@@ -211,15 +211,19 @@ def _jsonl_records(path: str, compression: str, text_field: str) -> Iterator[dic
 
 
 def _txt_records(path: str, compression: str) -> Iterator[dict]:
-    """One document per paragraph (blank-line separated) of a text file."""
+    """One document per paragraph (blank-line separated) of a text file; a paragraph with invalid UTF-8 is bad."""
     para: list[str] = []
-    start, bad = 0, None
+    start, bad = 0, ""
+
+    def paragraph() -> dict:
+        where = f"{path}:{start}"
+        return _record(None, "bad_utf8", bad, where) if bad else _record("\n".join(para), where=where)
+
     for number, line in _lines(path, compression):
         if not line.strip():
             if para or bad:
-                yield _record(None, "bad_utf8", bad, f"{path}:{start}") if bad else _record("\n".join(para),
-                                                                                             where=f"{path}:{start}")
-            para, bad = [], None
+                yield paragraph()
+            para, bad = [], ""
             continue
         if not para and not bad:
             start = number
@@ -228,8 +232,7 @@ def _txt_records(path: str, compression: str) -> Iterator[dict]:
         except UnicodeDecodeError as e:
             bad = bad or f"invalid UTF-8 at byte {e.start} of line {number}"
     if para or bad:
-        yield _record(None, "bad_utf8", bad, f"{path}:{start}") if bad else _record("\n".join(para),
-                                                                                     where=f"{path}:{start}")
+        yield paragraph()
 
 
 def _parquet_records(path: str, text_field: str) -> Iterator[dict]:
