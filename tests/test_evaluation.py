@@ -170,7 +170,7 @@ def test_fewshot_main_both_routings(tokenizer, tmp_path, capsys):
     path = export_file(tmp_path, cfg, tiny_model(cfg))
     out = tmp_path / "eval.json"
     code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--routing", "both",
-                                  "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--output", str(out)))
+                                  "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--json", str(out)))
     assert code == 0
     table = capsys.readouterr().out
     assert "causal" in table and "topk" in table and "mor_tiny_mc acc *" in table

@@ -132,36 +132,18 @@ def format_table(by_routing: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def resolve_tokenizer(cfg: Config, override: str | None = None):
-    """The tokenizer the model was trained with: --tokenizer, else what the trainer would use for `cfg`."""
-    from data_pipeline.errors import DataError
-    from data_pipeline.tokenizer import load_tokenizer
-
-    from mor_ds.config import ConfigError
-    from mor_ds.distributed import DistEnv
-    from mor_ds.train.data import resolve_data
-
-    try:
-        if override or cfg.data.tokenizer:
-            return load_tokenizer(override or cfg.data.tokenizer)
-        _, tokenizer = resolve_data(cfg, DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                                                 master_port=0))
-        return tokenizer
-    except (DataError, ConfigError) as exc:
-        raise EvalError(f"tokenizer: {exc} (pass --tokenizer PATH)") from None
-
-
 def evaluate_checkpoint(checkpoint: str | Path, tasks: str | list[str], *, routing: str = "causal",
                         tokenizer: str | None = None, **kwargs) -> dict[str, dict[str, Any]]:
     """Load a checkpoint and evaluate it under one routing or both; returns {routing: lm-eval results}."""
     from mor_ds.checkpoint import load_model
+    from mor_ds.interop.tokenizer import checkpoint_tokenizer
 
     if routing not in ROUTING_CHOICES:
         raise EvalError(f"--routing {routing!r} is not one of {', '.join(ROUTING_CHOICES)}")
     names = parse_tasks(tasks)
     manager = task_manager(names, kwargs.pop("include_path", None), kwargs.pop("include_defaults", True))
     model, cfg = load_model(checkpoint)
-    tok = resolve_tokenizer(cfg, tokenizer)
+    tok = checkpoint_tokenizer(cfg, tokenizer)
     kwargs.setdefault("max_length", cfg.train.seq_len)
     routings = ("causal", "topk") if routing == "both" else (routing,)
     if cfg.model.family != "mor" and routing == "both":
@@ -172,8 +154,9 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | list[str], *, routi
 # ------------------------------------------------------------------------------------ `mor-ds eval --tasks …`
 
 
-def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the few-shot part of `mor-ds eval` (active when --tasks is given)."""
+def add_fewshot_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    """Flags of the few-shot part of `mor-ds eval` (active when --tasks is given); json_flag=False when the parser
+    already has `--json` (dest json_out)."""
     g = parser.add_argument_group("few-shot evaluation (lm-eval)")
     g.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval task names, or 'paper' (lambada_openai, hellaswag, piqa, winogrande, "
@@ -189,12 +172,12 @@ def add_fewshot_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in the checkpoint's config)")
     g.add_argument("--include-path", action="append", default=[], help="directory of local lm-eval task YAMLs")
-    g.add_argument("--output", default=None, help="write the full results (per routing) as JSON here")
+    if json_flag:
+        g.add_argument("--json", dest="json_out", default=None, help="also write the full results (per routing) here")
 
 
 def fewshot_main(args: argparse.Namespace) -> int:
-    """Run `mor-ds eval --checkpoint … --tasks …`; prints the table, writes --output; returns the exit code."""
-    from mor_ds.config import ConfigError
+    """Run `mor-ds eval --checkpoint … --tasks …`; prints the table, writes --json; returns the exit code."""
     from mor_ds.train.checkpoint import CheckpointError
 
     limit = args.limit
@@ -205,12 +188,12 @@ def fewshot_main(args: argparse.Namespace) -> int:
             args.checkpoint, args.tasks, routing=args.routing, tokenizer=args.tokenizer, num_fewshot=args.num_fewshot,
             limit=limit, batch_size=args.eval_batch_size, include_path=args.include_path, device=args.device,
             dtype=DTYPES[args.dtype])
-    except (EvalError, CheckpointError, ConfigError, ValueError) as exc:
+    except (ValueError, CheckpointError) as exc:  # EvalError, InteropError, ConfigError, not-an-export
         print(f"mor-ds eval: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     print(format_table(by_routing))
-    if args.output:
-        out = Path(args.output)
+    if args.json_out:
+        out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(by_routing, indent=2, default=str) + "\n")
         print(f"results written to {out}")

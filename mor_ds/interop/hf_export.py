@@ -113,6 +113,17 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
     return out
 
 
+def export_checkpoint_hf(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None,
+                         dtype: str = "float32") -> Path:
+    """`mor-ds export --format hf`: anything mor_ds.checkpoint.load_model reads (run dir, step_* dir, export file)
+    → a Hugging Face directory. The tokenizer is --tokenizer, else the one the checkpoint's config trained with."""
+    from mor_ds.checkpoint import load_model
+    from mor_ds.interop.tokenizer import checkpoint_tokenizer
+
+    model, cfg = load_model(checkpoint)
+    return export_hf(model, cfg, out_dir, checkpoint_tokenizer(cfg, tokenizer).path, dtype)
+
+
 def export_tokenizer(tokenizer, out: Path) -> None:
     """Write the tokenizer files transformers' AutoTokenizer reads. `tokenizer`: data_pipeline.tokenizer.Tokenizer."""
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast

@@ -57,6 +57,21 @@ def find_tokenizer(path: Path) -> str:
     return ""
 
 
+def write_export(model: CausalLM, cfg: Config, out: str | Path, source: str) -> Path:
+    """Save `model` as a mor-ds export (the single-safetensors format mor_ds.checkpoint.load_model reads)."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from mor_ds.checkpoint import CONFIG_KEY
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out), metadata={CONFIG_KEY: json.dumps(cfg.to_dict()), "step": "0", "tokens": "",
+                                          "source": source})
+    return out
+
+
 def import_hf(path: str | Path, base: Config | None = None) -> tuple[CausalLM, Config]:
     """Load a local LlamaForCausalLM directory into our vanilla model. `base` supplies the non-model sections
     (data, optim, train…); its model section is replaced. data.tokenizer points at the checkpoint's tokenizer file
