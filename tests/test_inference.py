@@ -203,3 +203,30 @@ def test_bad_requests_are_refused():
         engine.add(Request(prompt(8, 0), 2))
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.add(Request(prompt(3, 0), 0))
+
+
+def test_generate_command_on_an_export_and_a_config_dir(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_model
+
+    from mor_ds.checkpoint import CONFIG_KEY
+    from mor_ds.cli import main
+
+    cfg = load_config("tiny-mor", ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4",
+                                   "model.num_kv_heads=2", "model.intermediate_size=96"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.router)
+    save_model(model, str(tmp_path / "export.safetensors"), metadata={CONFIG_KEY: json.dumps(cfg.to_dict())})
+    (tmp_path / "run").mkdir()
+    save_model(model, str(tmp_path / "run" / "model.safetensors"))
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml())
+    expected = generate(model.eval(), [[5, 6, 7]], 6).tokens[0]
+    for ckpt in (tmp_path / "export.safetensors", tmp_path / "run"):
+        assert main(["generate", "--checkpoint", str(ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
+                     "--no-stop", "--json", "--device", "cpu"]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[0])["output_ids"] == expected
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt-ids", "1"]) == 2
+    assert "missing: not found" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,999", "--no-stop"]) == 2
+    assert "ids must be in 0..255" in capsys.readouterr().err
