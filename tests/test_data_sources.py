@@ -57,8 +57,10 @@ def test_stream_local_files_in_order(corpus, fmt):
 
 
 def test_txt_paragraphs_and_text_field(tmp_path):
-    (tmp_path / "a.txt").write_text("first para\nline two\n\n\nsecond para\n")
-    assert list(DocumentStream(str(tmp_path / "a.txt"))) == ["first para\nline two", "second para"]
+    (tmp_path / "a.txt").write_bytes(b"first para\nline two\n\n\nbad \xff para\n\nthird para\n")
+    stream = DocumentStream(str(tmp_path / "a.txt"))
+    assert list(stream) == ["first para\nline two", "third para"]
+    assert stream.bad.examples == [f"{tmp_path}/a.txt:5: invalid UTF-8 at byte 4 of line 5"]
     write_records(tmp_path / "c.jsonl", [{"content": "x" * 5}, {"content": "y" * 50}, {"content": "z" * 500}])
     stream = DocumentStream(str(tmp_path / "c.jsonl"), text_field="content", min_chars=10, max_chars=100)
     assert list(stream) == ["y" * 50]
