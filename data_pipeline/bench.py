@@ -31,43 +31,44 @@ def _sample_documents(source: str, text_field: str, sample_bytes: int) -> list[s
     return docs
 
 
+def _best_seconds(run, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls (the least disturbed by other load on the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def bench_tokenization(source: str, tokenizer_path: str, worker_counts: list[int], *, text_field: str = "text",
-                       sample_bytes: int = 8_000_000, repeats: int = 1) -> dict:
-    """MB/s of: reading the sample back as FineWeb-schema ``.jsonl.zst`` through ``datasets`` streaming (what feeds
-    the workers), the tokenizer library alone on one thread, our encode+pack on one thread, N worker processes."""
+                       sample_bytes: int = 8_000_000, repeats: int = 3) -> dict:
+    """MB/s (best of ``repeats``) of: reading the sample back as FineWeb-schema ``.jsonl.zst`` through ``datasets``
+    streaming (what feeds the workers), the tokenizer library alone on one thread, our encode+pack on one thread,
+    and the pool of N worker processes."""
     tokenizer = load_tokenizer(tokenizer_path)
-    docs = _sample_documents(source, text_field, sample_bytes) * repeats
+    docs = _sample_documents(source, text_field, sample_bytes)
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     tasks = list(document_tasks(docs))
+    tokens = sum(len(ids) + 1 for ids in tokenizer.encode_batch(docs))
     tokenizer.set_threads(1)
-    start = time.perf_counter()
-    for _, texts in tasks:
-        tokenizer.encode_batch(texts)
-    library = megabytes / (time.perf_counter() - start)
-    start = time.perf_counter()
-    tokens = sum(len(encode_documents(tokenizer, texts).tokens) for _, texts in tasks)
-    inline = megabytes / (time.perf_counter() - start)
+    library = _best_seconds(lambda: [tokenizer.encode_batch(texts) for _, texts in tasks], repeats)
+    inline = _best_seconds(lambda: [encode_documents(tokenizer, texts) for _, texts in tasks], repeats)
     with tempfile.TemporaryDirectory(prefix="mor-data-bench-") as tmp:
         path = write_records(os.path.join(tmp, "sample.jsonl.zst"), fineweb_records(docs))
-        start = time.perf_counter()
-        read = sum(1 for _ in DocumentStream(path, text_field="text"))
-        reading = megabytes / (time.perf_counter() - start)
-    assert read == len(docs)
+        reading = _best_seconds(lambda: sum(1 for _ in DocumentStream(path, text_field="text")), repeats)
     rows = []
     for workers in worker_counts:
         with TokenizePool(tokenizer, workers) as pool:
             list(pool.encode([(None, ["warm up"])] * workers))  # start the processes before timing
-            start = time.perf_counter()
-            for _ in pool.encode(tasks):
-                pass
-            seconds = time.perf_counter() - start
-        rows.append({"workers": workers, "mb_per_s": megabytes / seconds, "mb_per_s_per_worker": megabytes / seconds
-                     / workers, "tokens_per_s": tokens / seconds})
+            seconds = _best_seconds(lambda: sum(1 for _ in pool.encode(tasks)), repeats)
+        rows.append({"workers": workers, "mb_per_s": megabytes / seconds,
+                     "mb_per_s_per_worker": megabytes / seconds / workers, "tokens_per_s": tokens / seconds})
     for row in rows:
         row["scaling"] = row["mb_per_s"] / rows[0]["mb_per_s"]
-    return {"sample_mb": megabytes, "tokens": tokens, "read_jsonl_zst_mb_per_s": reading,
-            "library_1_thread_mb_per_s": library,
-            "pipeline_1_thread_mb_per_s": inline, "workers": rows}
+    return {"sample_mb": megabytes, "tokens": tokens, "repeats": repeats, "read_jsonl_zst_mb_per_s": megabytes / reading,
+            "library_1_thread_mb_per_s": megabytes / library, "pipeline_1_thread_mb_per_s": megabytes / inline,
+            "workers": rows}
 
 
 def synthetic_shards(directory: str, reference_dir: str, shards: int, shard_tokens: int) -> str:
@@ -110,7 +111,8 @@ def bench_loader(shard_dir: str, seq_len: int, batch_size: int, *, seconds: floa
 
 def environment() -> dict:
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
-            "processor": platform.processor() or _cpu_model(), "cpus": os.cpu_count(), "versions": library_versions()}
+            "processor": _cpu_model(), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "versions": library_versions()}
 
 
 def _cpu_model() -> str:
@@ -125,10 +127,11 @@ def _cpu_model() -> str:
 
 
 def run_bench(source: str, tokenizer_path: str, shard_dir: str, worker_counts: list[int], *, text_field: str,
-              sample_bytes: int, seq_len: int, batch_size: int, seconds: float, synthetic_shard_tokens: int) -> dict:
+              sample_bytes: int, repeats: int, seq_len: int, batch_size: int, seconds: float,
+              synthetic_shard_tokens: int) -> dict:
     results = {"environment": environment(), "source": source, "tokenizer": tokenizer_path,
                "tokenization": bench_tokenization(source, tokenizer_path, worker_counts, text_field=text_field,
-                                                  sample_bytes=sample_bytes),
+                                                  sample_bytes=sample_bytes, repeats=repeats),
                "loader": [bench_loader(shard_dir, seq_len, batch_size, seconds=seconds, prefetch=p) for p in (0, 2)]}
     if synthetic_shard_tokens:
         with tempfile.TemporaryDirectory(prefix="mor-data-bench-") as tmp:

@@ -91,7 +91,8 @@ def cmd_bench(args, console: Console) -> int:
         tokenizer, shard_dir = tokenizer or embedded_tokenizer, shard_dir or embedded_dir
     workers = [int(w) for w in args.workers.split(",")]
     results = run_bench(args.source, tokenizer, shard_dir, workers, text_field=args.text_field,
-                        sample_bytes=int(args.sample_mb * 1e6), seq_len=args.seq_len, batch_size=args.batch_size,
+                        sample_bytes=int(args.sample_mb * 1e6), repeats=args.repeats, seq_len=args.seq_len,
+                        batch_size=args.batch_size,
                         seconds=args.seconds, synthetic_shard_tokens=args.synthetic_shard_tokens)
     results["command"] = shlex.join(["mor-data", *sys.argv[1:]])
     _print_bench(results, console)
@@ -105,8 +106,10 @@ def _print_bench(results: dict, console: Console) -> None:
     from rich.table import Table
 
     env, tok = results["environment"], results["tokenization"]
-    console.print(f"{env['date']} | {env['processor']} | {env['cpus']} CPUs | {env['versions']}", markup=False)
-    console.print(f"tokenization of {tok['sample_mb']:.1f} MB ({tok['tokens']:,} tokens) from {results['source']}: "
+    console.print(f"{env['date']} | {env['processor']} | {env['cpus']} CPUs | load average {env['load_average_1min']:.1f}"
+                  f" | {env['versions']}", markup=False)
+    console.print(f"tokenization of {tok['sample_mb']:.1f} MB ({tok['tokens']:,} tokens) from {results['source']}, "
+                  f"best of {tok['repeats']}: "
                   f"reading it as .jsonl.zst {tok['read_jsonl_zst_mb_per_s']:.1f} MB/s, "
                   f"tokenizer library alone {tok['library_1_thread_mb_per_s']:.2f} MB/s on 1 thread, our encode+pack "
                   f"{tok['pipeline_1_thread_mb_per_s']:.2f} MB/s on 1 thread", markup=False)
@@ -176,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--sample-mb", type=float, default=8.0)
+    p.add_argument("--repeats", type=int, default=3, help="tokenization timings keep the best of this many runs")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seconds", type=float, default=5.0, help="per loader measurement")
