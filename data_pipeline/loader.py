@@ -13,7 +13,8 @@ batch ``k`` is positions ``[k*W*B, (k+1)*W*B)`` of that endless sequence and ran
 ``[r*B, (r+1)*B)`` of it: ranks are disjoint, together they cover every window, and the data order depends only on
 the global batch size ``W*B``, not on how it is split into ranks. Every rank decompresses the shards it visits
 (zstd at ~0.6 GB/s per core; a shard's SHA-256 is checked when it is loaded), which costs a few percent of one core
-per rank even for hundreds of ranks. Validation uses the last ``val_shards`` shards, in order, unshuffled, finite.
+per rank even for hundreds of ranks. Validation uses the last ``val_shards`` full-size shards (see :func:`held_out`),
+in order, unshuffled, finite.
 
 :class:`StreamLoader` reads a source directly (see ``sources.py``), tokenizing in worker processes; ranks split the
 source with ``datasets.distributed.split_dataset_by_node``; windows are shuffled within blocks of
@@ -102,6 +103,13 @@ def _iterate(producer: Iterator, prefetch: int) -> tuple[Iterator, Any]:
     return iter(prefetcher), prefetcher.close
 
 
+def held_out(index: ShardIndex, val_shards: int) -> set[int]:
+    """Numbers of the validation shards: the last ``val_shards``, not counting a final shard shorter than the rest."""
+    count = len(index.shards)
+    end = count - 1 if count > val_shards + 1 and index.shards[-1].tokens < index.shards[0].tokens else count
+    return set(range(end - val_shards, end)) if val_shards else set()
+
+
 class ShardLoader:
     """Batches of windows from prepared shards (see the module docstring for the order and sharding).
 
@@ -111,7 +119,8 @@ class ShardLoader:
         rank, world_size: data-parallel position; ranks get disjoint windows that together cover all.
         seed: permutes shards and windows per epoch (train split only).
         split: ``"train"`` (endless, epoch after epoch) or ``"val"`` (finite, deterministic).
-        val_shards: the last ``val_shards`` shards are held out for validation.
+        val_shards: the last ``val_shards`` full-size shards are held out for validation (a shorter final shard
+            stays in training, so validation never shrinks to a stub).
         prefetch: batches prepared ahead in a background thread (0 = none).
         expected_tokenizer_hash: refuse shards made with another tokenizer (``Tokenizer.hash``).
 
@@ -138,7 +147,8 @@ class ShardLoader:
         if not 0 <= val_shards < count or (split == "val" and val_shards == 0):
             raise DataError(f"{index_path}: val_shards={val_shards} does not fit {count} shards "
                             f"(need 1 <= val_shards < shards for a validation split, 0 <= it < shards for training)")
-        self.shards = self.index.shards[:count - val_shards] if split == "train" else self.index.shards[-val_shards:]
+        self.shards = [s for n, s in enumerate(self.index.shards) if (n in held_out(self.index, val_shards)) == (
+            split == "val")]
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.split, self.prefetch = seed, split, prefetch
         self.shard_windows = np.array([max(s.tokens - 1, 0) // seq_len for s in self.shards], dtype=np.int64)

@@ -125,7 +125,9 @@ def test_val_split_is_finite_deterministic_and_held_out(shard_dir):
     assert len(first) == val.num_batches == val.num_windows // 2 > 0
     assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
     index = ShardIndex.load(shard_dir)
-    assert _rows(first) == _all_windows(shard_dir, index.shards[-1:])[:2 * val.num_batches]  # in order
+    assert index.shards[-1].tokens < index.shards[-2].tokens  # a short final shard stays in training
+    assert val.shards == index.shards[-2:-1] and index.shards[-1] in ShardLoader(shard_dir, L, 2).shards
+    assert _rows(first) == _all_windows(shard_dir, index.shards[-2:-1])[:2 * val.num_batches]  # in order
     ranks = [list(ShardLoader(shard_dir, L, 1, split="val", rank=r, world_size=2)) for r in range(2)]
     assert _rows(ranks[0]) + _rows(ranks[1]) != [] and not set(_rows(ranks[0])) & set(_rows(ranks[1]))
     with pytest.raises(DataError, match="val_shards=0 does not fit"):
