@@ -63,7 +63,7 @@ def bench_tokenization(source: str, tokenizer_path: str, worker_counts: list[int
             list(pool.encode([(None, ["warm up"])] * workers))  # start the processes before timing
             seconds = _best_seconds(lambda: sum(1 for _ in pool.encode(tasks)), repeats)
         rows.append({"workers": workers, "mb_per_s": megabytes / seconds,
-                     "mb_per_s_per_worker": megabytes / seconds / workers, "tokens_per_s": tokens / seconds})
+                     "mb_per_s_per_worker": megabytes / seconds / max(workers, 1), "tokens_per_s": tokens / seconds})
     for row in rows:
         row["scaling"] = row["mb_per_s"] / rows[0]["mb_per_s"]
     return {"sample_mb": megabytes, "tokens": tokens, "repeats": repeats, "read_jsonl_zst_mb_per_s": megabytes / reading,

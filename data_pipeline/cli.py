@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="prepared shard directory for the loader (default: the embedded corpus)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocab of the embedded tokenizer")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
-    p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts (0 = in the calling process)")
     p.add_argument("--sample-mb", type=float, default=8.0)
     p.add_argument("--repeats", type=int, default=3, help="tokenization timings keep the best of this many runs")
     p.add_argument("--seq-len", type=int, default=2048)

@@ -182,3 +182,18 @@ def test_strict_prepare_stops_at_the_bad_record(tmp_path, source, tokenizer_path
     with pytest.raises(DataError, match=r"part-0\.jsonl\.zst:8: no field 'text'"):
         _run(source, tokenizer_path, tmp_path / "strict", strict=True)
     assert not os.path.exists(tmp_path / "strict" / "index.json")
+
+
+def test_bench_reports_every_figure(prepared, source, tokenizer_path, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--source", source, "--tokenizer", tokenizer_path, "--shards", str(prepared), "--workers",
+                 "0,1", "--repeats", "1", "--sample-mb", "0.05", "--seq-len", "64", "--batch-size", "2", "--seconds",
+                 "0.2", "--synthetic-shard-tokens", "5000", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    tok = results["tokenization"]
+    assert [row["workers"] for row in tok["workers"]] == [0, 1] and all(row["mb_per_s"] > 0 for row in tok["workers"])
+    assert min(tok["read_jsonl_zst_mb_per_s"], tok["library_1_thread_mb_per_s"], tok["pipeline_1_thread_mb_per_s"]) > 0
+    count = len(ShardIndex.load(prepared).shards)
+    assert [(r["shards"], r["prefetch"]) for r in results["loader"]] == [(count, 0), (count, 2), (2, 0), (2, 2)]
+    assert all(r["tokens_per_s"] > 0 for r in results["loader"])
+    assert "ShardLoader on one core" in capsys.readouterr().out
