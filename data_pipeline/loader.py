@@ -147,8 +147,8 @@ class ShardLoader:
         if not 0 <= val_shards < count or (split == "val" and val_shards == 0):
             raise DataError(f"{index_path}: val_shards={val_shards} does not fit {count} shards "
                             f"(need 1 <= val_shards < shards for a validation split, 0 <= it < shards for training)")
-        self.shards = [s for n, s in enumerate(self.index.shards) if (n in held_out(self.index, val_shards)) == (
-            split == "val")]
+        val = held_out(self.index, val_shards)
+        self.shards = [s for n, s in enumerate(self.index.shards) if (n in val) == (split == "val")]
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.split, self.prefetch = seed, split, prefetch
         self.shard_windows = np.array([max(s.tokens - 1, 0) // seq_len for s in self.shards], dtype=np.int64)
@@ -179,8 +179,10 @@ class ShardLoader:
     def _batches(self, first: int) -> Iterator[torch.Tensor]:
         """This rank's batches from rank-local batch number ``first`` on."""
         B, L, N = self.batch_size, self.seq_len, self.num_windows
-        orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (shard order, window-start offsets)
-        loaded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (epoch, shard) -> (windows, order)
+        # the current epoch -> (shard order, cumulative window counts in that order)
+        orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # the current (epoch, shard) -> (its windows, their order in this epoch)
+        loaded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         k = first
         while self.num_batches is None or k < self.num_batches:
             positions = k * self.global_batch + self.rank * B + np.arange(B)
