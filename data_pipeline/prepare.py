@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
+from filelock import FileLock, Timeout
 
 from data_pipeline.errors import DataError
 from data_pipeline.files import atomic_write_bytes, atomic_write_json
@@ -157,11 +158,24 @@ def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1,
     """
     if shard_tokens < 2 or frame_tokens < 1:
         raise DataError(f"--shard-tokens ({shard_tokens}) must be >= 2 and --frame-tokens ({frame_tokens}) >= 1")
+    out = Path(os.path.expanduser(out_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(out / ".prepare.lock"), timeout=0):
+            return _prepare(source, tokenizer_path, out, workers=workers, text_field=text_field, min_chars=min_chars,
+                            max_chars=max_chars, strict=strict, shard_tokens=shard_tokens, frame_tokens=frame_tokens,
+                            max_shards=max_shards, command=command, show_progress=show_progress, task_bytes=task_bytes)
+    except Timeout:
+        raise DataError(f"{out}: another `mor-data prepare` is writing here") from None
+
+
+def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_field: str, min_chars: int,
+             max_chars: int, strict: bool, shard_tokens: int, frame_tokens: int, max_shards: int, command: str,
+             show_progress: bool, task_bytes: int) -> ShardIndex | None:
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     spec = parse_source(source)
     settings = _settings(source, text_field, min_chars, max_chars, tokenizer.hash, shard_tokens, frame_tokens)
-    out = Path(os.path.expanduser(out_dir))
     if (out / INDEX_FILE).exists():
         index = ShardIndex.load(out)
         _check_same(out / INDEX_FILE, {**index.source["settings"]}, settings)
@@ -182,10 +196,9 @@ def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1,
         carry_ends = np.asarray(saved["carry_doc_ends"], dtype=np.int64)
         totals = saved["totals"]
     else:
-        if out.exists() and any(out.glob("shard_*.zst")):
+        if any(out.glob("shard_*.zst")):
             raise DataError(f"{out}: holds shards but no {PROGRESS_FILE} or {INDEX_FILE}; refusing to overwrite "
                             f"them (use an empty --out)")
-        out.mkdir(parents=True, exist_ok=True)
     tokenizer_file = _copy_tokenizer(tokenizer.path, out)
 
     packer = _Packer(carry, carry_ends)

@@ -121,6 +121,14 @@ def test_existing_shards_are_never_overwritten(tmp_path, source, tokenizer_path)
     assert (tmp_path / "shard_000000.zst").read_bytes() == b"someone else's shard"
 
 
+def test_one_prepare_per_directory(tmp_path, source, tokenizer_path):
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / ".prepare.lock")):
+        with pytest.raises(DataError, match="another `mor-data prepare` is writing here"):
+            _run(source, tokenizer_path, tmp_path)
+
+
 def test_all_bad_source_is_an_error(tmp_path, tokenizer_path):
     write_records(tmp_path / "bad.jsonl", [{"body": "x"}])
     with pytest.raises(DataError, match="no documents"):
