@@ -205,3 +205,20 @@ def test_bench_reports_every_figure(prepared, source, tokenizer_path, tmp_path, 
     assert [(r["shards"], r["prefetch"]) for r in results["loader"]] == [(count, 0), (count, 2), (2, 0), (2, 2)]
     assert all(r["tokens_per_s"] > 0 for r in results["loader"])
     assert "ShardLoader on one core" in capsys.readouterr().out
+
+
+def test_large_vocab_shards_are_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 70_000)}}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    docs = [" ".join(f"w{i}" for i in rng.integers(2, 70_000, size=50)) for _ in range(30)]
+    write_records(tmp_path / "big.jsonl", fineweb_records(docs))
+    index = _run(str(tmp_path / "big.jsonl"), str(tmp_path / "tokenizer.json"), tmp_path / "out", workers=1)
+    assert index.dtype == "<u4" and index.vocab_size == 70_000 and index.tokenizer["kind"] == "hf"
+    expected = np.concatenate([[int(w[1:]) for w in d.split()] + [0] for d in docs])
+    np.testing.assert_array_equal(_all_tokens(tmp_path / "out"), expected)
+    assert verify(str(tmp_path / "out")) == [] and (tmp_path / "out" / "tokenizer.json").exists()
