@@ -88,13 +88,19 @@ class Engine:
         self.hidden = torch.zeros(S, d, dtype=im.dtype, device=dev)
         self.temperature = torch.zeros(S, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(S, dtype=torch.float32, device=dev)
-        # host state
+        # host state (numpy per slot, so a tick's bookkeeping is vectorised)
         self.slots: list[Request | None] = [None] * S
-        self.pos_host = np.zeros(S, dtype=np.int64)
+        self.live = np.zeros(S, dtype=bool)
+        self.pos_host = np.zeros(S, dtype=np.int64)  # position of the slot's newest (unprocessed) token
         self.entering_host = np.zeros(S, dtype=bool)
         self.depth_host = np.zeros(S, dtype=np.int64)
         self.in_rec_host = np.zeros(S, dtype=bool)
         self.admitted_at = np.zeros(S, dtype=np.int64)
+        self.out_buf = np.zeros((S, max_len), dtype=np.int64)  # tokens generated since admission
+        self.out_len = np.zeros(S, dtype=np.int64)
+        self.budget = np.zeros(S, dtype=np.int64)  # tokens the request may still generate at admission
+        self.stop_host = np.full(S, -1, dtype=np.int64)
+        self.sampled_live = 0  # live requests that sample (not greedy)
         self.queue: deque[Request] = deque()
         self.finished: list[Request] = []
         self.generator = torch.Generator(device=dev).manual_seed(seed)
@@ -122,13 +128,13 @@ class Engine:
         return request
 
     def has_work(self) -> bool:
-        return bool(self.queue) or any(r is not None for r in self.slots)
+        return bool(self.queue) or bool(self.live.any())
 
     def step(self) -> list[Request]:
         """Admit what fits, run one tick, retire what finished; returns the requests finished now."""
         done_before = len(self.finished)
         self._admit()
-        if any(r is not None for r in self.slots):
+        if self.live.any():
             t0 = time.perf_counter()
             self._reserve_tick()
             self._upload_host_state()
@@ -151,7 +157,7 @@ class Engine:
     # ------------------------------------------------------------------ admission and prefill (eager)
 
     def _free_slots(self) -> list[int]:
-        return [s for s, r in enumerate(self.slots) if r is None]
+        return np.nonzero(~self.live)[0].tolist()
 
     def _prefill_pages(self, length: int) -> int:
         """Pages a prompt may need in the worst case (every cache of the slot)."""
@@ -167,7 +173,7 @@ class Engine:
             ids = req.prompt + req.output
             need = self._prefill_pages(len(ids))
             if need > budget or (batch and rows + len(ids) > self.prefill_rows):
-                if not batch and not any(r is not None for r in self.slots):
+                if not batch and not self.live.any():
                     raise KVCacheFull(f"a prompt of {len(ids)} tokens does not fit the KV pool even when empty")
                 break
             self.queue.popleft()
@@ -193,47 +199,57 @@ class Engine:
         first = sample(logits, torch.tensor([p.temperature for p in params], device=dev),
                        torch.tensor([p.top_p for p in params], device=dev), self.generator,
                        all_greedy=all(p.greedy for p in params)).tolist()
-        for (slot, req), seq, tok in zip(batch, ids, first):
+        for (slot, req), seq in zip(batch, ids):
             self.slots[slot] = req
+            self.live[slot] = True
             self.admitted_at[slot] = self._admissions
             self._admissions += 1
             self.pos_host[slot] = len(seq)
+            self.out_len[slot] = 0
+            self.budget[slot] = req.max_new_tokens - len(req.output)
+            self.stop_host[slot] = -1 if req.stop_token is None else req.stop_token
+            self.sampled_live += not req.sampling.greedy
             self.temperature[slot], self.top_p[slot] = req.sampling.temperature, req.sampling.top_p
-            self.tokens[slot] = tok
             self.in_rec_host[slot] = False
             self.depth_host[slot] = 0
-            self.entering_host[slot] = not self._append_token(slot, tok)
+        slots = np.array([slot for slot, _ in batch])
+        self.tokens[torch.from_numpy(slots).to(dev)] = torch.tensor(first, device=dev)
+        self._record(slots, np.array(first, dtype=np.int64))
         self.stats.prefill_tokens += len(tokens)
         self.stats.prefill_s += time.perf_counter() - t0
 
-    def _append_token(self, slot: int, token: int) -> bool:
-        """Record a generated token; retire the request when it is done. Returns True if finished."""
-        req = self.slots[slot]
-        req.output.append(token)
-        self.stats.tokens += 1
-        if req.stop_token is not None and token == req.stop_token:
-            req.finish_reason = "stop"
-        elif len(req.output) >= req.max_new_tokens:
-            req.finish_reason = "length"
-        elif self.pos_host[slot] + 1 >= self.max_len:
-            req.finish_reason = "max_len"
-        else:
-            return False
-        self.finished.append(req)
-        self._release(slot)
-        return True
+    def _record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
+        """Append one generated token to each slot; retire finished requests, the rest enter next tick."""
+        self.out_buf[slots, self.out_len[slots]] = tokens
+        self.out_len[slots] += 1
+        self.stats.tokens += len(slots)
+        stop = tokens == self.stop_host[slots]
+        length = self.out_len[slots] >= self.budget[slots]
+        full = self.pos_host[slots] + 1 >= self.max_len
+        done = stop | length | full
+        self.entering_host[slots[~done]] = True
+        for slot, why in zip(slots[done], np.where(stop[done], "stop", np.where(length[done], "length", "max_len"))):
+            req = self.slots[slot]
+            req.finish_reason = str(why)
+            self.finished.append(req)
+            self._release(int(slot))
 
     def _release(self, slot: int) -> None:
+        """Hand the slot's tokens to its request and free the slot and its pages."""
+        req = self.slots[slot]
+        req.output.extend(self.out_buf[slot, :self.out_len[slot]].tolist())
+        self.sampled_live -= not req.sampling.greedy
         self.cache.release(slot)
         self.slots[slot] = None
+        self.live[slot] = False
         self.entering_host[slot] = False
         self.in_rec_host[slot] = False
 
     def _preempt(self) -> None:
-        live = [s for s, r in enumerate(self.slots) if r is not None]
+        live = np.nonzero(self.live)[0]
         if len(live) <= 1:
             raise KVCacheFull("the KV pool cannot hold even one sequence; raise num_pages or lower max_len")
-        victim = max(live, key=lambda s: self.admitted_at[s])
+        victim = int(live[np.argmax(self.admitted_at[live])])
         req = self.slots[victim]
         req.preemptions += 1
         self.stats.preemptions += 1
@@ -246,7 +262,7 @@ class Engine:
         """Pages for every cache a slot may append to in the next tick."""
         layout, S = self.im.layout, self.max_slots
         while True:
-            live = np.array([r is not None for r in self.slots])
+            live = self.live
             groups_rows = []
             if self.im.mor:
                 depth = np.where(self.entering_host, 0, self.depth_host)
@@ -274,9 +290,8 @@ class Engine:
 
     def _after_tick(self) -> None:
         self.stats.ticks += 1
-        params = [r.sampling for r in self.slots if r is not None]
         nxt = sample(self.im.logits(self.hidden), self.temperature, self.top_p, self.generator,
-                     all_greedy=all(p.greedy for p in params))
+                     all_greedy=self.sampled_live == 0)
         self.tokens.copy_(torch.where(self.exit, nxt, self.tokens))
         host = torch.stack([self.exit.long(), nxt, self.depth, self.in_rec.long(), self.exit_steps]).cpu().numpy()
         self.cache.pull_lengths()
@@ -285,9 +300,9 @@ class Engine:
         self.entering_host[:] = False
         if self.stats.depth is not None:
             self.stats.depth += np.bincount(steps[exit_], minlength=len(self.stats.depth))
-        for slot in np.nonzero(exit_)[0]:
-            self.pos_host[slot] += 1
-            self.entering_host[slot] = not self._append_token(int(slot), int(nxt[slot]))
+        slots = np.nonzero(exit_)[0]
+        self.pos_host[slots] += 1
+        self._record(slots, nxt[slots])
 
     @torch.no_grad()
     def _tick(self) -> None:

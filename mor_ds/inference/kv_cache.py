@@ -71,6 +71,7 @@ class PagedKVCache:
         self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
         self.host_lengths = np.zeros(rows, dtype=np.int64)
         self._pages: list[list[int]] = [[] for _ in range(rows)]
+        self._page_count = np.zeros(rows, dtype=np.int64)
         self._free = list(range(num_pages - 1, 0, -1))
 
     # ---------------------------------------------------------------- bookkeeping (host)
@@ -100,8 +101,7 @@ class PagedKVCache:
         need = self.host_lengths[rows] + extra
         if need.size and need.max() > self.max_len:
             raise ValueError(f"sequence needs {int(need.max())} cached tokens, more than max_len={self.max_len}")
-        have = np.fromiter((len(self._pages[r]) for r in rows), dtype=np.int64, count=len(rows))
-        missing = -(-need // self.page_size) - have
+        missing = -(-need // self.page_size) - self._page_count[rows]
         todo = np.nonzero(missing > 0)[0]
         if not todo.size:
             return
@@ -115,6 +115,7 @@ class PagedKVCache:
                 flat_idx.append(r * self.pages_per_seq + len(self._pages[r]))
                 page_ids.append(page)
                 self._pages[r].append(page)
+            self._page_count[r] = len(self._pages[r])
         device = self.tables.device
         self.tables.view(-1)[torch.tensor(flat_idx, device=device)] = torch.tensor(page_ids, dtype=torch.int32,
                                                                                    device=device)
@@ -126,6 +127,7 @@ class PagedKVCache:
             self._free.extend(reversed(self._pages[r]))
             self._pages[r] = []
         self.host_lengths[rows] = 0
+        self._page_count[rows] = 0
         self.lengths[torch.tensor(rows, device=self.lengths.device)] = 0
 
     def pull_lengths(self) -> None:
