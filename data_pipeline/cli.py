@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="tokenizer processes (0 = in this process)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS}; the last shard may be shorter)")
     p.add_argument("--frame-tokens", type=int, default=DEFAULT_FRAME_TOKENS,
                    help="tokens per zstd frame (the unit verify locates corruption in)")
     p.add_argument("--max-shards", type=int, default=0, help="stop after this many new shards (0 = run to the end)")

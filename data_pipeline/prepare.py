@@ -181,6 +181,8 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
         _check_same(out / INDEX_FILE, {**index.source["settings"]}, settings)
         return index
 
+    for stale in out.glob(".*.tmp-*"):  # half-written files of a killed run (we hold the directory's lock)
+        stale.unlink()
     stream = DocumentStream(spec, text_field=text_field, min_chars=min_chars, max_chars=max_chars, strict=strict)
     shards: list[ShardInfo] = []
     totals = {"docs": 0, "tokens": 0, "text_bytes": 0}

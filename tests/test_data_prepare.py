@@ -98,6 +98,7 @@ def test_resume_after_stop_gives_the_same_shards(prepared, source, tokenizer_pat
         ShardIndex.load(out)
     (out / ".shard_000002.zst.tmp-999").write_bytes(b"partial write of a crashed run")
     assert _run(source, tokenizer_path, out, max_shards=1) is None
+    assert not (out / ".shard_000002.zst.tmp-999").exists()
     index = _run(source, tokenizer_path, out, workers=2)
     assert _shard_bytes(out) == _shard_bytes(prepared)
     assert index.totals == ShardIndex.load(prepared).totals  # bad-record counts are not double-counted
