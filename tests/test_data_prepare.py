@@ -223,3 +223,28 @@ def test_large_vocab_shards_are_uint32(tmp_path):
     expected = np.concatenate([[int(w[1:]) for w in d.split()] + [0] for d in docs])
     np.testing.assert_array_equal(_all_tokens(tmp_path / "out"), expected)
     assert verify(str(tmp_path / "out")) == [] and (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_resume_after_sigkill(tmp_path, tokenizer_path):
+    """A prepare killed mid-run (SIGKILL, after its first shard) continues to the bytes of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_records(tmp_path / "src" / "all.jsonl.zst", fineweb_records(embedded_sample(150, max_chars=3000)))
+    args = ["--source", str(tmp_path / "src" / "*.jsonl.zst"), "--tokenizer", tokenizer_path, "--workers", "0",
+            "--shard-tokens", "4000", "--frame-tokens", "1024", "--no-progress"]
+    assert main(["prepare", *args, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", "prepare", *args, "--out", str(out)])
+    try:
+        while not (out / "progress.json").exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "index.json").exists()
+    assert main(["prepare", *args, "--out", str(out)]) == 0
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "straight") and len(_shard_bytes(out)) > 10
+    assert verify(str(out)) == []
