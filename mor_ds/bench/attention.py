@@ -92,8 +92,10 @@ def active_counts(w: Workload, gen: torch.Generator) -> list[int]:
 def make_inputs(w: Workload, gen: torch.Generator, device: str = "cuda") -> Inputs:
     dev = torch.device(device)
 
+    dev_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
     def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+        return torch.randn(*shape, generator=dev_gen, device=dev).to(torch.bfloat16).requires_grad_()
 
     q, k, v = rand(w.batch, w.heads_q, w.seq, w.dim), rand(w.batch, w.heads_kv, w.seq, w.dim), rand(
         w.batch, w.heads_kv, w.seq, w.dim)
@@ -172,7 +174,7 @@ def _flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX["fn"] = torch.compile(flex_attention)  # recompiles once with dynamic shapes after a change
     return _FLEX["fn"]
 
 
@@ -350,9 +352,8 @@ def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int) -> list[dict]:
     fwd_tiles = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3),
                  TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 128, 4, 3)]
     dkdv_tiles = [TileConfig(64, 128, 8, 3), TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3),
-                  TileConfig(32, 64, 4, 4), TileConfig(64, 128, 4, 2), TileConfig(128, 128, 8, 2)]
-    dq_tiles = [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 3), TileConfig(64, 64, 4, 3),
-                TileConfig(128, 64, 4, 3), TileConfig(64, 32, 4, 4)]
+                  TileConfig(32, 64, 4, 4), TileConfig(128, 128, 8, 2)]
+    dq_warps_stages = [(4, 3), (8, 3), (4, 4), (8, 2)]
     out = []
     for mode in ("cache", "share"):
         for frac in (Fraction(1), Fraction(1, 2)):
@@ -366,9 +367,12 @@ def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int) -> list[dict]:
                 return active_attention(x.q, x.k, x.v, q_rows=x.read_rows, kv_rows=kv_rows, q_pos=x.pos,
                                         kv_pos=kv_pos, configs=cfg)
 
-            trials = ([("fwd", KernelConfigs(t, base.dkdv, base.dq)) for t in fwd_tiles]
+            same_shape = lambda t, w, s: TileConfig(t.block_m, t.block_n, w, s)  # noqa: E731 (dq shares fwd's blocks)
+            trials = ([("fwd", KernelConfigs(t, base.dkdv, same_shape(t, base.dq.num_warps, base.dq.num_stages)))
+                       for t in fwd_tiles]
                       + [("dkdv", KernelConfigs(base.fwd, t, base.dq)) for t in dkdv_tiles]
-                      + [("dq", KernelConfigs(base.fwd, base.dkdv, t)) for t in dq_tiles])
+                      + [("dq", KernelConfigs(base.fwd, base.dkdv, same_shape(base.fwd, w, s)))
+                         for w, s in dq_warps_stages])
             for part, cfg in trials:
                 try:
                     fwd, both = time_variant(lambda: call(cfg), x, rep_ms)
@@ -405,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
                         w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim,
                                      args.tokens // seq, seq, frac, mode)
                         results.append(run_workload(w, flex, args.rep_ms))
-                        print(f"  done {mode} {w.label()}", flush=True)
+                        print("  " + json.dumps(results[-1]), flush=True)  # partial results survive a timeout
         record["results"] = results
         record["index_building"] = time_index_building(args.seq, fractions, args.tokens, args.rep_ms)
         if args.step:

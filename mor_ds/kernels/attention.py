@@ -25,7 +25,7 @@ import triton
 from torch import Tensor
 
 from mor_ds.kernels.block_ranges import block_ranges
-from mor_ds.kernels.flash_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from mor_ds.kernels.flash_fwd import attention_fwd_kernel
 
 LOG2_E = 1.4426950408889634
@@ -44,13 +44,17 @@ class TileConfig:
 class KernelConfigs:
     fwd: TileConfig
     dkdv: TileConfig
-    dq: TileConfig
+    dq: TileConfig  # same tile shape as fwd (they share the block table), own warps/stages
+
+    def __post_init__(self) -> None:
+        if (self.dq.block_m, self.dq.block_n) != (self.fwd.block_m, self.fwd.block_n):
+            raise ValueError(f"KernelConfigs: dq tiles {self.dq} must have the forward's block shape {self.fwd}")
 
 
-# Chosen on an H100 (triton 3.6) by `mor-ds bench attention --sweep`; see BENCHMARKS.md.
+# Chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep` (360M shape, S=2048; BENCHMARKS.md).
 _GPU_CONFIGS = {
-    64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
-    128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
+    64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3)),
+    128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(128, 64, 8, 3)),
 }
 # Interpreter (CPU tests): small, unequal tiles so that short sequences still span many blocks.
 _INTERPRETER_CONFIGS = KernelConfigs(TileConfig(32, 16, 1, 1), TileConfig(16, 32, 1, 1), TileConfig(32, 16, 1, 1))
@@ -63,24 +67,27 @@ def interpreter_active() -> bool:
 def default_configs(head_dim: int, device: torch.device) -> KernelConfigs:
     if device.type != "cuda":
         return _INTERPRETER_CONFIGS
-    return _GPU_CONFIGS.get(head_dim, _GPU_CONFIGS[64] if head_dim < 64 else _GPU_CONFIGS[128])
+    return _GPU_CONFIGS[64] if head_dim <= 64 else _GPU_CONFIGS[128]
 
 
 @dataclass
 class _Layout:
-    """Everything but q/k/v that the kernels need; positions and doc ids are int32 with unit last stride."""
+    """Everything but q/k/v that the kernels need. Positions / doc ids / row indices: contiguous (B, S) or
+    packed (T,), any integer dtype, read in place; positions None = 0…S−1 (no tensor read)."""
 
     batch: int
     seqlen_q: int  # active query rows per sequence (varlen: the maximum)
     seqlen_k: int
-    q_pos: Tensor
-    kv_pos: Tensor
+    q_pos: Tensor | None
+    kv_pos: Tensor | None
     q_doc: Tensor | None
     kv_doc: Tensor | None
     q_rows: Tensor | None
     kv_rows: Tensor | None
     cu_q: Tensor | None
     cu_k: Tensor | None
+    ranges_fwd: Tensor | None = None  # (B, query blocks, 4), filled by the forward, reused by dQ
+    ranges_bwd: Tensor | None = None  # (B, key blocks, 4) for dK/dV
 
     @property
     def varlen(self) -> bool:
@@ -90,59 +97,57 @@ class _Layout:
         """(batch, head, row) strides of a (B, H, S, D) or packed (T, H, D) tensor."""
         return (0, x.stride(1), x.stride(0)) if self.varlen else (x.stride(0), x.stride(1), x.stride(2))
 
-    def row_stats_strides(self, stats: Tensor) -> tuple[int, int]:
-        """(batch, head) strides of the fp32 per-query-row buffers (LSE, Δ): (B, Hq, Sq) or (Hq, Tq)."""
-        return (0, stats.stride(0)) if self.varlen else (stats.stride(0), stats.stride(1))
-
-    def new_row_stats(self, q: Tensor) -> Tensor:
+    def new_row_stats(self, q: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """fp32 per-query-row buffer (LSE, Δ): (B, Hq, Sq) or (Hq, Tq), and its (batch, head) strides."""
         heads = q.shape[1]
-        shape = (heads, q.shape[0]) if self.varlen else (self.batch, heads, self.seqlen_q)
-        return torch.empty(shape, device=q.device, dtype=torch.float32)
-
-    def index_args(self) -> tuple:
-        """Pointer arguments shared by every kernel (unused ones point at q_pos; the kernels never read them)."""
-        dummy = self.q_pos
-        return (
-            self.q_pos, self.kv_pos,
-            self.q_doc if self.q_doc is not None else dummy, self.kv_doc if self.kv_doc is not None else dummy,
-            self.q_rows if self.q_rows is not None else dummy, self.kv_rows if self.kv_rows is not None else dummy,
-            self.cu_q if self.cu_q is not None else dummy, self.cu_k if self.cu_k is not None else dummy,
-        )
-
-    def index_strides(self) -> tuple[int, int, int, int]:
         if self.varlen:
-            return 0, 0, 0, 0
-        return (self.q_pos.stride(0), self.kv_pos.stride(0),
-                self.q_rows.stride(0) if self.q_rows is not None else 0,
-                self.kv_rows.stride(0) if self.kv_rows is not None else 0)
+            stats = torch.empty(heads, q.shape[0], device=q.device, dtype=torch.float32)
+            return stats, (0, stats.stride(0))
+        stats = torch.empty(self.batch, heads, self.seqlen_q, device=q.device, dtype=torch.float32)
+        return stats, (stats.stride(0), stats.stride(1))
+
+    def index_args(self, dummy: Tensor) -> tuple:
+        """Pointer arguments shared by every kernel (absent ones point at `dummy`; the kernels never read them)."""
+        return tuple(x if x is not None else dummy for x in (
+            self.q_pos, self.kv_pos, self.q_doc, self.kv_doc, self.q_rows, self.kv_rows, self.cu_q, self.cu_k))
 
     def flags(self) -> dict:
         return dict(HAS_DOC=self.q_doc is not None, VARLEN=self.varlen,
-                    Q_GATHER=self.q_rows is not None, KV_GATHER=self.kv_rows is not None)
+                    Q_GATHER=self.q_rows is not None, KV_GATHER=self.kv_rows is not None,
+                    Q_POS_IS_INDEX=self.q_pos is None, KV_POS_IS_INDEX=self.kv_pos is None)
 
-    def ranges(self, tile: TileConfig, rows_are_keys: bool) -> Tensor:
-        return block_ranges(self.q_pos, self.kv_pos, self.q_doc, self.kv_doc, self.cu_q, self.cu_k, self.batch,
-                            self.seqlen_q, self.seqlen_k, tile.block_m, tile.block_n, rows_are_keys)
+    def build_ranges(self, cfg: KernelConfigs, device: torch.device) -> None:
+        self.ranges_fwd, self.ranges_bwd = block_ranges(
+            self.q_pos, self.kv_pos, self.q_doc, self.kv_doc, self.cu_q, self.cu_k, self.batch, self.seqlen_q,
+            self.seqlen_k, (cfg.fwd.block_m, cfg.fwd.block_n), (cfg.dkdv.block_m, cfg.dkdv.block_n), device)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, sm_scale: float, cfg: KernelConfigs,
              upcast: bool) -> tuple[Tensor, Tensor]:
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[-1]
     out = torch.zeros_like(q) if lay.q_rows is not None else torch.empty_like(q)
-    lse = lay.new_row_stats(q)
+    lse, stat_strides = lay.new_row_stats(q)
+    lay.build_ranges(cfg, q.device)
     tile = cfg.fwd
-    ranges = lay.ranges(tile, rows_are_keys=False)
     grid = (triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, *lay.index_args(), ranges,
+        q, k, v, out, lse, *lay.index_args(lse), lay.ranges_fwd,
         sm_scale * LOG2_E,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
-        *lay.row_stats_strides(lse), *lay.index_strides(), ranges.stride(0),
+        *stat_strides, lay.ranges_fwd.stride(0),
         heads_q, lay.seqlen_q, lay.seqlen_k,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         UPCAST=upcast, **lay.flags(), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out, lse
+
+
+def _zeros_like_all(*tensors: Tensor) -> list[Tensor]:
+    """Zero-filled tensors shaped like `tensors` from one allocation (one memset instead of several)."""
+    if not tensors:
+        return []
+    flat = torch.zeros(sum(t.numel() for t in tensors), device=tensors[0].device, dtype=tensors[0].dtype)
+    return [chunk.view(t.shape) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lay: _Layout,
@@ -151,39 +156,32 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     if do.stride(-1) != 1:
         do = do.contiguous()
     flags = lay.flags()
-    delta = lay.new_row_stats(q)
-    tile = cfg.dq
-    attention_bwd_delta_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)](
-        out, do, delta, lay.q_rows if lay.q_rows is not None else lay.q_pos, lay.cu_q if lay.varlen else lay.q_pos,
-        *lay.strides(out), *lay.strides(do), *lay.row_stats_strides(delta), lay.index_strides()[2],
-        heads_q, lay.seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_M=tile.block_m, VARLEN=flags["VARLEN"], Q_GATHER=flags["Q_GATHER"],
-    )
-    scatter = lay.q_rows is not None, lay.kv_rows is not None
-    dq = torch.zeros_like(q) if scatter[0] else torch.empty_like(q)
-    dk = torch.zeros_like(k) if scatter[1] else torch.empty_like(k)
-    dv = torch.zeros_like(v) if scatter[1] else torch.empty_like(v)
-    common = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do))
+    delta, stat_strides = lay.new_row_stats(q)
+    # gathered rows: every row not listed gets a zero gradient
+    scatter_q, scatter_kv = lay.q_rows is not None, lay.kv_rows is not None
+    zeros = _zeros_like_all(*([q] if scatter_q else []), *([k, v] if scatter_kv else []))
+    dq = zeros.pop(0) if scatter_q else torch.empty_like(q)
+    dk, dv = (zeros[0], zeros[1]) if scatter_kv else (torch.empty_like(k), torch.empty_like(v))
+    index_args = lay.index_args(lse)
+    common = (*lay.strides(q), *lay.strides(k), *lay.strides(v))
 
-    tile = cfg.dkdv
-    ranges = lay.ranges(tile, rows_are_keys=True)
-    attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, tile.block_n), lay.batch * heads_kv)](
-        q, k, v, do, dk, dv, lse, delta, *lay.index_args(), ranges,
+    tile = cfg.dq  # first: it also writes Δ for the dK/dV kernel
+    attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)](
+        q, k, v, out, do, dq, lse, delta, *index_args, lay.ranges_fwd,
         sm_scale * LOG2_E, sm_scale,
-        *common, *lay.strides(dk), *lay.strides(dv),
-        *lay.row_stats_strides(lse), *lay.index_strides(), ranges.stride(0),
-        heads_kv, lay.seqlen_q, lay.seqlen_k,
+        *common, *lay.strides(out), *lay.strides(do), *lay.strides(dq),
+        *stat_strides, lay.ranges_fwd.stride(0),
+        heads_q, lay.seqlen_q, lay.seqlen_k,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         UPCAST=upcast, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    tile = cfg.dq
-    ranges = lay.ranges(tile, rows_are_keys=False)
-    attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)](
-        q, k, v, do, dq, lse, delta, *lay.index_args(), ranges,
+    tile = cfg.dkdv
+    attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, tile.block_n), lay.batch * heads_kv)](
+        q, k, v, do, dk, dv, lse, delta, *index_args, lay.ranges_bwd,
         sm_scale * LOG2_E, sm_scale,
-        *common, *lay.strides(dq),
-        *lay.row_stats_strides(lse), *lay.index_strides(), ranges.stride(0),
-        heads_q, lay.seqlen_q, lay.seqlen_k,
+        *common, *lay.strides(do), *lay.strides(dk), *lay.strides(dv),
+        *stat_strides, lay.ranges_bwd.stride(0),
+        heads_kv, lay.seqlen_q, lay.seqlen_k,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         UPCAST=upcast, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
@@ -227,12 +225,15 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _int32_rows(x: Tensor | None, batch: int, length: int, device: torch.device, name: str) -> Tensor | None:
+def _index_rows(x: Tensor | None, batch: int, length: int, device: torch.device, name: str) -> Tensor | None:
+    """(B, S) integer tensor, contiguous, on `device` (read in place by the kernels: no dtype conversion)."""
     if x is None:
         return None
     if tuple(x.shape) != (batch, length):
         raise ValueError(f"active_attention: {name} must have shape ({batch}, {length}), got {tuple(x.shape)}")
-    return x.to(device=device, dtype=torch.int32).contiguous()
+    if x.dtype.is_floating_point or x.dtype == torch.bool:
+        raise ValueError(f"active_attention: {name} must be an integer tensor, got {x.dtype}")
+    return x.to(device).contiguous()
 
 
 def active_attention(
@@ -245,7 +246,7 @@ def active_attention(
     """Attention over original positions, dense layout (see the module docstring).
 
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); q_pos (B, Kq), kv_pos (B, Kk): original positions (None: the
-    row indices, or 0…S−1); q_doc / kv_doc: document ids (both or neither). q_rows (B, Kq) / kv_rows (B, Kk):
+    row indices, or 0…S−1), any integer dtype; q_doc / kv_doc: document ids (both or neither). q_rows (B, Kq) / kv_rows (B, Kk):
     fused gather — the active rows of full-length q / k, v; the result then has q's full shape, zero in
     rows not listed (padded slots: position PAD_POS, any in-range row). Returns (B, Hq, Sq, D) in q's dtype
     and memory layout.
@@ -257,18 +258,12 @@ def active_attention(
     batch, device = q.shape[0], q.device
     kq = q_rows.shape[1] if q_rows is not None else q.shape[2]
     kk = kv_rows.shape[1] if kv_rows is not None else k.shape[2]
-    q_rows = _int32_rows(q_rows, batch, kq, device, "q_rows")
-    kv_rows = _int32_rows(kv_rows, batch, kk, device, "kv_rows")
-    if q_pos is None:
-        q_pos = q_rows if q_rows is not None else torch.arange(kq, device=device, dtype=torch.int32).expand(batch, kq)
-    if kv_pos is None:
-        kv_pos = kv_rows if kv_rows is not None else torch.arange(kk, device=device, dtype=torch.int32).expand(batch, kk)
-    lay = _Layout(
-        batch, kq, kk,
-        _int32_rows(q_pos, batch, kq, device, "q_pos"), _int32_rows(kv_pos, batch, kk, device, "kv_pos"),
-        _int32_rows(q_doc, batch, kq, device, "q_doc"), _int32_rows(kv_doc, batch, kk, device, "kv_doc"),
-        q_rows, kv_rows, None, None,
-    )
+    q_rows = _index_rows(q_rows, batch, kq, device, "q_rows")
+    kv_rows = _index_rows(kv_rows, batch, kk, device, "kv_rows")
+    q_pos = _index_rows(q_pos, batch, kq, device, "q_pos") if q_pos is not None else q_rows
+    kv_pos = _index_rows(kv_pos, batch, kk, device, "kv_pos") if kv_pos is not None else kv_rows
+    lay = _Layout(batch, kq, kk, q_pos, kv_pos, _index_rows(q_doc, batch, kq, device, "q_doc"),
+                  _index_rows(kv_doc, batch, kk, device, "kv_doc"), q_rows, kv_rows, None, None)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _ActiveAttention.apply(q, k, v, lay, scale, configs or default_configs(q.shape[-1], device))
 
@@ -297,7 +292,7 @@ def active_attention_varlen(
             return None
         if tuple(x.shape) != (rows,):
             raise ValueError(f"active_attention_varlen: {name} must have shape ({rows},), got {tuple(x.shape)}")
-        return x.to(device=device, dtype=torch.int32).contiguous()
+        return x.to(device).contiguous()
 
     lay = _Layout(
         cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_kv,

@@ -1,13 +1,18 @@
 """Which tiles of the (query block × key block) grid an attention kernel must visit, and which need a mask.
 
-For each "row" block (a query block for the forward and dQ kernels, a key block for the dK/dV kernel) one
-program scans the blocks of the other side and writes four block indices (lo, a, b, hi):
+For each "row" block (a query block for the forward and dQ kernels, a key block for the dK/dV kernel) the
+blocks of the other side are summarised as four indices (lo, a, b, hi):
 - blocks outside [lo, hi) hold no visible (query, key) pair: skipped;
 - blocks in [a, b) are *full*: every pair visible, every row real: processed without a mask;
 - the rest of [lo, hi) is processed with the mask.
-This holds for any positions (sorted or not). For MoR's sorted original positions it gives the usual causal
-structure: full blocks up to the diagonal band, masked blocks on it, nothing after it; with document ids
-also nothing before the document's first block. Queries at PAD_POS count as absent.
+A block pair is relevant iff min key position <= max query position (and the document ranges overlap); it
+is full iff max key position <= min query position, both blocks have only real rows and one shared
+document. This holds for any positions (sorted or not). For MoR's sorted original positions it gives the
+usual causal structure: full blocks up to the diagonal band, masked blocks on it, nothing after it; with
+document ids also nothing before the document's first block. Queries at PAD_POS count as absent.
+
+One launch writes both tables (query-major for forward/dQ, key-major for dK/dV); the forward keeps them
+for the backward. Column blocks are scanned CHUNK at a time with vector reductions.
 """
 
 from __future__ import annotations
@@ -16,22 +21,27 @@ import torch
 import triton
 import triton.language as tl
 
-from mor_ds.kernels.common import seq_bounds
+from mor_ds.kernels.common import load_docs, load_positions, seq_bounds
 
 
 @triton.jit
-def _query_block_stats(pos_ptr, doc_ptr, offs, length, HAS_DOC: tl.constexpr):
-    """min/max position and document over real query rows, and whether every row is real."""
+def _block_stats(pos_ptr, doc_ptr, offs, length, IS_KEY: tl.constexpr, POS_IS_INDEX: tl.constexpr,
+                 HAS_DOC: tl.constexpr):
+    """Per block (reducing axis 1 of `offs`): min/max position and document of the real rows, and whether
+    every row is real. Keys: the max counts padded keys too (a block holding one is never full)."""
     valid = offs < length
-    pos = tl.load(pos_ptr + offs, mask=valid, other=1073741824)
+    pos = load_positions(pos_ptr, offs, valid, POS_IS_INDEX)
     real = valid & (pos < 1073741824)
-    pmin = tl.min(tl.where(real, pos, 2147483647), 0)
-    pmax = tl.max(tl.where(real, pos, -1), 0)
-    complete = tl.min(real.to(tl.int32), 0) == 1
+    pmin = tl.min(tl.where(real, pos, 2147483647), 1)
+    if IS_KEY:
+        pmax = tl.max(tl.where(valid, pos, 2147483647), 1)
+    else:
+        pmax = tl.max(tl.where(real, pos, -1), 1)
+    complete = tl.min(real.to(tl.int32), 1) == 1
     if HAS_DOC:
-        doc = tl.load(doc_ptr + offs, mask=valid, other=0)
-        dmin = tl.min(tl.where(real, doc, 2147483647), 0)
-        dmax = tl.max(tl.where(real, doc, -2147483647), 0)
+        doc = load_docs(doc_ptr, offs, valid, 0)
+        dmin = tl.min(tl.where(real, doc, 2147483647), 1)
+        dmax = tl.max(tl.where(real, doc, -2147483647), 1)
     else:
         dmin = pmin * 0
         dmax = pmin * 0
@@ -39,102 +49,97 @@ def _query_block_stats(pos_ptr, doc_ptr, offs, length, HAS_DOC: tl.constexpr):
 
 
 @triton.jit
-def _key_block_stats(pos_ptr, doc_ptr, offs, length, HAS_DOC: tl.constexpr):
-    """min position over real keys (PAD_POS keys are never visible), max over all in-range keys."""
-    valid = offs < length
-    pos = tl.load(pos_ptr + offs, mask=valid, other=1073741824)
-    real = valid & (pos < 1073741824)
-    pmin = tl.min(tl.where(real, pos, 2147483647), 0)
-    pmax = tl.max(tl.where(valid, pos, 2147483647), 0)
-    complete = tl.min(real.to(tl.int32), 0) == 1
-    if HAS_DOC:
-        doc = tl.load(doc_ptr + offs, mask=valid, other=0)
-        dmin = tl.min(tl.where(real, doc, 2147483647), 0)
-        dmax = tl.max(tl.where(real, doc, -2147483647), 0)
-    else:
-        dmin = pmin * 0
-        dmax = pmin * 0
-    return pmin, pmax, dmin, dmax, complete
-
-
-@triton.jit
-def _block_ranges_kernel(
-    RANGES, QPOS, KPOS, QDOC, KDOC, CUQ, CUK,
-    stride_qpos_b, stride_kpos_b, stride_ranges_b,
-    seqlen_q, seqlen_k, n_cols,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    ROWS_ARE_KEYS: tl.constexpr, HAS_DOC: tl.constexpr, VARLEN: tl.constexpr,
-):
-    row = tl.program_id(0)
-    b = tl.program_id(1)
-    q_start, q_len = seq_bounds(CUQ, b, seqlen_q, VARLEN)
-    k_start, k_len = seq_bounds(CUK, b, seqlen_k, VARLEN)
-    qpos = QPOS + b * stride_qpos_b + q_start
-    kpos = KPOS + b * stride_kpos_b + k_start
-    qdoc = QDOC + b * stride_qpos_b + q_start
-    kdoc = KDOC + b * stride_kpos_b + k_start
+def _table_row(out, row, qpos, kpos, qdoc, kdoc, q_len, k_len, n_cols,
+               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr, CHUNK: tl.constexpr,
+               Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, HAS_DOC: tl.constexpr):
     if ROWS_ARE_KEYS:
-        r_min, r_max, r_dmin, r_dmax, r_complete = _key_block_stats(
-            kpos, kdoc, row * BLOCK_K + tl.arange(0, BLOCK_K), k_len, HAS_DOC)
+        kmin, kmax, kdmin, kdmax, kfull = _block_stats(
+            kpos, kdoc, row * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], k_len, True, KV_POS_IS_INDEX, HAS_DOC)
     else:
-        r_min, r_max, r_dmin, r_dmax, r_complete = _query_block_stats(
-            qpos, qdoc, row * BLOCK_Q + tl.arange(0, BLOCK_Q), q_len, HAS_DOC)
+        qmin, qmax, qdmin, qdmax, qfull = _block_stats(
+            qpos, qdoc, row * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :], q_len, False, Q_POS_IS_INDEX, HAS_DOC)
     lo = n_cols + row * 0
     hi = row * 0
     a = row * 0 - 1
     b_end = row * 0 - 1
-    for col in range(0, n_cols):
+    for c0 in range(0, n_cols, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
         if ROWS_ARE_KEYS:
-            c_min, c_max, c_dmin, c_dmax, c_complete = _query_block_stats(
-                qpos, qdoc, col * BLOCK_Q + tl.arange(0, BLOCK_Q), q_len, HAS_DOC)
-            kmin, kmax, kdmin, kdmax = r_min, r_max, r_dmin, r_dmax
-            qmin, qmax, qdmin, qdmax = c_min, c_max, c_dmin, c_dmax
+            qmin, qmax, qdmin, qdmax, qfull = _block_stats(
+                qpos, qdoc, cols[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :], q_len, False,
+                Q_POS_IS_INDEX, HAS_DOC)
         else:
-            c_min, c_max, c_dmin, c_dmax, c_complete = _key_block_stats(
-                kpos, kdoc, col * BLOCK_K + tl.arange(0, BLOCK_K), k_len, HAS_DOC)
-            qmin, qmax, qdmin, qdmax = r_min, r_max, r_dmin, r_dmax
-            kmin, kmax, kdmin, kdmax = c_min, c_max, c_dmin, c_dmax
-        relevant = kmin <= qmax
-        full = r_complete & c_complete & (kmax <= qmin)
+            kmin, kmax, kdmin, kdmax, kfull = _block_stats(
+                kpos, kdoc, cols[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], k_len, True,
+                KV_POS_IS_INDEX, HAS_DOC)
+        relevant = (kmin <= qmax) & (cols < n_cols)
+        full = qfull & kfull & (kmax <= qmin) & relevant
         if HAS_DOC:
             relevant = relevant & (kdmin <= qdmax) & (qdmin <= kdmax)
             full = full & (qdmin == qdmax) & (kdmin == kdmax) & (qdmin == kdmin)
-        lo = tl.where(relevant & (lo == n_cols), col, lo)
-        hi = tl.where(relevant, col + 1, hi)
-        a = tl.where(full & (a < 0), col, a)
-        b_end = tl.where((a >= 0) & (b_end < 0) & (full == 0), col, b_end)
+        lo = tl.minimum(lo, tl.min(tl.where(relevant, cols, n_cols), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(relevant, cols + 1, 0), 0))
+        first_full = tl.min(tl.where(full, cols, 2147483647), 0)
+        a = tl.where((a < 0) & (first_full < 2147483647), first_full, a)
+        first_partial = tl.min(tl.where((full == 0) & (cols > a) & (a >= 0), cols, 2147483647), 0)
+        b_end = tl.where((b_end < 0) & (first_partial < 2147483647), first_partial, b_end)
     lo = tl.where(hi == 0, 0, lo)
     no_full = a < 0
     a = tl.where(no_full, lo, a)
     b_end = tl.where(b_end < 0, tl.where(no_full, lo, hi), b_end)
-    out = RANGES + b * stride_ranges_b + row * 4
     tl.store(out, lo)
     tl.store(out + 1, a)
     tl.store(out + 2, b_end)
     tl.store(out + 3, hi)
 
 
-def block_ranges(
-    q_pos: torch.Tensor, kv_pos: torch.Tensor, q_doc: torch.Tensor | None, kv_doc: torch.Tensor | None,
-    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, batch: int, seqlen_q: int, seqlen_k: int,
-    block_q: int, block_k: int, rows_are_keys: bool,
-) -> torch.Tensor:
-    """int32 (batch, n_row_blocks, 4) table of (lo, a, b, hi); see the module docstring.
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])  # lengths vary per step: no recompiles
+def block_ranges_kernel(
+    RANGES, QPOS, KPOS, QDOC, KDOC, CUQ, CUK,
+    seqlen_q, seqlen_k, stride_table, stride_b,
+    FWD_Q: tl.constexpr, FWD_K: tl.constexpr, BWD_Q: tl.constexpr, BWD_K: tl.constexpr, CHUNK: tl.constexpr,
+    Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, HAS_DOC: tl.constexpr, VARLEN: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = tl.program_id(1)
+    table = tl.program_id(2)
+    q_start, q_len, q_base = seq_bounds(CUQ, b, seqlen_q, VARLEN)
+    k_start, k_len, k_base = seq_bounds(CUK, b, seqlen_k, VARLEN)
+    qpos, qdoc = QPOS + q_base, QDOC + q_base
+    kpos, kdoc = KPOS + k_base, KDOC + k_base
+    out = RANGES + table * stride_table + b * stride_b + row * 4
+    if table == 0:
+        if row < tl.cdiv(seqlen_q, FWD_Q):
+            _table_row(out, row, qpos, kpos, qdoc, kdoc, q_len, k_len, tl.cdiv(seqlen_k, FWD_K),
+                       FWD_Q, FWD_K, False, CHUNK, Q_POS_IS_INDEX, KV_POS_IS_INDEX, HAS_DOC)
+    else:
+        if row < tl.cdiv(seqlen_k, BWD_K):
+            _table_row(out, row, qpos, kpos, qdoc, kdoc, q_len, k_len, tl.cdiv(seqlen_q, BWD_Q),
+                       BWD_Q, BWD_K, True, CHUNK, Q_POS_IS_INDEX, KV_POS_IS_INDEX, HAS_DOC)
 
-    Positions/doc ids: int32, (B, S) dense (stride_b = S) or (total,) packed with cu_q / cu_k (varlen).
-    seqlen_q / seqlen_k: the (maximum) lengths that set the block grids.
-    """
-    n_qb, n_kb = triton.cdiv(seqlen_q, block_q), triton.cdiv(seqlen_k, block_k)
-    n_rows, n_cols = (n_kb, n_qb) if rows_are_keys else (n_qb, n_kb)
-    ranges = torch.empty(batch, n_rows, 4, dtype=torch.int32, device=q_pos.device)
-    varlen = cu_q is not None
+
+def block_ranges(
+    q_pos: torch.Tensor | None, kv_pos: torch.Tensor | None, q_doc: torch.Tensor | None,
+    kv_doc: torch.Tensor | None, cu_q: torch.Tensor | None, cu_k: torch.Tensor | None,
+    batch: int, seqlen_q: int, seqlen_k: int, fwd_tiles: tuple[int, int], bwd_tiles: tuple[int, int],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 tables of (lo, a, b, hi): (batch, query blocks, 4) for `fwd_tiles` = (block_q, block_k) and
+    (batch, key blocks, 4) for `bwd_tiles`. Positions None = 0…S−1; positions/doc ids are contiguous
+    (B, S) or packed (T,) with cu_q / cu_k (varlen); seqlen_q / seqlen_k are the (maximum) lengths."""
+    rows_fwd = triton.cdiv(seqlen_q, fwd_tiles[0])
+    rows_bwd = triton.cdiv(seqlen_k, bwd_tiles[1])
+    n_rows = max(rows_fwd, rows_bwd)
+    ranges = torch.empty(2, batch, n_rows, 4, dtype=torch.int32, device=device)
+    dummy = ranges
     has_doc = q_doc is not None
-    _block_ranges_kernel[(n_rows, batch)](
-        ranges, q_pos, kv_pos, q_doc if has_doc else q_pos, kv_doc if has_doc else kv_pos,
-        cu_q if varlen else q_pos, cu_k if varlen else kv_pos,
-        0 if varlen else q_pos.stride(0), 0 if varlen else kv_pos.stride(0), ranges.stride(0),
-        seqlen_q, seqlen_k, n_cols,
-        BLOCK_Q=block_q, BLOCK_K=block_k, ROWS_ARE_KEYS=rows_are_keys, HAS_DOC=has_doc, VARLEN=varlen,
-        num_warps=1,
+    block_ranges_kernel[(n_rows, batch, 2)](
+        ranges, q_pos if q_pos is not None else dummy, kv_pos if kv_pos is not None else dummy,
+        q_doc if has_doc else dummy, kv_doc if has_doc else dummy,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+        seqlen_q, seqlen_k, ranges.stride(0), ranges.stride(1),
+        FWD_Q=fwd_tiles[0], FWD_K=fwd_tiles[1], BWD_Q=bwd_tiles[0], BWD_K=bwd_tiles[1], CHUNK=16,
+        Q_POS_IS_INDEX=q_pos is None, KV_POS_IS_INDEX=kv_pos is None, HAS_DOC=has_doc, VARLEN=cu_q is not None,
+        num_warps=4,
     )
-    return ranges
+    return ranges[0], ranges[1]

@@ -3,7 +3,9 @@
 Every kernel sees one "sequence" b as `length` logical rows i = 0…length−1:
 - memory row of i: `start + i` (dense or packed varlen layout) or `rows[b, i]` (fused gather: row i is
   row rows[b, i] of a full-length tensor, and results are scattered back to that row);
-- original position of i: `pos[b, start + i]` (int32); document id likewise.
+- original position of i: `pos[base + i]` with base = b·length (dense, positions (B, S) contiguous) or the
+  sequence's start (varlen), read in its own integer dtype; or simply i (POS_IS_INDEX: positions 0…S−1);
+- document id likewise.
 Visibility of key j to query i: kpos[j] <= qpos[i] (and same document). Queries at PAD_POS (padded slots)
 see nothing: their output is 0 and they pass no gradient. Out-of-range rows load sentinels that make
 them invisible, so the masked code path needs no separate bounds test.
@@ -14,21 +16,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PAD_POS = 1 << 30  # = mor_ds.attention.reference.PAD_POS (kept literal: kernels must not import torch code)
-NO_QUERY = -1  # position given to out-of-range and padded query rows: no key is at or before it
-NO_KEY = 2**31 - 1  # position given to out-of-range key rows: after every query
+PAD_POS = 1 << 30  # = mor_ds.attention.reference.PAD_POS (kept literal in the kernels below)
 
 
 @triton.jit
 def seq_bounds(cu_ptr, b, fixed_len, VARLEN: tl.constexpr):
-    """(start row, length) of sequence b: from cu_seqlens in the varlen layout, else (0, fixed_len)."""
+    """(start row, length, base of the per-row index arrays) of sequence b."""
     if VARLEN:
         start = tl.load(cu_ptr + b)
         length = tl.load(cu_ptr + b + 1) - start
+        base = start.to(tl.int64)
     else:
         start = b * 0
         length = fixed_len + b * 0
-    return start, length
+        base = b.to(tl.int64) * fixed_len
+    return start, length, base
 
 
 @triton.jit
@@ -42,15 +44,38 @@ def memory_rows(rows_ptr, start, offs, valid, GATHER: tl.constexpr):
 
 
 @triton.jit
-def query_positions(pos_ptr, offs, valid):
-    """Positions of query rows; out-of-range and padded rows get NO_QUERY (they see no key)."""
-    p = tl.load(pos_ptr + offs, mask=valid, other=-1)
-    return tl.where(p >= 1073741824, -1, p)  # PAD_POS
+def load_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
+    """int32 positions of logical rows `offs` (any shape); PAD_POS where out of range."""
+    if POS_IS_INDEX:
+        p = tl.where(valid, offs, 1073741824)
+    else:
+        p = tl.load(pos_ptr + offs, mask=valid, other=1073741824).to(tl.int32)
+    return p
 
 
 @triton.jit
-def key_positions(pos_ptr, offs, valid):
-    return tl.load(pos_ptr + offs, mask=valid, other=2147483647)  # NO_KEY
+def query_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
+    """Positions of query rows; out-of-range and padded rows get −1: no key is at or before it."""
+    if POS_IS_INDEX:
+        p = tl.where(valid, offs, -1)
+    else:
+        p = tl.load(pos_ptr + offs, mask=valid, other=-1).to(tl.int32)
+    return tl.where(p >= 1073741824, -1, p)
+
+
+@triton.jit
+def key_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
+    """Positions of key rows; out-of-range rows get INT32_MAX: after every query."""
+    if POS_IS_INDEX:
+        p = tl.where(valid, offs, 2147483647)
+    else:
+        p = tl.load(pos_ptr + offs, mask=valid, other=2147483647).to(tl.int32)
+    return p
+
+
+@triton.jit
+def load_docs(doc_ptr, offs, valid, other: tl.constexpr):
+    return tl.load(doc_ptr + offs, mask=valid, other=other).to(tl.int32)
 
 
 @triton.jit

@@ -10,16 +10,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mor_ds.kernels.common import key_positions, memory_rows, query_positions, seq_bounds, visible
+from mor_ds.kernels.common import key_positions, load_docs, memory_rows, query_positions, seq_bounds, visible
 
 
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, qp, qd,
-    k_base, v_base, kpos, kdoc, krows, k_start, k_len, stride_ks, stride_vs,
+    k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len, stride_ks, stride_vs,
     blk_lo, blk_hi, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, HAS_DOC: tl.constexpr, KV_GATHER: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
+    KV_GATHER: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     for blk in range(blk_lo, blk_hi):
@@ -27,19 +27,19 @@ def _fwd_tiles(
         n_valid = offs_n < k_len
         rows = memory_rows(krows, k_start, offs_n, n_valid, KV_GATHER)
         if MASKED:
-            kt = tl.load(k_base + rows[None, :] * stride_ks + offs_d[:, None], mask=n_valid[None, :], other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            kt = tl.load(k_ptr + rows[None, :] * stride_ks + offs_d[:, None], mask=n_valid[None, :], other=0.0)
+            v = tl.load(v_ptr + rows[:, None] * stride_vs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
-            kt = tl.load(k_base + rows[None, :] * stride_ks + offs_d[:, None])
-            v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :])
+            kt = tl.load(k_ptr + rows[None, :] * stride_ks + offs_d[:, None])
+            v = tl.load(v_ptr + rows[:, None] * stride_vs + offs_d[None, :])
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kt)
         if MASKED:
-            kp = key_positions(kpos, offs_n, n_valid)
+            kp = key_positions(kpos, offs_n, n_valid, KV_POS_IS_INDEX)
             if HAS_DOC:
-                kd = tl.load(kdoc + offs_n, mask=n_valid, other=-1)
+                kd = load_docs(kdoc, offs_n, n_valid, -1)
             else:
                 kd = kp
             s = tl.where(visible(qp, kp, qd, kd, HAS_DOC, False), s, float("-inf"))
@@ -52,17 +52,17 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k"])  # lengths vary per step: no recompiles
 def attention_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES,
     qk_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    stride_lse_b, stride_lse_h, stride_qpos_b, stride_kpos_b, stride_qrows_b, stride_krows_b, stride_ranges_b,
+    stride_stat_b, stride_stat_h, stride_ranges_b,
     num_q_heads, seqlen_q, seqlen_k,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
-    UPCAST: tl.constexpr,
+    Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
     qblk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -70,20 +70,20 @@ def attention_fwd_kernel(
     h = bh % num_q_heads
     b64 = b.to(tl.int64)
     kvh = h // GROUP
-    q_start, q_len = seq_bounds(CUQ, b, seqlen_q, VARLEN)
-    k_start, k_len = seq_bounds(CUK, b, seqlen_k, VARLEN)
+    q_start, q_len, q_base = seq_bounds(CUQ, b, seqlen_q, VARLEN)
+    k_start, k_len, k_base = seq_bounds(CUK, b, seqlen_k, VARLEN)
 
     offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_valid = offs_m < q_len
-    q_rows = memory_rows(QROWS + b64 * stride_qrows_b, q_start, offs_m, m_valid, Q_GATHER)
+    q_rows = memory_rows(QROWS + q_base, q_start, offs_m, m_valid, Q_GATHER)
     q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
                 mask=m_valid[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    qp = query_positions(QPOS + b64 * stride_qpos_b + q_start, offs_m, m_valid)
+    qp = query_positions(QPOS + q_base, offs_m, m_valid, Q_POS_IS_INDEX)
     if HAS_DOC:
-        qd = tl.load(QDOC + b64 * stride_qpos_b + q_start + offs_m, mask=m_valid, other=-2)
+        qd = load_docs(QDOC + q_base, offs_m, m_valid, -2)
     else:
         qd = qp
 
@@ -93,23 +93,23 @@ def attention_fwd_kernel(
     b_end = tl.load(rng + 2)
     hi = tl.load(rng + 3)
 
-    kpos = KPOS + b64 * stride_kpos_b + k_start
-    kdoc = KDOC + b64 * stride_kpos_b + k_start
-    krows = KROWS + b64 * stride_krows_b
-    k_base = K + b64 * stride_kb + kvh * stride_kh
-    v_base = V + b64 * stride_vb + kvh * stride_vh
+    kpos = KPOS + k_base
+    kdoc = KDOC + k_base
+    krows = KROWS + k_base
+    k_ptr = K + b64 * stride_kb + kvh * stride_kh
+    v_ptr = V + b64 * stride_vb + kvh * stride_vh
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
                                stride_ks, stride_vs, lo, a, qk_scale,
-                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
+                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
                                stride_ks, stride_vs, a, b_end, qk_scale,
-                               BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_base, v_base, kpos, kdoc, krows, k_start, k_len,
+                               BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
                                stride_ks, stride_vs, b_end, hi, qk_scale,
-                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, UPCAST)
+                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
 
     seen = l_i > 0.0  # rows with no visible key (padded queries): output 0, lse +inf (no gradient)
     l_safe = tl.where(seen, l_i, 1.0)
@@ -121,4 +121,4 @@ def attention_fwd_kernel(
         m_store = m_valid
     tl.store(O + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_store[:, None])
-    tl.store(LSE + b64 * stride_lse_b + h * stride_lse_h + q_start + offs_m, lse, mask=m_valid)
+    tl.store(LSE + b64 * stride_stat_b + h * stride_stat_h + q_start + offs_m, lse, mask=m_valid)

@@ -1,0 +1,348 @@
+"""Decode throughput: vanilla vs recursive vs MoR through the continuous depth-wise batching engine.
+
+Protocol (the paper's where known): prompts are windows of held-out corpus text (`--data`, a .npy of token
+ids; the last 10% is held out), generation lengths ~ Normal(mean 256), a paged KV pool preallocated once,
+the decode step captured in a CUDA graph, a fixed batch (32 slots) and the largest batch whose expected KV
+fits the pool; each model serves `--requests-per-slot` × slots requests, so requests join and leave
+continuously. MoR routers are made realistic by a short training run of the whole model on the training
+part of `--data` before timing (random routers route ~50% per step and mean nothing); the depth
+distribution the engine saw is reported. Vanilla and recursive weights are left random (their speed does
+not depend on them). Every decode tick is compared with its memory-bandwidth floor: the weights it reads
+(MoR: prelude + the shared block once + coda + head) plus the KV it attends, over the copy bandwidth
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mor_ds.bench.timing import environment
+from mor_ds.config import load_config
+
+DEFAULT_MODELS = ["vanilla-360m", "mor-360m-nr3", "mor-360m-nr2", "recursive-360m-nr3", "mor-360m-nr3-kvshare",
+                  "mor-360m-nr4", "vanilla-360m-L34"]
+SMOKE_OVERRIDES = ["model.vocab_size=512", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+                   "model.intermediate_size=96", "model.num_layers=8"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                        help="presets; NAME-L<depth> overrides the unrolled depth (vanilla at MoR-4's 34 layers)")
+    parser.add_argument("--batches", nargs="+", default=["32", "max"], help="slot counts; 'max' = what fits memory")
+    parser.add_argument("--vanilla-batches", nargs="*", default=["128"], help="extra batches for vanilla models")
+    parser.add_argument("--data", default=".bench_data/tokens.npy", help="token ids (.npy); synthetic if missing")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-mean", type=float, default=256)
+    parser.add_argument("--gen-std", type=float, default=64)
+    parser.add_argument("--gen-max", type=int, default=448)
+    parser.add_argument("--requests-per-slot", type=float, default=2.0)
+    parser.add_argument("--max-requests-per-slot", type=float, default=1.25, help="the same at the max batch")
+    parser.add_argument("--max-batch-cap", type=int, default=2048)
+    parser.add_argument("--decode-backend", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--kv-memory-fraction", type=float, default=0.8, help="of free GPU memory, for the KV pool")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=150, help="MoR router training steps (0 = random routers)")
+    parser.add_argument("--train-seq", type=int, default=256)
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--train-lr", type=float, default=1e-3)
+    parser.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this (0 = none)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check of the harness")
+    parser.add_argument("--out", default="", help="write all numbers as JSON here (rewritten after each model)")
+
+
+def build(name: str, smoke: bool, device: torch.device):
+    from mor_ds.models import build_model
+
+    preset, _, depth = name.partition("-L")
+    overrides = list(SMOKE_OVERRIDES) if smoke else []
+    if depth:
+        overrides.append(f"model.num_layers={int(depth)}")
+    cfg = load_config(preset, overrides)
+    torch.manual_seed(0)
+    return build_model(cfg.model, cfg.router).to(device), cfg
+
+
+def load_tokens(path: str, vocab: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    if Path(path).is_file():
+        tokens = np.load(path).astype(np.int64)
+        if tokens.max() >= vocab:
+            raise ValueError(f"--data {path}: token id {tokens.max()} >= model vocab {vocab}")
+        return tokens, f"{path} ({len(tokens):,} tokens)"
+    # a Zipf-ish Markov chain: learnable structure when no corpus is on the machine
+    rng = np.random.default_rng(seed)
+    n, states = 1 << 20, min(vocab, 8192)
+    successors = rng.integers(0, states, size=(states, 4))
+    tokens = np.empty(n, dtype=np.int64)
+    tokens[0] = 0
+    jumps = rng.zipf(1.3, size=n) % states
+    follow = rng.random(n) < 0.7
+    pick = rng.integers(0, 4, size=n)
+    for i in range(1, n):
+        tokens[i] = successors[tokens[i - 1], pick[i]] if follow[i] else jumps[i]
+    return tokens, "synthetic Markov chain (no --data file)"
+
+
+def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict:
+    """Short training run of the whole model (LM + router losses) so routing is trained, not random."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.train_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    seq, batch = args.train_seq, args.train_batch
+    losses = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    start = time.perf_counter()
+    for step in range(args.train_steps):
+        for group in opt.param_groups:
+            group["lr"] = args.train_lr * min(1.0, (step + 1) / max(1, args.train_steps // 10))
+        idx = rng.integers(0, len(tokens) - seq - 1, size=batch)[:, None] + np.arange(seq + 1)
+        x = torch.from_numpy(tokens[idx]).to(device)
+        with autocast:
+            out = model(x[:, :-1], labels=x[:, 1:])
+        out.total_loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_bias()
+        if step == 0 or step == args.train_steps - 1:
+            losses.append(round(float(out.loss), 3))
+    model.eval()
+    return {"steps": args.train_steps, "tokens_per_step": seq * batch, "lm_loss_first_last": losses,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (bytes read + written)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.randn(256 << 20, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    bw = 10 * 2 * src.numel() * 4 / (start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return bw
+
+
+def kernel_check(device: torch.device) -> float:
+    """Max |Triton − PyTorch| of the paged decode attention on a random bf16 cache (360M head shape)."""
+    from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
+    from mor_ds.inference.paged_attention import decode_attention_torch, decode_attention_triton
+    from mor_ds.models.sharing import layer_plan
+
+    try:
+        layout = CacheLayout.for_plan(layer_plan(4, 2, "middle_cycle"), False)
+        cache = PagedKVCache(layout, max_slots=64, max_len=600, num_pages=4000, page_size=16, num_kv_heads=5,
+                             head_dim=64, dtype=torch.bfloat16, device=device)
+        cache.k.normal_()
+        cache.v.normal_()
+        rows = torch.arange(0, 256, 2, device=device)
+        lengths = torch.randint(0, 600, (len(rows),), device=device, dtype=torch.int32)
+        cache.reserve(rows.cpu().numpy(), lengths.cpu().numpy())
+        q = torch.randn(len(rows), 15, 64, device=device, dtype=torch.bfloat16)
+        got = decode_attention_triton(q, cache, rows, lengths)
+        want = decode_attention_torch(q, cache, rows, lengths)
+        return float((got.float() - want.float()).abs().max())
+    except Exception as exc:  # noqa: BLE001
+        print(f"decode kernel check failed: {type(exc).__name__}: {exc}", flush=True)
+        return float("inf")
+
+
+def tick_weight_bytes(im) -> int:
+    """Weights one decode tick reads: MoR reads the shared block once per tick, other families every
+    unrolled position; plus norms and the (tied) LM head, routers included."""
+    model = im.model
+    layer = [sum(p.numel() * p.element_size() for p in blk.parameters()) for blk in model.layers]
+    positions = (im.plan.prelude + im.block + im.plan.coda if im.mor else [i for i, _ in im.plan.unrolled])
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if not n.startswith(("layers.", "embed.")))
+    return sum(layer[i] for i in positions) + other
+
+
+def expected_groups_per_token(im, depth_fractions: list[float]) -> float:
+    """Caches a generated token fills on average: every group for vanilla/recursive; for MoR the
+    prelude/coda groups plus, per shared layer, the depths it reaches (KV sharing: step 0 only)."""
+    if not im.mor:
+        return float(im.layout.num_groups)
+    frac = np.asarray(depth_fractions) if depth_fractions else np.full(im.num_recursions + 1, 1 / (im.num_recursions + 1))
+    reach = [float(frac[r + 1:].sum()) for r in range(im.num_recursions)]  # P(token runs step r)
+    per_layer = reach[0] if im.kv_share else sum(reach)
+    return len(im.plan.prelude) + len(im.plan.coda) + len(im.block) * per_layer
+
+
+def make_requests(n: int, tokens: np.ndarray, args, seed: int):
+    from mor_ds.inference import Request
+
+    rng = np.random.default_rng(seed)
+    held_out = tokens[int(len(tokens) * 0.9):]
+    starts = rng.integers(0, len(held_out) - args.prompt_len, size=n)
+    lengths = np.clip(np.rint(rng.normal(args.gen_mean, args.gen_std, size=n)), 1, args.gen_max).astype(int)
+    return [Request(held_out[s:s + args.prompt_len].tolist(), int(g)) for s, g in zip(starts, lengths)]
+
+
+def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float) -> dict:
+    from mor_ds.inference import Engine, Request
+
+    max_len = args.prompt_len + args.gen_max + 1
+    graph = device.type == "cuda" and not args.no_graph
+    kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
+                  count_kv_reads=True, decode_backend=args.decode_backend)
+    graph_error = None
+    try:
+        engine = Engine(model, cuda_graph=graph, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - fall back to eager steps and say so
+        if not graph:
+            raise
+        graph, graph_error = False, f"{type(exc).__name__}: {exc}"
+        engine = Engine(model, cuda_graph=False, **kwargs)
+    im = engine.im
+    # warm-up: prefill and decode paths, allocator; then reset the counters
+    engine.run([Request(r.prompt, 4) for r in make_requests(min(slots, 64), tokens, args, seed=99)])
+    engine.reset_stats()
+    per_slot = args.requests_per_slot if num_pages is None else args.max_requests_per_slot
+    requests = make_requests(max(slots, int(slots * per_slot)), tokens, args, seed=slots)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.run(requests)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    st = engine.stats
+    decode_tokens = st.tokens - len(requests) - st.preemptions  # the first token of each admission is prefill's
+    kv_bytes_tick = float(im.kv_tokens_read) / max(1, st.ticks) * 2 * model.cfg.num_kv_heads * model.cfg.head_dim * 2
+    weight_bytes = tick_weight_bytes(im)
+    tick_ms = st.decode_s / max(1, st.ticks) * 1e3
+    floor_ms = (weight_bytes + kv_bytes_tick) / bandwidth * 1e3
+    out = {
+        "slots": slots, "requests": len(requests), "generated_tokens": st.tokens, "wall_s": round(wall, 3),
+        "tokens_per_s": round(st.tokens / wall, 1),
+        "decode_tokens_per_s": round(decode_tokens / st.decode_s, 1) if st.decode_s else None,
+        "prefill_s": round(st.prefill_s, 3), "decode_s": round(st.decode_s, 3), "ticks": st.ticks,
+        "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
+        "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
+        "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
+        "tick_weight_MB": round(weight_bytes / 1e6, 1), "tick_kv_MB": round(kv_bytes_tick / 1e6, 1),
+        "depth_fractions": st.depth_fractions(), "preemptions": st.preemptions,
+        "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph,
+    }
+    if graph_error:
+        out["cuda_graph_error"] = graph_error
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def max_slots_for(model, im_depth: list[float], args, device) -> tuple[int, int]:
+    """(slots, pool pages): the pool takes --kv-memory-fraction of free memory; slots = what the pool holds
+    at the expected KV per sequence (prompt + mean generation, at the measured depth distribution)."""
+    from mor_ds.inference import InferenceModel
+    from mor_ds.inference.kv_cache import PagedKVCache
+
+    im = InferenceModel(model)
+    per_token = PagedKVCache.bytes_per_token(model.cfg.num_kv_heads, model.cfg.head_dim, im.dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = 2 << 30
+    pool = int(free * args.kv_memory_fraction) - (2 << 30 if device.type == "cuda" else 0)
+    pages = pool // (per_token * args.page_size)
+    per_seq = (expected_groups_per_token(im, im_depth) * (args.prompt_len + args.gen_mean)
+               + im.layout.num_groups * args.page_size / 2)  # half a page of slack per cache
+    slots = int(pages * args.page_size / per_seq)
+    return max(1, min(slots, args.max_batch_cap)), int(pages)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    env = environment()
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else 1e11
+    env["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
+    if device.type == "cuda" and args.decode_backend != "torch":
+        env["decode_kernel_max_abs_err"] = kernel_check(device)
+        if not env["decode_kernel_max_abs_err"] < 2e-2:
+            args.decode_backend = "torch"
+            env["decode_backend"] = "torch (kernel check failed)"
+    print(json.dumps(env), flush=True)
+    results = {"environment": env, "args": {k: v for k, v in vars(args).items() if not callable(v)}, "models": []}
+    begin = time.perf_counter()
+
+    def over_budget() -> bool:
+        return bool(args.budget_s) and time.perf_counter() - begin > args.budget_s
+
+    for name in args.models:
+        if over_budget():
+            results["models"].append({"model": name, "skipped": "time budget"})
+            continue
+        entry: dict = {"model": name}
+        results["models"].append(entry)
+        try:
+            model, cfg = build(name, args.smoke, device)
+            tokens, source = load_tokens(args.data, cfg.model.vocab_size)
+            entry.update(data=source, unique_params=model.num_params(), layers=cfg.model.num_layers)
+            if cfg.model.family == "mor" and args.train_steps:
+                entry["router_training"] = train_briefly(model, tokens[:int(len(tokens) * 0.9)], args, device)
+            model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+            depth: list[float] = []
+            batches = list(args.batches) + (list(args.vanilla_batches) if cfg.model.family == "vanilla" else [])
+            for batch in sorted(batches, key=lambda b: math.inf if b == "max" else int(b)):
+                if over_budget():
+                    entry[f"batch_{batch}"] = {"skipped": "time budget"}
+                    continue
+                if batch == "max":
+                    slots, pages = max_slots_for(model, depth, args, device)
+                else:
+                    slots, pages = int(batch), None
+                row = measure(model, tokens, slots, pages, args, device, bandwidth)
+                depth = depth or row["depth_fractions"]
+                entry[f"batch_{batch}"] = row
+                print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
+            del model
+        except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            print(json.dumps(entry), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    base = {}
+    for m in results["models"]:
+        if m["model"].startswith("vanilla"):
+            for key, row in m.items():
+                if key.startswith("batch_") and "tokens_per_s" in row:
+                    base.setdefault(key, row["tokens_per_s"])
+    print(f"\n{'model':24} {'batch':>6} {'slots':>5} {'tok/s':>10} {'decode tok/s':>12} {'vs vanilla':>10} "
+          f"{'tick ms':>8} {'floor ms':>8} {'depth fractions'}")
+    for m in results["models"]:
+        if "error" in m or "skipped" in m:
+            print(f"{m['model']:24} {m.get('error') or m.get('skipped')}")
+            continue
+        for key, row in m.items():
+            if not key.startswith("batch_") or "tokens_per_s" not in row:
+                continue
+            ratio = row["tokens_per_s"] / base[key] if key in base else float("nan")
+            print(f"{m['model']:24} {key[6:]:>6} {row['slots']:>5} {row['tokens_per_s']:>10.0f} "
+                  f"{row['decode_tokens_per_s'] or 0:>12.0f} {ratio:>10.2f} {row['tick_ms']:>8.2f} "
+                  f"{row['tick_floor_ms']:>8.2f} {row['depth_fractions']}")
