@@ -346,3 +346,9 @@ def print_table(results: dict) -> None:
             print(f"{m['model']:24} {key[6:]:>6} {row['slots']:>5} {row['tokens_per_s']:>10.0f} "
                   f"{row['decode_tokens_per_s'] or 0:>12.0f} {ratio:>10.2f} {row['tick_ms']:>8.2f} "
                   f"{row['tick_floor_ms']:>8.2f} {row['depth_fractions']}")
+
+
+if __name__ == "__main__":  # runnable without the CLI's other subcommands (e.g. on a GPU box without DeepSpeed)
+    _parser = argparse.ArgumentParser(prog="python -m mor_ds.bench.inference", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    raise SystemExit(run(_parser.parse_args()))

@@ -66,8 +66,10 @@ class EngineStats:
 class Engine:
     def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
-                 prefill_rows: int = 8192):
+                 prefill_rows: int = 8192, count_kv_reads: bool = False):
         self.im = im = InferenceModel(model, decode_backend)
+        if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
+            im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
         if num_pages is None:  # the worst case: every cache of every slot full
             num_pages = im.layout.num_groups * max_slots * -(-max_len // page_size) + 1
         self.cache = im.new_cache(max_slots=max_slots, max_len=max_len, num_pages=num_pages, page_size=page_size)
@@ -104,7 +106,7 @@ class Engine:
         self.queue: deque[Request] = deque()
         self.finished: list[Request] = []
         self.generator = torch.Generator(device=dev).manual_seed(seed)
-        self.stats = EngineStats(depth=np.zeros(im.num_recursions + 1, dtype=np.int64) if im.mor else None)
+        self.reset_stats()
         self._next_id = 0
         self._admissions = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -126,6 +128,13 @@ class Engine:
         self._next_id += 1
         self.queue.append(request)
         return request
+
+    def reset_stats(self) -> None:
+        """Zero the counters (e.g. after a warm-up run)."""
+        self.stats = EngineStats(depth=np.zeros(self.im.num_recursions + 1, dtype=np.int64) if self.im.mor else None)
+        self.finished.clear()
+        if self.im.kv_tokens_read is not None:
+            self.im.kv_tokens_read.zero_()
 
     def has_work(self) -> bool:
         return bool(self.queue) or bool(self.live.any())

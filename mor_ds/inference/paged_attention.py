@@ -59,8 +59,9 @@ if triton is not None:
                        stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_on, stride_oh, stride_t,
                        PAGE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK: tl.constexpr):
-        """One program per (query row, KV head): the GROUP query heads sharing that KV head (GQA),
-        online softmax over the row's cached tokens in blocks of BLOCK, page looked up per token."""
+        """One program per (query row, KV head): the GROUP query heads sharing that KV head (GQA, padded
+        to GROUP_PAD >= 16 rows for tl.dot), online softmax over the row's cached tokens in blocks of
+        BLOCK, each token's page looked up in the row's page table."""
         n = tl.program_id(0)
         kv_head = tl.program_id(1)
         length = tl.load(Lengths + n)
@@ -69,7 +70,7 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
         q = tl.load(Q + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=g[:, None] < GROUP, other=0.0)
-        q = q.to(tl.float32) * scale
+        q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -78,15 +79,15 @@ if triton is not None:
             valid = t < length
             page = tl.load(table + t // PAGE, mask=valid, other=0).to(tl.int64)
             offs = page * stride_kp + (t % PAGE) * stride_ks + kv_head * stride_kh
-            k = tl.load(K + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(V + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (GROUP_PAD, BLOCK)
+            k = tl.load(K + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(V + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))  # (GROUP_PAD, BLOCK), fp32 accumulation
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         out = acc / tl.maximum(denom, 1e-30)[:, None]
         tl.store(Out + n * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
@@ -103,7 +104,7 @@ def decode_attention_triton(q: Tensor, cache: PagedKVCache, rows: Tensor, length
         q, cache.k, cache.v, out, cache.tables, rows, lengths, 1.0 / math.sqrt(head_dim),
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         out.stride(0), out.stride(1), cache.tables.stride(0),
-        PAGE=cache.page_size, GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PAGE=cache.page_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK=block, num_warps=4,
     )
     return out
