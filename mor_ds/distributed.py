@@ -310,6 +310,10 @@ class Engine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._ds(*args, **kwargs)
 
+    @property
+    def training(self) -> bool:
+        return self._ds.training
+
     def train(self) -> None:
         self._ds.train()
 

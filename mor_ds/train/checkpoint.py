@@ -79,6 +79,11 @@ def latest_checkpoint(root: Path) -> CheckpointRef | None:
     return done[-1] if done else None
 
 
+def checkpoint_meta(ref: CheckpointRef) -> dict[str, Any]:
+    """The COMPLETE marker's JSON: step, time, config, counters."""
+    return json.loads((ref.path / COMPLETE).read_text())
+
+
 def resolve_checkpoint(spec: str | os.PathLike) -> CheckpointRef:
     """A checkpoint from a user path: a checkpoints root (its latest), a tag directory, or a run directory."""
     path = Path(spec).expanduser()
@@ -109,8 +114,10 @@ class CheckpointManager:
     def latest(self) -> CheckpointRef | None:
         return latest_checkpoint(self.root)
 
-    def save(self, engine: distributed.Engine, step: int, client_state: dict[str, Any]) -> CheckpointRef:
-        """Collective. Returns once the checkpoint is complete and `latest` points at it."""
+    def save(self, engine: distributed.Engine, step: int, client_state: dict[str, Any],
+             meta: dict[str, Any] | None = None) -> CheckpointRef:
+        """Collective. Returns once the checkpoint is complete and `latest` points at it. `meta` (JSON: the run's
+        config, counters) goes into COMPLETE, so readers need neither DeepSpeed nor the run directory."""
         ref = CheckpointRef(self.root, step_tag(step))
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -121,7 +128,7 @@ class CheckpointManager:
         if self.before_commit is not None:
             self.before_commit(step)
         if self.is_main:
-            _write_atomic(ref.path / COMPLETE, json.dumps({"step": step, "time": time.time()}) + "\n")
+            _write_atomic(ref.path / COMPLETE, json.dumps({"step": step, "time": time.time(), **(meta or {})}) + "\n")
             _write_atomic(self.root / LATEST, ref.tag)
             self._prune(keep=ref)
         distributed.barrier()

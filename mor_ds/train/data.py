@@ -43,11 +43,11 @@ def _check_vocab(cfg: Config, tokenizer: Any) -> None:
                           f"({tokenizer.vocab_size} ids in {tokenizer.path})")
 
 
-def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
-    from data_pipeline.loader import ShardLoader, StreamLoader
+def resolve_data(cfg: Config, env: distributed.DistEnv) -> tuple[str, Any]:
+    """(prepared shard dir or "", tokenizer); the embedded corpus is built on first use."""
     from data_pipeline.tokenizer import load_tokenizer
 
-    d, t = cfg.data, cfg.train
+    d = cfg.data
     shard_dir, tokenizer_path = d.prepared_dir, d.tokenizer
     if d.source == "embedded":
         embedded_shards, embedded_tokenizer = _embedded(cfg, env)
@@ -58,21 +58,36 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
                           f"data was (or will be) tokenized with (a SentencePiece .model or tokenizer.json)")
     tokenizer = load_tokenizer(tokenizer_path)
     _check_vocab(cfg, tokenizer)
-    common = dict(rank=env.rank, world_size=env.world_size, seed=t.seed)
+    return shard_dir, tokenizer
 
-    def shard_loader(split: str) -> Any:
-        return ShardLoader(shard_dir, t.seq_len, t.micro_batch_size, split=split, val_shards=d.val_shards,
-                           expected_tokenizer_hash=tokenizer.hash, **common)
 
+def shard_loader(cfg: Config, env: distributed.DistEnv, shard_dir: str, tokenizer: Any, split: str) -> Any:
+    from data_pipeline.loader import ShardLoader
+
+    t = cfg.train
+    return ShardLoader(shard_dir, t.seq_len, t.micro_batch_size, rank=env.rank, world_size=env.world_size,
+                       seed=t.seed, split=split, val_shards=cfg.data.val_shards,
+                       expected_tokenizer_hash=tokenizer.hash)
+
+
+def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
+    from data_pipeline.loader import StreamLoader
+
+    d, t = cfg.data, cfg.train
+    shard_dir, tokenizer = resolve_data(cfg, env)
     if d.mode == "prepared":
         if not shard_dir:
             raise ConfigError(f"data.prepared_dir: not set for data.mode=prepared and data.source={d.source!r}; run "
                               f"`mor-data prepare` and point data.prepared_dir at its output (or use data.mode=stream)")
-        train = shard_loader("train")
+        train = shard_loader(cfg, env, shard_dir, tokenizer, "train")
         description = f"prepared shards {shard_dir}"
     else:
-        train = StreamLoader(d.source, tokenizer_path, t.seq_len, t.micro_batch_size, text_field=d.text_field,
-                             num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars, **common)
+        train = StreamLoader(d.source, tokenizer.path, t.seq_len, t.micro_batch_size, rank=env.rank,
+                             world_size=env.world_size, seed=t.seed, text_field=d.text_field,
+                             num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars)
         description = f"stream {d.source}"
-    make_val = (lambda: shard_loader("val")) if shard_dir and d.val_shards > 0 else None
+    make_val = None
+    if shard_dir and d.val_shards > 0:
+        def make_val() -> Iterable[Tensor]:
+            return shard_loader(cfg, env, shard_dir, tokenizer, "val")
     return TrainData(train, make_val, tokenizer, description)

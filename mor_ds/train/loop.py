@@ -29,6 +29,7 @@ class StepResult:
     applied: bool  # False: NaN/Inf gradients, DeepSpeed skipped the update
     lr: float
     data_wait_s: float  # time spent waiting for batches
+    step_time_s: float = 0.0  # wall time of the whole step (set by the loop; callbacks' time excluded)
 
 
 def split_batch(batch: Tensor, device: torch.device, eos_id: int | None
@@ -136,12 +137,14 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_train_start(self)
             while not self.finished and not self.stopping:
+                start = time.perf_counter()
                 try:
                     result = self.train_step()
                 except RuntimeError as exc:
                     if distributed.is_cuda_oom(exc):
                         raise TrainingAborted(oom_message(self.cfg, self.env.world_size), EXIT_OOM) from exc
                     raise
+                result.step_time_s = time.perf_counter() - start
                 self.state.step += 1
                 self.state.tokens += self.tokens_per_step
                 self.state.flops += self.flops_per_token * self.tokens_per_step

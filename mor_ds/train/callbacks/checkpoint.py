@@ -14,6 +14,8 @@ class CheckpointCallback(Callback):
     def on_step_end(self, trainer, result) -> None:
         step = trainer.state.step
         if step % trainer.cfg.checkpoint.interval == 0 or trainer.finished or trainer.stopping:
-            ref = self.manager.save(trainer.engine, step, trainer.client_state())
+            meta = {"tokens": trainer.state.tokens, "flops": trainer.state.flops,
+                    "world_size": trainer.env.world_size, "config": trainer.cfg.to_dict()}
+            ref = self.manager.save(trainer.engine, step, trainer.client_state(), meta)
             if trainer.is_main:
                 print(f"[mor-ds] saved checkpoint {ref.path}", flush=True)

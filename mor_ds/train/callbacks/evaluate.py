@@ -25,6 +25,7 @@ def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.
     n = int(count.item())
     if n == 0:
         return {}
+    was_training = engine.training
     engine.eval()
     try:
         total = torch.zeros((), device=device, dtype=torch.float64)
@@ -32,7 +33,8 @@ def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.
             inputs, labels, doc_ids = split_batch(batch, device, eos_id)
             total += engine(inputs, labels=labels, doc_ids=doc_ids).loss.double()
     finally:
-        engine.train()
+        if was_training:
+            engine.train()
     loss = float(distributed.all_reduce_mean(total / n).item())
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/batches": n}
 

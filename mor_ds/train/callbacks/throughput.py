@@ -2,13 +2,13 @@
 
 Achieved FLOPs use the planner's exact convention (forward + backward of every matmul the model runs; for
 token-choice MoR the measured depth fractions), so MFU is comparable across vanilla / recursive / MoR arms.
+Time is the loop's step time only (eval, checkpoints and logging excluded).
 Peak: train.peak_tflops, else the device's dense bf16/fp32 tensor-core peak from the table below.
 """
 
 from __future__ import annotations
 
 import resource
-import time
 
 import torch
 
@@ -37,7 +37,7 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 
 class Throughput(Callback):
     def __init__(self) -> None:
-        self._start = 0.0
+        self._time = 0.0
         self._tokens = 0
         self._wait = 0.0
 
@@ -46,18 +46,16 @@ class Throughput(Callback):
         self.peak = cfg.train.peak_tflops or device_peak_tflops(trainer.device, cfg.train.precision)
         self.exact_flops_per_token = flops_per_token(cfg, "exact")
         self.token_choice = cfg.model.family == "mor" and cfg.router.type == "token_choice"
-        self._start = time.perf_counter()
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
 
     def on_step_end(self, trainer, result) -> None:
         self._tokens += trainer.tokens_per_step
         self._wait += result.data_wait_s
+        self._time += result.step_time_s
         if not trainer.is_log_step():
             return
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        elapsed = max(self._time, 1e-9)
         per_token = self.exact_flops_per_token
         if self.token_choice:
             nr = trainer.cfg.model.num_recursions
@@ -77,4 +75,4 @@ class Throughput(Callback):
             rec["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
         else:
             rec["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        self._start, self._tokens, self._wait = time.perf_counter(), 0, 0.0
+        self._time, self._tokens, self._wait = 0.0, 0, 0.0

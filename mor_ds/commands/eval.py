@@ -1,0 +1,69 @@
+"""`mor-ds eval`: validation loss and perplexity of a checkpoint or an export, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="validation loss / perplexity of a checkpoint",
+                              description="Loss and perplexity on held-out windows: by default the run's own "
+                                          "validation shards (data.val_shards of its prepared data).")
+    p.add_argument("--checkpoint", required=True, help="an export (.safetensors), a run dir or a checkpoint dir")
+    p.add_argument("--data", help="prepared shard directory to evaluate on (default: the run's data)")
+    p.add_argument("--val-shards", type=int, help="held-out shards at the end of --data (default: the run's)")
+    p.add_argument("--batches", type=int, default=0, help="batches of train.micro_batch_size windows (0 = all)")
+    p.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
+    p.set_defaults(func=run)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: int | None = None,
+                        batches: int = 0) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    from mor_ds import distributed
+    from mor_ds.checkpoint import load_model
+    from mor_ds.config import ConfigError
+    from mor_ds.train.callbacks.evaluate import evaluate
+    from mor_ds.train.data import resolve_data, shard_loader
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_model(checkpoint, device)
+    data_cfg = cfg.data
+    if data is not None:
+        data_cfg = dataclasses.replace(data_cfg, prepared_dir=data)
+    if val_shards is not None:
+        data_cfg = dataclasses.replace(data_cfg, val_shards=val_shards)
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0)
+    shard_dir, tokenizer = resolve_data(cfg, env)
+    if not shard_dir:
+        raise ConfigError("data.prepared_dir: the run streamed its data and has no prepared validation shards; "
+                          "pass --data")
+    loader = shard_loader(cfg, env, shard_dir, tokenizer, "val")
+    result = evaluate(model, loader, batches or loader.num_batches, device,
+                      tokenizer.eos_id if cfg.model.document_mask else None)
+    result["val/tokens"] = result["val/batches"] * loader.tokens_per_batch
+    return {"checkpoint": checkpoint, "data": shard_dir, **result}
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import DataError
+    from mor_ds.train.checkpoint import CheckpointError
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.val_shards, args.batches)
+    except (CheckpointError, DataError) as exc:
+        print(f"mor-ds eval: {exc}", file=sys.stderr)
+        return 2
+    print(f"val loss {result['val/loss']:.4f} | ppl {result['val/ppl']:.2f} | {result['val/batches']} batches, "
+          f"{result['val/tokens']} tokens | {result['data']}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,29 @@
+"""`mor-ds export`: consolidate a (ZeRO-sharded) training checkpoint into one safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="checkpoint → single safetensors state dict (+ config metadata)",
+                              description="Consolidate ZeRO shards (DeepSpeed's zero_to_fp32) into one fp32 "
+                                          "safetensors file that mor_ds.checkpoint.load_model() reads.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run dir, its checkpoints/ dir (latest complete checkpoint) or a step_* directory")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mor_ds.checkpoint import export_checkpoint
+    from mor_ds.train.checkpoint import CheckpointError
+
+    try:
+        meta = export_checkpoint(args.checkpoint, args.out)
+    except CheckpointError as exc:
+        print(f"mor-ds export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {meta['source']} (step {meta['step']}) → {args.out}")
+    return 0

@@ -1,0 +1,281 @@
+"""`mor-ds train` end to end: real DeepSpeed over gloo, 2 processes, the embedded corpus, real wandb offline.
+
+Launchers: torchrun for most runs; "srun-style" (each rank started with SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID,
+as srun does) where a test needs every process's own exit code. A tiny MoR (d=128, vocab 512, seq 64) keeps a
+run at a few seconds; 12 steps of 16 sequences (gradient accumulation 2 on 2 ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mor_ds.train.callbacks.metrics import read_metrics
+from mor_ds.train.checkpoint import COMPLETE, latest_checkpoint, step_tag
+from mor_ds.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FAULT_ENV
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wandb_records import history, run_info  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 512
+STEPS = 12
+TIMEOUT = 300
+
+
+def overrides(cache: Path, zero: int, *extra: str) -> list[str]:
+    return [f"model.vocab_size={VOCAB}", "train.seq_len=64", "train.micro_batch_size=4",
+            "train.global_batch_size=16", f"train.max_steps={STEPS}", "train.log_interval=1",
+            "train.eval_interval=6", "train.eval_batches=2", f"train.zero_stage={zero}", "checkpoint.interval=3",
+            "checkpoint.keep_last=2", f"data.cache_dir={cache}", "wandb.enabled=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """The embedded corpus with a 512-piece tokenizer, built once for every run of this module."""
+    from data_pipeline.embedded import ensure_embedded
+
+    root = tmp_path_factory.mktemp("mor-ds-cache")
+    ensure_embedded(str(root), vocab_size=VOCAB)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", FAULT_ENV) and not k.startswith("SLURM_")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+def _train_args(run_dir: Path, sets: list[str]) -> list[str]:
+    args = ["train", "--config", "tiny-mor", "--run-dir", str(run_dir)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def torchrun(run_dir: Path, sets: list[str], **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "mor_ds.cli", *_train_args(run_dir, sets)]
+    return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def srun_style(run_dir: Path, sets: list[str], **env: str) -> list[subprocess.Popen]:
+    """Both ranks as srun starts them: rank/world/local rank from SLURM_*, no torchrun agent."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        rank_env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
+                        SLURM_JOB_ID="4242", MASTER_PORT=port, **env)
+        procs.append(subprocess.Popen([sys.executable, "-m", "mor_ds.cli", *_train_args(run_dir, sets)], env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out
+
+
+def run_ok(run_dir: Path, sets: list[str], **env: str) -> str:
+    code, out = finish(torchrun(run_dir, sets, **env))
+    assert code == 0, out[-4000:]
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen]) -> None:
+    """Poll metrics.jsonl until `step` is logged (fails if the run ends first)."""
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if path.exists() and any(r["step"] >= step for r in read_metrics(path)):
+            return
+        assert all(p.poll() is None for p in procs), "the run ended before the step to interrupt it at"
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (torchrun starts its workers in their own sessions)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def assert_learns(run_dir: Path) -> None:
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert loss[1] > math.log(VOCAB) - 0.3  # starts near uniform
+    assert loss[STEPS] < loss[1] - 0.8, loss
+
+
+# ------------------------------------------------------------------------------------------------
+# ZeRO-2 reference run (W&B offline): training, logging, export
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref")
+    run_ok(run_dir, overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test"))
+    return run_dir
+
+
+def test_zero2_learns_and_logs_every_metric(reference):
+    assert_learns(reference)
+    records = read_metrics(reference / "metrics.jsonl")
+    first = records[0]
+    for key in ("step", "loss", "lr", "tokens", "flops", "grad_norm", "aux/router_bce", "depth_frac/0",
+                "depth_frac/1", "router_weight/mean", "perf/tokens_per_s", "perf/tflops_per_gpu",
+                "perf/data_wait_frac", "perf/peak_rss_gib"):
+        assert key in first, key
+    assert [r["tokens"] for r in records] == [16 * 64 * s for s in range(1, STEPS + 1)]
+    assert first["depth_frac/0"] == 1.0 and first["depth_frac/1"] == 0.5  # expert-choice capacities 1, 1/2
+    assert [r["step"] for r in records if "val/loss" in r] == [6, 12]
+    assert records[-1]["lr"] == 0.0  # wsd decays to min_lr = 0 at the last step
+    cfg_text = (reference / "config.yaml").read_text()
+    assert "zero_stage: 2" in cfg_text and f"vocab_size: {VOCAB}" in cfg_text
+    ckpts = reference / "checkpoints"
+    assert latest_checkpoint(ckpts).tag == step_tag(STEPS)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [step_tag(9), step_tag(12)]  # keep_last=2
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(reference):
+    (wandb_file,) = (reference / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = history(wandb_file)
+    logged = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
+    assert [row["_step"] for row in rows] == sorted(logged)
+    for row in rows:
+        rec = logged[row["_step"]]
+        assert row["loss"] == rec["loss"] and row["lr"] == rec["lr"] and row["tokens"] == rec["tokens"]
+    assert rows[-1]["val/loss"] == logged[STEPS]["val/loss"]
+    info = run_info(wandb_file)
+    assert info["project"] == "mor-ds-test"
+    assert info["config"]["train"]["zero_stage"] == 2 and info["config"]["world_size"] == 2
+
+
+def test_export_loads_and_matches_the_live_eval_loss(reference, cache, tmp_path):
+    from mor_ds.checkpoint import load_model
+    from mor_ds.cli import main
+    from mor_ds.config import load_config
+    from mor_ds.distributed import DistEnv
+    from mor_ds.train.callbacks.evaluate import evaluate
+    from mor_ds.train.data import resolve_data, shard_loader
+
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(reference), "--out", str(out)]) == 0
+    model, cfg = load_model(out)
+    assert cfg.train.zero_stage == 2 and cfg.model.vocab_size == VOCAB
+    # the live engine's last val loss: mean over both ranks' first 2 val batches
+    live = read_metrics(reference / "metrics.jsonl")[-1]["val/loss"]
+    cfg = load_config("tiny-mor", overrides(cache, 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the training processes ran
+    try:
+        per_rank = []
+        for rank in range(2):
+            env = DistEnv(rank, 2, rank, "127.0.0.1", 0)
+            shard_dir, tokenizer = resolve_data(cfg, env)
+            per_rank.append(evaluate(model, shard_loader(cfg, env, shard_dir, tokenizer, "val"), 2,
+                                     torch.device("cpu"))["val/loss"])
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(per_rank) / 2 == pytest.approx(live, rel=1e-6, abs=0)
+    # the CLI eval of the export (one process: rank 0's view of the val shards)
+    result_file = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out), "--batches", "2", "--json", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["val/batches"] == 2 and math.isfinite(result["val/loss"])
+    assert result["val/ppl"] == pytest.approx(math.exp(result["val/loss"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# faults and resume
+
+
+def test_kill9_mid_run_then_resume_auto_reproduces_every_loss(reference, cache, tmp_path):
+    sets = overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test")
+    proc = torchrun(tmp_path, sets)
+    wait_for_step(tmp_path, 7, [proc])  # checkpoints at 3 and 6 are complete
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the whole job at once, as a node failure would
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    assert latest_checkpoint(tmp_path / "checkpoints").step in (6, 9)
+    out = run_ok(tmp_path, sets)
+    assert "resumed from" in out
+    assert losses(tmp_path) == losses(reference)  # bit-identical per-step losses, steps 1..12
+    val = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val/loss" in r}
+    assert val == {r["step"]: r["val/loss"] for r in read_metrics(reference / "metrics.jsonl") if "val/loss" in r}
+    # the same W&B run id before and after the restart (directories are offline-run-<time>-<id>)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({d.name.rsplit("-", 1)[1] for d in runs}) == 1
+    assert run_info(next(runs[1].glob("run-*.wandb")))["id"] == runs[0].name.rsplit("-", 1)[1]
+
+
+def test_zero3_torn_checkpoint_is_never_latest(cache, tmp_path):
+    sets = overrides(cache, 3)
+    code, out = finish(torchrun(tmp_path, sets, **{FAULT_ENV: "kill_in_save@6"}))
+    assert code != 0
+    torn = tmp_path / "checkpoints" / step_tag(6)
+    assert torn.is_dir() and any(torn.iterdir()) and not (torn / COMPLETE).exists()  # files written, no commit
+    assert (tmp_path / "checkpoints" / "latest").read_text() == step_tag(3)
+    first_attempt = losses(tmp_path)
+    out = run_ok(tmp_path, sets)
+    assert f"{step_tag(3)} at step 3" in out
+    assert_learns(tmp_path)  # ZeRO-3 trains
+    resumed = losses(tmp_path)
+    assert all(resumed[s] == first_attempt[s] for s in (4, 5, 6))  # ZeRO-3 resume is exact too
+    # step 6 was saved again, then pruned (keep_last=2); no torn directory is left behind
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [step_tag(9), step_tag(12)]
+    assert all((p / COMPLETE).exists() for p in (tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_zero1_nan_step_is_skipped_and_sigterm_leaves_a_resumable_checkpoint(cache, tmp_path):
+    sets = overrides(cache, 1)
+    procs = srun_style(tmp_path, sets, **{FAULT_ENV: "nan_loss@2"})
+    wait_for_step(tmp_path, 4, procs)
+    procs[1].send_signal(signal.SIGTERM)  # one rank only: the stop is agreed over all ranks
+    results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [EXIT_PREEMPTED] * 2, results[0][1][-3000:]
+    assert "SIGTERM received" in results[0][1]
+    stopped = max(losses(tmp_path))
+    assert latest_checkpoint(tmp_path / "checkpoints").step == stopped
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert math.isnan(records[2]["loss"]) and records[2]["skipped_steps"] == 1
+    assert records[1]["skipped_steps"] == 0 and math.isfinite(records[3]["loss"])
+    assert "non-finite loss or gradients, update skipped" in results[0][1]
+    out = run_ok(tmp_path, sets)
+    assert f"at step {stopped}" in out
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["skipped_steps"] == 1
+    assert records[-1]["loss"] < records[0]["loss"] - 0.8  # ZeRO-1 trains
+
+
+def test_nan_steps_in_a_row_abort_with_a_checkpoint(cache, tmp_path):
+    sets = overrides(cache, 2, "train.max_bad_steps=2")
+    results = [finish(p) for p in srun_style(tmp_path, sets, **{FAULT_ENV: "nan_loss@2,nan_loss@3"})]
+    assert [code for code, _ in results] == [EXIT_NONFINITE] * 2
+    assert "2 steps in a row had NaN/Inf loss or gradients (train.max_bad_steps=2)" in results[0][1]
+    assert latest_checkpoint(tmp_path / "checkpoints").step == 3
