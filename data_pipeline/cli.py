@@ -109,11 +109,10 @@ def _print_bench(results: dict, console: Console) -> None:
     console.print(f"{env['date']} | {env['processor']} | {env['cpus']} CPUs | load average {env['load_average_1min']:.1f}"
                   f" | {env['versions']}", markup=False)
     console.print(f"tokenization of {tok['sample_mb']:.1f} MB ({tok['tokens']:,} tokens) from {results['source']}, "
-                  f"best of {tok['repeats']}: "
-                  f"reading it as .jsonl.zst {tok['read_jsonl_zst_mb_per_s']:.1f} MB/s, "
-                  f"tokenizer library alone {tok['library_1_thread_mb_per_s']:.2f} MB/s on 1 thread, our encode+pack "
-                  f"{tok['pipeline_1_thread_mb_per_s']:.2f} MB/s on 1 thread", markup=False)
-    table = Table(title="tokenization with N worker processes")
+                  f"best of {tok['repeats']}, in MB per CPU-second of one thread: reading it as .jsonl.zst "
+                  f"{tok['read_jsonl_zst_mb_per_cpu_s']:.1f}, tokenizer library alone {tok['library_mb_per_cpu_s']:.2f}, "
+                  f"our encode+pack {tok['pipeline_mb_per_cpu_s']:.2f}", markup=False)
+    table = Table(title="tokenization with N worker processes (wall clock)")
     for column in ("workers", "MB/s", "MB/s per worker", "tokens/s", "scaling"):
         table.add_column(column, justify="right")
     for row in tok["workers"]:

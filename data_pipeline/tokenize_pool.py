@@ -38,13 +38,13 @@ class EncodedTask:
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> EncodedTask:
     """Encode ``texts`` and pack them EOS-separated into one array (the work of one task)."""
     ids = tokenizer.encode_batch(texts)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
-    doc_ends = np.cumsum(lengths)
-    tokens = np.empty(int(doc_ends[-1]) if len(ids) else 0, dtype=np.uint32)
-    tokens[doc_ends - 1] = tokenizer.eos_id
-    for end, length, doc in zip(doc_ends.tolist(), lengths.tolist(), ids):
-        tokens[end - length:end - 1] = doc
-    return EncodedTask(tokens, doc_ends, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts))
+    flat: list[int] = []
+    for doc in ids:
+        flat += doc
+        flat.append(tokenizer.eos_id)
+    doc_ends = np.cumsum([len(doc) + 1 for doc in ids], dtype=np.int64)
+    return EncodedTask(np.array(flat, dtype=np.uint32), doc_ends, sum(len(t.encode("utf-8", "surrogatepass"))
+                                                                      for t in texts))
 
 
 def _init_worker(tokenizer_path: str, expected_hash: str) -> None:

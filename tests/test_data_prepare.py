@@ -201,7 +201,7 @@ def test_bench_reports_every_figure(prepared, source, tokenizer_path, tmp_path, 
     results = json.loads(out.read_text())
     tok = results["tokenization"]
     assert [row["workers"] for row in tok["workers"]] == [0, 1] and all(row["mb_per_s"] > 0 for row in tok["workers"])
-    assert min(tok["read_jsonl_zst_mb_per_s"], tok["library_1_thread_mb_per_s"], tok["pipeline_1_thread_mb_per_s"]) > 0
+    assert min(tok["read_jsonl_zst_mb_per_cpu_s"], tok["library_mb_per_cpu_s"], tok["pipeline_mb_per_cpu_s"]) > 0
     count = len(ShardIndex.load(prepared).shards)
     assert [(r["shards"], r["prefetch"]) for r in results["loader"]] == [(count, 0), (count, 2), (2, 0), (2, 2)]
     assert all(r["tokens_per_s"] > 0 for r in results["loader"])
