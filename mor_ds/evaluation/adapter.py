@@ -80,8 +80,8 @@ class MoRLM(TemplateLM):
                 yield group[start:start + self.batch_size]
 
     @torch.inference_mode()
-    def _log_probs(self, inputs: list[list[int]]) -> Iterator[tuple[int, Tensor]]:
-        """(request index, fp32 log-softmax of shape (len, V)) for every input sequence, in batch order."""
+    def _logits(self, inputs: list[list[int]]) -> Iterator[tuple[int, Tensor]]:
+        """(request index, logits (len, V) on the device) for every input sequence, in batch order."""
         lengths = [len(x) for x in inputs]
         for batch in self._batches(lengths):
             width = max(lengths[i] for i in batch)
@@ -89,10 +89,10 @@ class MoRLM(TemplateLM):
             for row, i in enumerate(batch):
                 ids[row, :lengths[i]] = torch.tensor(inputs[i])
             logits = self.model(ids.to(self.device), routing=self.routing).logits
-            logp = F.log_softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(batch):
-                yield i, logp[row, :lengths[i]]
+                yield i, logits[row, :lengths[i]]
 
+    @torch.inference_mode()
     def _score(self, windows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Σ log p(continuation | context) and whether the continuation is the greedy one, per (context, cont)."""
         inputs = []
@@ -100,9 +100,10 @@ class MoRLM(TemplateLM):
             # the model sees context + continuation minus its last token, cut from the left to max_length
             inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
         results: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
-        for i, logp in self._log_probs(inputs):
-            continuation = torch.tensor(windows[i][1])
-            logp = logp[-len(continuation):]  # positions predicting the continuation tokens
+        for i, logits in self._logits(inputs):
+            continuation = torch.tensor(windows[i][1], device=self.device)
+            # only the positions predicting the continuation, in fp32
+            logp = F.log_softmax(logits[-len(continuation):].float(), dim=-1)
             greedy = bool((logp.argmax(dim=-1) == continuation).all())
             results[i] = (float(logp.gather(1, continuation[:, None]).sum()), greedy)
         return results
