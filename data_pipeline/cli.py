@@ -62,8 +62,8 @@ def cmd_prepare(args, console: Console) -> int:
         return 0
     bad = index.totals.get("bad_records", {})
     console.print(f"{args.out}: {len(index.shards)} shards, {index.totals['tokens']:,} tokens, "
-                  f"{index.totals['docs']:,} documents; bad records skipped: {sum(bad.values())} {bad or ''}; "
-                  f"filtered: {index.totals.get('filtered') or 'none'}", markup=False)
+                  f"{index.totals['docs']:,} documents; bad records skipped: {sum(bad.values())}"
+                  + (f" {bad}" if bad else "") + f"; filtered: {index.totals.get('filtered') or 'none'}", markup=False)
     return 0
 
 
