@@ -3,7 +3,6 @@ to end on CPU, causal vs top-k routing, and one-line errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -15,7 +14,8 @@ from safetensors.torch import save_model
 from fixtures.tiny_lm import TASKS_DIR, tiny_config, tiny_model, tiny_tokenizer
 from mor_ds.checkpoint import CONFIG_KEY
 from mor_ds.evaluation.adapter import MoRLM
-from mor_ds.evaluation.harness import EvalError, add_fewshot_args, fewshot_main, run_fewshot
+from mor_ds.cli import main as cli_main
+from mor_ds.evaluation.harness import EvalError, run_fewshot
 
 FAMILIES = {"vanilla": ("tiny-vanilla",), "mor_ec": ("tiny-mor", "model.num_layers=8"),
             "mor_tc": ("tiny-mor-tc", "model.num_layers=8"), "mor_kvshare": ("tiny-mor-kvshare", "model.num_layers=8")}
@@ -149,7 +149,7 @@ def test_unknown_task_is_a_one_line_error(tokenizer):
         run_fewshot(model, tokenizer, "mor_tiny_mc,mor_tiny_mq", include_path=str(TASKS_DIR), include_defaults=False)
 
 
-# ------------------------------------------------------------------------------------ the `mor-ds eval` entry point
+# ------------------------------------------------------------------------------------ `mor-ds eval --tasks …`
 
 
 def export_file(tmp_path, cfg, model):
@@ -158,19 +158,12 @@ def export_file(tmp_path, cfg, model):
     return path
 
 
-def eval_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint", required=True)
-    add_fewshot_args(parser)
-    return parser.parse_args(argv)
-
-
-def test_fewshot_main_both_routings(tokenizer, tmp_path, capsys):
+def test_mor_ds_eval_tasks_both_routings(tokenizer, tmp_path, capsys):
     cfg = tiny_config(*FAMILIES["mor_ec"], f"data.tokenizer={tokenizer.path}")
     path = export_file(tmp_path, cfg, tiny_model(cfg))
     out = tmp_path / "eval.json"
-    code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--routing", "both",
-                                  "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--json", str(out)))
+    code = cli_main(["eval", "--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--routing", "both",
+                     "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
     assert "causal" in table and "topk" in table and "mor_tiny_mc acc *" in table
@@ -179,16 +172,15 @@ def test_fewshot_main_both_routings(tokenizer, tmp_path, capsys):
     assert results["topk"]["mor_ds"]["routing"] == "topk"
 
 
-def test_fewshot_main_bad_input_one_line(tokenizer, tmp_path, capsys):
+def test_mor_ds_eval_tasks_bad_input_one_line(tokenizer, tmp_path, capsys):
     cfg = tiny_config("tiny-vanilla", "data.tokenizer=/nonexistent/tok.model", "data.source=/nonexistent/*.jsonl")
     path = export_file(tmp_path, cfg, tiny_model(cfg))
-    code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc",
-                                  "--include-path", str(TASKS_DIR)))
+    code = cli_main(["eval", "--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--include-path", str(TASKS_DIR)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err.startswith("mor-ds eval: tokenizer: /nonexistent/tok.model: tokenizer file not found")
 
-    code = fewshot_main(eval_args("--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--tokenizer", tokenizer.path,
-                                  "--include-path", str(tmp_path / "nope")))
+    code = cli_main(["eval", "--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--tokenizer", tokenizer.path,
+                     "--include-path", str(tmp_path / "nope")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"mor-ds eval: --include-path {tmp_path / 'nope'}: not a directory"

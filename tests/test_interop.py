@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from fixtures.tiny_lm import VOCAB, tiny_config, tiny_model, tiny_tokenizer
 from mor_ds.checkpoint import load_model
 from mor_ds.cli import main as cli_main
-from mor_ds.interop import InteropError, export_checkpoint_hf, export_hf, import_hf, write_export
+from mor_ds.interop import InteropError, export_hf, import_hf, write_export
 from mor_ds.interop.hf_export import export_tokenizer
 
 RECURSIVE = {"recursive": ("tiny-recursive", "model.num_layers=8"),
@@ -175,14 +175,25 @@ def test_export_bad_tokenizer(tokenizer, tmp_path):
         export_hf(tiny_model(small), small, tmp_path / "b", tokenizer.path)
 
 
-def test_export_checkpoint_hf_from_a_mor_ds_export(tokenizer, tmp_path):
-    """What `mor-ds export --format hf` runs: a mor-ds export file + the tokenizer named in its config."""
+def test_mor_ds_export_format_hf(tokenizer, tmp_path, capsys):
+    """`mor-ds export --format hf` of a mor-ds export file, with the tokenizer named in its config."""
     cfg = tiny_config(*RECURSIVE["mor_tc"], f"data.tokenizer={tokenizer.path}")
     model = tiny_model(cfg)
     path = write_export(model, cfg, tmp_path / "model.safetensors", source="test")
-    out = export_checkpoint_hf(path, tmp_path / "hf", dtype="bfloat16")
+    out = tmp_path / "hf"
+    assert cli_main(["export", "--checkpoint", str(path), "--format", "hf", "--out", str(out),
+                     "--dtype", "bfloat16"]) == 0
+    assert "MoRForCausalLM" in capsys.readouterr().out
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model.to(torch.bfloat16).float()(ids).logits, atol=1e-4, rtol=1e-4)
+
+    # the checkpoint's config names a tokenizer that is gone: one line naming it
+    gone = tiny_config("tiny-vanilla", "data.tokenizer=/nonexistent/tok.model")
+    path = write_export(tiny_model(gone), gone, tmp_path / "gone.safetensors", source="test")
+    capsys.readouterr()
+    assert cli_main(["export", "--checkpoint", str(path), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("mor-ds export: tokenizer: /nonexistent/tok.model: tokenizer file not "
+                                               "found (pass --tokenizer PATH)")

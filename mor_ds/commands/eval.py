@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from mor_ds.evaluation.harness import add_fewshot_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="validation loss / perplexity of a checkpoint",
@@ -17,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-shards", type=int, help="held-out shards at the end of --data (default: the run's)")
     p.add_argument("--batches", type=int, default=0, help="batches of train.micro_batch_size windows (0 = all)")
     p.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
+    add_fewshot_args(p, json_flag=False)  # --tasks …: few-shot accuracy through lm-eval
     p.set_defaults(func=run)
 
 
@@ -53,6 +56,10 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks:
+        from mor_ds.evaluation.harness import fewshot_main
+
+        return fewshot_main(args)
     from data_pipeline.errors import DataError
     from mor_ds.train.checkpoint import CheckpointError
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mor_ds.interop.hf_export import add_hf_export_args
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="checkpoint → single safetensors state dict (+ config metadata)",
@@ -12,11 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "safetensors file that mor_ds.checkpoint.load_model() reads.")
     p.add_argument("--checkpoint", required=True,
                    help="a run dir, its checkpoints/ dir (latest complete checkpoint) or a step_* directory")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (--format hf: a directory)")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "hf"),
+                   help="hf: a transformers directory (vanilla: LlamaForCausalLM; recursive/MoR: trust_remote_code)")
+    add_hf_export_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from mor_ds.interop.hf_export import hf_export_main
+
+        return hf_export_main(args)
     from mor_ds.checkpoint import export_checkpoint
     from mor_ds.train.checkpoint import CheckpointError
 

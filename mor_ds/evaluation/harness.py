@@ -19,17 +19,16 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mor_ds.config import Config
+if TYPE_CHECKING:
+    import torch
 
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "mmlu")
 # the paper's headline metric per task (others: acc)
 PAPER_METRIC = {"hellaswag": "acc_norm", "piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm"}
 ROUTING_CHOICES = ("causal", "topk", "both")
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32"}  # --dtype → torch dtype name
 
 
 class EvalError(ValueError):
@@ -178,6 +177,8 @@ def add_fewshot_args(parser: argparse.ArgumentParser, json_flag: bool = True) ->
 
 def fewshot_main(args: argparse.Namespace) -> int:
     """Run `mor-ds eval --checkpoint … --tasks …`; prints the table, writes --json; returns the exit code."""
+    import torch
+
     from mor_ds.train.checkpoint import CheckpointError
 
     limit = args.limit
@@ -187,7 +188,7 @@ def fewshot_main(args: argparse.Namespace) -> int:
         by_routing = evaluate_checkpoint(
             args.checkpoint, args.tasks, routing=args.routing, tokenizer=args.tokenizer, num_fewshot=args.num_fewshot,
             limit=limit, batch_size=args.eval_batch_size, include_path=args.include_path, device=args.device,
-            dtype=DTYPES[args.dtype])
+            dtype=getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None)
     except (ValueError, CheckpointError) as exc:  # EvalError, InteropError, ConfigError, not-an-export
         print(f"mor-ds eval: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -124,6 +124,29 @@ def export_checkpoint_hf(checkpoint: str | Path, out_dir: str | Path, tokenizer:
     return export_hf(model, cfg, out_dir, checkpoint_tokenizer(cfg, tokenizer).path, dtype)
 
 
+def add_hf_export_args(parser) -> None:
+    """Flags of `mor-ds export --format hf` (the command owns --checkpoint, --out and --format)."""
+    g = parser.add_argument_group("--format hf (a transformers directory)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one in the checkpoint's config)")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the exported weights")
+
+
+def hf_export_main(args) -> int:
+    """`mor-ds export --checkpoint … --format hf --out DIR`; one-line errors, exit code 2."""
+    import sys
+
+    from mor_ds.train.checkpoint import CheckpointError
+
+    try:
+        out = export_checkpoint_hf(args.checkpoint, args.out, args.tokenizer, args.dtype)
+    except (ValueError, CheckpointError) as exc:  # InteropError, ConfigError, not-an-export
+        print(f"mor-ds export: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    kind = "MoRForCausalLM, trust_remote_code" if (out / "modeling_mor.py").exists() else "LlamaForCausalLM"
+    print(f"exported {args.checkpoint} → {out} ({kind})")
+    return 0
+
+
 def export_tokenizer(tokenizer, out: Path) -> None:
     """Write the tokenizer files transformers' AutoTokenizer reads. `tokenizer`: data_pipeline.tokenizer.Tokenizer."""
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
