@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 DEFAULT_MASTER_PORT = 29500
+_exported: dict[str, str | None] = {}  # launch variables init_distributed set, with their previous values
 
 
 class DistributedError(RuntimeError):
@@ -71,8 +72,9 @@ def slurm_master_addr(nodelist: str) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
                              text=True, timeout=30).stdout.split()
     except (OSError, subprocess.SubprocessError) as exc:
+        detail = (getattr(exc, "stderr", None) or "").strip().splitlines()
         raise DistributedError(f"SLURM_NODELIST={nodelist!r}: cannot expand it with `scontrol show hostnames` "
-                               f"({exc.__class__.__name__}); set MASTER_ADDR") from None
+                               f"({detail[-1] if detail else exc.__class__.__name__}); set MASTER_ADDR") from None
     if not out:
         raise DistributedError(f"SLURM_NODELIST={nodelist!r}: `scontrol show hostnames` printed no host")
     return out[0]
@@ -145,6 +147,7 @@ def init_distributed(env: DistEnv) -> torch.device:
     """Export `env` as the standard variables and start the process group (nccl on CUDA, gloo on CPU)."""
     for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
                        ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
+        _exported.setdefault(key, os.environ.get(key))
         os.environ[key] = str(value)
     device = device_for(env)
     if device.type == "cuda":
@@ -157,9 +160,16 @@ def init_distributed(env: DistEnv) -> torch.device:
 
 
 def shutdown() -> None:
-    """Always called at exit: a live process group at interpreter shutdown can abort the process."""
+    """Always called at exit: a live process group at interpreter shutdown can abort the process. Restores the
+    launch variables init_distributed exported (an in-process run, e.g. the demo, leaves no trace)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in _exported.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _exported.clear()
 
 
 def is_initialized() -> bool:

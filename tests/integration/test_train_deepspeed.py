@@ -77,12 +77,13 @@ def torchrun(run_dir: Path, sets: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def srun_style(run_dir: Path, sets: list[str], **env: str) -> list[subprocess.Popen]:
-    """Both ranks as srun starts them: rank/world/local rank from SLURM_*, no torchrun agent."""
+def srun_style(run_dir: Path, sets: list[str], ntasks: int = 2, **env: str) -> list[subprocess.Popen]:
+    """The ranks as srun starts them: rank/world/local rank from SLURM_*, no torchrun agent."""
     port = str(_free_port())
     procs = []
-    for rank in range(2):
-        rank_env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
+    for rank in range(ntasks):
+        rank_env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
+                        SLURM_NODELIST="localhost",
                         SLURM_JOB_ID="4242", MASTER_PORT=port, **env)
         procs.append(subprocess.Popen([sys.executable, "-m", "mor_ds.cli", *_train_args(run_dir, sets)], env=rank_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -234,7 +235,7 @@ def test_kill9_mid_run_then_resume_auto_reproduces_every_loss(reference, cache, 
 
 
 def test_zero3_torn_checkpoint_is_never_latest(cache, tmp_path):
-    sets = overrides(cache, 3)
+    sets = overrides(cache, 3, "train.activation_checkpointing=true")
     code, out = finish(torchrun(tmp_path, sets, **{FAULT_ENV: "kill_in_save@6"}))
     assert code != 0
     torn = tmp_path / "checkpoints" / step_tag(6)
@@ -275,7 +276,29 @@ def test_zero1_nan_step_is_skipped_and_sigterm_leaves_a_resumable_checkpoint(cac
 
 def test_nan_steps_in_a_row_abort_with_a_checkpoint(cache, tmp_path):
     sets = overrides(cache, 2, "train.max_bad_steps=2")
-    results = [finish(p) for p in srun_style(tmp_path, sets, **{FAULT_ENV: "nan_loss@2,nan_loss@3"})]
-    assert [code for code, _ in results] == [EXIT_NONFINITE] * 2
-    assert "2 steps in a row had NaN/Inf loss or gradients (train.max_bad_steps=2)" in results[0][1]
+    (proc,) = srun_style(tmp_path, sets, ntasks=1, **{FAULT_ENV: "nan_loss@2,nan_loss@3"})
+    code, out = finish(proc)
+    assert code == EXIT_NONFINITE, out[-3000:]
+    assert "aborting at step 3: 2 steps in a row had NaN/Inf loss or gradients (train.max_bad_steps=2)" in out
     assert latest_checkpoint(tmp_path / "checkpoints").step == 3
+    assert [r["skipped_steps"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_demo_trains_exports_evaluates_and_plots(cache, tmp_path, capsys):
+    from mor_ds.cli import main
+
+    code = main(["demo", "--run-dir", str(tmp_path), "--steps", "4", "--set", f"model.vocab_size={VOCAB}",
+                 "--set", f"data.cache_dir={cache}", "--set", "train.seq_len=64", "--set", "train.eval_batches=2",
+                 "--set", "wandb.enabled=false"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "== 4/4 summary" in out and "val loss" in out
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "model.safetensors").stat().st_size > 0
+    assert not distributed_env_left_behind()
+
+
+def distributed_env_left_behind() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() or any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))

@@ -1,0 +1,256 @@
+"""Trainer pieces that need no process group: schedules, launch discovery, DeepSpeed config, optimizer groups,
+checkpoint resolution, metrics files, fault plans, activation checkpointing, CLI wiring. The multi-process runs
+are in tests/integration/test_train_deepspeed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from mor_ds import distributed
+from mor_ds.config import ConfigError, OptimConfig, load_config
+from mor_ds.train import checkpoint as ckpt
+from mor_ds.train.callbacks.metrics import read_metrics, truncate_metrics
+from mor_ds.train.callbacks.wandb_logger import resolve_mode
+from mor_ds.train.faults import FaultPlan, oom_message
+from mor_ds.train.loop import split_batch
+from mor_ds.train.optim import param_groups
+from mor_ds.train.schedules import lr_at
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+
+def test_wsd_trapezoid():
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, schedule="wsd", warmup_fraction=0.05, decay_fraction=0.2)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # 5 warmup steps, never 0
+    assert lrs[5:80] == [1.0] * 75  # stable
+    assert lrs[80] == pytest.approx(1.0 - 0.9 / 20) and lrs[99] == pytest.approx(0.1)  # linear to min_lr
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+def test_cosine_and_constant():
+    cos = OptimConfig(lr=2.0, min_lr_ratio=0.0, schedule="cosine", warmup_fraction=0.1)
+    lrs = [lr_at(s, 50, cos) for s in range(50)]
+    assert lrs[4] == pytest.approx(2.0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    mid = 5 + 45 // 2
+    assert lrs[mid] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * (mid - 5 + 1) / 45)))
+    const = OptimConfig(lr=1.0, schedule="constant", warmup_fraction=0.0)
+    assert {lr_at(s, 10, const) for s in range(10)} == {1.0}
+
+
+# ------------------------------------------------------------------------------------------------ launch discovery
+
+
+def test_discover_torchrun_variables():
+    env = distributed.discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                                "MASTER_PORT": "1234"})
+    assert env == distributed.DistEnv(3, 8, 1, "n1", 1234)
+
+
+def test_discover_srun_variables():
+    env = distributed.discover({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                "SLURM_NODELIST": "gpu07", "SLURM_JOB_ID": "777"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu07")
+    assert env.master_port == 15000 + 777  # every task derives the same port from the job id
+
+
+def test_discover_deepspeed_local_rank_argument_and_single_process():
+    env = distributed.discover({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "5"}, local_rank_arg=1)
+    assert env.local_rank == 1
+    alone = distributed.discover({})
+    assert (alone.rank, alone.world_size, alone.master_addr) == (0, 1, "127.0.0.1") and alone.master_port > 0
+
+
+def test_discover_rejects_inconsistent_variables():
+    with pytest.raises(distributed.DistributedError, match="RANK='1' and WORLD_SIZE=None"):
+        distributed.discover({"RANK": "1"})
+    with pytest.raises(distributed.DistributedError, match="SLURM_NTASKS"):
+        distributed.discover({"SLURM_PROCID": "0"})
+    with pytest.raises(distributed.DistributedError, match="WORLD_SIZE='x' is not an integer"):
+        distributed.discover({"RANK": "0", "WORLD_SIZE": "x"})
+    with pytest.raises(distributed.DistributedError, match="rank 4 is not in"):
+        distributed.discover({"RANK": "4", "WORLD_SIZE": "2"})
+
+
+def test_slurm_node_range_expands_with_scontrol(tmp_path, monkeypatch):
+    if shutil.which("scontrol") is None:
+        with pytest.raises(distributed.DistributedError, match=r"SLURM_NODELIST='gpu\[03-04\]'.*set MASTER_ADDR"):
+            distributed.slurm_master_addr("gpu[03-04]")
+        return
+    conf = tmp_path / "slurm.conf"  # scontrol parses a config even just to expand host lists
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    assert distributed.slurm_master_addr("gpu[03-04]") == "gpu03"
+    env = distributed.discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "gpu[03-04]",
+                                "SLURM_JOB_ID": "1"})
+    assert env.master_addr == "gpu03"
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed config
+
+
+def test_ds_config_is_filled_from_the_config():
+    cfg = load_config("tiny-mor", ["train.zero_stage=3", "train.precision=bf16", "train.global_batch_size=64",
+                                   "train.micro_batch_size=4", "optim.grad_clip=0.5"])
+    ds = distributed.build_ds_config(cfg, world_size=4)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 4)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and ds["bf16"]["check_grad_overflow"]
+    offload = distributed.build_ds_config(load_config("tiny-mor", ["train.offload_optimizer=true"]), 2)
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_ds_config_errors_name_the_key(tmp_path):
+    cfg = load_config("tiny-mor", ["train.global_batch_size=24", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=24: must be a multiple of .* 4 × 4"):
+        distributed.build_ds_config(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="train.zero_stage=0"):
+        distributed.build_ds_config(load_config("tiny-mor", ["train.zero_stage=0"]), 1)
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=f"train.ds_config: {bad} is not valid JSON"):
+        distributed.build_ds_config(load_config("tiny-mor", [f"train.ds_config={bad}"]), 1)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer groups
+
+
+def test_weight_decay_groups():
+    from mor_ds.models import build_model
+
+    cfg = load_config("tiny-mor")
+    model = build_model(cfg.model, cfg.router)
+    decay, no_decay = param_groups(model, cfg.optim)
+    assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert any(p is model.embed.weight for p in decay["params"])  # tied embedding / LM head: decayed, once
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _fake_checkpoint(root, step, complete=True):
+    path = root / ckpt.step_tag(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (path / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_torn_checkpoint_is_never_latest(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    _fake_checkpoint(root, 3)
+    torn = _fake_checkpoint(root, 6, complete=False)
+    (root / ckpt.LATEST).write_text(ckpt.step_tag(6))  # e.g. DeepSpeed's own `latest`, written before all ranks finished
+    assert ckpt.latest_checkpoint(root).step == 3
+    assert ckpt.resolve_checkpoint(tmp_path / "run").step == 3  # a run dir resolves to its checkpoints
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.resolve_checkpoint(torn)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="no such file"):
+        ckpt.resolve_checkpoint(tmp_path / "nope")
+
+
+def test_metrics_of_an_interrupted_run_are_truncated_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9)))
+    truncate_metrics(path, 6)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ faults, logging
+
+
+def test_fault_plan_from_environment():
+    plan = FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "nan_loss@3, nan_loss@4,kill_in_save@6"})
+    assert plan.nan_loss == {3, 4} and plan.kill_in_save == {6} and plan.active
+    assert not FaultPlan.from_env({}).active
+    with pytest.raises(ValueError, match="bad entry 'explode@2'"):
+        FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "explode@2"})
+
+
+def test_oom_message_names_the_knobs_and_the_estimate():
+    msg = oom_message(load_config("mor-360m-nr3"), world_size=4)
+    for text in ("train.micro_batch_size=16", "train.zero_stage=2", "train.activation_checkpointing=false",
+                 "planner estimate per GPU", "GiB with activation checkpointing"):
+        assert text in msg
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+    cfg = load_config("tiny-mor").wandb
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_mode(cfg) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert resolve_mode(cfg) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode(cfg) == "disabled"
+    assert resolve_mode(load_config("tiny-mor", ["wandb.enabled=false"]).wandb) == "disabled"
+
+
+# ------------------------------------------------------------------------------------------------ batches, model wrapping
+
+
+def test_split_batch_targets_and_document_ids():
+    eos = 0
+    batch = torch.tensor([[5, 6, 0, 7, 0, 8, 9]])
+    inputs, labels, docs = split_batch(batch, torch.device("cpu"), eos)
+    assert inputs.tolist() == [[5, 6, 0, 7, 0, 8]] and labels.tolist() == [[6, 0, 7, 0, 8, 9]]
+    assert docs.tolist() == [[0, 0, 0, 1, 1, 2]]  # an EOS closes its own document
+    assert split_batch(batch, torch.device("cpu"), None)[2] is None
+
+
+def test_activation_checkpointing_keeps_names_loss_and_gradients():
+    from mor_ds.models import build_model
+
+    cfg = load_config("tiny-mor", ["model.vocab_size=64"])
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, cfg.router)
+    wrapped = build_model(cfg.model, cfg.router)
+    wrapped.load_state_dict(plain.state_dict())
+    distributed.apply_activation_checkpointing(wrapped)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 33))
+    losses = []
+    for model in (plain, wrapped):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out.total_loss.backward()
+        losses.append(out.total_loss.item())
+    assert losses[0] == losses[1]
+    grads = {distributed.clean_param_name(n): p.grad for n, p in wrapped.named_parameters()}
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_accepts_the_deepspeed_launcher_local_rank():
+    from mor_ds.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "train", "--config", "tiny-mor", "--run-dir", "x"])
+    assert args.top_local_rank == 1 and args.resume == "auto"
+    args = build_parser().parse_args(["train", "--config", "tiny-mor", "--run-dir", "x", "--local_rank=2"])
+    assert args.local_rank == 2
+
+
+def test_paper_preset_without_tokenizer_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    from mor_ds.cli import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    code = main(["train", "--config", "mor-360m-nr3", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("mor-ds train: data.tokenizer: not set for data.source='hf:HuggingFaceTB/")
+    assert not distributed.is_initialized()  # the process group is always torn down
