@@ -73,6 +73,22 @@ def test_recursive_and_mor_export_with_remote_code(tokenizer, tmp_path, family):
             assert 0.0 < float(ours.stats[f"depth_frac/{cfg.model.num_recursions - 1}"]) < 1.0
 
 
+def test_mor_export_handles_left_padding(tokenizer, tmp_path):
+    """transformers batches prompts with left padding: real tokens get the logits of the unpadded sequence."""
+    cfg = tiny_config(*RECURSIVE["mor_kvshare"])
+    model = tiny_model(cfg)
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(model, cfg, tmp_path / "hf", tokenizer.path),
+                                              trust_remote_code=True).eval()
+    ids = token_batch(length=11)
+    padded = torch.cat([torch.zeros(2, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(padded, attention_mask=mask).logits[:, 4:], model(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="routing='topk' selects over whole sequences"):
+            hf(padded, attention_mask=mask, routing="topk")
+
+
 def test_mor_export_loads_without_mor_ds(tokenizer, tmp_path):
     """The exported directory is self-contained: transformers loads it (and generates) with mor_ds unimportable."""
     cfg = tiny_config(*RECURSIVE["mor_ec"])
