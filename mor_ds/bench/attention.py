@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", action="store_true",
                         help="also time one whole MoR recursion step (gather → decoder block → scatter)")
     parser.add_argument("--sweep", action="store_true", help="time Triton tile configs instead of the table")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the Triton path instead")
     parser.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement")
     parser.add_argument("--out", default="", help="write all numbers as JSON here")
 
@@ -306,40 +307,90 @@ def time_index_building(seqs: list[int], fractions: list[Fraction], batch_tokens
     return out
 
 
-def time_recursion_step(shape: str, seq: int, batch: int, fractions: list[Fraction], rep_ms: int) -> list[dict]:
-    """One MoR recursion step as the model runs it: gather h → shared decoder block → scatter, fwd+bwd."""
+def _recursion_step(shape: str, seq: int, batch: int, kv_mode: str, backend: str, frac: Fraction):
+    """One MoR recursion step as the model runs it (gather h → shared decoder block → scatter, fwd+bwd):
+    returns (callable, leaves whose grads to reset)."""
     from mor_ds.models.block import KV, DecoderBlock, TokenView, rope_cos_sin
     from mor_ds.models.recursion import gather_rows, scatter_rows
 
+    cfg = load_config(SHAPE_PRESETS[shape], [f"model.attention_backend={backend}"]).model
+    torch.manual_seed(0)
+    block = DecoderBlock(cfg).to("cuda", torch.bfloat16)
+    h = torch.randn(batch, seq, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    full_view = TokenView(None, None, rope_cos_sin(torch.arange(seq, device="cuda")[None], cfg.head_dim,
+                                                   cfg.rope_theta, torch.bfloat16))
+    shared = None
+    if kv_mode == "share":
+        with torch.no_grad():
+            _, kv = block(h, full_view)
+        shared = KV(kv.k.clone().requires_grad_(), kv.v.clone().requires_grad_(), full_view)
+    k = max(1, math.floor(frac * seq))
+    idx = torch.rand(batch, seq, device="cuda").topk(k, dim=1).indices.sort(dim=1).values
+    view = TokenView(idx, None, rope_cos_sin(idx, cfg.head_dim, cfg.rope_theta, torch.bfloat16))
+    grad = torch.randn_like(h)
+
+    def step() -> None:
+        y, _ = block(gather_rows(h, idx), view, shared)
+        scatter_rows(h, idx, y).backward(grad)
+
+    return step, [h] + list(block.parameters()) + ([shared.k, shared.v] if shared else [])
+
+
+def time_recursion_step(shape: str, seq: int, batch: int, fractions: list[Fraction], rep_ms: int) -> list[dict]:
     results = []
     for kv_mode in ("cache", "share"):
         for backend in ("sdpa", "triton"):
-            cfg = load_config(SHAPE_PRESETS[shape], [f"model.attention_backend={backend}"]).model
-            torch.manual_seed(0)
-            block = DecoderBlock(cfg).to("cuda", torch.bfloat16)
-            h = torch.randn(batch, seq, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            full_view = TokenView(None, None, rope_cos_sin(torch.arange(seq, device="cuda")[None], cfg.head_dim,
-                                                           cfg.rope_theta, torch.bfloat16))
-            shared = None
-            if kv_mode == "share":
-                with torch.no_grad():
-                    _, kv = block(h, full_view)
-                shared = KV(kv.k.clone().requires_grad_(), kv.v.clone().requires_grad_(), full_view)
             for f in fractions:
-                k = max(1, math.floor(f * seq))
-                idx = torch.rand(batch, seq, device="cuda").topk(k, dim=1).indices.sort(dim=1).values
-                view = TokenView(idx, None, rope_cos_sin(idx, cfg.head_dim, cfg.rope_theta, torch.bfloat16))
-                grad = torch.randn_like(h)
-
-                def step() -> Tensor:
-                    y, _ = block(gather_rows(h, idx), view, shared)
-                    return scatter_rows(h, idx, y)
-
-                leaves = [h] + list(block.parameters()) + ([shared.k, shared.v] if shared else [])
-                ms = bench_ms(lambda: step().backward(grad), grad_to_none=leaves, rep_ms=rep_ms)
+                step, leaves = _recursion_step(shape, seq, batch, kv_mode, backend, f)
+                ms = bench_ms(step, grad_to_none=leaves, rep_ms=rep_ms)
                 results.append({"shape": shape, "seq": seq, "batch": batch, "kv_mode": kv_mode, "backend": backend,
                                 "frac": str(f), "fwd_bwd_ms": ms})
     return results
+
+
+def profile(args: argparse.Namespace, fractions: list[Fraction]) -> None:
+    """Kernel-level breakdown (torch.profiler) of the Triton path's forward+backward and of a recursion step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from mor_ds.kernels import flash_bwd, flash_fwd
+    from mor_ds.kernels.block_ranges import block_ranges_kernel
+
+    kernels = [flash_fwd.attention_fwd_kernel, flash_bwd.attention_bwd_dq_kernel, flash_bwd.attention_bwd_dkdv_kernel,
+               block_ranges_kernel]
+
+    def compiled_variants() -> int:
+        return sum(len(cache[0]) for fn in kernels for cache in fn.device_caches.values())
+
+    for shape in args.shapes:
+        preset = load_config(SHAPE_PRESETS[shape]).model
+        for seq in args.seq:
+            for mode in args.modes:
+                for frac in fractions:
+                    w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim, args.tokens // seq,
+                                 seq, frac, mode)
+                    x = make_inputs(w, torch.Generator().manual_seed(0))
+                    fn = variants(w, x, False)["triton"]
+                    grad = torch.randn_like(x.q)
+                    step, leaves = (lambda: fn().backward(grad)), [x.q, x.k, x.v]
+                    for name, (run_once, reset) in {
+                        f"kernel {mode} {w.label()}": (step, leaves),
+                        f"step {w.kv_mode} {w.label()}": _recursion_step(shape, seq, w.batch, w.kv_mode, "triton",
+                                                                         frac),
+                    }.items():
+                        for _ in range(3):
+                            run_once()
+                        torch.cuda.synchronize()
+                        before = compiled_variants()
+                        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                            for _ in range(5):
+                                for t in reset:
+                                    t.grad = None
+                                run_once()
+                            torch.cuda.synchronize()
+                        print(f"\n#### profile: {name} (5 iterations; compiled Triton variants "
+                              f"{before} -> {compiled_variants()})")
+                        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int) -> list[dict]:
@@ -395,7 +446,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     fractions = [Fraction(f) for f in args.fractions]
     record: dict = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "func"}}
-    if args.sweep:
+    if args.profile:
+        profile(args, fractions)
+    elif args.sweep:
         record["sweep"] = sweep(args.shapes[-1], args.seq[0], args.tokens, args.rep_ms)
     else:
         results = []
