@@ -15,7 +15,7 @@ from fixtures.tiny_lm import TASKS_DIR, tiny_config, tiny_model, tiny_tokenizer
 from mor_ds.checkpoint import CONFIG_KEY
 from mor_ds.evaluation.adapter import MoRLM
 from mor_ds.cli import main as cli_main
-from mor_ds.evaluation.harness import EvalError, run_fewshot
+from mor_ds.evaluation.harness import EvalError, format_table, run_fewshot
 
 FAMILIES = {"vanilla": ("tiny-vanilla",), "mor_ec": ("tiny-mor", "model.num_layers=8"),
             "mor_tc": ("tiny-mor-tc", "model.num_layers=8"), "mor_kvshare": ("tiny-mor-kvshare", "model.num_layers=8")}
@@ -184,3 +184,16 @@ def test_mor_ds_eval_tasks_bad_input_one_line(tokenizer, tmp_path, capsys):
                      "--include-path", str(tmp_path / "nope")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"mor-ds eval: --include-path {tmp_path / 'nope'}: not a directory"
+
+
+def test_table_shows_groups_not_their_subtasks_and_marks_the_paper_metric():
+    results = {"results": {"mmlu": {"acc,none": 0.25, "acc_stderr,none": 0.01},
+                           "mmlu_stem": {"acc,none": 0.2, "acc_stderr,none": 0.02},
+                           "mmlu_anatomy": {"acc,none": 0.3, "acc_stderr,none": 0.03},
+                           "hellaswag": {"acc,none": 0.3, "acc_stderr,none": 0.004, "acc_norm,none": 0.35,
+                                         "acc_norm_stderr,none": 0.005, "sample_len,none": 10}},
+               "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_anatomy"], "hellaswag": []}}
+    lines = format_table({"causal": results, "topk": results}).splitlines()
+    assert lines[0].split() == ["task", "/", "metric", "causal", "topk"]
+    assert [line.split()[:3] for line in lines[1:]] == [["mmlu", "acc", "*"], ["hellaswag", "acc", "0.3000"],
+                                                        ["hellaswag", "acc_norm", "*"]]

@@ -101,9 +101,13 @@ def run_fewshot(model, tokenizer, tasks: str | list[str], *, routing: str = "cau
 
 
 def headline(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
-    """(task, metric, value, stderr) rows: acc and acc_norm where reported, else every numeric metric."""
+    """(task, metric, value, stderr) rows: acc and acc_norm where reported, else every numeric metric. Groups
+    (e.g. mmlu) appear with their aggregate, not their subtasks."""
     rows = []
+    subtasks = {t for group, members in results.get("group_subtasks", {}).items() for t in members if t != group}
     for task, metrics in results["results"].items():
+        if task in subtasks:
+            continue
         values = {k.split(",")[0]: v for k, v in metrics.items()
                   if isinstance(v, (int, float)) and "_stderr" not in k and not k.startswith("sample_len")}
         stderr = {k.split(",")[0].replace("_stderr", ""): v for k, v in metrics.items() if "_stderr" in k}
@@ -145,8 +149,8 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | list[str], *, routi
     tok = checkpoint_tokenizer(cfg, tokenizer)
     kwargs.setdefault("max_length", cfg.train.seq_len)
     routings = ("causal", "topk") if routing == "both" else (routing,)
-    if cfg.model.family != "mor" and routing == "both":
-        routings = ("causal",)  # routing only changes MoR models
+    if routing == "both" and not (cfg.model.family == "mor" and cfg.router.type == "expert_choice"):
+        routings = ("causal",)  # routing only changes expert-choice MoR
     return {r: run_fewshot(model, tok, names, routing=r, manager=manager, **kwargs) for r in routings}
 
 
