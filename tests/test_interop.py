@@ -55,6 +55,24 @@ def test_vanilla_export_is_a_plain_llama(tokenizer, tmp_path):
     assert hf_tok.eos_token_id == tokenizer.eos_id == hf.config.eos_token_id
 
 
+def test_export_with_a_hugging_face_tokenizer_json(tokenizer, tmp_path):
+    """Runs tokenized with a tokenizer.json (e.g. SmolLM's) ship that file; AutoTokenizer encodes as we do."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    source = tmp_path / "tok"
+    source.mkdir()
+    export_tokenizer(tokenizer, source)  # a tokenizer.json (+ tokenizer_config.json naming EOS) to start from
+    hf_json = load_tokenizer(str(source / "tokenizer.json"))
+    assert hf_json.kind == "hf"
+    cfg = tiny_config("tiny-vanilla")
+    out = export_hf(tiny_model(cfg), cfg, tmp_path / "hf", hf_json.path)
+    assert not (out / "tokenizer.model").exists()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert hf_tok.encode(text, add_special_tokens=False) == hf_json.encode_batch([text])[0]
+    assert hf_tok.eos_token_id == hf_json.eos_id
+
+
 @pytest.mark.parametrize("family", list(RECURSIVE))
 def test_recursive_and_mor_export_with_remote_code(tokenizer, tmp_path, family):
     cfg = tiny_config(*RECURSIVE[family])
