@@ -119,7 +119,7 @@ def test_recursion_wise_cache_holds_only_tokens_that_reached_each_depth():
     cache = im.new_cache(max_slots=1, max_len=64, num_pages=200, page_size=4)
     ids = torch.tensor(prompt(40, 5))
     stats: dict = {}
-    im.forward(cache, ids, torch.zeros(40, dtype=torch.long), torch.arange(40), prefill=True, stats=stats)
+    im.forward(cache, ids, np.zeros(40, dtype=np.int64), torch.arange(40), stats=stats)
     ran = stats["depth"]  # tokens that ran exactly 0, 1, 2, 3 steps
     reached = [int(ran[r + 1:].sum()) for r in range(3)]
     layer = im.block[0]

@@ -198,10 +198,10 @@ class Engine:
         dev = self.im.device
         ids = [req.prompt + req.output for _, req in batch]
         tokens = torch.tensor([t for seq in ids for t in seq], device=dev)
-        slots = torch.tensor([s for (s, _), seq in zip(batch, ids) for _ in seq], device=dev)
+        slots = np.array([s for (s, _), seq in zip(batch, ids) for _ in seq])
         pos = torch.tensor([p for seq in ids for p in range(len(seq))], device=dev)
         stats = {}
-        hidden = self.im.forward(self.cache, tokens, slots, pos, prefill=True, stats=stats)
+        hidden = self.im.forward(self.cache, tokens, slots, pos, stats=stats)
         last = torch.tensor(np.cumsum([len(seq) for seq in ids]) - 1, device=dev)
         logits = self.im.logits(hidden[last])
         params = [req.sampling for _, req in batch]
@@ -338,7 +338,7 @@ class Engine:
                write: Tensor | None | bool = True) -> Tensor:
         rows = self.im.cache_rows(layer_id, step, self.slot_ids, self.cache)
         write = rows_mask if write is True else write
-        return self.im.layer(layer_id, x, rope, self.positions, self.cache, rows, write, attend=rows_mask)
+        return self.im.layer_masked(layer_id, x, rope, self.positions, self.cache, rows, write, rows_mask)
 
     def _recursion_tick(self, x: Tensor, rope) -> tuple[Tensor, Tensor]:
         im, nr = self.im, self.im.num_recursions

@@ -41,9 +41,9 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, *,
     stats: dict = {}
 
     tokens = torch.tensor([t for p in prompts for t in p], device=dev)
-    slots = torch.tensor([i for i, p in enumerate(prompts) for _ in p], device=dev)
+    slots = np.array([i for i, p in enumerate(prompts) for _ in p])
     pos = torch.tensor([j for p in prompts for j in range(len(p))], device=dev)
-    hidden = im.forward(cache, tokens, slots, pos, prefill=True, stats=stats)
+    hidden = im.forward(cache, tokens, slots, pos, stats=stats)
     logits = im.logits(hidden[torch.tensor(np.cumsum([len(p) for p in prompts]) - 1, device=dev)])
 
     out = Generation([[] for _ in prompts], [[] for _ in prompts] if return_logits else [])
@@ -62,7 +62,7 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, *,
             break
         tokens = torch.tensor([out.tokens[i][-1] for i in active], device=dev)
         pos = torch.tensor([len(prompts[i]) + len(out.tokens[i]) - 1 for i in active], device=dev)
-        hidden = im.forward(cache, tokens, torch.tensor(active, device=dev), pos, prefill=False, stats=stats)
+        hidden = im.forward(cache, tokens, np.array(active), pos, stats=stats)
         logits = im.logits(hidden)
     if "depth" in stats:
         out.depth_counts = stats["depth"].tolist()

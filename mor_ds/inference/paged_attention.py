@@ -119,17 +119,13 @@ def decode_attention(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tens
     return decode_attention_torch(q, cache, rows, lengths)
 
 
-def prefill_attention(q: Tensor, q_pos: Tensor, cache: PagedKVCache, rows: Tensor, backend: str = "auto") -> Tensor:
-    """q (N, Hq, D) at positions q_pos (N,), rows (N,) their cache rows, grouped: the queries of one cache
-    row are consecutive. Key j of the row is visible iff its position <= the query's (K/V of the queries
-    themselves already appended)."""
-    run_rows, counts = torch.unique_consecutive(rows, return_counts=True)
+def prefill_attention(q: Tensor, q_pos: Tensor, cache: PagedKVCache, run_rows: Tensor, run_of: Tensor, rank: Tensor,
+                      width: int, max_len: int, backend: str = "auto") -> Tensor:
+    """q (N, Hq, D) at positions q_pos (N,): several queries per cache row. run_rows (R,) the cache rows,
+    run_of / rank (N,) each query's run and rank in it, width = the longest run, max_len = the longest
+    cached row (host-known, so no sync). Key j is visible iff its position <= the query's (the queries'
+    own K/V already appended)."""
     runs = len(run_rows)
-    run_of = torch.repeat_interleave(torch.arange(runs, device=q.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(rows), device=q.device) - starts[run_of]
-    width = int(counts.max())
-    max_len = int(cache.lengths[run_rows].max())
     k, v, kv_pos = _gather_pages(cache, run_rows, -(-max_len // cache.page_size))
     filled = torch.arange(kv_pos.shape[1], device=q.device) < cache.lengths[run_rows, None]
     kv_pos = torch.where(filled, kv_pos.long(), PAD_POS)

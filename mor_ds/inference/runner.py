@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
 from mor_ds.inference.paged_attention import decode_attention, prefill_attention
-from mor_ds.models.block import apply_rope, rope_cos_sin
+from mor_ds.models.block import rope_cos_sin
 from mor_ds.models.model import CausalLM
 from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
 
@@ -26,8 +27,11 @@ from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
 class InferenceModel:
     """Wraps a CausalLM (put in eval mode) for cached inference; holds no per-request state."""
 
-    def __init__(self, model: CausalLM, decode_backend: str = "auto"):
+    def __init__(self, model: CausalLM, decode_backend: str = "auto", fuse_weights: bool = True):
         self.model = model.eval()
+        self.fused = fuse_weights
+        if fuse_weights:
+            self._fuse_weights()
         self.cfg, self.plan = model.cfg, model.plan
         self.decode_backend = decode_backend
         self.kv_tokens_read: Tensor | None = None  # optional device counter of cached tokens attended (bench)
@@ -62,55 +66,85 @@ class InferenceModel:
                             dtype=self.dtype, device=self.device)
 
     def rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """cos/sin (N, 1, 1, D/2) for rows at original positions pos (N,)."""
-        return rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        """RoPE factors for rows at original positions pos (N,): (cos, signed sin), each (N, 1, D), so that
+        rope(x) = x·cos + rotate_half(x)·sin equals the model's apply_rope bit for bit."""
+        cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        cos, sin = cos[:, 0], sin[:, 0]  # (N, 1, D/2)
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+    def _fuse_weights(self) -> None:
+        """Per layer one [q; k; v] and one [gate; up] matrix (copies; snapshot of the current weights)."""
+        self.qkv_weight, self.gate_up_weight = [], []
+        for block in self.model.layers:
+            attn, mlp = block.attn, block.mlp
+            self.qkv_weight.append(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach())
+            self.gate_up_weight.append(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach())
 
     # ------------------------------------------------------------------ one decoder block on rows
 
-    def layer(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor, cache: PagedKVCache,
-              rows: Tensor, write: Tensor | bool | None, attend: Tensor | None = None, prefill: bool = False) -> Tensor:
-        """DecoderBlock.forward for rows x (N, d) whose K/V live in cache rows `rows` (N,).
-
-        write: None = project no K/V (KV sharing, r >= 1); True = append every row's K/V, reserving pages
-        (eager); a bool tensor = append where true, pages reserved by the caller (fixed-shape step).
-        attend: bool (N,) rows that attend (others get zero attention output; fixed-shape step only).
-        prefill: several rows per cache row, causal by position (else one query per cache row)."""
+    def _block(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], project_kv: bool, attend) -> Tensor:
+        """DecoderBlock.forward on rows x (N, d); `attend(q, k, v)` (k, v None when not projected) does the
+        cache work and returns the attention output (N, Hq, D)."""
         block = self.model.layers[layer_id]
         attn = block.attn
-        n = x.shape[0]
+        n, hq, hkv, hd = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
         a = block.attn_norm(x)
-        q = apply_rope(attn.q_proj(a).view(n, attn.num_heads, 1, attn.head_dim), *rope).squeeze(2)
-        if write is not None:
-            k = apply_rope(attn.k_proj(a).view(n, attn.num_kv_heads, 1, attn.head_dim), *rope).squeeze(2)
-            v = attn.v_proj(a).view(n, attn.num_kv_heads, attn.head_dim)
-            if write is True:
-                self._append_all(cache, rows, k, v, pos)
-            else:
-                cache.append(rows, k, v, pos, write)
-        if prefill:
-            out = prefill_attention(q, pos, cache, rows, backend=attn.backend)
+        v = None
+        if self.fused and project_kv:
+            qkv = F.linear(a, self.qkv_weight[layer_id]).view(n, hq + 2 * hkv, hd)
+            qk, v = qkv[:, :hq + hkv], qkv[:, hq + hkv:]
+        elif self.fused:  # KV sharing, r >= 1: queries only
+            qk = F.linear(a, self.qkv_weight[layer_id][:hq * hd]).view(n, hq, hd)
+        elif project_kv:
+            qk = torch.cat([attn.q_proj(a), attn.k_proj(a)], -1).view(n, hq + hkv, hd)
+            v = attn.v_proj(a).view(n, hkv, hd)
         else:
-            lengths = cache.lengths[rows]
-            if attend is not None:
-                lengths = torch.where(attend, lengths, 0)
+            qk = attn.q_proj(a).view(n, hq, hd)
+        half = hd // 2
+        qk = qk * rope[0] + torch.cat((qk[..., half:], qk[..., :half]), -1) * rope[1]
+        q, k = qk[:, :hq], (qk[:, hq:] if project_kv else None)
+        out = attend(q, k, v)
+        x = x + attn.o_proj(out.reshape(n, -1))
+        h = block.mlp_norm(x)
+        if self.fused:
+            gate, up = F.linear(h, self.gate_up_weight[layer_id]).chunk(2, dim=-1)
+            return x + block.mlp.down_proj(F.silu(gate) * up)
+        return x + block.mlp(h)
+
+    def layer_eager(self, layer_id: int, step: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor,
+                    cache: PagedKVCache, rs: "RowSet") -> Tensor:
+        """Eager path: every row appends its K/V (reserving pages) unless KV sharing skips it; several rows
+        of one slot attend causally by position (prefill), one row per slot reads its whole cache."""
+        group = self.layout.read_group(layer_id, step)
+        host_rows = group * cache.max_slots + rs.run_slots
+        rows = group * cache.max_slots + rs.slots
+
+        def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
+            if k is not None:
+                cache.reserve(host_rows, rs.counts)
+                cache.append(rows, k, v, pos, rs.all_rows, rs.rank)
+                cache.host_lengths[host_rows] += rs.counts
+            if rs.width == 1:
+                return decode_attention(q, cache, rows, cache.lengths[rows], backend=self.decode_backend)
+            return prefill_attention(q, pos, cache, group * cache.max_slots + rs.run_slots_dev, rs.run_of, rs.rank,
+                                     rs.width, int(cache.host_lengths[host_rows].max()),
+                                     backend=self.model.layers[layer_id].attn.backend)
+
+        return self._block(layer_id, x, rope, self.layout.writes(step), attend)
+
+    def layer_masked(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor, cache: PagedKVCache,
+                     rows: Tensor, write: Tensor | None, attend_mask: Tensor) -> Tensor:
+        """Fixed-shape path (one row per slot, graph-safe): append where `write`, attend where `attend_mask`
+        (other rows get a zero attention output); pages reserved by the caller. write None = no K/V."""
+        def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
+            if k is not None:
+                cache.append(rows, k, v, pos, write)
+            lengths = torch.where(attend_mask, cache.lengths[rows], 0)
             if self.kv_tokens_read is not None:
                 self.kv_tokens_read += lengths.sum()
-            out = decode_attention(q, cache, rows, lengths, backend=self.decode_backend)
-        x = x + attn.o_proj(out.reshape(n, -1))
-        return x + block.mlp(block.mlp_norm(x))
+            return decode_attention(q, cache, rows, lengths, backend=self.decode_backend)
 
-    @staticmethod
-    def _append_all(cache: PagedKVCache, rows: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        """Eager append of every row (rows grouped by cache row, in position order)."""
-        run_rows, counts = torch.unique_consecutive(rows, return_counts=True)
-        host_rows, host_counts = run_rows.cpu().numpy(), counts.cpu().numpy()
-        cache.reserve(host_rows, host_counts)
-        rank = None
-        if len(run_rows) != len(rows):
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(starts, counts)
-        cache.append(rows, k, v, pos, torch.ones_like(rows, dtype=torch.bool), rank)
-        np.add.at(cache.host_lengths, host_rows, host_counts)
+        return self._block(layer_id, x, rope, write is not None, attend)
 
     def cache_rows(self, layer_id: int, step: Tensor | int, slots: Tensor, cache: PagedKVCache) -> Tensor:
         """Cache row of each token of `slots` at (layer, step); step may be a per-row tensor."""
@@ -148,34 +182,28 @@ class InferenceModel:
     # ------------------------------------------------------------------ synchronous forward (eager)
 
     @torch.no_grad()
-    def forward(self, cache: PagedKVCache, tokens: Tensor, slots: Tensor, pos: Tensor, *, prefill: bool,
+    def forward(self, cache: PagedKVCache, tokens: Tensor, slots: np.ndarray, pos: Tensor,
                 stats: dict | None = None) -> Tensor:
-        """Run whole tokens (N,) of sequences in `slots` at positions `pos` through the model, appending
-        their K/V; returns the final hidden states after the last norm (N, d). Rows of one slot must be
-        consecutive and in position order (prefill); decode passes one row per slot.
-        stats: optional dict; counts["depth"] (Nr+1,) accumulates how many tokens ran 0…Nr steps."""
+        """Run whole tokens (N,) of sequences in `slots` (host array) at positions `pos` through the model,
+        appending their K/V; returns the final hidden states after the last norm (N, d). Rows of one slot
+        must be consecutive and in position order: several rows per slot (prefill) attend causally.
+        stats: optional dict; stats["depth"] (Nr+1,) accumulates how many tokens ran 0…Nr steps."""
         h = self.model.embed(tokens)
         rope = self.rope(pos)
-
-        def run(layer_id: int, step: int, x: Tensor, idx: Tensor | None) -> Tensor:
-            sel = slice(None) if idx is None else idx
-            sub_rope = rope if idx is None else (rope[0][idx], rope[1][idx])
-            write = True if self.layout.writes(step) else None
-            rows = self.cache_rows(layer_id, step, slots[sel], cache)
-            return self.layer(layer_id, x, sub_rope, pos[sel], cache, rows, write, prefill=prefill)
-
+        everyone = RowSet(np.asarray(slots), self.device)
         for layer_id in self.plan.prelude:
-            h = run(layer_id, 0, h, None)
+            h = self.layer_eager(layer_id, 0, h, rope, pos, cache, everyone)
         if not self.mor:
             for layer_id, step in self.plan.recursive_part:
-                h = run(layer_id, step, h, None)
+                h = self.layer_eager(layer_id, step, h, rope, pos, cache, everyone)
         else:
-            h = self._recursion(h, run, stats)
+            h = self._recursion(h, rope, pos, cache, everyone, stats)
         for layer_id in self.plan.coda:
-            h = run(layer_id, 0, h, None)
+            h = self.layer_eager(layer_id, 0, h, rope, pos, cache, everyone)
         return self.model.norm(h)
 
-    def _recursion(self, h: Tensor, run, stats: dict | None) -> Tensor:
+    def _recursion(self, h: Tensor, rope, pos: Tensor, cache: PagedKVCache, everyone: "RowSet",
+                   stats: dict | None) -> Tensor:
         idx = torch.arange(h.shape[0], device=h.device)
         steps_run = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
         if self.token_choice:
@@ -190,10 +218,12 @@ class InferenceModel:
                 gate = weight[idx]
             if idx.numel() == 0:
                 break
+            rs = everyone.subset(idx.cpu().numpy())
+            sub_rope, sub_pos = (rope[0][idx], rope[1][idx]), pos[idx]
             x = h[idx]
             y = x
             for layer_id in self.block:
-                y = run(layer_id, step, y, idx)
+                y = self.layer_eager(layer_id, step, y, sub_rope, sub_pos, cache, rs)
             if self.scale_output:
                 scaled = self.scaled(x, y, gate)
                 y = scaled if self.expert_choice else torch.where((depth[idx] == step)[:, None], scaled, y)
@@ -206,3 +236,27 @@ class InferenceModel:
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)
+
+
+class RowSet:
+    """Rows of the eager path grouped by slot, known on the host (so no layer needs a host sync):
+    runs of consecutive rows of one slot, their lengths, and each row's rank within its run."""
+
+    def __init__(self, slots: np.ndarray, device: torch.device):
+        self.host_slots = slots
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if len(slots) else np.zeros(0, dtype=np.int64)
+        self.counts = np.diff(np.r_[starts, len(slots)])
+        self.run_slots = slots[starts]
+        self.width = int(self.counts.max()) if len(slots) else 0
+        self.slots = torch.from_numpy(slots).to(device)
+        self.all_rows = torch.ones(len(slots), dtype=torch.bool, device=device)
+        if self.width > 1:
+            run_of = np.repeat(np.arange(len(starts)), self.counts)
+            self.run_of = torch.from_numpy(run_of).to(device)
+            self.rank: Tensor | None = torch.from_numpy(np.arange(len(slots)) - starts[run_of]).to(device)
+            self.run_slots_dev = torch.from_numpy(self.run_slots).to(device)
+        else:
+            self.run_of = self.rank = self.run_slots_dev = None
+
+    def subset(self, idx: np.ndarray) -> "RowSet":
+        return RowSet(self.host_slots[idx], self.slots.device)
