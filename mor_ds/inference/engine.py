@@ -298,20 +298,27 @@ class Engine:
         self.in_rec.copy_(torch.from_numpy(self.in_rec_host).to(dev, non_blocking=True))
 
     def _after_tick(self) -> None:
+        """One device-to-host copy of the step's state and cache lengths; then the LM head and sampling on
+        the exiting rows only (MoR: a fraction of the slots per tick)."""
         self.stats.ticks += 1
-        nxt = sample(self.im.logits(self.hidden), self.temperature, self.top_p, self.generator,
-                     all_greedy=self.sampled_live == 0)
-        self.tokens.copy_(torch.where(self.exit, nxt, self.tokens))
-        host = torch.stack([self.exit.long(), nxt, self.depth, self.in_rec.long(), self.exit_steps]).cpu().numpy()
-        self.cache.pull_lengths()
-        exit_, nxt, self.depth_host[:], in_rec, steps = host[0].astype(bool), host[1], host[2], host[3], host[4]
+        S = self.max_slots
+        state = torch.stack([self.exit.long(), self.depth, self.in_rec.long(), self.exit_steps]).flatten()
+        host = torch.cat([state, self.cache.lengths.long()]).cpu().numpy()
+        exit_, self.depth_host[:], in_rec, steps = host[:S].astype(bool), host[S:2 * S], host[2 * S:3 * S], host[3 * S:4 * S]
+        self.cache.host_lengths[:] = host[4 * S:]
         self.in_rec_host[:] = in_rec.astype(bool)
         self.entering_host[:] = False
         if self.stats.depth is not None:
             self.stats.depth += np.bincount(steps[exit_], minlength=len(self.stats.depth))
         slots = np.nonzero(exit_)[0]
+        if not len(slots):
+            return
+        idx = torch.from_numpy(slots).to(self.im.device)
+        nxt = sample(self.im.logits(self.hidden[idx]), self.temperature[idx], self.top_p[idx], self.generator,
+                     all_greedy=self.sampled_live == 0)
+        self.tokens[idx] = nxt
         self.pos_host[slots] += 1
-        self._record(slots, nxt[slots])
+        self._record(slots, nxt.cpu().numpy())
 
     @torch.no_grad()
     def _tick(self) -> None:
