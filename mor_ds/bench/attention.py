@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mor_ds.attention import PAD_POS
-from mor_ds.bench.timing import bench_ms, environment
+from mor_ds.bench.timing import bench_graph_ms, bench_ms, environment
 from mor_ds.config import load_config
 
 SHAPE_PRESETS = {"135m": "mor-135m-nr3", "360m": "mor-360m-nr3"}
@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true", help="time Triton tile configs instead of the table")
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the Triton path instead")
     parser.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement")
+    parser.add_argument("--graphs", action="store_true",
+                        help="time CUDA-graph replays (device time, no host launch overhead) instead of do_bench")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time every variant this many times, interleaved, and keep each one's best median")
     parser.add_argument("--out", default="", help="write all numbers as JSON here")
@@ -199,9 +201,18 @@ def _flex_share(batch: int, q_len: int, kv_len: int):
     return _flex_attention(), block_mask_for
 
 
-def time_variant(fn: Callable[[], Tensor], x: Inputs, rep_ms: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms)."""
+def time_variant(fn: Callable[[], Tensor], x: Inputs, rep_ms: int, graphs: bool = False) -> tuple[float, float]:
+    """(forward ms, forward+backward ms); `graphs`: replays of a CUDA graph (device time only)."""
     grad = torch.randn_like(x.q)
+    if graphs:
+        def forward() -> None:
+            with torch.no_grad():
+                fn()
+
+        def forward_backward() -> None:
+            torch.autograd.grad(fn(), [x.q, x.k, x.v], grad, allow_unused=True)
+
+        return bench_graph_ms(forward), bench_graph_ms(forward_backward)
     with torch.no_grad():
         fwd = bench_ms(fn, rep_ms=rep_ms)
     both = bench_ms(lambda: fn().backward(grad), grad_to_none=[x.q, x.k, x.v], rep_ms=rep_ms)
@@ -216,7 +227,7 @@ def check_variant(fn: Callable[[], Tensor], ref: Tensor, x: Inputs) -> float:
     return float(rows.norm() / (_gather(ref.float(), x.read_rows) * x.valid[:, None, :, None]).norm())
 
 
-def run_workload(w: Workload, flex: bool, rep_ms: int, repeats: int = 1) -> dict:
+def run_workload(w: Workload, flex: bool, rep_ms: int, repeats: int = 1, graphs: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = make_inputs(w, gen)
     fns = variants(w, x, flex)
@@ -231,7 +242,7 @@ def run_workload(w: Workload, flex: bool, rep_ms: int, repeats: int = 1) -> dict
             if name in result.get("errors", {}):
                 continue
             try:
-                fwd, both = time_variant(fn, x, rep_ms)
+                fwd, both = time_variant(fn, x, rep_ms, graphs)
             except Exception as exc:  # a baseline that cannot run (e.g. Flex on this build) is reported, not fatal
                 result["times"][name] = None
                 result.setdefault("errors", {})[name] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
@@ -469,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
                     for frac in fractions:
                         w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim,
                                      args.tokens // seq, seq, frac, mode)
-                        results.append(run_workload(w, flex, args.rep_ms, args.repeats))
+                        results.append(run_workload(w, flex, args.rep_ms, args.repeats, args.graphs))
                         print("  " + json.dumps(results[-1]), flush=True)  # partial results survive a timeout
         record["results"] = results
         record["index_building"] = time_index_building(args.seq, fractions, args.tokens, args.rep_ms)
