@@ -33,10 +33,14 @@ if importlib.util.find_spec("triton") is not None:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """`auto`: the fastest correct backend for the device (CPU: reference)."""
+    """`auto`: the fastest correct backend for the device. CPU: reference. CUDA: triton when installed: it
+    sends dense causal attention to SDPA's flash kernel and runs the active-token cases (which SDPA can only
+    do with a dense mask) faster than SDPA in every measured case on an H100 (BENCHMARKS.md); else sdpa."""
     if name != "auto":
         return name
-    return "sdpa" if device.type == "cuda" else "reference"
+    if device.type != "cuda":
+        return "reference"
+    return "triton" if "triton" in BACKENDS else "sdpa"
 
 
 def attention(
