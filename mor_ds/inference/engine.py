@@ -76,6 +76,11 @@ class Engine:
         self.max_slots, self.max_len, self.prefill_rows = max_slots, max_len, prefill_rows
         dev, d, S = im.device, model.cfg.hidden_size, max_slots
         self.slot_ids = torch.arange(S, device=dev)
+        # cache rows per layer position (MoR block: depth 0's, the step's depth is added per token)
+        self._rows_all = self._static_rows(list(im.plan.unrolled))
+        self._rows_prelude = self._static_rows([(l, 0) for l in im.plan.prelude])
+        self._rows_coda = self._static_rows([(l, 0) for l in im.plan.coda])
+        self._rows_block = self._static_rows([(l, 0) for l in im.block]) if im.mor else None
         # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these)
         self.tokens = torch.zeros(S, dtype=torch.long, device=dev)
         self.positions = torch.zeros(S, dtype=torch.long, device=dev)
@@ -320,6 +325,25 @@ class Engine:
         self.pos_host[slots] += 1
         self._record(slots, nxt.cpu().numpy())
 
+    def _static_rows(self, keys: list[tuple[int, int]]) -> Tensor:
+        """(J, S) cache rows of every slot at the given (layer id, step) positions."""
+        groups = torch.tensor([self.im.layout.read_group(l, r) for l, r in keys], device=self.im.device)
+        return groups[:, None] * self.max_slots + self.slot_ids
+
+    def _phase(self, keys: list[tuple[int, int]], rows: Tensor, x: Tensor, rope, write: Tensor,
+               attend: Tensor, project: list[bool] | None = None) -> Tensor:
+        """Run the layers `keys` (layer id, step) in order on every slot: appends planned once, K/V written
+        per layer, lengths committed after (every layer writes distinct cache rows)."""
+        cache = self.cache
+        flat, attend_len = cache.plan_appends(rows, write, attend)
+        if self.im.kv_tokens_read is not None:
+            self.im.kv_tokens_read += attend_len.sum()
+        for j, (layer_id, _) in enumerate(keys):
+            writes = project[j] if project is not None else True
+            x = self.im.layer_masked(layer_id, x, rope, cache, rows[j], flat[j] if writes else None, attend_len[j])
+        cache.commit_appends(rows, write, flat, self.positions)
+        return x
+
     @torch.no_grad()
     def _tick(self) -> None:
         """The fixed-shape step over all slots; reads and writes only the static buffers."""
@@ -328,24 +352,22 @@ class Engine:
         rope = im.rope(self.positions)
         x = im.model.embed(self.tokens)
         ent = self.entering
-        for layer_id in im.plan.prelude:
-            x = self._layer(layer_id, 0, x, rope, ent)
-        if not im.mor:
-            for layer_id, step in im.plan.recursive_part:
-                x = self._layer(layer_id, step, x, rope, ent, write=ent if im.layout.writes(step) else None)
+        if not im.mor:  # the whole stack, every live slot
+            keys = list(im.plan.unrolled)
+            project = [im.layout.writes(r) for _, r in keys]
+            write = torch.tensor(project, device=ent.device)[:, None] & ent
+            x = self._phase(keys, self._rows_all, x, rope, write, ent, project)
             exit_ = ent
         else:
+            keys = [(l, 0) for l in im.plan.prelude]
+            if keys:
+                x = self._phase(keys, self._rows_prelude, x, rope, ent.expand(len(keys), -1), ent)
             x, exit_ = self._recursion_tick(x, rope)
-        for layer_id in im.plan.coda:
-            x = self._layer(layer_id, 0, x, rope, exit_)
+            keys = [(l, 0) for l in im.plan.coda]
+            if keys:
+                x = self._phase(keys, self._rows_coda, x, rope, exit_.expand(len(keys), -1), exit_)
         self.hidden.copy_(im.model.norm(x))
         self.exit.copy_(exit_)
-
-    def _layer(self, layer_id: int, step: Tensor | int, x: Tensor, rope, rows_mask: Tensor,
-               write: Tensor | None | bool = True) -> Tensor:
-        rows = self.im.cache_rows(layer_id, step, self.slot_ids, self.cache)
-        write = rows_mask if write is True else write
-        return self.im.layer_masked(layer_id, x, rope, self.positions, self.cache, rows, write, rows_mask)
 
     def _recursion_tick(self, x: Tensor, rope) -> tuple[Tensor, Tensor]:
         im, nr = self.im, self.im.num_recursions
@@ -364,11 +386,12 @@ class Engine:
             rec = self.in_rec | ent
             gate = torch.where(ent, weight, self.gate)
             target = torch.where(ent, chosen, self.target)
-        # one pass of the shared block over every token in the recursion, each at its own depth
-        write = rec & (depth == 0) if im.kv_share else rec
-        y = h
-        for layer_id in im.block:
-            y = self._layer(layer_id, depth, y, rope, rec, write=write)
+        # one pass of the shared block over every token in the recursion, each at its own depth: its
+        # depth-r cache (recursion-wise caching) or the step-0 cache (KV sharing, written at r = 0 only)
+        keys = [(l, 0) for l in im.block]
+        rows = self._rows_block if im.kv_share else self._rows_block + depth * self.max_slots
+        write = (rec & (depth == 0) if im.kv_share else rec).expand(len(keys), -1)
+        y = self._phase(keys, rows, h, rope, write, rec)
         if im.scale_output:
             scaled = im.scaled(h, y, gate)
             y = scaled if im.expert_choice else torch.where((target == depth)[:, None], scaled, y)

@@ -98,8 +98,8 @@ def decode_attention_triton(q: Tensor, cache: PagedKVCache, rows: Tensor, length
     n, heads, head_dim = q.shape
     kv_heads = cache.k.shape[2]
     group = heads // kv_heads
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    assert q.stride(2) == 1, "head_dim must be contiguous"
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _decode_kernel[(n, kv_heads)](
         q, cache.k, cache.v, out, cache.tables, rows, lengths, 1.0 / math.sqrt(head_dim),
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),

@@ -132,19 +132,17 @@ class InferenceModel:
 
         return self._block(layer_id, x, rope, self.layout.writes(step), attend)
 
-    def layer_masked(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor, cache: PagedKVCache,
-                     rows: Tensor, write: Tensor | None, attend_mask: Tensor) -> Tensor:
-        """Fixed-shape path (one row per slot, graph-safe): append where `write`, attend where `attend_mask`
-        (other rows get a zero attention output); pages reserved by the caller. write None = no K/V."""
+    def layer_masked(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], cache: PagedKVCache,
+                     rows: Tensor, flat: Tensor | None, attend_len: Tensor) -> Tensor:
+        """Fixed-shape path (one row per slot, graph-safe), with the appends planned by
+        `PagedKVCache.plan_appends`: K/V written to slots `flat` (None = no K/V projected), attention over
+        `attend_len` cached tokens of cache row `rows` (0 = no attention)."""
         def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
             if k is not None:
-                cache.append(rows, k, v, pos, write)
-            lengths = torch.where(attend_mask, cache.lengths[rows], 0)
-            if self.kv_tokens_read is not None:
-                self.kv_tokens_read += lengths.sum()
-            return decode_attention(q, cache, rows, lengths, backend=self.decode_backend)
+                cache.write_at(flat, k, v)
+            return decode_attention(q, cache, rows, attend_len, backend=self.decode_backend)
 
-        return self._block(layer_id, x, rope, write is not None, attend)
+        return self._block(layer_id, x, rope, flat is not None, attend)
 
     def cache_rows(self, layer_id: int, step: Tensor | int, slots: Tensor, cache: PagedKVCache) -> Tensor:
         """Cache row of each token of `slots` at (layer, step); step may be a per-row tensor."""
