@@ -230,3 +230,26 @@ def test_generate_command_on_an_export_and_a_config_dir(tmp_path, capsys):
     assert "missing: not found" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,999", "--no-stop"]) == 2
     assert "ids must be in 0..255" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-vanilla", "tiny-recursive", "tiny-mor", "tiny-mor-tc"])
+def test_decode_step_creates_no_tensor_from_host_data(name):
+    """CUDA graph capture forbids host-to-device copies: the tick must build nothing from Python data."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostData(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "lift_fresh" in str(func):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    engine = Engine(tiny(name), max_slots=2, max_len=20, page_size=4)
+    engine.add(Request(prompt(5, 1), 3))
+    engine._admit()
+    engine._reserve_tick()
+    engine._upload_host_state()
+    with HostData() as mode:
+        engine._tick()
+    assert mode.seen == []

@@ -15,6 +15,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import time
@@ -62,7 +63,8 @@ def build(name: str, smoke: bool, device: torch.device):
     from mor_ds.models import build_model
 
     preset, _, depth = name.partition("-L")
-    overrides = list(SMOKE_OVERRIDES) if smoke else []
+    # SDPA for the short router training and the prefill (the Triton training kernels are timed elsewhere)
+    overrides = ["model.attention_backend=sdpa"] + (list(SMOKE_OVERRIDES) if smoke else [])
     if depth:
         overrides.append(f"model.num_layers={int(depth)}")
     cfg = load_config(preset, overrides)
@@ -209,6 +211,9 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         if not graph:
             raise
         graph, graph_error = False, f"{type(exc).__name__}: {exc}"
+    if graph_error:  # outside the except block, so the failed engine's KV pool is freed first
+        gc.collect()
+        torch.cuda.empty_cache()
         engine = Engine(model, cuda_graph=False, **kwargs)
     im = engine.im
     # warm-up: prefill and decode paths, allocator; then reset the counters

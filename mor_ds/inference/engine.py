@@ -81,6 +81,7 @@ class Engine:
         self._rows_prelude = self._static_rows([(l, 0) for l in im.plan.prelude])
         self._rows_coda = self._static_rows([(l, 0) for l in im.plan.coda])
         self._rows_block = self._static_rows([(l, 0) for l in im.block]) if im.mor else None
+        self._projects = torch.tensor([im.layout.writes(r) for _, r in im.plan.unrolled], device=dev)
         # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these)
         self.tokens = torch.zeros(S, dtype=torch.long, device=dev)
         self.positions = torch.zeros(S, dtype=torch.long, device=dev)
@@ -355,8 +356,7 @@ class Engine:
         if not im.mor:  # the whole stack, every live slot
             keys = list(im.plan.unrolled)
             project = [im.layout.writes(r) for _, r in keys]
-            write = torch.tensor(project, device=ent.device)[:, None] & ent
-            x = self._phase(keys, self._rows_all, x, rope, write, ent, project)
+            x = self._phase(keys, self._rows_all, x, rope, self._projects[:, None] & ent, ent, project)
             exit_ = ent
         else:
             keys = [(l, 0) for l in im.plan.prelude]
