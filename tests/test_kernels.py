@@ -9,6 +9,11 @@ CUDA (`-m cuda`, needs TRITON_INTERPRET=0): the same checks at full model shapes
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -237,6 +242,28 @@ def test_bad_inputs_raise_one_line_errors():
         active_attention(kv, kv, kv, q_pos=torch.arange(7)[None])
     with pytest.raises(ValueError, match="both q_doc and kv_doc"):
         active_attention(kv, kv, kv, q_doc=torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_kernel_sentinels_match_reference():
+    from mor_ds.kernels import common
+
+    assert common.PAD_POS.value == PAD_POS
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Ahead-of-time compile for sm_90 with Triton's bundled ptxas (in a process without the interpreter): GPU-only
+    compile errors show up on CPU CI, and the tile matmuls must be Hopper `wgmma` with 16-byte loads, unspilled."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-m", "mor_ds.kernels.aot"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) == {"attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel",
+                           "block_ranges_kernel"}
+    for name, facts in report.items():
+        assert not facts["spills"], f"{name} spills to local memory"
+        if name != "block_ranges_kernel":
+            assert facts["wgmma"] and facts["cp_async_16B"], f"{name}: {facts}"
 
 
 # ---------------------------------------------------------------------------------------------------------

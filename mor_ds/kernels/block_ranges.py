@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mor_ds.kernels.common import load_docs, load_positions, seq_bounds
+from mor_ds.kernels.common import INT32_MAX, PAD_POS, load_docs, load_positions, seq_bounds
 
 
 @triton.jit
@@ -31,17 +31,17 @@ def _block_stats(pos_ptr, doc_ptr, offs, length, IS_KEY: tl.constexpr, POS_IS_IN
     every row is real. Keys: the max counts padded keys too (a block holding one is never full)."""
     valid = offs < length
     pos = load_positions(pos_ptr, offs, valid, POS_IS_INDEX)
-    real = valid & (pos < 1073741824)
-    pmin = tl.min(tl.where(real, pos, 2147483647), 1)
+    real = valid & (pos < PAD_POS)
+    pmin = tl.min(tl.where(real, pos, INT32_MAX), 1)
     if IS_KEY:
-        pmax = tl.max(tl.where(valid, pos, 2147483647), 1)
+        pmax = tl.max(tl.where(valid, pos, INT32_MAX), 1)
     else:
         pmax = tl.max(tl.where(real, pos, -1), 1)
     complete = tl.min(real.to(tl.int32), 1) == 1
     if HAS_DOC:
         doc = load_docs(doc_ptr, offs, valid, 0)
-        dmin = tl.min(tl.where(real, doc, 2147483647), 1)
-        dmax = tl.max(tl.where(real, doc, -2147483647), 1)
+        dmin = tl.min(tl.where(real, doc, INT32_MAX), 1)
+        dmax = tl.max(tl.where(real, doc, -INT32_MAX), 1)
     else:
         dmin = pmin * 0
         dmax = pmin * 0
@@ -79,10 +79,10 @@ def _table_row(out, row, qpos, kpos, qdoc, kdoc, q_len, k_len, n_cols,
             full = full & (qdmin == qdmax) & (kdmin == kdmax) & (qdmin == kdmin)
         lo = tl.minimum(lo, tl.min(tl.where(relevant, cols, n_cols), 0))
         hi = tl.maximum(hi, tl.max(tl.where(relevant, cols + 1, 0), 0))
-        first_full = tl.min(tl.where(full, cols, 2147483647), 0)
-        a = tl.where((a < 0) & (first_full < 2147483647), first_full, a)
-        first_partial = tl.min(tl.where((full == 0) & (cols > a) & (a >= 0), cols, 2147483647), 0)
-        b_end = tl.where((b_end < 0) & (first_partial < 2147483647), first_partial, b_end)
+        first_full = tl.min(tl.where(full, cols, INT32_MAX), 0)
+        a = tl.where((a < 0) & (first_full < INT32_MAX), first_full, a)
+        first_partial = tl.min(tl.where((full == 0) & (cols > a) & (a >= 0), cols, INT32_MAX), 0)
+        b_end = tl.where((b_end < 0) & (first_partial < INT32_MAX), first_partial, b_end)
     lo = tl.where(hi == 0, 0, lo)
     no_full = a < 0
     a = tl.where(no_full, lo, a)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PAD_POS = 1 << 30  # = mor_ds.attention.reference.PAD_POS (kept literal in the kernels below)
+PAD_POS = tl.constexpr(1 << 30)  # = mor_ds.attention.reference.PAD_POS (kernels import no torch-side code)
+INT32_MAX = tl.constexpr(2**31 - 1)  # position of out-of-range keys: after every query
 
 
 @triton.jit
@@ -47,9 +48,9 @@ def memory_rows(rows_ptr, start, offs, valid, GATHER: tl.constexpr):
 def load_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
     """int32 positions of logical rows `offs` (any shape); PAD_POS where out of range."""
     if POS_IS_INDEX:
-        p = tl.where(valid, offs, 1073741824)
+        p = tl.where(valid, offs, PAD_POS)
     else:
-        p = tl.load(pos_ptr + offs, mask=valid, other=1073741824).to(tl.int32)
+        p = tl.load(pos_ptr + offs, mask=valid, other=PAD_POS).to(tl.int32)
     return p
 
 
@@ -60,16 +61,16 @@ def query_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
         p = tl.where(valid, offs, -1)
     else:
         p = tl.load(pos_ptr + offs, mask=valid, other=-1).to(tl.int32)
-    return tl.where(p >= 1073741824, -1, p)
+    return tl.where(p >= PAD_POS, -1, p)
 
 
 @triton.jit
 def key_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
     """Positions of key rows; out-of-range rows get INT32_MAX: after every query."""
     if POS_IS_INDEX:
-        p = tl.where(valid, offs, 2147483647)
+        p = tl.where(valid, offs, INT32_MAX)
     else:
-        p = tl.load(pos_ptr + offs, mask=valid, other=2147483647).to(tl.int32)
+        p = tl.load(pos_ptr + offs, mask=valid, other=INT32_MAX).to(tl.int32)
     return p
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mor_ds.kernels.common import key_positions, load_docs, memory_rows, query_positions, seq_bounds, visible
+from mor_ds.kernels.common import (
+    PAD_POS, key_positions, load_docs, memory_rows, query_positions, seq_bounds, visible,
+)
 
 
 @triton.jit
@@ -122,7 +124,7 @@ def attention_bwd_dkdv_kernel(
                              q_start, q_len, stride_qs, stride_dos, b_end, hi, qk_scale,
                              BLOCK_M, HEAD_DIM, True, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
     if KV_GATHER:  # a padded slot's row index is a placeholder: never write through it
-        n_store = n_valid & (kp < 1073741824)
+        n_store = n_valid & (kp < PAD_POS)
     else:
         n_store = n_valid
     tl.store(DK + b64 * stride_dkb + kvh * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],

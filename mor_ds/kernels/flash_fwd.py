@@ -10,7 +10,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mor_ds.kernels.common import key_positions, load_docs, memory_rows, query_positions, seq_bounds, visible
+from mor_ds.kernels.common import (
+    key_positions, load_docs, memory_rows, query_positions, seq_bounds, visible,
+)
 
 
 @triton.jit
