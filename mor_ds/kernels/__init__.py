@@ -2,12 +2,11 @@
 a recursion step, causal by original position, with GQA, document masks, fused gather/scatter and a packed
 varlen layout (forward and backward). Importing this package needs triton."""
 
-from mor_ds.kernels.attention import interpreter_active
-from mor_ds.kernels.interpreter_compat import patch_interpreter
+from mor_ds.kernels.interpreter_compat import interpreter_active, patch_interpreter
 
-if interpreter_active():
+if interpreter_active():  # before any kernel runs
     patch_interpreter()
 
-from mor_ds.kernels.attention import KernelConfigs, TileConfig, active_attention, active_attention_varlen
+from mor_ds.kernels.attention import KernelConfigs, TileConfig, active_attention, active_attention_varlen  # noqa: E402
 
 __all__ = ["KernelConfigs", "TileConfig", "active_attention", "active_attention_varlen"]

@@ -17,7 +17,6 @@ used in place; the output has q's memory layout).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor
 from mor_ds.kernels.block_ranges import block_ranges
 from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from mor_ds.kernels.flash_fwd import attention_fwd_kernel
+from mor_ds.kernels.interpreter_compat import interpreter_active
 
 LOG2_E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
@@ -51,17 +51,14 @@ class KernelConfigs:
             raise ValueError(f"KernelConfigs: dq tiles {self.dq} must have the forward's block shape {self.fwd}")
 
 
-# Chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep` (360M shape, S=2048; BENCHMARKS.md).
+# D=64: chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep` (360M shape, S=2048; BENCHMARKS.md).
+# D=128: correct on the H100 (tests/test_kernels.py -m cuda), tiles not swept.
 _GPU_CONFIGS = {
     64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3)),
     128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(128, 64, 8, 3)),
 }
 # Interpreter (CPU tests): small, unequal tiles so that short sequences still span many blocks.
 _INTERPRETER_CONFIGS = KernelConfigs(TileConfig(32, 16, 1, 1), TileConfig(16, 32, 1, 1), TileConfig(32, 16, 1, 1))
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def default_configs(head_dim: int, device: torch.device) -> KernelConfigs:

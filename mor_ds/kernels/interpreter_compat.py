@@ -8,6 +8,12 @@ explicit `.item()`. No effect on compiled (GPU) kernels.
 
 from __future__ import annotations
 
+import os
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def patch_interpreter() -> None:
     from triton.runtime import interpreter
