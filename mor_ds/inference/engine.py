@@ -77,7 +77,7 @@ class Engine:
         dev, d, S = im.device, model.cfg.hidden_size, max_slots
         self.slot_ids = torch.arange(S, device=dev)
         # cache rows per layer position (MoR block: depth 0's, the step's depth is added per token)
-        self._rows_all = self._static_rows(list(im.plan.unrolled))
+        self._rows_all = self._static_rows(list(im.plan.unrolled)) if not im.mor else None
         self._rows_prelude = self._static_rows([(l, 0) for l in im.plan.prelude])
         self._rows_coda = self._static_rows([(l, 0) for l in im.plan.coda])
         self._rows_block = self._static_rows([(l, 0) for l in im.block]) if im.mor else None

@@ -144,12 +144,6 @@ class InferenceModel:
 
         return self._block(layer_id, x, rope, flat is not None, attend)
 
-    def cache_rows(self, layer_id: int, step: Tensor | int, slots: Tensor, cache: PagedKVCache) -> Tensor:
-        """Cache row of each token of `slots` at (layer, step); step may be a per-row tensor."""
-        base = self.layout.read_group(layer_id, 0)
-        group = base if self.kv_share else base + step  # a layer's depth groups are contiguous
-        return group * cache.max_slots + slots
-
     # ------------------------------------------------------------------ routing
 
     def router_logits(self, h: Tensor, step: int) -> tuple[Tensor, Tensor]:
