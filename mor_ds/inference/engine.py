@@ -7,8 +7,8 @@ fixed-shape pass over all slots (so it can be captured in a CUDA graph):
           shared block runs ONCE over every token in the recursion, each at its own depth r (its attention
           reads its own depth-r cache, or the step-0 cache under KV sharing; its router is step r's);
           tokens the router lets go leave through coda + head in the same tick, their sequence samples
-          its next token, and that token enters in the next tick. A token of depth d occupies its slot
-          for d ticks, so the shared block always runs on a batch mixing depths 0…Nr−1 instead of
+          its next token, and that token enters in the next tick. A token that runs d steps occupies its
+          slot for max(d, 1) ticks, so the shared block always runs on a batch mixing depths 0…Nr−1 instead of
           shrinking batches step after step.
   vanilla / recursive: every live slot runs its whole layer stack each tick.
 
