@@ -1,0 +1,50 @@
+"""`mor-ds sweep SWEEP.yaml [--dry-run]`: compute-matched arms -> resolved configs -> one sbatch job each.
+
+    mor-ds sweep slurm/sweeps/isoflop-360m.yaml --dry-run    # table of arms + the rendered job scripts
+    mor-ds sweep slurm/sweeps/isoflop-360m.yaml              # submit (re-run: only arms not yet submitted)
+    mor-ds sweep slurm/sweeps/isoflop-360m.yaml --resubmit mor-360m-nr3   # forget an arm's job, submit it again
+
+Exit codes: 0 done; 1 an sbatch failed (the arms submitted so far are recorded); 2 bad sweep file or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mor_ds.sweep import SweepError, load_sweep, render_eval, render_train, submit, table
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="compute-matched sweep: one Slurm job per arm, same FLOPs or tokens",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="sweep YAML (see slurm/sweeps/ and docs/slurm.md)")
+    p.add_argument("--dry-run", action="store_true", help="print the arms and their job scripts; submit nothing")
+    p.add_argument("--resubmit", action="append", default=[], metavar="ARM",
+                   help="submit ARM again even if the state file records it (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sweep = load_sweep(args.sweep)
+    except SweepError as exc:
+        print(f"mor-ds sweep: {exc}", file=sys.stderr)
+        return 2
+    print(table(sweep), flush=True)
+    if args.dry_run:
+        for arm in sweep.arms:
+            print(f"\n# ===== {sweep.arm_dir(arm)}/train.sbatch =====")
+            print(render_train(sweep, arm), end="")
+            if sweep.eval_args is not None:
+                print(f"\n# ===== {sweep.arm_dir(arm)}/eval.sbatch (--dependency=afterok:<train job>) =====")
+                print(render_eval(sweep, arm), end="")
+        print(f"\ndry run: nothing written, nothing submitted ({len(sweep.arms)} arms)")
+        return 0
+    try:
+        state = submit(sweep, resubmit=tuple(args.resubmit), echo=lambda line: print(line, flush=True))
+    except SweepError as exc:
+        print(f"mor-ds sweep: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(state.arms)}/{len(sweep.arms)} arms submitted; state in {state.path}; W&B group {sweep.name}")
+    return 0
