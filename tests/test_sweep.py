@@ -1,0 +1,280 @@
+"""mor-ds sweep without Slurm: grid expansion, budget matching through the planner, script rendering, bad input.
+Submission to a real Slurm is in tests/integration/test_slurm.py."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mor_ds.cli import main
+from mor_ds.config import load_config
+from mor_ds.flops import flops_per_token
+from mor_ds.models.sharing import paper_num_layers
+from mor_ds.sweep import (SlurmSpec, SubmitState, SweepError, load_sweep, render_eval, render_script, render_train,
+                          submit, time_limit_seconds)
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEPS = REPO / "slurm" / "sweeps"
+
+
+CPU_SLURM = {"gpus_per_node": 0, "tasks_per_node": 1, "time": "01:00:00"}
+
+
+def write_sweep(tmp_path: Path, **data) -> Path:
+    data["slurm"] = {**CPU_SLURM, **data.get("slurm", {})}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+TINY_GRID = {"family": ["vanilla", "recursive", "mor"], "size": ["tiny"], "num_recursions": [2, 3]}
+
+
+# ---------------------------------------------------------------------------------------------
+# grid expansion
+
+
+def test_paper_sweep_expands_to_vanilla_recursive_mor_at_each_nr():
+    sweep = load_sweep(SWEEPS / "isoflop-360m.yaml")
+    names = [a.name for a in sweep.arms]
+    stems = ["vanilla-360m"] + [f"{f}-360m-nr{nr}" for f in ("recursive", "mor") for nr in (2, 3, 4)]
+    assert names == [f"{s}-f{b}" for s in stems for b in ("2e18", "5e18", "1.65e19")]
+    arm = next(a for a in sweep.arms if a.name == "mor-360m-nr4-f1.65e19")
+    m = arm.cfg.model
+    assert (m.family, m.num_recursions, m.sharing, m.kv_mode, m.num_layers) == ("mor", 4, "middle_cycle", "cache", 34)
+    assert arm.cfg.router.type == "expert_choice"
+    assert arm.cfg.wandb.group == "isoflop-360m" and arm.cfg.wandb.name == arm.name == arm.cfg.name
+
+
+@pytest.mark.parametrize("size", ["135m", "360m", "730m", "1.7b"])
+def test_every_shipped_paper_sweep_loads(size):
+    sweep = load_sweep(SWEEPS / f"isoflop-{size}.yaml")
+    assert {a.cfg.model.family for a in sweep.arms} == {"vanilla", "recursive", "mor"}
+    assert not sweep.skipped
+
+
+def test_axes_that_do_not_apply_collapse_and_forbidden_combinations_are_listed(tmp_path):
+    path = write_sweep(tmp_path, budget={"tokens": 1e6},
+                       grid={"family": ["vanilla", "recursive", "mor"], "size": ["tiny"], "num_recursions": [2],
+                             "sharing": ["cycle", "sequence"], "router": ["expert_choice", "token_choice"],
+                             "kv_mode": ["cache"]})
+    sweep = load_sweep(path)
+    # vanilla once; recursive has no router axis (2 sharings); MoR only with cycle sharing (2 routers)
+    assert [a.name for a in sweep.arms] == ["tiny-vanilla", "tiny-recursive-nr2-cycle", "tiny-recursive-nr2-sequence",
+                                            "tiny-mor-nr2-cycle", "tiny-mor-nr2-tc-cycle"]
+    assert [name for name, _ in sweep.skipped] == ["tiny-mor-nr2-sequence", "tiny-mor-nr2-tc-sequence"]
+    assert all("cycle or middle_cycle" in why for _, why in sweep.skipped)
+    cycle = next(a for a in sweep.arms if a.name == "tiny-recursive-nr2-cycle").cfg.model
+    assert (cycle.sharing, cycle.num_layers) == ("cycle", paper_num_layers(6, 2, "cycle"))
+    tc = next(a for a in sweep.arms if a.name == "tiny-mor-nr2-tc-cycle").cfg.router
+    assert (tc.type, tc.activation) == ("token_choice", "softmax")
+
+
+def test_explicit_arms_and_common_overrides(tmp_path):
+    (tmp_path / "mine.yaml").write_text("preset: tiny-mor\nmodel: {hidden_size: 64, num_heads: 2, num_kv_heads: 1}\n")
+    path = write_sweep(tmp_path, name="mix", budget={"tokens": 4096},
+                       arms=[{"name": "custom", "config": "mine.yaml", "set": {"router.arch": "mlp"},
+                              "slurm": {"nodes": 2}},
+                             {"config": "tiny-vanilla"}],
+                       set={"train.seq_len": 64, "train": {"micro_batch_size": 2}, "train.global_batch_size": 32})
+    sweep = load_sweep(path)
+    custom, vanilla = sweep.arms
+    assert (custom.name, vanilla.name) == ("custom", "tiny-vanilla")
+    assert (custom.cfg.model.hidden_size, custom.cfg.router.arch) == (64, "mlp")
+    assert all((a.cfg.train.seq_len, a.cfg.train.micro_batch_size) == (64, 2) for a in sweep.arms)
+    assert (custom.slurm.nodes, vanilla.slurm.nodes) == (2, 1)
+    assert custom.plan.steps == vanilla.plan.steps == 2  # 4096 tokens / (32 x 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# budget matching
+
+
+def test_every_arm_gets_the_same_flops_within_one_step():
+    budget = 16.5e18
+    sweep = load_sweep(SWEEPS / "isoflop-360m.yaml")
+    for arm in (a for a in sweep.arms if a.name.endswith("f1.65e19")):
+        cfg = arm.cfg
+        per_step = flops_per_token(cfg, "paper") * cfg.train.global_batch_size * cfg.train.seq_len
+        assert arm.plan.steps == round(budget / per_step)
+        assert abs(arm.plan.flops - budget) <= per_step / 2
+        # the trainer runs exactly the planned steps, whatever the preset's own budget said
+        assert (cfg.train.max_steps, cfg.train.max_tokens, cfg.train.max_flops) == (arm.plan.steps, 0, 0.0)
+    steps = {a.name: a.plan.steps for a in sweep.arms}
+    # equal FLOPs: MoR-2 (fewer active tokens per recursion) trains on more tokens than vanilla (paper: 27B vs 20B)
+    assert steps["mor-360m-nr2-f1.65e19"] > steps["vanilla-360m-f1.65e19"]
+
+
+def test_token_budget_gives_equal_tokens_and_different_flops():
+    sweep = load_sweep(SWEEPS / "tokens-360m.yaml")
+    assert len({a.plan.tokens for a in sweep.arms}) == 1
+    flops = {a.name: a.plan.flops for a in sweep.arms}
+    assert flops["mor-360m-nr2"] < flops["vanilla-360m"]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    sweep = load_sweep(SWEEPS / "tiny.yaml")
+    arm = sweep.arms[1]
+    (tmp_path / "c.yaml").write_text(arm.cfg.to_yaml())
+    assert load_config(str(tmp_path / "c.yaml")) == arm.cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def _sbatch_lines(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_rendered_train_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, name="r", budget={"flops": 1.3e10},
+                       grid={"family": ["mor"], "size": ["tiny"]},
+                       set={"train.seq_len": 64, "train.micro_batch_size": 2, "train.global_batch_size": 8},
+                       slurm={"nodes": 2, "gpus_per_node": 2, "tasks_per_node": 0, "cpus_per_task": 4, "time": "1-00:00:00",
+                              "partition": "gpu", "account": "proj", "signal_seconds": 300,
+                              "sbatch_args": ["--exclusive"], "env": {"NCCL_SOCKET_IFNAME": "ib0"},
+                              "command": "/opt/venv/bin/mor-ds"})
+    sweep = load_sweep(path)
+    (arm,) = sweep.arms
+    script = render_train(sweep, arm)
+    arm_dir = tmp_path / "runs" / "sweeps" / "r" / "tiny-mor-nr2"
+    assert _sbatch_lines(script) == [
+        "#SBATCH --job-name=r.tiny-mor-nr2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=4", "#SBATCH --time=1-00:00:00",
+        "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+        "#SBATCH --partition=gpu", "#SBATCH --account=proj", f"#SBATCH --output={arm_dir}/slurm-%j.out",
+        "#SBATCH --exclusive"]
+    assert f"\nMOR_DS_CONFIG={arm_dir}/config.yaml\n" in script
+    assert f"\nMOR_DS_RUN_DIR={arm_dir}\n" in script
+    assert "\nMOR_DS_CMD=/opt/venv/bin/mor-ds\n" in script
+    assert "\nMOR_DS_REQUEUE=${MOR_DS_REQUEUE:-1}\n" in script  # untouched knobs stay overridable
+    assert "\nexport NCCL_SOCKET_IFNAME=ib0\n" in script
+    # the body is the template's, and the result is valid bash
+    template = (REPO / "slurm" / "train.sbatch").read_text()
+    assert script.endswith(template[template.index("# ---- no edits needed below ----"):])
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_rendered_script_refuses_to_run_outside_slurm(tmp_path):
+    sweep = load_sweep(SWEEPS / "tiny.yaml")
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_train(sweep, sweep.arms[0]))
+    env = {"PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "run me with sbatch" in proc.stderr
+
+
+def test_rendered_eval_script_carries_its_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, name="e", budget={"tokens": 4096}, grid={"family": ["vanilla"], "size": ["tiny"]},
+                       slurm={"gpus_per_node": 4}, eval={"args": ["--tasks", "paper", "--limit", "100"]})
+    sweep = load_sweep(path)
+    script = render_eval(sweep, sweep.arms[0])
+    assert "#SBATCH --gpus-per-node=1" in _sbatch_lines(script)
+    assert "#SBATCH --ntasks-per-node=1" in _sbatch_lines(script)
+    assert "\nMOR_DS_EVAL_ARGS='--tasks paper --limit 100'\n" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_render_script_needs_the_configuration_section():
+    with pytest.raises(SweepError, match="configuration"):
+        render_script("#!/bin/bash\n#SBATCH --nodes=1\necho hi\n", ["--nodes=2"], {}, {})
+    template = "#!/bin/bash\n#SBATCH --nodes=1\n# ---- configuration\nA=${A:-1}\n# ---- no edits needed below ----\n"
+    with pytest.raises(SweepError, match="no configuration line for B"):
+        render_script(template, ["--nodes=2"], {"B": "x"}, {})
+    out = render_script(template, ["--nodes=2", "--time=5"], {"A": "two words"}, {})
+    assert out == ("#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --time=5\n# ---- configuration\nA='two words'\n"
+                   "# ---- no edits needed below ----\n")
+
+
+@pytest.mark.parametrize("text,seconds", [("30", 1800), ("05:30", 330), ("02:00:00", 7200), ("1-00:00:00", 86400),
+                                          ("2-12", 216000)])
+def test_time_limit_formats(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# dry run through the CLI
+
+
+def test_dry_run_prints_table_and_scripts_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(SWEEPS / "tiny.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("arm "))
+    assert re.split(r"\s{2,}", header.strip()) == ["arm", "params", "non-emb", "steps", "tokens", "FLOPs",
+                                                   "nodes x gpus", "est. h"]
+    assert re.search(r"^tiny-vanilla\s+1.63M\s+1.11M\s+20\s", out, re.M)
+    assert out.count("#!/bin/bash") == 2 and "--job-name=tiny.tiny-mor-nr2" in out
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line naming the file, key or arm
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"grid": TINY_GRID}, "budget: missing"),
+    ({"budget": {"flops": 1e12, "tokens": 1e6}, "grid": TINY_GRID}, "exactly one of flops or tokens"),
+    ({"budget": {"flops": "lots"}, "grid": TINY_GRID}, "budget.flops='lots': not a number"),
+    ({"budget": {"flops": 1e12}, "grid": {**TINY_GRID, "depth": [2]}}, "grid.depth: unknown axis"),
+    ({"budget": {"flops": 1e12}, "grid": {**TINY_GRID, "family": ["moe"]}}, "grid.family: unknown value 'moe'"),
+    ({"budget": {"flops": 1e12}, "grid": {**TINY_GRID, "size": ["7b"]}}, "grid.size: unknown value '7b'"),
+    ({"budget": {"flops": 1e12}, "grid": {"family": ["mor"]}}, "grid needs a size axis"),
+    ({"budget": {"flops": 1e12}, "arms": [{"config": "mor-999m-nr2"}]}, "arms[0]: preset 'mor-999m-nr2': unknown"),
+    ({"budget": {"flops": 1e12}, "arms": [{"config": "tiny-mor", "colour": 1}]}, "arms[0].colour: unknown key"),
+    ({"budget": {"flops": 1e12}, "arms": [{"config": "tiny-mor"}, {"config": "tiny-mor"}]},
+     "arm name 'tiny-mor' appears twice"),
+    ({"budget": {"flops": 1e3}, "grid": TINY_GRID}, "arm tiny-vanilla: FLOPs budget 1000: less than one optimizer step"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "set": {"train.micro_batch_size": 3}},
+     "arm tiny-vanilla: train.global_batch_size=16: must be a multiple of train.micro_batch_size=3"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"gpus_per_node": 3, "tasks_per_node": 0}},
+     "is not a multiple of train.micro_batch_size=8 x 3 processes"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"time": "00:05:00"}},
+     "slurm.signal_seconds=600 is not below slurm.time=00:05:00"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"gpus": 4}}, "slurm.gpus: unknown key"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"time": "soon"}}, "slurm.time='soon'"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "priority": 1}, "priority: unknown key"),
+    ({"budget": {"flops": 1e12}}, "no arms"),
+])
+def test_bad_sweep_files(tmp_path, data, message):
+    with pytest.raises(SweepError) as info:
+        load_sweep(write_sweep(tmp_path, **data))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_input_through_the_cli_is_one_line(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err == f"mor-ds sweep: sweep file {tmp_path / 'missing.yaml'}: not found\n"
+    (tmp_path / "bad.yaml").write_text("budget: [unclosed\n")
+    assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mor-ds sweep: sweep file {tmp_path / 'bad.yaml'}: invalid YAML") and err.count("\n") == 1
+
+
+def test_missing_sbatch_is_reported_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm client here
+    sweep = load_sweep(SWEEPS / "tiny.yaml")
+    with pytest.raises(SweepError, match="^sbatch not found on PATH"):
+        submit(sweep)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_state_file_is_named(tmp_path):
+    (tmp_path / "sweep-state.json").write_text("{not json")
+    with pytest.raises(SweepError, match="sweep-state.json: unreadable sweep state"):
+        SubmitState.load(tmp_path / "sweep-state.json")
+
+
+def test_slurm_spec_task_count():
+    assert SlurmSpec(nodes=2, gpus_per_node=4).world_size == 8
+    assert SlurmSpec(nodes=1, gpus_per_node=0, tasks_per_node=2).world_size == 2
+    assert SlurmSpec(nodes=1, gpus_per_node=0).world_size == 1
