@@ -215,3 +215,13 @@ def test_layer_plans_follow_the_paper():
     ms = layer_plan(8, 3, "middle_sequence")
     assert [i for i, _ in ms.unrolled] == [0, 1, 1, 1, 2, 2, 2, 3]
     assert paper_num_layers(32, 4) == 34 and paper_num_layers(30, 3) == 32 and paper_num_layers(32, 3) == 32
+
+
+def test_autocast_keeps_q_k_v_in_one_dtype():
+    """Under autocast the projections give bf16 while RoPE tables follow fp32 params: attention still gets one dtype."""
+    cfg = load_config("tiny-mor", ["model.attention_backend=sdpa"])
+    model = build_model(cfg.model, cfg.router)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x)
+    assert torch.isfinite(out.loss)

@@ -34,7 +34,9 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate halves (Llama / Hugging Face convention). x: (B, H, S, D)."""
+    """Rotate halves (Llama / Hugging Face convention). x: (B, H, S, D); the result keeps x's dtype (under
+    autocast q/k come out of the projections in bf16 while cos/sin follow the fp32 parameters)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
