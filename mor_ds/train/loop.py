@@ -156,9 +156,17 @@ class Trainer:
             if self.exit_code is None:
                 self.exit_code = EXIT_OK
         finally:
+            self._close_batches()
             for callback in self.callbacks:
                 callback.on_train_end(self)
         return self.exit_code
+
+    def _close_batches(self) -> None:
+        """Stop the loader's iterator (and its prefetch thread)."""
+        close = getattr(self._batches, "close", None)  # a generator: runs the loader's cleanup
+        if close is not None:
+            close()
+        self._batches = None
 
     # ---------------------------------------------------------------------------------------
     # what a checkpoint carries besides model and optimizer
@@ -181,5 +189,5 @@ class Trainer:
         mine = saved["ranks"][self.env.rank]
         self.state = TrainState.from_dict(saved["state"])
         self.train_loader.load_state_dict(mine["loader"])
-        self._batches = None  # the next batch comes from the restored position
+        self._close_batches()  # the next batch comes from the restored position
         set_rng_state(mine["rng"])
