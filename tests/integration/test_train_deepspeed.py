@@ -302,3 +302,21 @@ def distributed_env_left_behind() -> bool:
     import torch.distributed as dist
 
     return dist.is_initialized() or any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
+
+
+@pytest.mark.slurm
+def test_srun_launch_trains_exactly_like_torchrun(reference, cache, tmp_path):
+    """A real `srun -n 2`: rank, world, master address (first host of SLURM_NODELIST) and port (from the job id)
+    come from Slurm alone, and the run's per-step losses equal the torchrun reference's."""
+    from slurm_cluster import ClusterUnavailable, ensure_cluster
+
+    try:
+        cluster = ensure_cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    cmd = ["srun", "--ntasks", "2", "--cpus-per-task", "1", "--kill-on-bad-exit=1", sys.executable, "-m",
+           "mor_ds.cli", *_train_args(tmp_path, overrides(cache, 2))]
+    proc = subprocess.run(cmd, env=_env(**cluster.env), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "2 process(es)" in proc.stdout
+    assert losses(tmp_path) == losses(reference)
