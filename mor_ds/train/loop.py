@@ -155,6 +155,12 @@ class Trainer:
                     callback.on_step_end(self, result)
             if self.exit_code is None:
                 self.exit_code = EXIT_OK
+        except TrainingAborted as exc:
+            self.exit_code, self.exit_message = exc.exit_code, str(exc)
+            raise
+        except BaseException:
+            self.exit_code = 1 if self.exit_code is None else self.exit_code  # W&B marks the run failed
+            raise
         finally:
             self._close_batches()
             for callback in self.callbacks:
