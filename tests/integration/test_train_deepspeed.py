@@ -320,3 +320,16 @@ def test_srun_launch_trains_exactly_like_torchrun(reference, cache, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "2 process(es)" in proc.stdout
     assert losses(tmp_path) == losses(reference)
+
+
+def test_model_vocab_smaller_than_the_tokenizer_fails_in_one_line(cache, tmp_path, capsys):
+    from mor_ds.cli import main
+
+    (root,) = cache.glob(f"embedded-*-vocab{VOCAB}")
+    code = main(["train", "--config", "tiny-mor", "--run-dir", str(tmp_path), "--set", "model.vocab_size=256",
+                 "--set", f"data.source={root / 'shards'}", "--set", f"data.prepared_dir={root / 'shards'}",
+                 "--set", f"data.tokenizer={root / 'tokenizer.model'}", "--set", "wandb.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == (f"mor-ds train: model.vocab_size=256: smaller than the tokenizer's vocabulary ({VOCAB} ids "
+                       f"in {root / 'tokenizer.model'})")
