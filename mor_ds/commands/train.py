@@ -17,12 +17,17 @@ from mor_ds.config import ConfigError, load_config
 from mor_ds.train.faults import EXIT_CONFIG
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train or resume a model with DeepSpeed",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and --set, shared by the commands that build a Config (train, uptrain)."""
     p.add_argument("--config", required=True, help="preset name (e.g. tiny-mor, mor-360m-nr3) or YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. train.max_steps=100")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train or resume a model with DeepSpeed",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
     p.add_argument("--run-dir", required=True, help="output directory: config.yaml, metrics.jsonl, checkpoints/, "
                                                     "wandb/")
     p.add_argument("--resume", default="auto",
