@@ -16,6 +16,7 @@ A munged that already answers `munge -n` is reused and left running.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pwd
@@ -88,6 +89,7 @@ class Cluster:
     root: Path
     conf: Path
     partition: str = PARTITION
+    started: tuple[str, ...] = ()  # daemons this call started (empty: the cluster was already up)
 
     @property
     def env(self) -> dict[str, str]:
@@ -197,7 +199,7 @@ def ensure_cluster(timeout: float = 60.0) -> Cluster:
     _wait(lambda: _node_state(cluster.env).startswith("IDLE"), f"node {NODE} to become IDLE", timeout,
           root / "slurmd.log")
     os.environ.update(cluster.env)
-    return cluster
+    return dataclasses.replace(cluster, started=tuple(started))
 
 
 def _stop_pid(pid_file: Path, timeout: float = 30.0) -> None:

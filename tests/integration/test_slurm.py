@@ -1,0 +1,230 @@
+"""slurm/train.sbatch and `mor-ds sweep` on a real one-node Slurm (started by slurm_cluster.py, as root).
+
+A 2-task CPU job trains the tiny MoR over gloo through the real sbatch script and is interrupted twice: SIGUSR1 to
+the batch shell (what `--signal=B:USR1@…` delivers before the time limit: the script checkpoints and requeues
+itself) and `scontrol requeue` (SIGTERM: Slurm requeues). Every optimizer step must be trained exactly once.
+Then the shipped 2-arm tiny sweep runs, after a dry run and a half-failed submission that is re-run.
+Job states are polled with deadlines; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import ClusterUnavailable, ensure_cluster, stop_cluster  # noqa: E402
+from wandb_records import read_records  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+MOR_DS = str(Path(sys.executable).parent / "mor-ds")
+VOCAB = 512
+STEPS = 60
+DEADLINE = 240  # seconds for any one wait below
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        cluster = ensure_cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no Slurm here: {exc}")
+    yield cluster
+    if cluster.started:  # leave a cluster we found running as it was
+        stop_cluster()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """The embedded corpus with a 512-piece tokenizer, built once, before any job reads it."""
+    from data_pipeline.embedded import ensure_embedded
+
+    root = tmp_path_factory.mktemp("mor-ds-cache")
+    ensure_embedded(str(root), vocab_size=VOCAB)
+    return root
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment sbatch exports into the job: ours minus any enclosing Slurm job's or launcher's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) or k == "SLURM_CONF"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+def wait_for(predicate, what: str, deadline: float = DEADLINE, log: Path | None = None):
+    end = time.monotonic() + deadline
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log and log.exists() else ""
+            raise AssertionError(f"timed out after {deadline} s waiting for {what}\n{tail}")
+        time.sleep(0.2)
+
+
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{name}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def finished(job: str) -> str:
+    state = job_field(job, "JobState")
+    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else ""
+
+
+def text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def submit_train(tmp_path: Path, cache: Path, wandb_mode: str) -> tuple[str, Path, Path]:
+    """A 2-task CPU job through the real slurm/train.sbatch: (job id, run dir, job log)."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    sets = [f"model.vocab_size={VOCAB}", f"data.cache_dir={cache}", "train.seq_len=64", "train.micro_batch_size=2",
+            "train.global_batch_size=4", f"train.max_steps={STEPS}", "train.log_interval=1",
+            "train.eval_interval=1000", "checkpoint.interval=1000", f"wandb.mode={wandb_mode}"]
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=30",
+           f"--output={log}", str(REPO / "slurm" / "train.sbatch"), "tiny-mor"]
+    for s in sets:
+        cmd += ["--set", s]
+    job = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env=job_env(MOR_DS_RUN_DIR=str(run_dir), MOR_DS_CMD=MOR_DS)).stdout.strip()
+    return job, run_dir, log
+
+
+def assert_each_step_trained_once(job: str, run_dir: Path, log: Path, restarts: int) -> str:
+    assert wait_for(lambda: finished(job), "the job to finish", log=log) == "COMPLETED", text(log)
+    out = text(log)
+    assert job_field(job, "Restarts") == str(restarts)
+    # resumed, never restarted: each optimizer step was trained exactly once over all the starts
+    trained = [int(s) for s in re.findall(rf"^step (\d+)/{STEPS} ", out, re.M)]
+    assert trained == list(range(1, STEPS + 1))
+    assert [r["step"] for r in map(json.loads, text(run_dir / "metrics.jsonl").splitlines())] == trained
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    starts = text(run_dir / "slurm-jobs.tsv").splitlines()
+    assert [re.search(r"restart=(\d+)", s).group(1) for s in starts] == [str(i) for i in range(restarts + 1)]
+    assert all(f"job={job}" in s and f"log={log}" in s for s in starts)
+    return out
+
+
+def test_train_job_checkpoints_requeues_and_resumes(cluster, cache, tmp_path):
+    # W&B off: Slurm's SIGTERM also kills wandb's service process, see test_scontrol_requeue_with_wandb_on
+    job, run_dir, log = submit_train(tmp_path, cache, wandb_mode="disabled")
+
+    # 1) SIGUSR1 to the batch shell, as Slurm sends it before the time limit: checkpoint, exit 75, self-requeue
+    wait_for(lambda: re.search(r"^step [3-9]\d*/", text(log), re.M), "training to reach step 3", log=log)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    first = int(wait_for(lambda: re.search(r"SIGUSR1 received: stopped after step (\d+)", text(log)),
+                         "the trainers to stop on SIGUSR1", log=log).group(1))
+    wait_for(lambda: f"resumed from {run_dir}/checkpoints/step_{first:08d} at step {first}" in text(log),
+             "the requeued job to resume", log=log)
+
+    # 2) scontrol requeue (SIGTERM to every step, Slurm requeues): checkpoint and resume again
+    wait_for(lambda: f"\nstep {first + 3}/{STEPS} " in text(log), "training to go on after the resume", log=log)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    second = int(wait_for(lambda: re.search(r"SIGTERM received: stopped after step (\d+)", text(log)),
+                          "the trainers to stop on SIGTERM", log=log).group(1))
+    assert first < second < STEPS
+    out = assert_each_step_trained_once(job, run_dir, log, restarts=2)
+    assert f"resumed from {run_dir}/checkpoints/step_{second:08d} at step {second}" in out
+    assert out.count("requeueing job") == 1  # the script requeued once (USR1); Slurm did the SIGTERM requeue
+
+
+@pytest.mark.xfail(strict=True, reason="trainer: Slurm's SIGTERM reaches every process of the step, wandb's service "
+                                       "process dies at once, and rank 0's next wandb call raises before the "
+                                       "checkpoint (mor_ds/train/callbacks/wandb_logger.py does not guard W&B calls)")
+def test_scontrol_requeue_with_wandb_on(cluster, cache, tmp_path):
+    job, run_dir, log = submit_train(tmp_path, cache, wandb_mode="offline")
+    wait_for(lambda: re.search(r"^step [3-9]\d*/", text(log), re.M), "training to reach step 3", log=log)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    out = assert_each_step_trained_once(job, run_dir, log, restarts=1)
+    # one W&B run across the requeue, and the job log points at it after each start
+    ids = set(re.findall(r"W&B run ([a-z0-9]+) \(offline\)", out))
+    assert len(ids) == 1 and out.count("W&B run ") == 2
+
+
+def _tiny_sweep(tmp_path: Path, cache: Path, **changes) -> Path:
+    """The shipped tiny sweep, pointed at the test's corpus cache and output directory."""
+    data = yaml.safe_load((REPO / "slurm" / "sweeps" / "tiny.yaml").read_text())
+    data["set"].update({"model.vocab_size": VOCAB, "data.cache_dir": str(cache)})
+    data["output_dir"] = str(tmp_path / "sweep")
+    data.update(changes)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sweep_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([MOR_DS, "sweep", *args], capture_output=True, text=True, cwd=cwd, env=job_env())
+
+
+def test_half_failed_sweep_resubmits_only_the_missing_arm(cluster, cache, tmp_path):
+    """sbatch refuses the second arm: the first stays recorded with its job id and is not submitted twice."""
+    arms = [{"name": "a", "config": "tiny-vanilla"}, {"name": "b", "config": "tiny-mor", "slurm": {"partition": "nope"}}]
+    held = {"sbatch_args": ["--hold"]}  # held jobs never run: this test is about submission only
+    path = _tiny_sweep(tmp_path, cache, arms=arms, grid=None, slurm={**yaml.safe_load(
+        (REPO / "slurm" / "sweeps" / "tiny.yaml").read_text())["slurm"], **held})
+    proc = sweep_cli(str(path), cwd=tmp_path)
+    state_file = tmp_path / "sweep" / "sweep-state.json"
+    try:
+        assert proc.returncode == 1
+        first = json.loads(state_file.read_text())["arms"]
+        assert list(first) == ["a"]
+        err = proc.stderr.strip()
+        assert err.count("\n") == 0 and err.startswith("mor-ds sweep: arm b: sbatch failed: ")
+        assert "invalid partition" in err.lower() and f"submitted so far: a={first['a']['job_id']}" in err
+
+        path.write_text(path.read_text().replace("partition: nope", "partition: debug"))
+        proc = sweep_cli(str(path), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"a: already submitted as job {first['a']['job_id']}; skipped" in proc.stdout
+        second = json.loads(state_file.read_text())["arms"]
+        assert second["a"] == first["a"] and second["b"]["job_id"] != first["a"]["job_id"]
+        assert job_field(second["b"]["job_id"], "JobState") == "PENDING"
+    finally:
+        ids = [r["job_id"] for r in json.loads(state_file.read_text())["arms"].values()] if state_file.exists() else []
+        if ids:
+            subprocess.run(["scancel", *ids], check=True)
+
+
+def test_tiny_sweep_dry_run_then_two_arms_train(cluster, cache, tmp_path):
+    path = _tiny_sweep(tmp_path, cache)
+    dry = sweep_cli(str(path), "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert re.search(r"^tiny-vanilla .* 20 ", dry.stdout, re.M) and re.search(r"^tiny-mor-nr2 .* 24 ", dry.stdout, re.M)
+    assert dry.stdout.count("#!/bin/bash") == 2 and not (tmp_path / "sweep").exists()
+
+    proc = sweep_cli(str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = json.loads((tmp_path / "sweep" / "sweep-state.json").read_text())["arms"]
+    assert list(state) == ["tiny-vanilla", "tiny-mor-nr2"]
+    for arm, steps in (("tiny-vanilla", 20), ("tiny-mor-nr2", 24)):
+        arm_dir = tmp_path / "sweep" / arm
+        log = arm_dir / f"slurm-{state[arm]['job_id']}.out"
+        assert wait_for(lambda: finished(state[arm]["job_id"]), f"arm {arm} to finish", log=log) == "COMPLETED", \
+            text(log)
+        metrics = [json.loads(line) for line in text(arm_dir / "metrics.jsonl").splitlines()]
+        assert [r["step"] for r in metrics] == list(range(1, steps + 1))
+        assert json.loads(text(arm_dir / "plan.json"))["steps"] == steps
+        # the arms are one W&B group, each run named after its arm
+        (wandb_file,) = (arm_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        run = next(r.run for r in read_records(wandb_file) if r.WhichOneof("record_type") == "run")
+        assert (run.run_group, run.display_name) == ("tiny", arm)
+        assert f"W&B run {run.run_id} (offline): upload with wandb sync {arm_dir}/wandb/" in text(log)
+    # a re-run submits nothing
+    again = sweep_cli(str(path), cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("already submitted") == 2
