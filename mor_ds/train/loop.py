@@ -57,6 +57,7 @@ class Trainer:
     total_steps: int
     flops_per_token: float  # train.flops_convention: the budget's currency
     callbacks: list[Callback]
+    num_params: int = 0  # unique parameters of the model (counted before ZeRO-3 partitioning)
     eos_id: int | None = None  # set when model.document_mask: document ids from EOS positions
     faults: FaultPlan = field(default_factory=FaultPlan)
     state: TrainState = field(default_factory=TrainState)

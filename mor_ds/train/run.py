@@ -60,6 +60,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
     if init_weights is not None:  # e.g. uptraining from a vanilla model; a resumed checkpoint overrides it
         init_weights(model)
     model = model.to(device)
+    num_params = model.num_params()  # before ZeRO-3 partitions the parameters
     plan = plan_budget(cfg)
     groups = param_groups(model, cfg.optim)
     engine = distributed.build_engine(model, cfg, env, groups, lambda g: build_optimizer(g, cfg.optim, device))
@@ -70,7 +71,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
         make_val_batches=data.make_val_batches, total_steps=plan.steps, flops_per_token=plan.flops_per_token,
         callbacks=[NonFiniteGuard(), SignalHandler(), Throughput(), EvalCallback(), MetricsLogger(console),
                    WandbLogger(), CheckpointCallback(manager)],
-        eos_id=data.tokenizer.eos_id if cfg.model.document_mask else None, faults=faults)
+        eos_id=data.tokenizer.eos_id if cfg.model.document_mask else None, faults=faults, num_params=num_params)
 
     ref = resume_target(resume, manager)
     if ref is not None:
@@ -78,7 +79,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
         _log(env, f"resumed from {ref.path} at step {trainer.state.step}")
     m = cfg.model
     _log(env, f"{cfg.name or 'run'}: {m.family} d={m.hidden_size} L={m.num_layers} Nr={m.num_recursions}, "
-              f"{model.num_params() / 1e6:.2f}M params | data: {data.description} | {env.world_size} process(es), "
+              f"{num_params / 1e6:.2f}M params | data: {data.description} | {env.world_size} process(es), "
               f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad accumulation "
               f"{engine.gradient_accumulation_steps} | budget {plan.budget}: {plan.steps} steps, "
               f"{plan.tokens:.3g} tokens, {plan.flops:.3g} FLOPs ({plan.convention})")

@@ -176,20 +176,18 @@ def test_wandb_offline_run_holds_the_logged_metrics(reference):
     assert info["config"]["train"]["zero_stage"] == 2 and info["config"]["world_size"] == 2
 
 
-def test_export_loads_and_matches_the_live_eval_loss(reference, cache, tmp_path):
-    from mor_ds.checkpoint import load_model
-    from mor_ds.cli import main
+def live_val_loss(run_dir: Path) -> float:
+    """The engine's validation loss at the last step: mean over both ranks' first 2 val batches."""
+    return read_metrics(run_dir / "metrics.jsonl")[-1]["val/loss"]
+
+
+def two_rank_val_loss(model: torch.nn.Module, cache: Path) -> float:
+    """The same validation loss from a plain (exported or consolidated) model, in this one process."""
     from mor_ds.config import load_config
     from mor_ds.distributed import DistEnv
     from mor_ds.train.callbacks.evaluate import evaluate
     from mor_ds.train.data import resolve_data, shard_loader
 
-    out = tmp_path / "model.safetensors"
-    assert main(["export", "--checkpoint", str(reference), "--out", str(out)]) == 0
-    model, cfg = load_model(out)
-    assert cfg.train.zero_stage == 2 and cfg.model.vocab_size == VOCAB
-    # the live engine's last val loss: mean over both ranks' first 2 val batches
-    live = read_metrics(reference / "metrics.jsonl")[-1]["val/loss"]
     cfg = load_config("tiny-mor", overrides(cache, 2))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the training processes ran
@@ -202,7 +200,18 @@ def test_export_loads_and_matches_the_live_eval_loss(reference, cache, tmp_path)
                                      torch.device("cpu"))["val/loss"])
     finally:
         torch.set_num_threads(threads)
-    assert sum(per_rank) / 2 == pytest.approx(live, rel=1e-6, abs=0)
+    return sum(per_rank) / 2
+
+
+def test_export_loads_and_matches_the_live_eval_loss(reference, cache, tmp_path):
+    from mor_ds.checkpoint import load_model
+    from mor_ds.cli import main
+
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(reference), "--out", str(out)]) == 0
+    model, cfg = load_model(out)
+    assert cfg.train.zero_stage == 2 and cfg.model.vocab_size == VOCAB
+    assert two_rank_val_loss(model, cache) == pytest.approx(live_val_loss(reference), rel=1e-6, abs=0)
     # the CLI eval of the export (one process: rank 0's view of the val shards)
     result_file = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(out), "--batches", "2", "--json", str(result_file)]) == 0
@@ -247,6 +256,12 @@ def test_zero3_torn_checkpoint_is_never_latest(cache, tmp_path):
     assert_learns(tmp_path)  # ZeRO-3 trains
     resumed = losses(tmp_path)
     assert all(resumed[s] == first_attempt[s] for s in (4, 5, 6))  # ZeRO-3 resume is exact too
+    # ZeRO-3 shards of an activation-checkpointed model consolidate into the plain model's names and weights
+    from mor_ds.checkpoint import load_model
+
+    model, cfg = load_model(tmp_path)
+    assert cfg.train.zero_stage == 3 and cfg.train.activation_checkpointing
+    assert two_rank_val_loss(model, cache) == pytest.approx(live_val_loss(tmp_path), rel=1e-6, abs=0)
     # step 6 was saved again, then pruned (keep_last=2); no torn directory is left behind
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [step_tag(9), step_tag(12)]
     assert all((p / COMPLETE).exists() for p in (tmp_path / "checkpoints").glob("step_*"))

@@ -54,7 +54,7 @@ class WandbLogger(Callback):
         self.run = wandb.init(project=cfg.project, group=cfg.group or None, name=cfg.name or trainer.cfg.name or None,
                               id=run_id, resume="allow", config=trainer.cfg.to_dict(), dir=str(Path(trainer.run_dir)),
                               mode=mode)
-        self.run.config.update({"num_params": trainer.model.num_params(), "total_steps": trainer.total_steps,
+        self.run.config.update({"num_params": trainer.num_params, "total_steps": trainer.total_steps,
                                 "world_size": trainer.env.world_size}, allow_val_change=True)
 
     def on_step_end(self, trainer, result) -> None:
