@@ -62,6 +62,10 @@ class ModelConfig:
     # attention inside packed sequences stays within a document (EOS-delimited) when true
     document_mask: bool = False
     attention_backend: Literal["auto", "reference", "sdpa", "triton"] = "auto"
+    # LM head + cross-entropy (mor_ds/models/loss.py): chunked never materialises the (B·S, V) logits;
+    # liger = Liger-Kernel's fused kernel (CUDA); auto = chunked on CUDA, off (plain) elsewhere
+    fused_loss: Literal["auto", "off", "chunked", "liger"] = "auto"
+    loss_chunk_size: int = 4096  # tokens per chunk of the chunked loss
 
     @property
     def head_dim(self) -> int:
@@ -325,6 +329,7 @@ def validate(cfg: Config) -> None:
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
            f"must divide model.num_heads={m.num_heads}")
     _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", m.loss_chunk_size, "must be >= 1")
     _check(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     _check(m.num_recursions >= 1, "model.num_recursions", m.num_recursions, "must be >= 1")
     if m.family == "vanilla":

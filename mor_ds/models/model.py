@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor_ds.config import ModelConfig, RouterConfig
 from mor_ds.models.block import DecoderBlock, RMSNorm
+from mor_ds.models.loss import LMHead
 from mor_ds.models.recursion import SequenceContext, TokenChoiceMoR, build_recursion
 from mor_ds.models.sharing import layer_plan
 
@@ -40,7 +39,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(self.plan.num_unique_layers))
         self.recursion = build_recursion(cfg, self.router_cfg, self.plan)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.fused_loss, cfg.loss_chunk_size)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -59,11 +58,10 @@ class CausalLM(nn.Module):
         h, aux_losses, stats = self.recursion(h, ctx, self.layers, routing)
         for layer_id in self.plan.coda:
             h, _ = self.layers[layer_id](h, ctx.full)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)
         if labels is None:
-            return ModelOutput(None, logits, aux_losses, stats)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return ModelOutput(loss, None, aux_losses, stats)
+            return ModelOutput(None, self.lm_head(h), aux_losses, stats)
+        return ModelOutput(self.lm_head(h, labels), None, aux_losses, stats)  # never (B, S, V) logits when fused
 
     def update_router_bias(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         """Token-choice loss-free balancing: call after every optimizer step (no-op otherwise)."""
