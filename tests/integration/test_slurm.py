@@ -54,6 +54,15 @@ def cache(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def jobs():
+    """Job ids to cancel when the test ends, so a failed test leaves nothing running (no-op for finished jobs)."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """The environment sbatch exports into the job: ours minus any enclosing Slurm job's or launcher's."""
     env = {k: v for k, v in os.environ.items()
@@ -72,7 +81,7 @@ def wait_for(predicate, what: str, deadline: float = DEADLINE, log: Path | None 
             return value
         if time.monotonic() > end:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log and log.exists() else ""
-            raise AssertionError(f"timed out after {deadline} s waiting for {what}\n{tail}")
+            raise TimeoutError(f"timed out after {deadline} s waiting for {what}\n{tail}")
         time.sleep(0.2)
 
 
@@ -80,6 +89,12 @@ def job_field(job: str, name: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     match = re.search(rf"\b{name}=(\S+)", out)
     return match.group(1) if match else ""
+
+
+def scontrol_requeue(job: str) -> None:
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"scontrol requeue {job}: {proc.stderr.strip()}")
 
 
 def finished(job: str) -> str:
@@ -121,9 +136,10 @@ def assert_each_step_trained_once(job: str, run_dir: Path, log: Path, restarts: 
     return out
 
 
-def test_train_job_checkpoints_requeues_and_resumes(cluster, cache, tmp_path):
+def test_train_job_checkpoints_requeues_and_resumes(cluster, cache, tmp_path, jobs):
     # W&B off: Slurm's SIGTERM also kills wandb's service process, see test_scontrol_requeue_with_wandb_on
     job, run_dir, log = submit_train(tmp_path, cache, wandb_mode="disabled")
+    jobs.append(job)
 
     # 1) SIGUSR1 to the batch shell, as Slurm sends it before the time limit: checkpoint, exit 75, self-requeue
     wait_for(lambda: re.search(r"^step [3-9]\d*/", text(log), re.M), "training to reach step 3", log=log)
@@ -135,7 +151,7 @@ def test_train_job_checkpoints_requeues_and_resumes(cluster, cache, tmp_path):
 
     # 2) scontrol requeue (SIGTERM to every step, Slurm requeues): checkpoint and resume again
     wait_for(lambda: f"\nstep {first + 3}/{STEPS} " in text(log), "training to go on after the resume", log=log)
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    scontrol_requeue(job)
     second = int(wait_for(lambda: re.search(r"SIGTERM received: stopped after step (\d+)", text(log)),
                           "the trainers to stop on SIGTERM", log=log).group(1))
     assert first < second < STEPS
@@ -144,13 +160,14 @@ def test_train_job_checkpoints_requeues_and_resumes(cluster, cache, tmp_path):
     assert out.count("requeueing job") == 1  # the script requeued once (USR1); Slurm did the SIGTERM requeue
 
 
-@pytest.mark.xfail(strict=True, reason="trainer: Slurm's SIGTERM reaches every process of the step, wandb's service "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="trainer: Slurm's SIGTERM reaches every process of the step, wandb's service "
                                        "process dies at once, and rank 0's next wandb call raises before the "
                                        "checkpoint (mor_ds/train/callbacks/wandb_logger.py does not guard W&B calls)")
-def test_scontrol_requeue_with_wandb_on(cluster, cache, tmp_path):
+def test_scontrol_requeue_with_wandb_on(cluster, cache, tmp_path, jobs):
     job, run_dir, log = submit_train(tmp_path, cache, wandb_mode="offline")
+    jobs.append(job)
     wait_for(lambda: re.search(r"^step [3-9]\d*/", text(log), re.M), "training to reach step 3", log=log)
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    scontrol_requeue(job)
     out = assert_each_step_trained_once(job, run_dir, log, restarts=1)
     # one W&B run across the requeue, and the job log points at it after each start
     ids = set(re.findall(r"W&B run ([a-z0-9]+) \(offline\)", out))
@@ -172,7 +189,7 @@ def sweep_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([MOR_DS, "sweep", *args], capture_output=True, text=True, cwd=cwd, env=job_env())
 
 
-def test_half_failed_sweep_resubmits_only_the_missing_arm(cluster, cache, tmp_path):
+def test_half_failed_sweep_resubmits_only_the_missing_arm(cluster, cache, tmp_path, jobs):
     """sbatch refuses the second arm: the first stays recorded with its job id and is not submitted twice."""
     arms = [{"name": "a", "config": "tiny-vanilla"}, {"name": "b", "config": "tiny-mor", "slurm": {"partition": "nope"}}]
     held = {"sbatch_args": ["--hold"]}  # held jobs never run: this test is about submission only
@@ -180,28 +197,25 @@ def test_half_failed_sweep_resubmits_only_the_missing_arm(cluster, cache, tmp_pa
         (REPO / "slurm" / "sweeps" / "tiny.yaml").read_text())["slurm"], **held})
     proc = sweep_cli(str(path), cwd=tmp_path)
     state_file = tmp_path / "sweep" / "sweep-state.json"
-    try:
-        assert proc.returncode == 1
-        first = json.loads(state_file.read_text())["arms"]
-        assert list(first) == ["a"]
-        err = proc.stderr.strip()
-        assert err.count("\n") == 0 and err.startswith("mor-ds sweep: arm b: sbatch failed: ")
-        assert "invalid partition" in err.lower() and f"submitted so far: a={first['a']['job_id']}" in err
+    first = json.loads(state_file.read_text())["arms"]
+    jobs.extend(r["job_id"] for r in first.values())
+    assert proc.returncode == 1, proc.stderr
+    assert list(first) == ["a"]
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("mor-ds sweep: arm b: sbatch failed: ")
+    assert "invalid partition" in err.lower() and f"submitted so far: a={first['a']['job_id']}" in err
 
-        path.write_text(path.read_text().replace("partition: nope", "partition: debug"))
-        proc = sweep_cli(str(path), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert f"a: already submitted as job {first['a']['job_id']}; skipped" in proc.stdout
-        second = json.loads(state_file.read_text())["arms"]
-        assert second["a"] == first["a"] and second["b"]["job_id"] != first["a"]["job_id"]
-        assert job_field(second["b"]["job_id"], "JobState") == "PENDING"
-    finally:
-        ids = [r["job_id"] for r in json.loads(state_file.read_text())["arms"].values()] if state_file.exists() else []
-        if ids:
-            subprocess.run(["scancel", *ids], check=True)
+    path.write_text(path.read_text().replace("partition: nope", "partition: debug"))
+    proc = sweep_cli(str(path), cwd=tmp_path)
+    second = json.loads(state_file.read_text())["arms"]
+    jobs.extend(r["job_id"] for r in second.values())
+    assert proc.returncode == 0, proc.stderr
+    assert f"a: already submitted as job {first['a']['job_id']}; skipped" in proc.stdout
+    assert second["a"] == first["a"] and second["b"]["job_id"] != first["a"]["job_id"]
+    assert job_field(second["b"]["job_id"], "JobState") == "PENDING"  # held
 
 
-def test_tiny_sweep_dry_run_then_two_arms_train(cluster, cache, tmp_path):
+def test_tiny_sweep_dry_run_then_two_arms_train(cluster, cache, tmp_path, jobs):
     path = _tiny_sweep(tmp_path, cache)
     dry = sweep_cli(str(path), "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
@@ -211,6 +225,7 @@ def test_tiny_sweep_dry_run_then_two_arms_train(cluster, cache, tmp_path):
     proc = sweep_cli(str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     state = json.loads((tmp_path / "sweep" / "sweep-state.json").read_text())["arms"]
+    jobs.extend(r["job_id"] for r in state.values())
     assert list(state) == ["tiny-vanilla", "tiny-mor-nr2"]
     for arm, steps in (("tiny-vanilla", 20), ("tiny-mor-nr2", 24)):
         arm_dir = tmp_path / "sweep" / arm
