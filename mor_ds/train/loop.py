@@ -36,6 +36,8 @@ def split_batch(batch: Tensor, device: torch.device, eos_id: int | None
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(B, S+1) token windows → inputs, next-token labels, and document ids when eos_id is given
     (a document ends with its EOS token, so the EOS belongs to the document it closes)."""
+    if device.type == "cuda" and not batch.is_pinned():
+        batch = batch.pin_memory()  # page-locked, so the copy below is asynchronous (no host sync in the step)
     batch = batch.to(device, non_blocking=True)
     inputs, labels = batch[:, :-1], batch[:, 1:]
     doc_ids = None
