@@ -63,8 +63,8 @@ class ModelConfig:
     document_mask: bool = False
     attention_backend: Literal["auto", "reference", "sdpa", "triton"] = "auto"
     # LM head + cross-entropy (mor_ds/models/loss.py): chunked never materialises the (B·S, V) logits;
-    # liger = Liger-Kernel's fused kernel (CUDA); auto = chunked on CUDA, off (plain) elsewhere
-    fused_loss: Literal["auto", "off", "chunked", "liger"] = "auto"
+    # liger = Liger-Kernel's fused kernel (CUDA); auto = chunked on CUDA, plain elsewhere
+    fused_loss: Literal["auto", "plain", "chunked", "liger"] = "auto"
     loss_chunk_size: int = 4096  # tokens per chunk of the chunked loss
 
     @property

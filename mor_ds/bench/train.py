@@ -1,6 +1,6 @@
 """Training throughput: real optimizer steps through the trainer's DeepSpeed engine, against Hugging Face Llama.
 
-Our arms (`--configs`): a preset, optionally `+variant`s and `:micro_batch` (`vanilla-360m+nofuse:8`). Each builds
+Our arms (`--configs`): a preset, optionally `+variant`s and `:micro_batch` (`vanilla-360m+plainloss:8`). Each builds
 the model, the DeepSpeed engine and the AdamW optimizer with the trainer's own functions (`build_model`,
 `param_groups`, `build_optimizer`, `distributed.build_engine`) and runs `Trainer.fit()` — the loop `mor-ds train`
 runs, with its per-step callbacks NonFiniteGuard and SignalHandler (logging, eval, W&B and checkpoints left out) —
@@ -48,7 +48,7 @@ DEFAULT_CONFIGS = ["vanilla-135m", "vanilla-360m", "mor-360m-nr3", "mor-360m-nr2
 HF_BASELINES = ("hf-eager", "hf-compile", "hf-liger")
 # `+name` suffixes of a config arm: config overrides, so the fast paths can be compared with the plain ones
 VARIANTS: dict[str, list[str]] = {
-    "nofuse": ["model.fused_loss=off"],  # full logits + F.cross_entropy
+    "plainloss": ["model.fused_loss=plain"],  # full logits + F.cross_entropy
     "chunked": ["model.fused_loss=chunked"],
     "liger": ["model.fused_loss=liger"],  # Liger-Kernel's fused linear cross-entropy for the loss
     "compile": ["train.compile=true"],  # torch.compile per unique block

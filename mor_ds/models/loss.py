@@ -1,15 +1,15 @@
 """The LM head and its cross-entropy, with a path that never materialises the full (B·S, V) logits.
 
 `model.fused_loss` picks how `LMHead` computes the loss when labels are given:
-  off      logits = h Wᵀ for every token, then F.cross_entropy (B·S × V logits in the model dtype, an fp32 copy and
+  plain    logits = h Wᵀ for every token, then F.cross_entropy (B·S × V logits in the model dtype, an fp32 copy and
            its gradient: ~20 GB transient at micro-batch 16, S = 2048, V = 49152)
   chunked  `ChunkedLinearCrossEntropy`: the tokens are processed `model.loss_chunk_size` at a time; each chunk's
            logits live only while its loss and its gradients (w.r.t. h and W) are computed, during the forward
            pass (the Liger-Kernel recipe), so backward only scales the stored gradients by the incoming one.
-           Same FLOPs as `off` (one forward and two gradient matmuls per chunk), fp32 softmax, fp32 accumulation
+           Same FLOPs as `plain` (one forward and two gradient matmuls per chunk), fp32 softmax, fp32 accumulation
            of the W gradient across chunks. Pure PyTorch: runs on CPU and CUDA.
   liger    Liger-Kernel's fused linear cross-entropy (Triton; CUDA only, needs `liger-kernel`)
-  auto     chunked on CUDA, off elsewhere
+  auto     chunked on CUDA, plain elsewhere
 
 `LMHead` is an `nn.Linear` (state-dict key `lm_head.weight`, tied to the embedding as before) whose `forward`
 also takes the labels: the loss is computed inside the module's call, so ZeRO-3's parameter gathering hooks
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FusedLoss = Literal["auto", "off", "chunked", "liger"]
+FusedLoss = Literal["auto", "plain", "chunked", "liger"]
 IGNORE_INDEX = -100
 
 
 def resolve_fused_loss(mode: str, device: torch.device) -> str:
-    """The implementation `mode` runs on `device` (auto → chunked on CUDA, off elsewhere)."""
+    """The implementation `mode` runs on `device` (auto → chunked on CUDA, plain elsewhere)."""
     if mode == "auto":
-        return "chunked" if device.type == "cuda" else "off"
+        return "chunked" if device.type == "cuda" else "plain"
     if mode == "liger" and device.type != "cuda":
         raise RuntimeError("model.fused_loss=liger: Liger-Kernel's fused linear cross-entropy runs on CUDA only; "
                            "use chunked (pure PyTorch) on this device")
