@@ -532,7 +532,7 @@ def table(sweep: Sweep) -> str:
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     convention = sweep.arms[0].plan.convention
-    lines = [f"sweep {sweep.name}: {len(sweep.arms)} arms, budget {sweep.arms[0].plan.budget.split('=')[0]} "
+    lines = [f"sweep {sweep.name}: {len(sweep.arms)} arms, budget {sweep.budget_kind} "
              f"({convention} convention), W&B group {sweep.name}, output {sweep.output_dir}",
              fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
     lines.append(f"(est. h: exact training FLOPs at {sweep.mfu:.0%} MFU of {sweep.peak_tflops:g} TFLOP/s per GPU)")
