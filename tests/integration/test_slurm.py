@@ -223,18 +223,20 @@ def test_half_failed_sweep_resubmits_only_the_missing_arm(cluster, cache, tmp_pa
     assert job_field(second["b"]["job_id"], "JobState") == "PENDING"  # held
 
 
-def test_tiny_sweep_dry_run_then_two_arms_train(cluster, cache, tmp_path, jobs):
-    path = _tiny_sweep(tmp_path, cache)
+def test_tiny_sweep_dry_run_then_two_arms_train_and_evaluate(cluster, cache, tmp_path, jobs):
+    path = _tiny_sweep(tmp_path, cache, eval={"args": ["--batches", "1"]})
     dry = sweep_cli(str(path), "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert re.search(r"^tiny-vanilla .* 20 ", dry.stdout, re.M) and re.search(r"^tiny-mor-nr2 .* 24 ", dry.stdout, re.M)
-    assert dry.stdout.count("#!/bin/bash") == 2 and not (tmp_path / "sweep").exists()
+    assert dry.stdout.count("#!/bin/bash") == 4 and not (tmp_path / "sweep").exists()  # train + eval per arm
 
     proc = sweep_cli(str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     state = json.loads((tmp_path / "sweep" / "sweep-state.json").read_text())["arms"]
-    jobs.extend(r["job_id"] for r in state.values())
+    jobs.extend(j for r in state.values() for j in (r["job_id"], r["eval_job_id"]))
     assert list(state) == ["tiny-vanilla", "tiny-mor-nr2"]
+    for record in state.values():  # each eval waits for its training job
+        assert job_field(record["eval_job_id"], "Dependency").startswith(f"afterok:{record['job_id']}")
     for arm, steps in (("tiny-vanilla", 20), ("tiny-mor-nr2", 24)):
         arm_dir = tmp_path / "sweep" / arm
         log = arm_dir / f"slurm-{state[arm]['job_id']}.out"
@@ -248,6 +250,11 @@ def test_tiny_sweep_dry_run_then_two_arms_train(cluster, cache, tmp_path, jobs):
         run = next(r.run for r in read_records(wandb_file) if r.WhichOneof("record_type") == "run")
         assert (run.run_group, run.display_name) == ("tiny", arm)
         assert f"W&B run {run.run_id} (offline): upload with wandb sync {arm_dir}/wandb/" in text(log)
+        eval_job = state[arm]["eval_job_id"]
+        eval_log = arm_dir / f"slurm-eval-{eval_job}.out"
+        assert wait_for(lambda: finished(eval_job), f"arm {arm}'s eval to finish", log=eval_log) == "COMPLETED", \
+            text(eval_log)
+        assert json.loads(text(arm_dir / f"eval-{eval_job}.json"))["val/batches"] == 1
     # a re-run submits nothing
     again = sweep_cli(str(path), cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("already submitted") == 2
