@@ -254,3 +254,25 @@ def test_paper_preset_without_tokenizer_fails_in_one_line(tmp_path, capsys, monk
     assert code == 2
     assert err[-1].startswith("mor-ds train: data.tokenizer: not set for data.source='hf:HuggingFaceTB/")
     assert not distributed.is_initialized()  # the process group is always torn down
+
+
+def test_signal_during_start_up_is_kept_for_the_first_step():
+    """SIGUSR1 before training starts (imports, DeepSpeed init) must not kill the process: it is recorded and the
+    signal callback sees it once training starts, so the run stops after its first step with a checkpoint."""
+    import os
+    import signal
+
+    from mor_ds.train.callbacks import signals
+
+    previous = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
+    try:
+        signals.install_early_handlers()
+        os.kill(os.getpid(), signal.SIGUSR1)  # delivered synchronously to this (main) thread
+        handler = signals.SignalHandler()
+        handler.on_train_start(trainer=None)
+        assert handler.received == signal.SIGUSR1
+        handler.on_train_end(trainer=None)
+    finally:
+        signals._early.clear()
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -165,10 +165,6 @@ def test_train_job_checkpoints_requeues_and_resumes(cluster, cache, tmp_path, jo
     assert out.count("requeueing job") == 1  # the script requeued once (USR1); Slurm did the SIGTERM requeue
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="trainer: Slurm's SIGTERM reaches every process of the step, wandb's service process "
-                          "dies at once, and rank 0's next wandb call raises before the checkpoint "
-                          "(mor_ds/train/callbacks/wandb_logger.py does not guard its W&B calls)")
 def test_scontrol_requeue_with_wandb_on(cluster, cache, tmp_path, jobs):
     job, run_dir, log = submit_train(tmp_path, cache, wandb_mode="offline")
     jobs.append(job)

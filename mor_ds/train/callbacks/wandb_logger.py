@@ -9,8 +9,9 @@ WANDB_MODE in the environment wins over "auto".
 from __future__ import annotations
 
 import netrc
-import secrets
 import os
+import secrets
+import sys
 from pathlib import Path
 
 from mor_ds.config import WandbConfig
@@ -57,13 +58,28 @@ class WandbLogger(Callback):
         self.run.config.update({"num_params": trainer.num_params, "total_steps": trainer.total_steps,
                                 "world_size": trainer.env.world_size}, allow_val_change=True)
 
+    def _call(self, what: str, fn) -> None:
+        """W&B must never cost a checkpoint: Slurm signals every process of a job, wandb's service included, and
+        a dead service makes the next call raise. Warn once and go on without W&B."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 — any failure inside wandb
+            print(f"[mor-ds] W&B {what} failed ({exc.__class__.__name__}: {exc}); continuing without W&B",
+                  file=sys.stderr)
+            self.run = None
+
     def on_step_end(self, trainer, result) -> None:
         if self.run is not None and trainer.record:
-            self.run.log({k: v for k, v in trainer.record.items() if k != "step" and v is not None},
-                         step=trainer.state.step)
+            record = {k: v for k, v in trainer.record.items() if k != "step" and v is not None}
+            self._call("log", lambda: self.run.log(record, step=trainer.state.step))
 
     def on_train_end(self, trainer) -> None:
         if self.run is not None:
-            self.run.summary["exit_code"] = trainer.exit_code
-            self.run.finish(exit_code=trainer.exit_code or 0)
+            run = self.run
+
+            def finish() -> None:
+                run.summary["exit_code"] = trainer.exit_code
+                run.finish(exit_code=trainer.exit_code or 0)
+
+            self._call("finish", finish)
             self.run = None
