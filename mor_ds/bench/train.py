@@ -476,6 +476,8 @@ def run(args: argparse.Namespace) -> int:
         args.configs = args.configs or ["vanilla-135m", "mor-135m-nr2"]
     args.configs = args.configs or list(DEFAULT_CONFIGS)
     try:
+        if args.steps < 1 or args.warmup < 1:
+            raise ValueError(f"--steps {args.steps} / --warmup {args.warmup}: both must be >= 1")
         arms = plan_arms(args)
     except Exception as exc:  # noqa: BLE001 - unknown preset / variant / baseline: one line
         print(f"mor-ds bench train: {exc}", file=sys.stderr)

@@ -37,7 +37,8 @@ class ActiveSet:
         return self.valid if self.valid is not None else torch.ones_like(self.idx, dtype=torch.bool)
 
     def count(self) -> Tensor:
-        return self.valid_mask().sum() if self.valid is not None else torch.tensor(self.idx.numel(), device=self.idx.device)
+        # new_full fills on the device; torch.tensor(n, device=cuda) would be a synchronizing host-to-device copy
+        return self.valid_mask().sum() if self.valid is not None else self.idx.new_full((), self.idx.numel())
 
 
 @dataclass
