@@ -21,7 +21,8 @@ def test_smoke_end_to_end(tmp_path):
     """Three arms, each in its own subprocess: vanilla (plain loss), MoR with the chunked loss, HF eager."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "mor_ds.cli", "bench", "train", "--smoke", "--configs",
-                           "vanilla-135m", "mor-135m-nr2+chunked", "--baselines", "hf-eager", "--json", str(out)],
+                           "vanilla-135m", "mor-135m-nr2+chunked", "--baselines", "hf-eager", "--profile-steps", "1",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["arm"]: row for row in json.loads(out.read_text())["arms"]}
@@ -36,6 +37,7 @@ def test_smoke_end_to_end(tmp_path):
         assert row["issue_flops_per_token"] == expect
         assert row["mfu_issue"] == pytest.approx(row["tokens_per_s_per_gpu"] * expect / ISSUE_PEAK_FLOPS, abs=1e-4)
         assert row["mfu"] is None and "peak_rss_gib" in row  # no peak FLOP/s on CPU
+        assert any(op["op"] == "aten::mm" for op in row["profile_top"])  # the profiled step after the timed ones
     van, mor, hf = rows["vanilla-135m"], rows["mor-135m-nr2+chunked"], rows["hf-eager@vanilla-135m:2"]
     assert van["fused_loss"] == "plain" and mor["fused_loss"] == "chunked"  # auto is plain on CPU
     assert van["zero_stage"] == 1 and van["precision"] == "bf16"

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config override for every mor-ds arm (repeatable)")
     parser.add_argument("--hf-precision", default="bf16", choices=["bf16", "amp"],
                         help="baselines: bf16 weights, or fp32 weights under bf16 autocast")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timed steps, profile this many more: top kernels by self device time")
+    parser.add_argument("--trace-dir", default="", help="with --profile-steps: write a Chrome trace per arm here")
     parser.add_argument("--budget-s", type=float, default=0, help="start no arm after this many seconds (0 = none)")
     parser.add_argument("--arm-timeout-s", type=float, default=0, help="kill an arm after this (0 = budget left)")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per arm (always under torchrun)")
@@ -244,17 +247,65 @@ class Clock:
         self.stats = {k: float(v) for k, v in stats.items()}
 
 
-def _clock_callback(clock: Clock, total_steps: int):
+class StepProfiler:
+    """torch.profiler over the steps after the timed ones: the top ops by self device time (CPU time on CPU)."""
+
+    def __init__(self, device: torch.device, steps: int, trace_path: str = ""):
+        self.device, self.steps, self.trace_path = device, steps, trace_path
+        self.top: list[dict[str, Any]] = []
+        self._prof: Any = None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+
+    def stop(self) -> None:
+        synchronize(self.device)
+        self._prof.__exit__(None, None, None)
+        if self.trace_path:
+            Path(self.trace_path).parent.mkdir(parents=True, exist_ok=True)
+            self._prof.export_chrome_trace(self.trace_path)
+        cuda = self.device.type == "cuda"
+
+        def self_us(event: Any) -> float:
+            if not cuda:
+                return event.self_cpu_time_total
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+        events = sorted(self._prof.key_averages(), key=self_us, reverse=True)[:15]
+        self.top = [{"op": e.key[:90], "ms_per_step": round(self_us(e) / 1e3 / self.steps, 3),
+                     "calls_per_step": round(e.count / self.steps, 1)} for e in events if self_us(e) > 0]
+
+
+def _clock_callback(clock: Clock, timed_end: int, profiler: StepProfiler | None):
     from mor_ds.train.callbacks import Callback
 
     class ClockCallback(Callback):
         def on_step_end(self, trainer, result) -> None:
-            if trainer.state.step == clock.warmup:
+            step = trainer.state.step
+            if step == clock.warmup:
                 clock.warmup_done()
-            elif trainer.state.step == total_steps:
+            elif step == timed_end:
                 clock.finished(result.loss, result.stats)
+                if profiler:
+                    profiler.start()
+            elif profiler and step == timed_end + profiler.steps:
+                profiler.stop()
 
     return ClockCallback()
+
+
+def _profiler(arm: Arm, args: argparse.Namespace, device: torch.device) -> StepProfiler | None:
+    if not args.profile_steps:
+        return None
+    trace = ""
+    if args.trace_dir:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in arm.name)
+        trace = str(Path(args.trace_dir) / f"{safe}.json")
+    return StepProfiler(device, args.profile_steps, trace)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -317,14 +368,16 @@ def run_mor_ds(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     engine = distributed.build_engine(model, cfg, env, param_groups(model, cfg.optim),
                                       lambda groups: build_optimizer(groups, cfg.optim, device))
     timer = PhaseTimer(device)
-    total_steps = args.warmup + args.steps
+    profiler = _profiler(arm, args, device)
+    total_steps = args.warmup + args.steps + args.profile_steps
     clock = Clock(device, timer, args.warmup)
     m, t = cfg.model, cfg.train
     with tempfile.TemporaryDirectory(prefix="mor-ds-bench-") as run_dir:
         trainer = Trainer(cfg=cfg, run_dir=Path(run_dir), env=env, device=device, engine=TimedEngine(engine, timer),
                           train_loader=SyntheticBatches(m.vocab_size, t.micro_batch_size, t.seq_len, seed=env.rank),
                           make_val_batches=None, total_steps=total_steps, flops_per_token=flops_per_token(cfg),
-                          callbacks=[NonFiniteGuard(), SignalHandler(), _clock_callback(clock, total_steps)],
+                          callbacks=[NonFiniteGuard(), SignalHandler(),
+                                     _clock_callback(clock, args.warmup + args.steps, profiler)],
                           num_params=num_params)
         code = trainer.fit()
     if code != 0:
@@ -343,6 +396,8 @@ def run_mor_ds(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
                     _peak_tflops(cfg, device)),
         **peak_memory(device),
     }
+    if profiler:
+        result["profile_top"] = profiler.top
     if clock.stats:
         result["depth_fractions"] = [round(clock.stats[k], 4) for k in sorted(clock.stats) if k.startswith("depth_frac/")]
     return result
@@ -399,8 +454,10 @@ def run_hf(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     forward = torch.compile(model) if arm.baseline == "hf-compile" else model
     timer = PhaseTimer(device)
     clock = Clock(device, timer, args.warmup)
+    profiler = _profiler(arm, args, device)
     batches = iter(SyntheticBatches(m.vocab_size, t.micro_batch_size, t.seq_len - 1))
-    for step in range(1, args.warmup + args.steps + 1):
+    timed_end = args.warmup + args.steps
+    for step in range(1, timed_end + args.profile_steps + 1):
         batch = next(batches)
         if device.type == "cuda":
             batch = batch.pin_memory()
@@ -415,7 +472,12 @@ def run_hf(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
         if step == args.warmup:
             clock.warmup_done()
-    clock.finished(loss.detach(), {})
+        elif step == timed_end:
+            clock.finished(loss.detach(), {})
+            if profiler:
+                profiler.start()
+    if profiler:
+        profiler.stop()
     return {
         "family": "hf-llama", "params": params, "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
         "world_size": 1, "precision": args.hf_precision,
@@ -423,6 +485,7 @@ def run_hf(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
                     issue_flops_per_token(params, m.num_layers, m.hidden_size, t.seq_len),
                     _peak_tflops(cfg, device)),
         **peak_memory(device),
+        **({"profile_top": profiler.top} if profiler else {}),
     }
 
 
@@ -476,8 +539,9 @@ def run(args: argparse.Namespace) -> int:
         args.configs = args.configs or ["vanilla-135m", "mor-135m-nr2"]
     args.configs = args.configs or list(DEFAULT_CONFIGS)
     try:
-        if args.steps < 1 or args.warmup < 1:
-            raise ValueError(f"--steps {args.steps} / --warmup {args.warmup}: both must be >= 1")
+        if args.steps < 1 or args.warmup < 1 or args.profile_steps < 0:
+            raise ValueError(f"--steps {args.steps} / --warmup {args.warmup}: both must be >= 1 "
+                             f"(--profile-steps {args.profile_steps} >= 0)")
         arms = plan_arms(args)
     except Exception as exc:  # noqa: BLE001 - unknown preset / variant / baseline: one line
         print(f"mor-ds bench train: {exc}", file=sys.stderr)
