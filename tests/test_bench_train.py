@@ -4,6 +4,7 @@ baseline's shapes, arm parsing; and that our decoder block traces whole under to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -63,11 +64,7 @@ def test_hf_baseline_has_our_parameter_count(preset, extra):
 
 
 def test_liger_baseline_skips_without_liger():
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("liger-kernel is installed")
     args = argparse.Namespace(smoke=True, seq_len=32, warmup=1, steps=1, zero_stage=1, overrides=[],
                               hf_precision="bf16")

@@ -399,7 +399,7 @@ def run_mor_ds(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     if profiler:
         result["profile_top"] = profiler.top
     if clock.stats:
-        result["depth_fractions"] = [round(clock.stats[k], 4) for k in sorted(clock.stats) if k.startswith("depth_frac/")]
+        result["depth_fractions"] = [round(clock.stats[f"depth_frac/{r}"], 4) for r in range(m.num_recursions)]
     return result
 
 

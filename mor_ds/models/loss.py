@@ -66,7 +66,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe_labels = labels.masked_fill(~valid, 0)
         total = torch.zeros((), device=h.device, dtype=acc_dtype)
         grad_h = torch.empty_like(h) if needs_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=_at_least_fp32(weight.dtype)) if needs_w else None
+        grad_w = torch.zeros_like(weight, dtype=_at_least_fp32(weight.dtype)) if needs_w else None
         for start in range(0, h.shape[0], chunk_size):
             h_c, y_c, v_c = h[start:start + chunk_size], safe_labels[start:start + chunk_size], \
                 valid[start:start + chunk_size]
