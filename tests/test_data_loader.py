@@ -19,11 +19,6 @@ L = 32  # seq_len
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return train_sentencepiece(embedded_sample(60), str(tmp_path_factory.mktemp("tok") / "sp"), 600)
-
-
-@pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     records = fineweb_records(embedded_sample(12, max_chars=700))
