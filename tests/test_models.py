@@ -225,3 +225,12 @@ def test_autocast_keeps_q_k_v_in_one_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, labels=x)
     assert torch.isfinite(out.loss)
+
+
+def test_expert_choice_softmax_refuses_causal_routing():
+    """Softmax weights over the sequence would leak the future: causal routing says so instead of leaking."""
+    model, _ = tiny("tiny-mor", "router.activation=softmax")
+    model.eval()
+    with pytest.raises(ValueError, match="router.activation=softmax: expert-choice weights normalise over the whole"):
+        model(tokens())
+    assert model(tokens(), routing="topk").logits.shape == (2, SEQ, VOCAB)

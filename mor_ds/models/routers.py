@@ -119,6 +119,10 @@ class ExpertChoiceRouter(nn.Module):
         weights = self._weights(logits, prev.valid)
         aux_logits = self.aux_routers[step](x.detach()).squeeze(-1) if self.aux_routers is not None else None
         if causal:
+            if self.cfg.activation == "softmax":
+                raise ValueError("router.activation=softmax: expert-choice weights normalise over the whole sequence, "
+                                 "so they cannot be computed causally; evaluate with routing='topk' or train with "
+                                 "router.activation=sigmoid")
             decide = aux_logits if aux_logits is not None else logits
             active, pick = compact(prev, decide > 0, length)
             return Selection(active, weights.gather(1, pick)[..., None])

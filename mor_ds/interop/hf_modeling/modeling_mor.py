@@ -185,6 +185,9 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         else:  # softmax over the sequence's still-active tokens
             weight = cfg.router_alpha * torch.softmax(logits.masked_fill(~prev, float("-inf")), dim=1)
         if routing == "causal":
+            if cfg.router_activation == "softmax":
+                raise ValueError("router_activation=softmax: expert-choice weights normalise over the whole "
+                                 "sequence, so they cannot be computed causally; use routing='topk'")
             decide = router.aux_routers[step](h).squeeze(-1) if hasattr(router, "aux_routers") else logits
             return prev & (decide > 0), weight
         length = h.shape[1]
