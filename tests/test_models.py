@@ -234,3 +234,30 @@ def test_expert_choice_softmax_refuses_causal_routing():
     with pytest.raises(ValueError, match="router.activation=softmax: expert-choice weights normalise over the whole"):
         model(tokens())
     assert model(tokens(), routing="topk").logits.shape == (2, SEQ, VOCAB)
+
+
+@pytest.mark.parametrize("name,overrides", [("tiny-mor", ()), ("tiny-mor", ("model.num_recursions=3", "model.num_layers=8")),
+                                            ("tiny-mor-kvshare", ())])
+def test_compact_causal_shortcut_equals_attention_by_original_positions(name, overrides, monkeypatch):
+    """Top-k rows are ascending and unpadded, so plain causal attention on the compact tensors (what FlashAttention
+    runs) must equal attention masked by original positions."""
+    from mor_ds.models import recursion
+
+    model, _ = tiny(name, *overrides)
+    sharpen_routers(model)
+    model.train()
+    x = tokens()
+    original = recursion.SequenceContext.view
+    seen = []
+
+    def view(self, active, keep_shortcut):
+        v = original(self, active)
+        seen.append(v.ascending)
+        v.ascending = v.ascending and keep_shortcut
+        return v
+
+    monkeypatch.setattr(recursion.SequenceContext, "view", lambda self, active: view(self, active, True))
+    shortcut = model(x).logits
+    assert any(seen)  # the shortcut really ran
+    monkeypatch.setattr(recursion.SequenceContext, "view", lambda self, active: view(self, active, False))
+    torch.testing.assert_close(model(x).logits, shortcut, rtol=0, atol=1e-12)

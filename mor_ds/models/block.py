@@ -47,11 +47,15 @@ class TokenView:
 
     pos: (B, S') original positions (RoPE angle and causal order); None = 0..S'−1 (all tokens, dense).
     doc: (B, S') document ids when attention is kept inside documents, else None.
+    ascending: the rows are real tokens in increasing position, no padding, no documents (expert-choice top-k).
+        Among such a set, "earlier position" is "earlier row", so self-attention over it is plain causal attention
+        on the compact tensors (FlashAttention's causal kernel is exact there); RoPE still uses `pos`.
     """
 
     pos: Tensor | None
     doc: Tensor | None
     rope: tuple[Tensor, Tensor]
+    ascending: bool = False
 
 
 @dataclass
@@ -85,8 +89,11 @@ class Attention(nn.Module):
             kv = KV(k, self._heads(self.v_proj(x), self.num_kv_heads), view)
         else:
             kv = shared_kv
-        out = attention(q, kv.k, kv.v, q_pos=view.pos, kv_pos=kv.view.pos, q_doc=view.doc, kv_doc=kv.view.doc,
-                        backend=self.backend)
+        if shared_kv is None and view.ascending:  # causal by row index == causal by original position
+            out = attention(q, kv.k, kv.v, backend=self.backend)
+        else:
+            out = attention(q, kv.k, kv.v, q_pos=view.pos, kv_pos=kv.view.pos, q_doc=view.doc, kv_doc=kv.view.doc,
+                            backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1)), kv
 
 

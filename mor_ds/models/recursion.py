@@ -48,7 +48,9 @@ class SequenceContext:
 
     def view(self, active: ActiveSet) -> TokenView:
         doc = self._doc_ext.gather(1, active.idx) if self._doc_ext is not None else None
-        return self._view(self._pos_ext.gather(1, active.idx), doc)
+        view = self._view(self._pos_ext.gather(1, active.idx), doc)
+        view.ascending = active.valid is None and doc is None  # ActiveSet rows are ascending by construction
+        return view
 
 
 def gather_rows(h: Tensor, idx: Tensor) -> Tensor:
