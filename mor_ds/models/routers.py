@@ -60,11 +60,12 @@ def compact(prev: ActiveSet, keep: Tensor, length: int) -> tuple[ActiveSet, Tens
     """
     keep = keep & prev.valid_mask()
     counts = keep.sum(dim=1)
-    width = int(counts.max())
+    width, fewest = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync: shapes depend on it
     pick = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
+    if fewest == width:  # every row has the same count: no padding
+        return ActiveSet(prev.idx.gather(1, pick)), pick
     valid = torch.arange(width, device=keep.device) < counts[:, None]
-    idx = torch.where(valid, prev.idx.gather(1, pick), length)
-    return ActiveSet(idx, None if bool(valid.all()) else valid), pick
+    return ActiveSet(torch.where(valid, prev.idx.gather(1, pick), length), valid), pick
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
