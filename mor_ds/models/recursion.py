@@ -11,6 +11,8 @@ KV: "cache" — attention at step r among the step's active tokens (causal by or
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor, nn
 
@@ -26,22 +28,30 @@ class SequenceContext:
 
     def __init__(self, cfg: ModelConfig, batch: int, length: int, device: torch.device, dtype: torch.dtype,
                  doc_ids: Tensor | None):
-        self.cfg, self.length, self.dtype = cfg, length, dtype
+        self.cfg, self.dtype = cfg, dtype
         arange = torch.arange(length, device=device)
         if doc_ids is not None and cfg.document_mask:
             # position within the document: index minus the index where the document started
             starts = torch.ones_like(doc_ids, dtype=torch.bool)
             starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            pos = arange - torch.where(starts, arange, 0).cummax(dim=1).values
-            self.pos, self.doc = pos, doc_ids
-            self.full = self._view(pos, doc_ids)
+            self.pos, self.doc = arange - torch.where(starts, arange, 0).cummax(dim=1).values, doc_ids
+            self.full = self._view(self.pos, doc_ids)
         else:
             self.pos, self.doc = arange.expand(batch, length), None
             self.full = TokenView(None, None, rope_cos_sin(arange[None], cfg.head_dim, cfg.rope_theta, dtype))
-        # padded slots gather from index S: position PAD_POS (never visible), document −1
-        self._pos_ext = torch.cat([self.pos, self.pos.new_full((batch, 1), PAD_POS)], dim=1)
-        self._doc_ext = (torch.cat([self.doc, self.doc.new_full((batch, 1), -1)], dim=1)
-                         if self.doc is not None else None)
+
+    @cached_property
+    def _pos_ext(self) -> Tensor:
+        """Positions with the dummy slot S appended (padded slots gather from it): PAD_POS, never visible.
+        Built on first use, so vanilla and recursive models, which never take subsets, never pay for it."""
+        return torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], 1), PAD_POS)], dim=1)
+
+    @cached_property
+    def _doc_ext(self) -> Tensor | None:
+        """Document ids with the dummy slot's document −1 appended; None without document masking."""
+        if self.doc is None:
+            return None
+        return torch.cat([self.doc, self.doc.new_full((self.doc.shape[0], 1), -1)], dim=1)
 
     def _view(self, pos: Tensor, doc: Tensor | None) -> TokenView:
         return TokenView(pos, doc, rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, self.dtype))
