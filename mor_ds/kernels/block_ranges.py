@@ -30,7 +30,7 @@ def _block_stats(pos_ptr, doc_ptr, offs, length, IS_KEY: tl.constexpr, POS_IS_IN
     """Per block (reducing axis 1 of `offs`): min/max position and document of the real rows, and whether
     every row is real. Keys: the max counts padded keys too (a block holding one is never full)."""
     valid = offs < length
-    pos = load_positions(pos_ptr, offs, valid, POS_IS_INDEX)
+    pos = load_positions(pos_ptr, offs, valid, PAD_POS, POS_IS_INDEX)
     real = valid & (pos < PAD_POS)
     pmin = tl.min(tl.where(real, pos, INT32_MAX), 1)
     if IS_KEY:

@@ -45,33 +45,26 @@ def memory_rows(rows_ptr, start, offs, valid, GATHER: tl.constexpr):
 
 
 @triton.jit
-def load_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
-    """int32 positions of logical rows `offs` (any shape); PAD_POS where out of range."""
+def load_positions(pos_ptr, offs, valid, other: tl.constexpr, POS_IS_INDEX: tl.constexpr):
+    """int32 positions of logical rows `offs` (any shape); `other` where out of range."""
     if POS_IS_INDEX:
-        p = tl.where(valid, offs, PAD_POS)
+        p = tl.where(valid, offs, other)
     else:
-        p = tl.load(pos_ptr + offs, mask=valid, other=PAD_POS).to(tl.int32)
+        p = tl.load(pos_ptr + offs, mask=valid, other=other).to(tl.int32)
     return p
 
 
 @triton.jit
 def query_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
     """Positions of query rows; out-of-range and padded rows get −1: no key is at or before it."""
-    if POS_IS_INDEX:
-        p = tl.where(valid, offs, -1)
-    else:
-        p = tl.load(pos_ptr + offs, mask=valid, other=-1).to(tl.int32)
+    p = load_positions(pos_ptr, offs, valid, -1, POS_IS_INDEX)
     return tl.where(p >= PAD_POS, -1, p)
 
 
 @triton.jit
 def key_positions(pos_ptr, offs, valid, POS_IS_INDEX: tl.constexpr):
     """Positions of key rows; out-of-range rows get INT32_MAX: after every query."""
-    if POS_IS_INDEX:
-        p = tl.where(valid, offs, INT32_MAX)
-    else:
-        p = tl.load(pos_ptr + offs, mask=valid, other=INT32_MAX).to(tl.int32)
-    return p
+    return load_positions(pos_ptr, offs, valid, INT32_MAX, POS_IS_INDEX)
 
 
 @triton.jit
