@@ -80,7 +80,8 @@ def slurm_master_addr(nodelist: str) -> str:
     return out[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on the loopback interface (single-node rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -113,7 +114,7 @@ def discover(environ: Mapping[str, str] | None = None, local_rank_arg: int | Non
     if port is None:
         job_id = _int_var(env, "SLURM_JOB_ID")
         if world == 1:
-            port = _free_port()  # a lone process must not collide with another lone run on the host
+            port = free_port()  # a lone process must not collide with another lone run on the host
         elif job_id is not None:
             port = 15000 + job_id % 20000  # every task of the job derives the same port
         else:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mor_ds.distributed import free_port
 from mor_ds.train.callbacks.metrics import read_metrics
 from mor_ds.train.checkpoint import COMPLETE, latest_checkpoint, step_tag
 from mor_ds.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FAULT_ENV
@@ -51,12 +51,6 @@ def cache(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", FAULT_ENV) and not k.startswith("SLURM_")}
@@ -73,13 +67,13 @@ def _train_args(run_dir: Path, sets: list[str]) -> list[str]:
 
 def torchrun(run_dir: Path, sets: list[str], **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mor_ds.cli", *_train_args(run_dir, sets)]
+           "--master_port", str(free_port()), "-m", "mor_ds.cli", *_train_args(run_dir, sets)]
     return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def srun_style(run_dir: Path, sets: list[str], ntasks: int = 2, **env: str) -> list[subprocess.Popen]:
     """The ranks as srun starts them: rank/world/local rank from SLURM_*, no torchrun agent."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(ntasks):
         rank_env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
