@@ -2,19 +2,23 @@
 # Single-node data-parallel scaling check: the same `mor-ds train` on 1 and on G GPUs, same micro-batch and
 # global batch (so per-GPU work and the loss curve are comparable), one JSON line per run in $OUT/scaling.jsonl.
 #   OUT=/tmp/out GPUS=2 STEPS=20 DATA=shards/ TOKENIZER=tok.model bash slurm/scaling-check.sh "vanilla-360m 2" "mor-360m-nr2 3" …
-# Each argument: "<preset> <zero stage> [extra --set key=value …]".
+# Each argument: "<preset> <zero stage> [extra --set key=value …]". GPU_COUNTS (default "1 $GPUS") picks the runs, e.g.
+# GPU_COUNTS=1 CUDA_VISIBLE_DEVICES=1 for one-GPU references of other arms side by side on a second GPU.
 set -uo pipefail
-GPUS=${GPUS:-2}; STEPS=${STEPS:-20}; MB=${MB:-16}; OUT=${OUT:-runs/scaling}; SEQ=${SEQ:-2048}
-mkdir -p "$OUT"
+TORCHRUN=${TORCHRUN:-torchrun}  # e.g. "python3 -m torch.distributed.run"
+GPUS=${GPUS:-2}; GPU_COUNTS=${GPU_COUNTS:-"1 $GPUS"}; STEPS=${STEPS:-20}; MB=${MB:-16}; OUT=${OUT:-runs/scaling}; SEQ=${SEQ:-2048}; RUN_TIMEOUT=${RUN_TIMEOUT:-600}
+VAL_SHARDS=${VAL_SHARDS:-4}; EVAL_WINDOWS=${EVAL_WINDOWS:-64}  # every run evaluates the same EVAL_WINDOWS held-out windows at the end
+mkdir -p "$OUT/runs"
 for arm in "$@"; do
   read -r preset zero extra <<<"$arm"
-  for g in 1 "$GPUS"; do
+  for g in $GPU_COUNTS; do
     dir="$OUT/runs/$preset-z$zero-g$g"
     rm -rf "$dir"
     # shellcheck disable=SC2086
-    torchrun --standalone --nproc_per_node "$g" -m mor_ds.cli train --config "$preset" --run-dir "$dir" --resume none --quiet \
+    timeout "$RUN_TIMEOUT" ${TORCHRUN:-torchrun} --standalone --nproc_per_node "$g" -m mor_ds.cli train --config "$preset" --run-dir "$dir" --resume none --quiet \
       --set train.zero_stage="$zero" --set train.micro_batch_size="$MB" --set train.global_batch_size=$((MB * GPUS)) \
       --set train.seq_len="$SEQ" --set train.max_steps="$STEPS" --set train.log_interval=1 --set train.eval_interval=1000000 \
+      --set train.eval_batches=$((EVAL_WINDOWS / (MB * g))) --set data.val_shards="$VAL_SHARDS" \
       --set checkpoint.interval=1000000 --set wandb.enabled=false --set data.source=prepared --set data.mode=prepared \
       --set data.prepared_dir="$DATA" --set data.tokenizer="$TOKENIZER" ${extra:-} >"$dir.log" 2>&1
     python3 - "$dir" "$preset" "$zero" "$g" "$?" >>"$OUT/scaling.jsonl" <<'PY'
@@ -27,6 +31,7 @@ med = lambda k: statistics.median(r[k] for r in steady) if steady and k in stead
 print(json.dumps({"preset": preset, "zero": int(zero), "gpus": int(gpus), "rc": int(rc), "steps": len(recs),
                   "tokens_per_s_per_gpu": med("perf/tokens_per_s") and med("perf/tokens_per_s") / int(gpus),
                   "mfu": med("perf/mfu"), "peak_mem_gib": max((r.get("perf/peak_mem_gib", 0) for r in recs), default=None),
+                  "val_loss": next((r["val/loss"] for r in reversed(recs) if "val/loss" in r), None),
                   "losses": [round(r["loss"], 4) for r in recs]}))
 PY
   done
