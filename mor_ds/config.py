@@ -141,6 +141,7 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
     ds_config: str = ""  # DeepSpeed JSON template; "" = ds_configs/zero{stage}[-offload].json
+    zero3_block_fetch: bool = True  # ZeRO-3 gathers a decoder block's weights in one go (one hook per block)
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     compile: bool = False

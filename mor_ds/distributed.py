@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -244,6 +245,21 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
+def fetch_blocks_whole(model: nn.Module) -> int:
+    """ZeRO-3: gather a decoder block's parameters with one all-gather at its pre-forward hook (DeepSpeed "z3 leaf
+    modules") instead of one fetch per sub-module. A 360M block is ~10M parameters in ~12 sub-modules whose
+    separate Python hooks and small collectives cost more than the compute they overlap with at these sizes
+    (BENCHMARKS.md, Multi-GPU). Only blocks that run once per forward: DeepSpeed reduces a leaf module's
+    gradients at its backward hook, which a shared block (recursion) would fire Nr times. Returns how many."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    uses = Counter(layer_id for layer_id, _ in model.plan.unrolled)
+    once = [model.layers[i] for i, n in uses.items() if n == 1]
+    for block in once:
+        set_z3_leaf_module(block, True)
+    return len(once)
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each unique block in place (dynamic shapes: MoR blocks see a varying number of tokens)."""
     for block in model.layers:
@@ -371,6 +387,8 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
     CPU AdamW from the config instead (same hyper-parameters, same groups).
     """
     deepspeed = _deepspeed()
+    if cfg.train.zero_stage == 3 and cfg.train.zero3_block_fetch:
+        fetch_blocks_whole(model)
     if cfg.train.compile:
         compile_blocks(model)
     if cfg.train.activation_checkpointing:
@@ -404,6 +422,6 @@ def is_cuda_oom(exc: BaseException) -> bool:
 __all__ = [
     "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
-    "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
+    "build_engine", "clean_param_name", "compile_blocks", "fetch_blocks_whole", "consolidate_checkpoint", "device_for", "discover",
     "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
 ]

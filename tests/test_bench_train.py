@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mor_ds.bench.train import (HF_BASELINES, ISSUE_PEAK_FLOPS, Arm, add_arguments, issue_flops_per_token, parse_arm,
-                                run_hf)
+                                plan_arms, run_hf)
 from mor_ds.config import load_config
 from mor_ds.models import build_model
 
@@ -83,6 +83,16 @@ def test_arm_parsing_and_bad_arms(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mor_ds.bench.train", "--configs", "vanilla-9b"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "vanilla-9b" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_variants_of_one_shape_share_one_set_of_baselines():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--configs", "vanilla-135m", "vanilla-135m+compile", "vanilla-135m:8", "mor-135m-nr2",
+                              "--baselines", "hf-eager,hf-liger"])
+    assert [arm.name for arm in plan_arms(args)] == [
+        "vanilla-135m", "hf-eager@vanilla-135m:16", "hf-liger@vanilla-135m:16", "vanilla-135m+compile",
+        "vanilla-135m:8", "hf-eager@vanilla-135m:8", "hf-liger@vanilla-135m:8", "mor-135m-nr2"]
 
 
 def test_decoder_block_traces_whole_under_compile():

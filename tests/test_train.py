@@ -106,6 +106,20 @@ def test_ds_config_is_filled_from_the_config():
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
+@pytest.mark.parametrize("preset, whole", [("tiny-vanilla", 6), ("tiny-mor", 2), ("tiny-recursive", 2)])
+def test_zero3_fetches_only_blocks_that_run_once_whole(preset, whole):
+    """Vanilla: every block is a z3 leaf (one all-gather per block). Shared blocks run Nr times, and DeepSpeed
+    reduces a leaf's gradients at each of its backward hooks, so only the middle-cycle prelude/coda blocks are."""
+    from deepspeed.utils import z3_leaf_module
+
+    from mor_ds.models import build_model
+
+    model = build_model(load_config(preset).model)
+    assert distributed.fetch_blocks_whole(model) == whole
+    leaves = [i for i, block in enumerate(model.layers) if z3_leaf_module(block)]
+    assert leaves == ([*model.plan.prelude, *model.plan.coda] if whole == 2 else list(range(6)))
+
+
 def test_ds_config_errors_name_the_key(tmp_path):
     cfg = load_config("tiny-mor", ["train.global_batch_size=24", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match=r"train.global_batch_size=24: must be a multiple of .* 4 × 4"):

@@ -123,11 +123,13 @@ def plan_arms(args: argparse.Namespace) -> list[Arm]:
     for b in baselines:
         if b not in HF_BASELINES:
             raise ValueError(f"--baselines: unknown {b!r} (known: {', '.join(HF_BASELINES)})")
-    arms = []
+    arms, shapes_with_baselines = [], set()
     for spec in args.configs:
         arm = parse_arm(spec, args.micro_batch)
         arms.append(arm)
-        if load_config(arm.preset).model.family == "vanilla":
+        shape = (arm.preset, arm.micro_batch)  # `vanilla-360m` and `vanilla-360m+compile` share one set of baselines
+        if load_config(arm.preset).model.family == "vanilla" and shape not in shapes_with_baselines:
+            shapes_with_baselines.add(shape)
             arms += [Arm(f"{b}@{arm.preset}:{arm.micro_batch}", arm.preset, (), arm.micro_batch, b) for b in baselines]
     return arms
 
