@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from mor_ds.config import ConfigError, OptimConfig, load_config
 from mor_ds.train import checkpoint as ckpt
 from mor_ds.train.callbacks.metrics import read_metrics, truncate_metrics
 from mor_ds.train.callbacks.wandb_logger import resolve_mode
-from mor_ds.train.faults import FaultPlan, oom_message
+from mor_ds.train.faults import EXIT_PREEMPTED, FaultPlan, oom_message
 from mor_ds.train.loop import split_batch
 from mor_ds.train.optim import param_groups
 from mor_ds.train.schedules import lr_at
@@ -285,6 +286,11 @@ def test_signal_during_start_up_is_kept_for_the_first_step():
         handler = signals.SignalHandler()
         handler.on_train_start(trainer=None)
         assert handler.received == signal.SIGUSR1
+        stops: list[tuple[int, str]] = []
+        lone = SimpleNamespace(env=distributed.DistEnv(0, 1, 0, "127.0.0.1", 0), device=torch.device("cpu"),
+                               state=SimpleNamespace(step=1), request_stop=lambda *a: stops.append(a))
+        handler.on_step_end(lone, result=None)  # one process: no all-reduce, no host sync
+        assert stops == [(EXIT_PREEMPTED, stops[0][1])] and stops[0][1].startswith("SIGUSR1 received: stopped after step 1")
         handler.on_train_end(trainer=None)
     finally:
         signals._early.clear()

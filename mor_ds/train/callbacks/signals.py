@@ -1,7 +1,7 @@
 """SIGTERM / SIGUSR1 (Slurm's pre-timeout signal, `#SBATCH --signal=USR1@120`): finish the current step,
 save a checkpoint, exit with EXIT_PREEMPTED so the job script requeues and the run resumes itself.
 
-A signal may reach only some ranks; the flag is max-reduced over ranks every step so all stop together."""
+A signal may reach only some ranks; with several ranks the flag is max-reduced every step so all stop together."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ class SignalHandler(Callback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, trainer, result) -> None:
-        flag = torch.tensor([0 if self.received is None else int(self.received)], device=trainer.device)
-        signum = int(distributed.all_reduce_max(flag).item())
+        signum = int(self.received or 0)
+        if trainer.env.world_size > 1:  # agree on the max over ranks (a host sync; a lone process needs none)
+            signum = int(distributed.all_reduce_max(torch.tensor([signum], device=trainer.device)).item())
         if signum:
             name = signal.Signals(signum).name
             trainer.request_stop(EXIT_PREEMPTED, f"{name} received: stopped after step {trainer.state.step} "
