@@ -428,13 +428,17 @@ def fuse_zero_grad_checks(optimizer: Any) -> bool:
     (overflow all-reduce, skipping the step, clipping, checkpoints) stays DeepSpeed's.
 
     Returns whether `optimizer` was changed: not for ZeRO-0/3 optimizers, nor with model parallelism (DeepSpeed
-    then counts only some tensors per rank; mor_ds never passes an mpu).
+    then counts only some tensors per rank; mor_ds never passes an mpu), nor with a DeepSpeed that lacks the
+    helpers used here (written against 0.19.8, whose NaN/Inf masking and fp64 norm dtype they follow).
     """
     from deepspeed import comm as ds_dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    from deepspeed.runtime.zero.utils import get_norm_dtype
 
+    try:
+        from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+    except ImportError:
+        return False
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.model_parallel_group is not None:
         return False
     serial_norm = optimizer.get_grad_norm_direct

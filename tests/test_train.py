@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -131,6 +134,84 @@ def test_ds_config_errors_name_the_key(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=f"train.ds_config: {bad} is not valid JSON"):
         distributed.build_ds_config(load_config("tiny-mor", [f"train.ds_config={bad}"]), 1)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_step_clips_skips_nan_and_checks_gradients_in_a_few_kernels(zero_stage):
+    """A real one-process DeepSpeed engine (gloo): the bf16 ZeRO-1/2 optimizer step reports the global norm of
+    the reference gradients, hands AdamW exactly those gradients clipped to optim.grad_clip, skips a NaN step
+    without touching the weights, and runs fewer ops than there are gradient tensors (DeepSpeed's own NaN/Inf
+    and norm checks take ~10 ops per tensor; distributed.fuse_zero_grad_checks replaces them).
+
+    In a subprocess: DeepSpeed caches the world group, so a second engine after shutdown() in this process (the
+    demo test builds one) would find it stale."""
+    code = f"import runpy; runpy.run_path({__file__!r})['_zero_step_checks']({zero_stage})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _zero_step_checks(zero_stage: int) -> None:
+    import copy
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    from mor_ds.models import build_model
+
+    clip = 0.05
+    cfg = load_config("tiny-vanilla", ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=32",
+                                       "model.num_layers=24", "train.precision=bf16", f"train.zero_stage={zero_stage}",
+                                       "train.micro_batch_size=2", "train.global_batch_size=2",
+                                       f"optim.grad_clip={clip}"])
+    seen: list[torch.Tensor] = []  # the flat fp32 gradient partition of each group, as AdamW gets it
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.extend(p.grad.clone() for group in self.param_groups for p in group["params"])
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.router)
+    reference = copy.deepcopy(model).bfloat16()
+    ids = torch.randint(0, 64, (2, 17))
+    reference(ids[:, :-1], labels=ids[:, 1:]).total_loss.backward()
+    grads = [p.grad.double() for p in reference.parameters()]
+    norm = torch.stack([g.norm() for g in grads]).norm().item()
+    assert norm > 10 * clip  # clipping is active
+    by_group = ([g for g, p in zip(grads, reference.parameters()) if p.ndim >= 2],  # param_groups: decay first
+                [g for g, p in zip(grads, reference.parameters()) if p.ndim < 2])
+
+    env = distributed.discover({})
+    distributed.init_distributed(env)
+    try:
+        engine = distributed.build_engine(model, cfg, env, param_groups(model, cfg.optim),
+                                          lambda groups: RecordingAdamW(groups, lr=cfg.optim.lr))
+        engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]).total_loss)
+        with profile() as prof:
+            engine.step()
+        assert engine.step_applied() and engine.grad_norm() == pytest.approx(norm, rel=1e-6)
+        assert len(seen) == 2
+        for flat, group in zip(seen, by_group):  # DeepSpeed scales by 1 / ((norm + 1e-6) / clip)
+            expected = torch.cat([g.flatten() for g in group]) * clip / (norm + 1e-6)
+            torch.testing.assert_close(flat[:expected.numel()].double(), expected, rtol=1e-6, atol=0)
+            assert not flat[expected.numel():].any()  # alignment padding
+        aliasing = {"aten::view", "aten::narrow", "aten::detach", "aten::_has_compatible_shallow_copy_type"}
+        ops = [e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in aliasing
+               and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+        assert len(ops) < len(grads), Counter(ops).most_common(5)  # ~120 here; DeepSpeed's own checks: ~2,300
+
+        seen.clear()
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]).total_loss * float("nan"))
+        engine.step()
+        assert not engine.step_applied() and engine.grad_norm() == math.inf and not seen
+        assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]).total_loss)
+        engine.step()
+        assert engine.step_applied() and math.isfinite(engine.grad_norm()) and len(seen) == 2
+    finally:
+        distributed.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ optimizer groups
