@@ -489,6 +489,6 @@ def is_cuda_oom(exc: BaseException) -> bool:
 __all__ = [
     "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
-    "build_engine", "clean_param_name", "compile_blocks", "fetch_blocks_whole", "consolidate_checkpoint", "device_for", "discover",
-    "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
+    "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
+    "fetch_blocks_whole", "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
 ]
