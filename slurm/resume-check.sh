@@ -10,15 +10,11 @@ GPUS=${GPUS:-2}; STEPS=${STEPS:-20}; MB=${MB:-16}; OUT=${OUT:-runs/resume}; SEQ=
 EVAL_BATCHES=${EVAL_BATCHES:-2}; VAL_SHARDS=${VAL_SHARDS:-4}; RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 half=$((STEPS / 2)); root="$OUT/resume-$preset-z$zero-g$GPUS"
 rm -rf "$root"; mkdir -p "$root"
+# shellcheck source=slurm/check-train.sh
+source "$(dirname "$0")/check-train.sh"
 train() {  # train RUN_DIR RESUME [--set …]
-  local run=$1 resume=$2; shift 2
-  timeout "$RUN_TIMEOUT" ${TORCHRUN:-torchrun} --standalone --nproc_per_node "$GPUS" -m mor_ds.cli train --config "$preset" \
-    --run-dir "$run" --resume "$resume" --quiet --set train.zero_stage="$zero" --set train.micro_batch_size="$MB" \
-    --set train.global_batch_size=$((MB * GPUS)) --set train.seq_len="$SEQ" --set train.max_steps="$STEPS" \
-    --set train.log_interval=1 --set train.eval_interval="$STEPS" --set train.eval_batches="$EVAL_BATCHES" \
-    --set data.val_shards="$VAL_SHARDS" --set checkpoint.interval="$half" --set checkpoint.keep_last=2 --set wandb.enabled=false \
-    --set data.source=prepared --set data.mode=prepared --set data.prepared_dir="$DATA" \
-    --set data.tokenizer="$TOKENIZER" "$@" >"$run.log" 2>&1
+  check_train "$preset" "$zero" "$GPUS" "$1" "$2" --set train.eval_interval="$STEPS" \
+    --set train.eval_batches="$EVAL_BATCHES" --set checkpoint.interval="$half" --set checkpoint.keep_last=2 "${@:3}"
 }
 train "$root/A" none "$@"; rc_a=$?
 train "$root/B" "$root/A/checkpoints/$(printf 'step_%08d' "$half")" "$@"; rc_b=$?

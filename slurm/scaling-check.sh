@@ -5,22 +5,19 @@
 # Each argument: "<preset> <zero stage> [extra --set key=value …]". GPU_COUNTS (default "1 $GPUS") picks the runs, e.g.
 # GPU_COUNTS=1 CUDA_VISIBLE_DEVICES=1 for one-GPU references of other arms side by side on a second GPU.
 set -uo pipefail
-TORCHRUN=${TORCHRUN:-torchrun}  # e.g. "python3 -m torch.distributed.run"
 GPUS=${GPUS:-2}; GPU_COUNTS=${GPU_COUNTS:-"1 $GPUS"}; STEPS=${STEPS:-20}; MB=${MB:-16}; OUT=${OUT:-runs/scaling}; SEQ=${SEQ:-2048}; RUN_TIMEOUT=${RUN_TIMEOUT:-600}
 VAL_SHARDS=${VAL_SHARDS:-4}; EVAL_WINDOWS=${EVAL_WINDOWS:-64}  # every run evaluates the same EVAL_WINDOWS held-out windows at the end
 mkdir -p "$OUT/runs"
+# shellcheck source=slurm/check-train.sh
+source "$(dirname "$0")/check-train.sh"
 for arm in "$@"; do
   read -r preset zero extra <<<"$arm"
   for g in $GPU_COUNTS; do
     dir="$OUT/runs/$preset-z$zero-g$g"
     rm -rf "$dir"
     # shellcheck disable=SC2086
-    timeout "$RUN_TIMEOUT" ${TORCHRUN:-torchrun} --standalone --nproc_per_node "$g" -m mor_ds.cli train --config "$preset" --run-dir "$dir" --resume none --quiet \
-      --set train.zero_stage="$zero" --set train.micro_batch_size="$MB" --set train.global_batch_size=$((MB * GPUS)) \
-      --set train.seq_len="$SEQ" --set train.max_steps="$STEPS" --set train.log_interval=1 --set train.eval_interval=1000000 \
-      --set train.eval_batches=$((EVAL_WINDOWS / (MB * g))) --set data.val_shards="$VAL_SHARDS" \
-      --set checkpoint.interval=1000000 --set wandb.enabled=false --set data.source=prepared --set data.mode=prepared \
-      --set data.prepared_dir="$DATA" --set data.tokenizer="$TOKENIZER" ${extra:-} >"$dir.log" 2>&1
+    check_train "$preset" "$zero" "$g" "$dir" none --set train.eval_interval=1000000 \
+      --set train.eval_batches=$((EVAL_WINDOWS / (MB * g))) --set checkpoint.interval=1000000 ${extra:-}
     python3 - "$dir" "$preset" "$zero" "$g" "$?" >>"$OUT/scaling.jsonl" <<'PY'
 import json, statistics, sys
 from pathlib import Path
