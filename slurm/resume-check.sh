@@ -26,11 +26,12 @@ rc_eval=$?
 python3 - "$root" "$preset" "$zero" "$GPUS" "$half" "$rc_a" "$rc_b" "$rc_export" "$rc_eval" >>"$OUT/resume.jsonl" <<'PY'
 import json, sys
 from pathlib import Path
+from mor_ds.train.callbacks.metrics import read_metrics
 root, preset, zero, gpus, half, *rcs = sys.argv[1:]
 root, half = Path(root), int(half)
 def records(run):
     path = root / run / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(path) if path.exists() else []
 a, b = records("A"), records("B")
 after_a = {r["step"]: r["loss"] for r in a if r["step"] > half}
 after_b = {r["step"]: r["loss"] for r in b if r["step"] > half}

@@ -21,8 +21,9 @@ for arm in "$@"; do
     python3 - "$dir" "$preset" "$zero" "$g" "$?" >>"$OUT/scaling.jsonl" <<'PY'
 import json, statistics, sys
 from pathlib import Path
+from mor_ds.train.callbacks.metrics import read_metrics
 run, preset, zero, gpus, rc = sys.argv[1:]
-recs = [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()] if (Path(run) / "metrics.jsonl").exists() else []
+recs = read_metrics(Path(run) / "metrics.jsonl") if (Path(run) / "metrics.jsonl").exists() else []
 steady = recs[len(recs) // 3:] or recs
 med = lambda k: statistics.median(r[k] for r in steady) if steady and k in steady[0] else None
 print(json.dumps({"preset": preset, "zero": int(zero), "gpus": int(gpus), "rc": int(rc), "steps": len(recs),
