@@ -25,7 +25,8 @@ def check_env(tmp_path_factory) -> dict[str, str]:
     shards, tokenizer = ensure_embedded(str(tmp_path_factory.mktemp("cache")), vocab_size=VOCAB)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(TORCHRUN=f"{sys.executable} -m torch.distributed.run", DATA=shards, TOKENIZER=tokenizer, GPUS="2",
+    # the scripts call `torchrun` and `python3`: the ones of this interpreter's environment, as an activated venv gives
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DATA=shards, TOKENIZER=tokenizer, GPUS="2",
                MB="2", SEQ="64", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RUN_TIMEOUT="240")
     return env
 
