@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -210,6 +211,118 @@ def _zero_step_checks(zero_stage: int) -> None:
         engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]).total_loss)
         engine.step()
         assert engine.step_applied() and math.isfinite(engine.grad_norm()) and len(seen) == 2
+    finally:
+        distributed.shutdown()
+
+
+def test_bf16_gradients_accumulate_in_fp32_with_zero2_and_3(tmp_path):
+    def accum_dtype(stage: int, global_batch: int, *extra: str) -> str | None:
+        cfg = load_config("tiny-mor", [f"train.zero_stage={stage}", "train.precision=bf16",
+                                       "train.micro_batch_size=4", f"train.global_batch_size={global_batch}", *extra])
+        return distributed.build_ds_config(cfg, world_size=2).get("data_types", {}).get("grad_accum_dtype")
+
+    assert accum_dtype(2, 64) == accum_dtype(3, 64) == "fp32"
+    assert accum_dtype(2, 8) is None  # one micro-batch per step: nothing to accumulate, keep the bf16 partition
+    assert accum_dtype(1, 64) is None and accum_dtype(2, 64, "train.offload_optimizer=true") is None
+    template = json.loads((distributed.DS_CONFIG_DIR / "zero2.json").read_text())
+    bf16_on_purpose = tmp_path / "bf16-accum.json"
+    bf16_on_purpose.write_text(json.dumps({**template, "data_types": {"grad_accum_dtype": "bf16"}}))
+    assert accum_dtype(2, 64, f"train.ds_config={bf16_on_purpose}") == "bf16"  # the template's choice wins
+    zero1_fp32 = tmp_path / "zero1-fp32.json"
+    zero1_fp32.write_text(json.dumps({**template, "data_types": {"grad_accum_dtype": "fp32"}}))
+    refused = f"train.ds_config: {zero1_fp32}: data_types.grad_accum_dtype=fp32 with ZeRO-1 and bf16 makes"
+    with pytest.raises(ConfigError, match=refused):
+        accum_dtype(1, 64, f"train.ds_config={zero1_fp32}")
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_accumulated_gradient_is_the_fp32_sum_of_the_micro_batches(zero_stage):
+    """8 bf16 micro-batches in one process: ZeRO-2/3 hand AdamW the fp32 sum of the micro-batch gradients (and its
+    norm) to ~1e-9, where a bf16 running sum is ~4e-3 off; ZeRO-1 still sums in bf16 (build_ds_config says why).
+    A NaN micro-batch skips its step and leaves nothing behind in the fp32 buffer. In a subprocess (see above)."""
+    code = f"import runpy; runpy.run_path({__file__!r})['_accumulation_checks']({zero_stage})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _accumulation_checks(zero_stage: int) -> None:
+    import copy
+    import functools
+
+    from mor_ds.models import build_model
+
+    gas, micro = 8, 2
+    cfg = load_config("tiny-vanilla", ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=32",
+                                       "model.num_layers=4", "train.precision=bf16", f"train.zero_stage={zero_stage}",
+                                       f"train.micro_batch_size={micro}", f"train.global_batch_size={gas * micro}",
+                                       "optim.grad_clip=0"])
+    seen: list[torch.Tensor] = []  # the flat fp32 gradient partition of each group, as AdamW gets it
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.extend(p.grad.clone() for group in self.param_groups for p in group["params"])
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.router)
+    reference = copy.deepcopy(model).bfloat16()
+    windows = torch.randint(0, 64, (3, gas, micro, 33))
+
+    def micro_grads(ids: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Each micro-batch's bf16 gradient of loss / gas, as DeepSpeed's backward computes it."""
+        out = []
+        for batch in ids:
+            reference.zero_grad(set_to_none=True)
+            (reference(batch[:, :-1], labels=batch[:, 1:]).total_loss / gas).backward()
+            out.append([p.grad.clone() for p in reference.parameters()])
+        return out
+
+    def by_group(grads: list[torch.Tensor]) -> list[torch.Tensor]:  # param_groups: decay (ndim >= 2) first
+        return [torch.cat([g.flatten() for g, p in zip(grads, reference.parameters()) if (p.ndim >= 2) == decay])
+                for decay in (True, False)]
+
+    def rel_errors(expected: list[torch.Tensor]) -> list[float]:
+        return [((flat[:e.numel()].double() - e).norm() / e.norm()).item() for flat, e in zip(seen, expected)]
+
+    env = distributed.discover({})
+    distributed.init_distributed(env)
+    try:
+        engine = distributed.build_engine(model, cfg, env, param_groups(model, cfg.optim),
+                                          lambda groups: RecordingAdamW(groups, lr=0.0))  # weights stay put
+        fused_calls = Counter()
+        if zero_stage < 3:  # the fused NaN/Inf and norm checks still run on the fp32 partition buffer
+            opt = engine._ds.optimizer
+            for name in ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct"):
+                fused = getattr(opt, name)
+                assert fused.__qualname__.startswith("fuse_zero_grad_checks.")
+                setattr(opt, name, lambda *a, _f=fused, _n=name, **k: fused_calls.update([_n]) or _f(*a, **k))
+
+        def run_window(ids: torch.Tensor, nan_at: int = -1) -> None:
+            seen.clear()
+            for k, batch in enumerate(ids):
+                loss = engine(batch[:, :-1], labels=batch[:, 1:]).total_loss
+                engine.backward(loss * float("nan") if k == nan_at else loss)
+                engine.step()
+
+        for window in (0, 2):  # window 1 is the NaN one: what it accumulated must not leak into window 2
+            grads = micro_grads(windows[window])
+            fp32_sum = by_group([sum(g[i].double() for g in grads) for i in range(len(grads[0]))])
+            bf16_sum = by_group([functools.reduce(torch.add, (g[i] for g in grads)) for i in range(len(grads[0]))])
+            norm = torch.cat(fp32_sum).norm().item()
+            run_window(windows[window])
+            assert engine.step_applied() and len(seen) == 2
+            if zero_stage == 1:
+                assert max(rel_errors([g.double() for g in bf16_sum])) == 0.0
+                assert min(rel_errors(fp32_sum)) > 1e-3, rel_errors(fp32_sum)
+            else:
+                assert max(rel_errors(fp32_sum)) < 1e-6, rel_errors(fp32_sum)  # bf16 summation: ~4e-3
+                assert engine.grad_norm() == pytest.approx(norm, rel=1e-6)  # bf16 summation: ~1e-4
+            if window == 0:
+                run_window(windows[1], nan_at=3)
+                assert not engine.step_applied() and engine.grad_norm() == math.inf and not seen
+        if zero_stage < 3:
+            assert fused_calls == {"has_overflow_partitioned_grads_serial": 3, "get_grad_norm_direct": 4}  # 2 groups
     finally:
         distributed.shutdown()
 
