@@ -292,6 +292,12 @@ def ds_config_path(cfg: Config) -> Path:
 _FP32_NAMES = ("fp32", "float32", "float", "torch.float32")  # DeepSpeed's DtypeEnum spellings of torch.float32
 
 
+def fp32_grad_accumulation(precision: str, zero_stage: int, offload_optimizer: bool, accumulation_steps: int) -> bool:
+    """Whether micro-batch gradients are summed in fp32 by default (build_ds_config says why; the planner's
+    memory estimate counts 4-byte gradients then)."""
+    return precision == "bf16" and zero_stage in (2, 3) and not offload_optimizer and accumulation_steps > 1
+
+
 def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The JSON template for the chosen ZeRO stage, filled from `cfg` (batch sizes, precision, clipping).
 
@@ -336,7 +342,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
                           "use ZeRO stage 1-3 or bf16 so NaN/Inf steps are skipped")
     if t.precision == "bf16" and not t.offload_optimizer:
         accum_dtype = ds.get("data_types", {}).get("grad_accum_dtype")
-        if t.zero_stage in (2, 3) and accumulation_steps > 1 and accum_dtype is None:
+        if accum_dtype is None and fp32_grad_accumulation(t.precision, t.zero_stage, t.offload_optimizer,
+                                                          accumulation_steps):
             ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
         if t.zero_stage == 1 and str(accum_dtype).lower() in _FP32_NAMES:
             raise ConfigError(f"train.ds_config: {path}: data_types.grad_accum_dtype=fp32 with ZeRO-1 and bf16 "
@@ -513,5 +520,5 @@ __all__ = [
     "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
     "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
-    "fetch_blocks_whole", "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
+    "fetch_blocks_whole", "fp32_grad_accumulation", "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
 ]

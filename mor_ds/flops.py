@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
 from mor_ds.config import Config, ConfigError, ModelConfig, RouterConfig
+from mor_ds.distributed import fp32_grad_accumulation
 from mor_ds.models.sharing import LayerPlan, layer_plan
 
 Convention = Literal["exact", "paper"]
@@ -374,6 +375,9 @@ def estimate_memory(cfg: Config, zero_stage: int | None = None, micro_batch: int
     n = count_params(cfg.model, cfg.router, unique=True, embedding=True)
     if t.precision == "bf16":  # bf16 weights and grads; fp32 master weights + Adam m, v
         weight_b, grad_b, optim_b = 2, 2, 12
+        accumulation_steps = max(t.global_batch_size // (micro_batch * gpus), 1)
+        if fp32_grad_accumulation(t.precision, zero_stage, t.offload_optimizer, accumulation_steps):
+            grad_b = 4  # the gradient partition sums micro-batches in fp32
     else:  # fp32 weights and grads; Adam m, v
         weight_b, grad_b, optim_b = 4, 4, 8
     weights = n * weight_b / (gpus if zero_stage >= 3 else 1)
