@@ -152,20 +152,18 @@ def test_zero_step_clips_skips_nan_and_checks_gradients_in_a_few_kernels(zero_st
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _zero_step_checks(zero_stage: int) -> None:
+def _tiny_bf16_run(zero_stage: int, num_layers: int, micro_batch: int, global_batch: int, clip: float):
+    """A tiny bf16 vanilla config, its model, a bf16 copy of it as the reference, and an AdamW class that records
+    the flat fp32 gradient partition of each group it is handed (in the returned `seen` list)."""
     import copy
-    from collections import Counter
-
-    from torch.profiler import profile
 
     from mor_ds.models import build_model
 
-    clip = 0.05
     cfg = load_config("tiny-vanilla", ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=32",
-                                       "model.num_layers=24", "train.precision=bf16", f"train.zero_stage={zero_stage}",
-                                       "train.micro_batch_size=2", "train.global_batch_size=2",
-                                       f"optim.grad_clip={clip}"])
-    seen: list[torch.Tensor] = []  # the flat fp32 gradient partition of each group, as AdamW gets it
+                                       f"model.num_layers={num_layers}", "train.precision=bf16",
+                                       f"train.zero_stage={zero_stage}", f"train.micro_batch_size={micro_batch}",
+                                       f"train.global_batch_size={global_batch}", f"optim.grad_clip={clip}"])
+    seen: list[torch.Tensor] = []
 
     class RecordingAdamW(torch.optim.AdamW):
         def step(self, closure=None):
@@ -174,7 +172,14 @@ def _zero_step_checks(zero_stage: int) -> None:
 
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.router)
-    reference = copy.deepcopy(model).bfloat16()
+    return cfg, model, copy.deepcopy(model).bfloat16(), seen, RecordingAdamW
+
+
+def _zero_step_checks(zero_stage: int) -> None:
+    from torch.profiler import profile
+
+    clip = 0.05
+    cfg, model, reference, seen, RecordingAdamW = _tiny_bf16_run(zero_stage, 24, 2, 2, clip)
     ids = torch.randint(0, 64, (2, 17))
     reference(ids[:, :-1], labels=ids[:, 1:]).total_loss.backward()
     grads = [p.grad.double() for p in reference.parameters()]
@@ -247,26 +252,10 @@ def test_accumulated_gradient_is_the_fp32_sum_of_the_micro_batches(zero_stage):
 
 
 def _accumulation_checks(zero_stage: int) -> None:
-    import copy
     import functools
 
-    from mor_ds.models import build_model
-
     gas, micro = 8, 2
-    cfg = load_config("tiny-vanilla", ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=32",
-                                       "model.num_layers=4", "train.precision=bf16", f"train.zero_stage={zero_stage}",
-                                       f"train.micro_batch_size={micro}", f"train.global_batch_size={gas * micro}",
-                                       "optim.grad_clip=0"])
-    seen: list[torch.Tensor] = []  # the flat fp32 gradient partition of each group, as AdamW gets it
-
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, closure=None):
-            seen.extend(p.grad.clone() for group in self.param_groups for p in group["params"])
-            return super().step(closure)
-
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.router)
-    reference = copy.deepcopy(model).bfloat16()
+    cfg, model, reference, seen, RecordingAdamW = _tiny_bf16_run(zero_stage, 4, micro, gas * micro, clip=0.0)
     windows = torch.randint(0, 64, (3, gas, micro, 33))
 
     def micro_grads(ids: torch.Tensor) -> list[list[torch.Tensor]]:
