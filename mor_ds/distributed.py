@@ -340,15 +340,15 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if t.zero_stage == 0 and t.precision == "fp32":
         raise ConfigError("train.zero_stage=0: with precision fp32 DeepSpeed applies non-finite gradients; "
                           "use ZeRO stage 1-3 or bf16 so NaN/Inf steps are skipped")
-    if t.precision == "bf16" and not t.offload_optimizer:
-        accum_dtype = ds.get("data_types", {}).get("grad_accum_dtype")
-        if accum_dtype is None and fp32_grad_accumulation(t.precision, t.zero_stage, t.offload_optimizer,
-                                                          accumulation_steps):
-            ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
-        if t.zero_stage == 1 and str(accum_dtype).lower() in _FP32_NAMES:
-            raise ConfigError(f"train.ds_config: {path}: data_types.grad_accum_dtype=fp32 with ZeRO-1 and bf16 "
-                              "makes DeepSpeed use its BF16_Optimizer, which over-counts accumulated gradients; "
-                              "use train.zero_stage=2 (fp32 accumulation by default) or drop the key")
+    accum_dtype = ds.get("data_types", {}).get("grad_accum_dtype")
+    if accum_dtype is None and fp32_grad_accumulation(t.precision, t.zero_stage, t.offload_optimizer,
+                                                      accumulation_steps):
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
+    if (t.precision == "bf16" and t.zero_stage == 1 and not t.offload_optimizer
+            and str(accum_dtype).lower() in _FP32_NAMES):
+        raise ConfigError(f"train.ds_config: {path}: data_types.grad_accum_dtype=fp32 with ZeRO-1 and bf16 "
+                          "makes DeepSpeed use its BF16_Optimizer, which over-counts accumulated gradients; "
+                          "use train.zero_stage=2 (fp32 accumulation by default) or drop the key")
     return ds
 
 
@@ -520,5 +520,6 @@ __all__ = [
     "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
     "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
-    "fetch_blocks_whole", "fp32_grad_accumulation", "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom", "shutdown", "slurm_master_addr",
+    "fetch_blocks_whole", "fp32_grad_accumulation", "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom",
+    "shutdown", "slurm_master_addr",
 ]
