@@ -85,6 +85,10 @@ class RouterConfig:
     scale_output: bool = True
     # expert-choice causality at inference: BCE aux loss on router logits, or a separate aux router
     causal_mode: Literal["aux_loss", "aux_router"] = "aux_loss"
+    # its threshold τ_r: "calibrated" = EMA (threshold_momentum per step) of the logit at which training's
+    # top-k_r cuts, so inference keeps the capacity schedule's fractions; "zero" = logit > 0 (σ > 0.5)
+    causal_threshold: Literal["calibrated", "zero"] = "calibrated"
+    threshold_momentum: float = 0.99
     aux_loss_coef: float = 0.001
     z_loss_coef: float = 0.0
     # token-choice balancing: "loss" (Σ_i P_i·f_i) or "loss_free" (per-depth bias, all-reduced loads)
@@ -342,6 +346,7 @@ def validate(cfg: Config) -> None:
     for key in ("aux_loss_coef", "z_loss_coef", "balance_loss_coef", "bias_update_rate"):
         _check(getattr(r, key) >= 0, f"router.{key}", getattr(r, key), "must be >= 0")
     _check(r.mlp_hidden_size >= 0, "router.mlp_hidden_size", r.mlp_hidden_size, "must be >= 0")
+    _check(0.0 <= r.threshold_momentum < 1.0, "router.threshold_momentum", r.threshold_momentum, "must be in [0, 1)")
 
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")

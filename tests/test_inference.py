@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,8 @@ def tiny(name: str, *overrides: str):
         for param_name, p in model.named_parameters():
             if "router" in param_name:
                 p.normal_(0, 1.0)
+        if hasattr(model.recursion, "router") and hasattr(model.recursion.router, "causal_threshold"):
+            model.recursion.router.causal_threshold.normal_(0, 0.2)  # calibrated thresholds τ_r ≠ 0
     return model.eval()
 
 
@@ -253,3 +257,41 @@ def test_decode_step_creates_no_tensor_from_host_data(name):
     with HostData() as mode:
         engine._tick()
     assert mode.seen == []
+
+
+@pytest.mark.parametrize("causal_mode", ["aux_loss", "aux_router"])
+def test_calibrated_thresholds_give_causal_routing_the_capacity_schedule(causal_mode):
+    """Training tracks τ_r (the logit where top-k_r cuts); causal routing with it keeps the schedule's
+    fractions (1, 2/3, 1/3 of the tokens reach steps 0, 1, 2) on held-out data."""
+    cfg = load_config("tiny-mor", ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4",
+                                   "model.num_kv_heads=2", "model.intermediate_size=96", "model.num_recursions=3",
+                                   "model.num_layers=8", f"router.causal_mode={causal_mode}",
+                                   "router.threshold_momentum=0.9"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.router)
+    router = model.recursion.router
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = 30
+    for i in range(steps):  # linear decay to 0, as a run's schedule ends
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (1 - i / steps)
+        x = torch.randint(0, VOCAB, (16, 65), generator=gen)
+        model(x[:, :-1], labels=x[:, 1:]).total_loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert router.threshold_updates.tolist() == [0, steps, steps]  # step 0 keeps everyone: no cut to track
+    assert router.causal_threshold[0] == -math.inf
+    model.eval()
+    with torch.no_grad():
+        stats = model(torch.randint(0, VOCAB, (32, 64), generator=gen), routing="causal").stats
+    reached = [float(stats[f"depth_frac/{r}"]) for r in range(3)]
+    assert reached == pytest.approx([1, 2 / 3, 1 / 3], abs=0.06)
+
+    # τ is saved with the weights, stays fp32 under a bf16 cast, and checkpoints without it load as τ = 0
+    state = model.state_dict()
+    assert torch.equal(state["recursion.router.causal_threshold"], router.causal_threshold)
+    assert model.to(torch.bfloat16).recursion.router.causal_threshold.dtype == torch.float32
+    fresh = build_model(cfg.model, cfg.router)
+    fresh.load_state_dict({k: v for k, v in state.items() if "threshold" not in k})
+    assert fresh.recursion.router.causal_threshold.tolist() == [0, 0, 0]

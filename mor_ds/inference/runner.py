@@ -2,8 +2,9 @@
 position) against a paged KV cache. Used by `generate` and by the engine's prefill and decode step.
 
 Semantics are those of `CausalLM.forward(ids, routing="causal")`, token by token:
-- MoR expert-choice: a token runs step r iff it ran step r−1 and its step-r router says so (logit > 0 of
-  the router, or of the aux router in aux_router mode); its update is h ← h + g·(F(h) − h), g = α·σ(logit).
+- MoR expert-choice: a token runs step r iff it ran step r−1 and its step-r decision logit (the router's,
+  or the aux router's in aux_router mode) exceeds the calibrated threshold τ_r (see ExpertChoiceRouter);
+  its update is h ← h + g·(F(h) − h), g = α·σ(logit).
 - MoR token-choice: the depth comes from the router on the prelude output; steps 0…depth run, the last
   one scaled by g.
 - Attention at step r: recursion-wise caching reads/writes the depth-r cache (only tokens that reached
@@ -147,11 +148,12 @@ class InferenceModel:
     # ------------------------------------------------------------------ routing
 
     def router_logits(self, h: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """Expert-choice step r: (weight logits, decision logits) of rows h (N, d)."""
+        """Expert-choice step r: (weight logits, decision margins) of rows h (N, d); a row continues iff
+        its margin (decision logit − τ_r) is > 0."""
         router = self.model.recursion.router
         logits = router.routers[step](h).squeeze(-1)
         decide = router.aux_routers[step](h).squeeze(-1) if router.aux_routers is not None else logits
-        return logits, decide
+        return logits, router.causal_margin(step, decide)
 
     def token_choice_depth(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Token-choice: (depth, g) per row, as TokenChoiceRouter.assign chooses them (top-1 of the

@@ -95,8 +95,15 @@ class RouterNet(nn.Module):
 class ExpertChoiceRouter(nn.Module):
     """One router per recursion step. Training: step r keeps the top-k_r of the tokens active after step
     r−1 (hierarchical), k_r = max(1, ⌊capacity_r·S⌋). Inference ("causal" routing): a token continues iff its
-    own score says so — sigmoid(logit) > 0.5 under the BCE aux loss, or the aux router's logit > 0 — which
-    never looks at other (future) tokens."""
+    own decision logit (the router's under the BCE aux loss, the aux router's in aux_router mode) exceeds the
+    step's threshold τ_r, which never looks at other (future) tokens.
+
+    τ_r (buffer `causal_threshold`, saved with the weights): with router.causal_threshold=calibrated, an EMA
+    over training steps of the decision logit at which the batch's top-k_r cuts (the score between the kept
+    and the dropped tokens, pooled over the batch), so causal routing keeps ≈ capacity_r/capacity_{r−1} of
+    the tokens at step r, as training did; −inf at steps whose capacity keeps everyone. Before its first
+    update (buffer `threshold_updates` = 0), or with router.causal_threshold=zero, τ_r = 0: sigmoid(logit)
+    > 0.5, the BCE's decision boundary."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: RouterConfig):
         super().__init__()
@@ -105,6 +112,40 @@ class ExpertChoiceRouter(nn.Module):
         self.routers = nn.ModuleList(RouterNet(model_cfg.hidden_size, 1, cfg) for _ in self.capacities)
         self.aux_routers = (nn.ModuleList(RouterNet(model_cfg.hidden_size, 1, cfg) for _ in self.capacities)
                             if cfg.causal_mode == "aux_router" else None)
+        calibrated = cfg.causal_threshold == "calibrated"
+        self.register_buffer("causal_threshold", torch.tensor(
+            [-math.inf if calibrated and c >= 1.0 else 0.0 for c in self.capacities], dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.zeros(len(self.capacities), dtype=torch.long))
+
+    def _apply(self, fn, recurse=True):
+        """τ stays fp32 under .to(bf16) / DeepSpeed's bf16 cast: an EMA in bf16 would drop every update
+        smaller than its 8-bit mantissa. Device moves still apply."""
+        kept = self.causal_threshold
+        super()._apply(fn, recurse)
+        if self.causal_threshold.dtype != torch.float32 and not kept.is_meta:
+            self.causal_threshold = kept.to(self.causal_threshold.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before calibration have no τ: load them as not calibrated (τ_r = 0)
+        state_dict.setdefault(prefix + "causal_threshold", torch.zeros_like(self.causal_threshold))
+        state_dict.setdefault(prefix + "threshold_updates", torch.zeros_like(self.threshold_updates))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def causal_margin(self, step: int, decide: Tensor) -> Tensor:
+        """Decision logits minus τ_r: a token continues at step r iff its margin is > 0 (no host sync)."""
+        return decide - self.causal_threshold[step]
+
+    @torch.no_grad()
+    def _track_threshold(self, step: int, decide: Tensor, k: int) -> None:
+        """EMA of the decision logit at which top-k_r (k per sequence) cuts, pooled over the batch: the
+        midpoint of the (kB)-th and (kB+1)-th largest of the B·K_prev logits. Device ops only."""
+        cut = decide.detach().float().flatten().topk(k * decide.shape[0] + 1).values[-2:].mean()
+        momentum = self.cfg.threshold_momentum
+        first = self.threshold_updates[step] == 0
+        ema = momentum * self.causal_threshold[step] + (1 - momentum) * cut
+        self.causal_threshold[step] = torch.where(first, cut, ema)
+        self.threshold_updates[step] += 1
 
     def _weights(self, logits: Tensor, valid: Tensor | None) -> Tensor:
         if self.cfg.activation == "sigmoid":
@@ -125,7 +166,7 @@ class ExpertChoiceRouter(nn.Module):
                                  "so they cannot be computed causally; evaluate with routing='topk' or train with "
                                  "router.activation=sigmoid")
             decide = aux_logits if aux_logits is not None else logits
-            active, pick = compact(prev, decide > 0, length)
+            active, pick = compact(prev, self.causal_margin(step, decide) > 0, length)
             return Selection(active, weights.gather(1, pick)[..., None])
 
         k = min(max(1, math.floor(self.capacities[step] * length)), prev.idx.shape[1])
@@ -133,6 +174,8 @@ class ExpertChoiceRouter(nn.Module):
             pick = torch.arange(k, device=logits.device).expand_as(logits)
         else:
             pick = logits.topk(k, dim=1).indices.sort(dim=1).values
+            if self.training and self.cfg.causal_threshold == "calibrated":
+                self._track_threshold(step, aux_logits if aux_logits is not None else logits, k)
         chosen = torch.zeros_like(logits).scatter_(1, pick, 1.0)  # BCE target: picked (1) or not (0)
         bce_logits = aux_logits if aux_logits is not None else logits
         aux = {"router_bce": self.cfg.aux_loss_coef * F.binary_cross_entropy_with_logits(bce_logits, chosen)}

@@ -7,8 +7,8 @@ recursion step r every token runs through the shared block, but attention only s
 through unchanged. This spends compute on inactive tokens but gives the same logits, which the export tests check.
 
 Routing (config.routing, or the `routing=` forward argument):
-  causal  a token continues at step r iff its own router score says so (expert-choice: router logit > 0, or the
-          auxiliary router's logit > 0; token-choice: chosen depth ≥ r). Never looks at later tokens.
+  causal  a token continues at step r iff its own router score says so (expert-choice: router logit > τ_r, or the
+          auxiliary router's logit > τ_r; token-choice: chosen depth ≥ r). Never looks at later tokens.
   topk    expert-choice training-time selection: the top k_r = max(1, ⌊capacity_r·S⌋) of the tokens still active
           (hierarchical). Uses the whole sequence, so logits of a prefix depend on the tokens after it.
 No KV cache: `generate()` re-runs the full prefix at every step.
@@ -122,6 +122,9 @@ class ExpertChoiceRouter(nn.Module):
         self.routers = nn.ModuleList(RouterNet(cfg.hidden_size, 1, cfg) for _ in range(cfg.num_recursions))
         if cfg.router_causal_mode == "aux_router":
             self.aux_routers = nn.ModuleList(RouterNet(cfg.hidden_size, 1, cfg) for _ in range(cfg.num_recursions))
+        # τ_r of causal routing, calibrated in training (mor-ds ExpertChoiceRouter; 0 = not calibrated)
+        self.register_buffer("causal_threshold", torch.zeros(cfg.num_recursions))
+        self.register_buffer("threshold_updates", torch.zeros(cfg.num_recursions, dtype=torch.long))
 
 
 class TokenChoiceRouter(nn.Module):
@@ -189,7 +192,7 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
                 raise ValueError("router_activation=softmax: expert-choice weights normalise over the whole "
                                  "sequence, so they cannot be computed causally; use routing='topk'")
             decide = router.aux_routers[step](h).squeeze(-1) if hasattr(router, "aux_routers") else logits
-            return prev & (decide > 0), weight
+            return prev & (decide > router.causal_threshold[step].float()), weight
         length = h.shape[1]
         capacities = cfg.router_capacities or [(cfg.num_recursions - i) / cfg.num_recursions
                                                for i in range(cfg.num_recursions)]
