@@ -32,6 +32,17 @@ SHAPE_PRESETS = {"135m": "mor-135m-nr3", "360m": "mor-360m-nr3"}
 MODES = ("cache", "share", "tc-cache", "tc-share")
 
 
+def _named_configs() -> dict:
+    from mor_ds.kernels import KernelConfigs, TileConfig
+
+    # s1: the kernels as session 1 measured them (memset zero-fill, a dK/dV loop per head and run)
+    return {"s1": KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3),
+                                fused_zero_fill=False, dkdv_single_loop=False)}
+
+
+NAMED_CONFIGS = ("s1",)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPE_PRESETS), choices=list(SHAPE_PRESETS))
     parser.add_argument("--seq", nargs="+", type=int, default=[2048, 4096])
@@ -44,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", action="store_true",
                         help="also time one whole MoR recursion step (gather → decoder block → scatter)")
     parser.add_argument("--sweep", action="store_true", help="time Triton tile configs instead of the table")
+    parser.add_argument("--sweep-dims", nargs="+", type=int, default=[64], choices=[64, 128],
+                        help="head dims to sweep (D=128: 8 query / 4 KV heads, same tokens)")
+    parser.add_argument("--triton-configs", nargs="*", default=[], choices=sorted(NAMED_CONFIGS),
+                        help="also time the Triton kernels under these named configs (e.g. s1: session 1's)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the Triton path instead")
     parser.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement")
     parser.add_argument("--graphs", action="store_true",
@@ -129,8 +144,9 @@ def _scatter(like: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     return out.scatter(2, rows[:, None, :, None].expand(-1, y.shape[1], -1, y.shape[3]), y)[:, :, :-1]
 
 
-def variants(w: Workload, x: Inputs, flex: bool) -> dict[str, Callable[[], Tensor]]:
-    """name -> callable returning the full-length output (inactive rows zero)."""
+def variants(w: Workload, x: Inputs, flex: bool, triton_configs: tuple[str, ...] = ()) -> dict[str, Callable[[], Tensor]]:
+    """name -> callable returning the full-length output (inactive rows zero); "triton <name>": the kernels
+    under a named config of NAMED_CONFIGS."""
     from mor_ds.kernels import active_attention
 
     q, k, v = x.q, x.k, x.v
@@ -157,8 +173,8 @@ def variants(w: Workload, x: Inputs, flex: bool) -> dict[str, Callable[[], Tenso
             out["flex"] = lambda: _scatter(q, x.write_rows, flex_fn(
                 _gather(q, x.read_rows), _gather(k, x.read_rows), _gather(v, x.read_rows), block_mask=block_mask,
                 enable_gqa=True))
-        out["triton"] = lambda: active_attention(q, k, v, q_rows=x.read_rows, kv_rows=x.read_rows, q_pos=x.pos,
-                                                 kv_pos=x.pos)
+        triton = lambda cfg=None: active_attention(q, k, v, q_rows=x.read_rows, kv_rows=x.read_rows,  # noqa: E731
+                                                   q_pos=x.pos, kv_pos=x.pos, configs=cfg)
     else:
         kv_pos = torch.arange(seq, device=q.device)
         out["gather+masked SDPA"] = lambda: _scatter(q, x.write_rows, F.scaled_dot_product_attention(
@@ -168,7 +184,11 @@ def variants(w: Workload, x: Inputs, flex: bool) -> dict[str, Callable[[], Tenso
             flex_fn, block_mask_for = _flex_share(w.batch, x.pos.shape[1], seq)
             out["flex"] = lambda: _scatter(q, x.write_rows, flex_fn(
                 _gather(q, x.read_rows), k, v, block_mask=block_mask_for(x.pos), enable_gqa=True))
-        out["triton"] = lambda: active_attention(q, k, v, q_rows=x.read_rows, q_pos=x.pos)
+        triton = lambda cfg=None: active_attention(q, k, v, q_rows=x.read_rows, q_pos=x.pos, configs=cfg)  # noqa: E731
+    out["triton"] = triton
+    named = _named_configs()
+    for name in triton_configs:
+        out[f"triton {name}"] = lambda cfg=named[name]: triton(cfg)
     return out
 
 
@@ -227,16 +247,19 @@ def check_variant(fn: Callable[[], Tensor], ref: Tensor, x: Inputs) -> float:
     return float(rows.norm() / (_gather(ref.float(), x.read_rows) * x.valid[:, None, :, None]).norm())
 
 
-def run_workload(w: Workload, flex: bool, rep_ms: int, repeats: int = 1, graphs: bool = False) -> dict:
+def run_workload(w: Workload, flex: bool, rep_ms: int, repeats: int = 1, graphs: bool = False,
+                 triton_configs: tuple[str, ...] = ()) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = make_inputs(w, gen)
-    fns = variants(w, x, flex)
+    fns = variants(w, x, flex, triton_configs)
     ref_name = "gather+SDPA causal" if w.kv_mode == "cache" else "gather+masked SDPA"
     with torch.no_grad():
         ref = fns[ref_name]()
     result = {"workload": w.label(), "mode": w.mode, "pairs": x.pairs, "full_pairs": x.full_pairs,
               "flops_fwd": 4 * w.dim * w.heads_q * x.pairs, "times": {}, "rel_err_vs_" + ref_name: None}
     result["rel_err_vs_" + ref_name] = check_variant(fns["triton"], ref, x)
+    for name in triton_configs:
+        result[f"rel_err triton {name}"] = check_variant(fns[f"triton {name}"], ref, x)
     for _ in range(repeats):  # variants interleaved; the best median of each counts (noise only adds time)
         for name, fn in fns.items():
             if name in result.get("errors", {}):
@@ -261,7 +284,7 @@ def summarize(r: dict) -> dict:
     full = t["full causal SDPA"]
     tri = t["triton"]
     s = {"ideal": (full[0] * frac_pairs, full[1] * frac_pairs) if full else None}
-    baselines = {n: v for n, v in t.items() if n != "triton" and v is not None}
+    baselines = {n: v for n, v in t.items() if not n.startswith("triton") and v is not None}
     best = min(baselines, key=lambda n: baselines[n][1])
     s["best_baseline"] = best
     if tri is None:
@@ -412,23 +435,49 @@ def profile(args: argparse.Namespace, fractions: list[Fraction]) -> None:
                         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int) -> list[dict]:
-    """Time Triton tile configs (forward, dK/dV, dQ separately) on cache and share workloads."""
-    from mor_ds.kernels import KernelConfigs, TileConfig, active_attention
+def _sweep_trials(head_dim: int) -> list[tuple[str, "KernelConfigs"]]:
+    """(label, configs): each trial changes one kernel's tiles (forward and dQ share a block shape) or one knob
+    of the default configs; candidates are the tiles that compile without register spills (`aot`)."""
+    from dataclasses import replace
+
+    from mor_ds.kernels import TileConfig as T
     from mor_ds.kernels.attention import default_configs
 
+    base = default_configs(head_dim, torch.device("cuda"))
+    trials = [("default", base), ("memset zero-fill", replace(base, fused_zero_fill=False)),
+              ("dkdv loop per head", replace(base, dkdv_single_loop=False))]
+    if head_dim == 64:
+        fwd_dq = [(T(128, 64, 8, 3), T(128, 64, 8, 3)), (T(64, 64, 4, 3), T(64, 64, 4, 3)),
+                  (T(128, 32, 4, 3), T(128, 32, 4, 3)), (T(128, 128, 8, 3), T(128, 128, 8, 3)),
+                  (T(64, 64, 4, 4), T(64, 64, 4, 4))]
+        dq_only = [T(128, 64, 4, 3), T(128, 64, 8, 2), T(128, 64, 8, 4)]  # 4 warps: spills, kept for comparison
+        dkdv = [T(32, 64, 4, 3), T(16, 64, 4, 3), T(64, 128, 8, 3), T(32, 128, 8, 3), T(32, 64, 4, 4),
+                T(64, 64, 4, 2), T(64, 64, 4, 4)]
+    else:
+        fwd_dq = [(T(128, 64, 8, 2), T(128, 64, 8, 2)), (T(64, 64, 4, 3), T(64, 64, 4, 3))]
+        dq_only = []
+        dkdv = [T(32, 64, 4, 3), T(64, 64, 8, 2), T(32, 128, 8, 3)]
+    trials += [(f"fwd+dq {f.block_m}x{f.block_n} w{f.num_warps}s{f.num_stages} / dq w{d.num_warps}s{d.num_stages}",
+                replace(base, fwd=f, dq=d)) for f, d in fwd_dq]
+    trials += [(f"dq w{d.num_warps}s{d.num_stages}", replace(base, dq=d)) for d in dq_only
+               if (d.block_m, d.block_n) == (base.fwd.block_m, base.fwd.block_n)]
+    trials += [(f"dkdv {t.block_m}x{t.block_n} w{t.num_warps}s{t.num_stages}", replace(base, dkdv=t)) for t in dkdv]
+    return trials
+
+
+def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int, graphs: bool, head_dims: list[int]) -> list[dict]:
+    """Time Triton configs (forward, forward+backward) on cache and share workloads; a failing config (e.g.
+    out of shared memory) is reported and skipped."""
+    from mor_ds.kernels import KernelConfigs, active_attention
+
     preset = load_config(SHAPE_PRESETS[shape]).model
-    base = default_configs(preset.head_dim, torch.device("cuda"))
-    fwd_tiles = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3),
-                 TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 128, 4, 3)]
-    dkdv_tiles = [TileConfig(64, 128, 8, 3), TileConfig(32, 128, 4, 3), TileConfig(64, 64, 4, 3),
-                  TileConfig(32, 64, 4, 4), TileConfig(128, 128, 8, 2)]
-    dq_warps_stages = [(4, 3), (8, 3), (4, 4), (8, 2)]
     out = []
-    for mode in ("cache", "share"):
-        for frac in (Fraction(1), Fraction(1, 2)):
-            w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim, batch_tokens // seq, seq,
-                         frac, mode)
+    for head_dim in head_dims:
+        heads_q, heads_kv = (preset.num_heads, preset.num_kv_heads) if head_dim == preset.head_dim else (8, 4)
+        trials = _sweep_trials(head_dim)
+        for mode, frac in (("cache", Fraction(1, 4)), ("cache", Fraction(1, 2)), ("share", Fraction(1, 2)),
+                           ("cache", Fraction(1))):
+            w = Workload(shape, heads_q, heads_kv, head_dim, batch_tokens // seq, seq, frac, mode)
             x = make_inputs(w, torch.Generator().manual_seed(0))
             kv_rows = x.read_rows if mode == "cache" else None
             kv_pos = x.pos if mode == "cache" else None
@@ -437,24 +486,35 @@ def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int) -> list[dict]:
                 return active_attention(x.q, x.k, x.v, q_rows=x.read_rows, kv_rows=kv_rows, q_pos=x.pos,
                                         kv_pos=kv_pos, configs=cfg)
 
-            same_shape = lambda t, w, s: TileConfig(t.block_m, t.block_n, w, s)  # noqa: E731 (dq shares fwd's blocks)
-            trials = ([("fwd", KernelConfigs(t, base.dkdv, same_shape(t, base.dq.num_warps, base.dq.num_stages)))
-                       for t in fwd_tiles]
-                      + [("dkdv", KernelConfigs(base.fwd, t, base.dq)) for t in dkdv_tiles]
-                      + [("dq", KernelConfigs(base.fwd, base.dkdv, same_shape(base.fwd, w, s)))
-                         for w, s in dq_warps_stages])
-            for part, cfg in trials:
+            for label, cfg in trials:
                 try:
-                    fwd, both = time_variant(lambda: call(cfg), x, rep_ms)
+                    fwd, both = time_variant(lambda: call(cfg), x, rep_ms, graphs)
                 except Exception as exc:
-                    print(f"  {part} {cfg}: failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})")
+                    print(f"  D={head_dim} {mode} f={frac} {label}: failed ({exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0][:160]})", flush=True)
                     continue
-                tile = getattr(cfg, part)
-                out.append({"mode": mode, "frac": str(frac), "part": part, "tile": tile.__dict__, "fwd_ms": fwd,
-                            "fwd_bwd_ms": both})
-                print(f"  {mode} f={frac} {part} {tile}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
+                out.append({"head_dim": head_dim, "mode": mode, "frac": str(frac), "trial": label,
+                            "configs": repr(cfg), "fwd_ms": fwd, "fwd_bwd_ms": both})
+                print(f"  D={head_dim} {mode} f={frac} {label}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
             del x
+            torch.cuda.empty_cache()
     return out
+
+
+def print_sweep(rows: list[dict]) -> None:
+    """One line per trial: fwd+bwd ms per workload, relative to the default config."""
+    workloads = list(dict.fromkeys((r["head_dim"], r["mode"], r["frac"]) for r in rows))
+    trials = list(dict.fromkeys(r["trial"] for r in rows))
+    at = {(r["head_dim"], r["mode"], r["frac"], r["trial"]): r["fwd_bwd_ms"] for r in rows}
+    print("\n### sweep: fwd+bwd ms (÷ default)\n")
+    print("| trial | " + " | ".join(f"D={d} {m} f={f}" for d, m, f in workloads) + " |")
+    print("|---|" + "---|" * len(workloads))
+    for t in trials:
+        cells = []
+        for d, m, f in workloads:
+            v, ref = at.get((d, m, f, t)), at.get((d, m, f, "default"))
+            cells.append("—" if v is None else f"{v:.3f}" + (f" ({v / ref:.2f})" if ref else ""))
+        print(f"| {t} | " + " | ".join(cells) + " |")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -468,7 +528,8 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         profile(args, fractions)
     elif args.sweep:
-        record["sweep"] = sweep(args.shapes[-1], args.seq[0], args.tokens, args.rep_ms)
+        record["sweep"] = sweep(args.shapes[-1], args.seq[0], args.tokens, args.rep_ms, args.graphs, args.sweep_dims)
+        print_sweep(record["sweep"])
     else:
         results = []
         for si, shape in enumerate(args.shapes):
@@ -480,7 +541,8 @@ def run(args: argparse.Namespace) -> int:
                     for frac in fractions:
                         w = Workload(shape, preset.num_heads, preset.num_kv_heads, preset.head_dim,
                                      args.tokens // seq, seq, frac, mode)
-                        results.append(run_workload(w, flex, args.rep_ms, args.repeats, args.graphs))
+                        results.append(run_workload(w, flex, args.rep_ms, args.repeats, args.graphs,
+                                                    tuple(args.triton_configs)))
                         print("  " + json.dumps(results[-1]), flush=True)  # partial results survive a timeout
         record["results"] = results
         record["index_building"] = time_index_building(args.seq, fractions, args.tokens, args.rep_ms)

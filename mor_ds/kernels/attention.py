@@ -30,6 +30,7 @@ from mor_ds.kernels.interpreter_compat import interpreter_active
 
 LOG2_E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
+ZERO_SPAN = 512  # full-length rows per zero-fill program
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,22 @@ class KernelConfigs:
     fwd: TileConfig
     dkdv: TileConfig
     dq: TileConfig  # same tile shape as fwd (they share the block table), own warps/stages
+    # fused scatter: extra programs of each kernel zero the rows of inactive tokens in the full-length output
+    # and gradients (False: a memset of the whole tensor before the kernel)
+    fused_zero_fill: bool = True
+    # dK/dV: the GROUP query heads × query blocks as one pipelined loop (False: a loop per head and run)
+    dkdv_single_loop: bool = True
 
     def __post_init__(self) -> None:
         if (self.dq.block_m, self.dq.block_n) != (self.fwd.block_m, self.fwd.block_n):
             raise ValueError(f"KernelConfigs: dq tiles {self.dq} must have the forward's block shape {self.fwd}")
 
 
-# D=64: chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep` (360M shape, S=2048; BENCHMARKS.md).
-# D=128: correct on the H100 (tests/test_kernels.py -m cuda), tiles not swept.
+# D=64: tiles chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep` (360M shape, S=2048;
+# BENCHMARKS.md); dQ at 8 warps since at 4 it spills registers (`python -m mor_ds.kernels.aot`).
+# D=128: correct on the H100 (tests/test_kernels.py -m cuda), tiles not swept; none spills.
 _GPU_CONFIGS = {
-    64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3)),
+    64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
     128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(128, 64, 8, 3)),
 }
 # Interpreter (CPU tests): small, unequal tiles so that short sequences still span many blocks.
@@ -83,8 +90,12 @@ class _Layout:
     kv_rows: Tensor | None
     cu_q: Tensor | None
     cu_k: Tensor | None
+    full_len_q: int = 0  # rows of the full-length q / k, v that q_rows / kv_rows index
+    full_len_k: int = 0
     ranges_fwd: Tensor | None = None  # (B, query blocks, 4), filled by the forward, reused by dQ
     ranges_bwd: Tensor | None = None  # (B, key blocks, 4) for dK/dV
+    q_map: Tensor | None = None  # (B, full_len_q) int8: 1 where an active query writes (fused zero-fill only)
+    kv_map: Tensor | None = None
 
     @property
     def varlen(self) -> bool:
@@ -114,29 +125,42 @@ class _Layout:
                     Q_POS_IS_INDEX=self.q_pos is None, KV_POS_IS_INDEX=self.kv_pos is None)
 
     def build_ranges(self, cfg: KernelConfigs, device: torch.device) -> None:
-        self.ranges_fwd, self.ranges_bwd = block_ranges(
+        fused = cfg.fused_zero_fill
+        self.ranges_fwd, self.ranges_bwd, self.q_map, self.kv_map = block_ranges(
             self.q_pos, self.kv_pos, self.q_doc, self.kv_doc, self.cu_q, self.cu_k, self.batch, self.seqlen_q,
-            self.seqlen_k, (cfg.fwd.block_m, cfg.fwd.block_n), (cfg.dkdv.block_m, cfg.dkdv.block_n), device)
+            self.seqlen_k, (cfg.fwd.block_m, cfg.fwd.block_n), (cfg.dkdv.block_m, cfg.dkdv.block_n), device,
+            self.q_rows if fused else None, self.kv_rows if fused else None, self.full_len_q, self.full_len_k)
+
+    def zero_programs(self, keys: bool) -> int:
+        """Extra programs per (sequence, head) that zero inactive rows of the query (or key) side's results."""
+        row_map, full_len = (self.kv_map, self.full_len_k) if keys else (self.q_map, self.full_len_q)
+        return triton.cdiv(full_len, ZERO_SPAN) if row_map is not None else 0
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, sm_scale: float, cfg: KernelConfigs,
              upcast: bool) -> tuple[Tensor, Tensor]:
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[-1]
-    out = torch.zeros_like(q) if lay.q_rows is not None else torch.empty_like(q)
-    lse, stat_strides = lay.new_row_stats(q)
     lay.build_ranges(cfg, q.device)
+    zero_progs = lay.zero_programs(keys=False)
+    out = torch.zeros_like(q) if lay.q_rows is not None and not zero_progs else torch.empty_like(q)
+    lse, stat_strides = lay.new_row_stats(q)
     tile = cfg.fwd
-    grid = (triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)
+    grid = (triton.cdiv(lay.seqlen_q, tile.block_m) + zero_progs, lay.batch * heads_q)
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, *lay.index_args(lse), lay.ranges_fwd,
+        q, k, v, out, lse, *lay.index_args(lse), lay.ranges_fwd, _or(lay.q_map, lse),
         sm_scale * LOG2_E,
         *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
         *stat_strides, lay.ranges_fwd.stride(0),
-        heads_q, lay.seqlen_q, lay.seqlen_k,
+        heads_q, lay.seqlen_q, lay.seqlen_k, lay.full_len_q,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, **lay.flags(), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_progs else 0, **lay.flags(),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out, lse
+
+
+def _or(x: Tensor | None, dummy: Tensor) -> Tensor:
+    return x if x is not None else dummy
 
 
 def _zeros_like_all(*tensors: Tensor) -> list[Tensor]:
@@ -154,8 +178,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         do = do.contiguous()
     flags = lay.flags()
     delta, stat_strides = lay.new_row_stats(q)
-    # gathered rows: every row not listed gets a zero gradient
-    scatter_q, scatter_kv = lay.q_rows is not None, lay.kv_rows is not None
+    # gathered rows: every row not listed gets a zero gradient (a memset unless the kernels' programs do it)
+    zero_q, zero_kv = lay.zero_programs(keys=False), lay.zero_programs(keys=True)
+    scatter_q, scatter_kv = lay.q_rows is not None and not zero_q, lay.kv_rows is not None and not zero_kv
     zeros = _zeros_like_all(*([q] if scatter_q else []), *([k, v] if scatter_kv else []))
     dq = zeros.pop(0) if scatter_q else torch.empty_like(q)
     dk, dv = (zeros[0], zeros[1]) if scatter_kv else (torch.empty_like(k), torch.empty_like(v))
@@ -163,24 +188,26 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     common = (*lay.strides(q), *lay.strides(k), *lay.strides(v))
 
     tile = cfg.dq  # first: it also writes Δ for the dK/dV kernel
-    attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m), lay.batch * heads_q)](
-        q, k, v, out, do, dq, lse, delta, *index_args, lay.ranges_fwd,
+    attention_bwd_dq_kernel[(triton.cdiv(lay.seqlen_q, tile.block_m) + zero_q, lay.batch * heads_q)](
+        q, k, v, out, do, dq, lse, delta, *index_args, lay.ranges_fwd, _or(lay.q_map, lse),
         sm_scale * LOG2_E, sm_scale,
         *common, *lay.strides(out), *lay.strides(do), *lay.strides(dq),
         *stat_strides, lay.ranges_fwd.stride(0),
-        heads_q, lay.seqlen_q, lay.seqlen_k,
+        heads_q, lay.seqlen_q, lay.seqlen_k, lay.full_len_q,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_q else 0, **flags,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     tile = cfg.dkdv
-    attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, tile.block_n), lay.batch * heads_kv)](
-        q, k, v, do, dk, dv, lse, delta, *index_args, lay.ranges_bwd,
+    attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, tile.block_n) + zero_kv, lay.batch * heads_kv)](
+        q, k, v, do, dk, dv, lse, delta, *index_args, lay.ranges_bwd, _or(lay.kv_map, lse),
         sm_scale * LOG2_E, sm_scale,
         *common, *lay.strides(do), *lay.strides(dk), *lay.strides(dv),
         *stat_strides, lay.ranges_bwd.stride(0),
-        heads_kv, lay.seqlen_q, lay.seqlen_k,
+        heads_kv, lay.seqlen_q, lay.seqlen_k, lay.full_len_k,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_kv else 0, SINGLE_LOOP=cfg.dkdv_single_loop, **flags,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return dq, dk, dv
 
@@ -260,7 +287,8 @@ def active_attention(
     q_pos = _index_rows(q_pos, batch, kq, device, "q_pos") if q_pos is not None else q_rows
     kv_pos = _index_rows(kv_pos, batch, kk, device, "kv_pos") if kv_pos is not None else kv_rows
     lay = _Layout(batch, kq, kk, q_pos, kv_pos, _index_rows(q_doc, batch, kq, device, "q_doc"),
-                  _index_rows(kv_doc, batch, kk, device, "kv_doc"), q_rows, kv_rows, None, None)
+                  _index_rows(kv_doc, batch, kk, device, "kv_doc"), q_rows, kv_rows, None, None,
+                  full_len_q=q.shape[2], full_len_k=k.shape[2])
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _ActiveAttention.apply(q, k, v, lay, scale, configs or default_configs(q.shape[-1], device))
 

@@ -84,3 +84,45 @@ def visible(qp, kp, qd, kd, HAS_DOC: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
         if HAS_DOC:
             vis = vis & (kd[None, :] == qd[:, None])
     return vis
+
+
+@triton.jit
+def zero_inactive_rows(ptr, stride_s, row_map, chunk, full_len,
+                       SPAN: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fused scatter: write zeros into the rows [chunk·SPAN, (chunk+1)·SPAN) of one (sequence, head) of a
+    full-length result whose `row_map` entry is 0 (rows no active slot writes). The kernels run this in extra
+    programs of their own launch, so the zero-fill overlaps the attention math instead of a memset before it."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    zeros = tl.zeros([TILE, HEAD_DIM], dtype=ptr.dtype.element_ty)
+    for t in range(0, SPAN, TILE):
+        rows = chunk * SPAN + t + tl.arange(0, TILE)
+        in_range = rows < full_len
+        inactive = tl.load(row_map + rows, mask=in_range, other=1) == 0
+        tl.store(ptr + rows.to(tl.int64)[:, None] * stride_s + offs_d[None, :], zeros, mask=inactive[:, None])
+
+
+@triton.jit
+def query_block_setup(
+    qblk, b, QPOS, QDOC, QROWS, CUQ, CUK, RANGES, stride_ranges_b, seqlen_q, seqlen_k,
+    BLOCK_M: tl.constexpr, HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr,
+    Q_POS_IS_INDEX: tl.constexpr,
+):
+    """Shared prologue of the query-major kernels (forward, dQ) for query block `qblk` of sequence b: its rows,
+    memory rows, positions, document ids, the key sequence's bounds and the block's (lo, a, b, hi) range."""
+    q_start, q_len, q_base = seq_bounds(CUQ, b, seqlen_q, VARLEN)
+    k_start, k_len, k_base = seq_bounds(CUK, b, seqlen_k, VARLEN)
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < q_len
+    q_rows = memory_rows(QROWS + q_base, q_start, offs_m, m_valid, Q_GATHER)
+    qp = query_positions(QPOS + q_base, offs_m, m_valid, Q_POS_IS_INDEX)
+    if HAS_DOC:
+        qd = load_docs(QDOC + q_base, offs_m, m_valid, -2)
+    else:
+        qd = qp
+    if Q_GATHER:  # a padded slot's row index is a placeholder: never write through it
+        m_store = m_valid & (qp >= 0)
+    else:
+        m_store = m_valid
+    rng = RANGES + b.to(tl.int64) * stride_ranges_b + qblk * 4
+    return (q_start, offs_m, m_valid, m_store, q_rows, qp, qd, k_start, k_len, k_base,
+            tl.load(rng), tl.load(rng + 1), tl.load(rng + 2), tl.load(rng + 3))

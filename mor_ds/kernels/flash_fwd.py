@@ -2,6 +2,7 @@
 
 One program = one query block of one (sequence, query head). It visits only the key blocks listed by
 `block_ranges` (masked / full / masked runs) and stores O and the row log-sum-exp (base 2) for the backward.
+With a fused scatter (ZERO_SPAN > 0), programs past the last query block zero the output rows of inactive tokens.
 GQA: query head h reads key/value head h // GROUP. Scores use exp2 with log2(e) folded into the scale.
 """
 
@@ -11,7 +12,7 @@ import triton
 import triton.language as tl
 
 from mor_ds.kernels.common import (
-    key_positions, load_docs, memory_rows, query_positions, seq_bounds, visible,
+    key_positions, load_docs, memory_rows, query_block_setup, visible, zero_inactive_rows,
 )
 
 
@@ -54,47 +55,41 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k"])  # lengths vary per step: no recompiles
+@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k", "full_len_q"])  # lengths vary per step
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES,
+    Q, K, V, O, LSE, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, QMAP,
     qk_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     stride_stat_b, stride_stat_h, stride_ranges_b,
-    num_q_heads, seqlen_q, seqlen_k,
+    num_q_heads, seqlen_q, seqlen_k, full_len_q,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
+    ZERO_SPAN: tl.constexpr,
 ):
     qblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_q_heads
     h = bh % num_q_heads
     b64 = b.to(tl.int64)
-    kvh = h // GROUP
-    q_start, q_len, q_base = seq_bounds(CUQ, b, seqlen_q, VARLEN)
-    k_start, k_len, k_base = seq_bounds(CUK, b, seqlen_k, VARLEN)
-
-    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_ptr = O + b64 * stride_ob + h * stride_oh
+    if ZERO_SPAN > 0:  # programs past the query blocks zero the output rows no active query writes
+        n_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+        if qblk >= n_blocks:
+            zero_inactive_rows(o_ptr, stride_os, QMAP + b64 * full_len_q, qblk - n_blocks, full_len_q,
+                               ZERO_SPAN, 64, HEAD_DIM)
+            return
+    q_start, offs_m, m_valid, m_store, q_rows, qp, qd, k_start, k_len, k_base, lo, a, b_end, hi = \
+        query_block_setup(qblk, b, QPOS, QDOC, QROWS, CUQ, CUK, RANGES, stride_ranges_b, seqlen_q, seqlen_k,
+                          BLOCK_M, HAS_DOC, VARLEN, Q_GATHER, Q_POS_IS_INDEX)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < q_len
-    q_rows = memory_rows(QROWS + q_base, q_start, offs_m, m_valid, Q_GATHER)
     q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
                 mask=m_valid[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    qp = query_positions(QPOS + q_base, offs_m, m_valid, Q_POS_IS_INDEX)
-    if HAS_DOC:
-        qd = load_docs(QDOC + q_base, offs_m, m_valid, -2)
-    else:
-        qd = qp
 
-    rng = RANGES + b64 * stride_ranges_b + qblk * 4
-    lo = tl.load(rng)
-    a = tl.load(rng + 1)
-    b_end = tl.load(rng + 2)
-    hi = tl.load(rng + 3)
-
+    kvh = h // GROUP
     kpos = KPOS + k_base
     kdoc = KDOC + k_base
     krows = KROWS + k_base
@@ -117,10 +112,6 @@ def attention_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
-    if Q_GATHER:  # a padded slot's row index is a placeholder: never write through it
-        m_store = m_valid & (qp >= 0)
-    else:
-        m_store = m_valid
-    tl.store(O + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_store[:, None])
+    tl.store(o_ptr + q_rows[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_store[:, None])
     tl.store(LSE + b64 * stride_stat_b + h * stride_stat_h + q_start + offs_m, lse, mask=m_valid)
