@@ -148,7 +148,7 @@ class TrainConfig:
     zero3_block_fetch: bool = True  # ZeRO-3 gathers a decoder block's weights in one go (one hook per block)
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: Literal["auto", True, False] = "auto"  # torch.compile per unique block; auto = on CUDA, off on CPU
     log_interval: int = 10
     eval_interval: int = 500
     eval_batches: int = 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mor_ds.config import Config, ConfigError, from_dict, load_config, parse_override
 from mor_ds.presets import list_presets
@@ -58,6 +59,7 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
     ("train.zero_stage=4", "train.zero_stage=4: must be 0, 1, 2 or 3"),
     ("model.tie_embeddings=maybe", "model.tie_embeddings: 'maybe' is not a bool"),
     ("router.alpha=0", "router.alpha=0.0: must be > 0"),
+    ("train.compile=blocks", "train.compile: 'blocks' is not one of auto, True, False"),
     ("nokey", "--set 'nokey': expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
@@ -98,3 +100,13 @@ def test_defaults_are_valid():
     from mor_ds.config import validate
 
     validate(Config())
+
+
+def test_compile_is_auto_by_default_and_follows_the_device():
+    from mor_ds.distributed import resolve_compile
+
+    assert load_config("tiny-mor").train.compile == "auto"
+    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
+    for value in (True, False):
+        setting = load_config("tiny-mor", [f"train.compile={str(value).lower()}"]).train.compile
+        assert setting is value and resolve_compile(setting, torch.device("cpu")) is value

@@ -22,7 +22,10 @@ AttentionFn = Callable[..., Tensor]
 BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
 
 
+@torch.compiler.disable
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """Runs eagerly inside a torch.compile'd block (a graph break): Inductor re-compiles user Triton kernels it
+    traces and, with Triton 3.6 on an H100, failed on ours (tl.dot accumulator type assertion)."""
     from mor_ds.attention.triton import triton_attention  # imported on first use: compiles nothing before
 
     return triton_attention(q, k, v, **kwargs)

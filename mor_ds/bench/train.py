@@ -51,7 +51,8 @@ VARIANTS: dict[str, list[str]] = {
     "plainloss": ["model.fused_loss=plain"],  # full logits + F.cross_entropy
     "chunked": ["model.fused_loss=chunked"],
     "liger": ["model.fused_loss=liger"],  # Liger-Kernel's fused linear cross-entropy for the loss
-    "compile": ["train.compile=true"],  # torch.compile per unique block
+    "compile": ["train.compile=true"],  # torch.compile per unique block (the default on CUDA)
+    "eager": ["train.compile=false"],
     "ckpt": ["train.activation_checkpointing=true"],
     "sdpa": ["model.attention_backend=sdpa"],
     "z1": ["train.zero_stage=1"],
@@ -391,7 +392,7 @@ def run_mor_ds(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "family": m.family, "params": num_params, "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
         "world_size": env.world_size, "zero_stage": t.zero_stage, "precision": t.precision,
-        "fused_loss": resolve_fused_loss(m.fused_loss, device), "compile": t.compile,
+        "fused_loss": resolve_fused_loss(m.fused_loss, device), "compile": distributed.resolve_compile(t.compile, device),
         "activation_checkpointing": t.activation_checkpointing, "attention_backend": m.attention_backend,
         **summarize(clock, t.micro_batch_size * t.seq_len, args.steps, env.world_size, exact,
                     issue_flops_per_token(num_params, m.num_layers, m.hidden_size, t.seq_len),
