@@ -97,6 +97,21 @@ def test_engine_equals_each_request_alone(name, overrides):
         assert sum(f > 0 for f in engine.stats.depth_fractions()) >= 2
 
 
+def test_engine_admission_batches_wait_for_free_slots_and_change_no_output():
+    model = tiny("tiny-mor")
+    requests = [(n, m) for n, m in REQUESTS * 2]
+    alone = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(requests)]
+    prefills = {}
+    for admit_batch in (1, 3):
+        engine = Engine(model, max_slots=4, max_len=32, page_size=4, admit_batch=admit_batch)
+        served = engine.run([Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(requests)])
+        assert [r.output for r in served] == alone
+        prefills[admit_batch] = engine.stats.prefills
+    assert prefills[3] < prefills[1]
+    with pytest.raises(ValueError, match="admit_batch=0"):
+        Engine(model, max_slots=4, max_len=32, admit_batch=0)
+
+
 def test_engine_preempts_when_the_pool_runs_out_and_output_is_unchanged():
     model = tiny("tiny-mor")
     requests = [Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(REQUESTS)]

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="presets; NAME-L<depth> overrides the unrolled depth (vanilla at MoR-4's 34 layers)")
     parser.add_argument("--batches", nargs="+", default=["32", "max"], help="slot counts; 'max' = what fits memory")
     parser.add_argument("--vanilla-batches", nargs="*", default=["128"], help="extra batches for vanilla models")
-    parser.add_argument("--data", default=".bench_data/tokens.npy", help="token ids (.npy); synthetic if missing")
+    parser.add_argument("--data", default=".bench_data/tokens.npy",
+                        help="token ids: a .npy or a prepared shard directory (mor-data prepare); synthetic if missing")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-mean", type=float, default=256)
     parser.add_argument("--gen-std", type=float, default=64)
@@ -50,21 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory-fraction", type=float, default=0.8, help="of free GPU memory, for the KV pool")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=150, help="MoR router training steps (0 = random routers)")
-    parser.add_argument("--train-seq", type=int, default=256)
-    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--train-seq", type=int, default=512, help="covers prompt + mean generation (384 tokens)")
+    parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-lr", type=float, default=1e-3)
+    parser.add_argument("--threshold-momentum", type=float, default=0.9,
+                        help="router.threshold_momentum for the short run (the preset's 0.99 spans ~100 steps)")
+    parser.add_argument("--calibration-batches", type=int, default=8,
+                        help="after training, re-estimate τ_r on the final weights from this many training batches "
+                             "(no update; what a long run's LR decay gives the EMA)")
+    parser.add_argument("--admit-batch", type=int, default=None,
+                        help="engine admit_batch (default: the engine's, max_slots // 16)")
     parser.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     parser.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this (0 = none)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check of the harness")
     parser.add_argument("--out", default="", help="write all numbers as JSON here (rewritten after each model)")
 
 
-def build(name: str, smoke: bool, device: torch.device):
+def build(name: str, smoke: bool, device: torch.device, threshold_momentum: float = 0.99):
     from mor_ds.models import build_model
 
     preset, _, depth = name.partition("-L")
     # SDPA for the short router training and the prefill (the Triton training kernels are timed elsewhere)
     overrides = ["model.attention_backend=sdpa"] + (list(SMOKE_OVERRIDES) if smoke else [])
+    if preset.startswith(("mor", "tiny-mor")):
+        overrides.append(f"router.threshold_momentum={threshold_momentum}")
     if depth:
         overrides.append(f"model.num_layers={int(depth)}")
     cfg = load_config(preset, overrides)
@@ -73,8 +83,15 @@ def build(name: str, smoke: bool, device: torch.device):
 
 
 def load_tokens(path: str, vocab: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    if Path(path).is_file():
-        tokens = np.load(path).astype(np.int64)
+    if Path(path).exists():
+        if Path(path).is_dir():
+            from data_pipeline.shards import ShardIndex, read_shard
+
+            index = ShardIndex.load(path)
+            tokens = np.concatenate([read_shard(path, info, index.token_dtype) for info in index.shards])
+        else:
+            tokens = np.load(path)
+        tokens = tokens.astype(np.int64)
         if tokens.max() >= vocab:
             raise ValueError(f"--data {path}: token id {tokens.max()} >= model vocab {vocab}")
         return tokens, f"{path} ({len(tokens):,} tokens)"
@@ -93,19 +110,26 @@ def load_tokens(path: str, vocab: int, seed: int = 0) -> tuple[np.ndarray, str]:
 
 
 def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict:
-    """Short training run of the whole model (LM + router losses) so routing is trained, not random."""
+    """Short training run of the whole model (LM + router losses) so routing is trained, not random; the
+    learning rate warms up over the first 10% and decays linearly to 0 over the last 20% (as a WSD run ends),
+    while the routers track their causal thresholds τ_r."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.train_lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(1)
     seq, batch = args.train_seq, args.train_batch
+
+    def windows() -> np.ndarray:
+        return rng.integers(0, len(tokens) - seq - 1, size=batch)[:, None] + np.arange(seq + 1)
+
     losses = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     start = time.perf_counter()
     for step in range(args.train_steps):
         for group in opt.param_groups:
-            group["lr"] = args.train_lr * min(1.0, (step + 1) / max(1, args.train_steps // 10))
-        idx = rng.integers(0, len(tokens) - seq - 1, size=batch)[:, None] + np.arange(seq + 1)
-        x = torch.from_numpy(tokens[idx]).to(device)
+            warm = (step + 1) / max(1, args.train_steps // 10)
+            decay = (args.train_steps - step) / max(1, args.train_steps // 5)
+            group["lr"] = args.train_lr * min(1.0, warm, decay)
+        x = torch.from_numpy(tokens[windows()]).to(device)
         with autocast:
             out = model(x[:, :-1], labels=x[:, 1:])
         out.total_loss.backward()
@@ -114,10 +138,31 @@ def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict
         opt.zero_grad(set_to_none=True)
         model.update_router_bias()
         if step == 0 or step == args.train_steps - 1:
-            losses.append(round(float(out.loss), 3))
+            losses.append(round(float(out.loss.detach()), 3))
+    router = getattr(model.recursion, "router", None)
+    result: dict = {}
+    if hasattr(router, "causal_threshold"):
+        if args.calibration_batches:
+            router.threshold_updates.zero_()
+            with torch.no_grad(), autocast:
+                for _ in range(args.calibration_batches):
+                    model(torch.from_numpy(tokens[windows()][:, :-1]).to(device))
+        result["causal_thresholds"] = [round(t, 5) for t in router.causal_threshold.tolist()]
     model.eval()
-    return {"steps": args.train_steps, "tokens_per_step": seq * batch, "lm_loss_first_last": losses,
+    return {**result, "steps": args.train_steps, "tokens_per_step": seq * batch, "lm_loss_first_last": losses,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def held_out_depth(model, tokens: np.ndarray, args, device: torch.device) -> list[float]:
+    """Fraction of held-out tokens that reach each recursion step under causal routing (the model's own
+    forward on corpus windows of the training length; the capacity schedule is what training kept)."""
+    held = tokens[int(len(tokens) * 0.9):]
+    seq = min(args.train_seq, len(held) // 16)
+    x = torch.from_numpy(held[:16 * seq].reshape(16, seq)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        stats = model.eval()(x, routing="causal").stats
+    return [round(float(stats[f"depth_frac/{r}"]), 4) for r in range(model.cfg.num_recursions)]
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -203,7 +248,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     max_len = args.prompt_len + args.gen_max + 1
     graph = device.type == "cuda" and not args.no_graph
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
-                  count_kv_reads=True, decode_backend=args.decode_backend)
+                  count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch)
     graph_error = None
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
@@ -239,6 +284,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "tokens_per_s": round(st.tokens / wall, 1),
         "decode_tokens_per_s": round(decode_tokens / st.decode_s, 1) if st.decode_s else None,
         "prefill_s": round(st.prefill_s, 3), "decode_s": round(st.decode_s, 3), "ticks": st.ticks,
+        "prefills": st.prefills, "admit_batch": engine.admit_batch,
         "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
@@ -299,11 +345,13 @@ def run(args: argparse.Namespace) -> int:
         entry: dict = {"model": name}
         results["models"].append(entry)
         try:
-            model, cfg = build(name, args.smoke, device)
+            model, cfg = build(name, args.smoke, device, args.threshold_momentum)
             tokens, source = load_tokens(args.data, cfg.model.vocab_size)
             entry.update(data=source, unique_params=model.num_params(), layers=cfg.model.num_layers)
             if cfg.model.family == "mor" and args.train_steps:
                 entry["router_training"] = train_briefly(model, tokens[:int(len(tokens) * 0.9)], args, device)
+            if cfg.model.family == "mor":
+                entry["causal_depth_held_out"] = held_out_depth(model, tokens, args, device)
             model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
             depth: list[float] = []
             batches = list(args.batches) + (list(args.vanilla_batches) if cfg.model.family == "vanilla" else [])

@@ -14,7 +14,10 @@ fixed-shape pass over all slots (so it can be captured in a CUDA graph):
 
 Between ticks the host appends sampled tokens, retires finished requests (freeing their pages), admits
 queued requests into free slots (a batched prefill through the same modules) and reserves pages for the
-next tick; when the pool runs out it preempts the newest sequence and requeues it (its prompt grows by
+next tick. Admission waits until `admit_batch` slots are free (or the queue is that short, or nothing is
+live): a prefill costs about the same for one prompt as for many (launch-bound), so prefilling one
+request per tick as slots trickle free would cost more than the few slot-ticks the wait idles
+(vLLM's scheduler delay serves the same purpose); when the pool runs out it preempts the newest sequence and requeues it (its prompt grows by
 what it generated, so greedy output is unchanged).
 """
 
@@ -52,6 +55,7 @@ class EngineStats:
     ticks: int = 0
     tokens: int = 0  # generated tokens (prefill's first token included)
     prefill_tokens: int = 0
+    prefills: int = 0  # prefill calls (admission batches, split at prefill_rows)
     preemptions: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -66,7 +70,7 @@ class EngineStats:
 class Engine:
     def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
-                 prefill_rows: int = 8192, count_kv_reads: bool = False):
+                 prefill_rows: int = 8192, admit_batch: int | None = None, count_kv_reads: bool = False):
         self.im = im = InferenceModel(model, decode_backend)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
@@ -74,6 +78,9 @@ class Engine:
             num_pages = im.layout.num_groups * max_slots * -(-max_len // page_size) + 1
         self.cache = im.new_cache(max_slots=max_slots, max_len=max_len, num_pages=num_pages, page_size=page_size)
         self.max_slots, self.max_len, self.prefill_rows = max_slots, max_len, prefill_rows
+        self.admit_batch = max(1, max_slots // 16) if admit_batch is None else admit_batch
+        if self.admit_batch < 1:
+            raise ValueError(f"admit_batch={admit_batch}: must be >= 1")
         dev, d, S = im.device, model.cfg.hidden_size, max_slots
         self.slot_ids = torch.arange(S, device=dev)
         # cache rows per layer position (MoR block: depth 0's, the step's depth is added per token)
@@ -180,6 +187,8 @@ class Engine:
 
     def _admit(self) -> None:
         free = self._free_slots()
+        if self.live.any() and len(free) < min(len(self.queue), self.admit_batch):
+            return  # wait for a fuller admission batch
         batch: list[tuple[int, Request]] = []
         budget = self.cache.free_pages
         rows = 0
@@ -231,6 +240,7 @@ class Engine:
         self.tokens[torch.from_numpy(slots).to(dev)] = torch.tensor(first, device=dev)
         self._record(slots, np.array(first, dtype=np.int64))
         self.stats.prefill_tokens += len(tokens)
+        self.stats.prefills += 1
         self.stats.prefill_s += time.perf_counter() - t0
 
     def _record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
