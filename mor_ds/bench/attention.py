@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch import Tensor
 from mor_ds.attention import PAD_POS
 from mor_ds.bench.timing import bench_graph_ms, bench_ms, environment
 from mor_ds.config import load_config
+
+if TYPE_CHECKING:
+    from mor_ds.kernels import KernelConfigs
 
 SHAPE_PRESETS = {"135m": "mor-135m-nr3", "360m": "mor-360m-nr3"}
 MODES = ("cache", "share", "tc-cache", "tc-share")
@@ -144,7 +147,8 @@ def _scatter(like: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     return out.scatter(2, rows[:, None, :, None].expand(-1, y.shape[1], -1, y.shape[3]), y)[:, :, :-1]
 
 
-def variants(w: Workload, x: Inputs, flex: bool, triton_configs: tuple[str, ...] = ()) -> dict[str, Callable[[], Tensor]]:
+def variants(w: Workload, x: Inputs, flex: bool,
+             triton_configs: tuple[str, ...] = ()) -> dict[str, Callable[[], Tensor]]:
     """name -> callable returning the full-length output (inactive rows zero); "triton <name>": the kernels
     under a named config of NAMED_CONFIGS."""
     from mor_ds.kernels import active_attention
@@ -435,7 +439,7 @@ def profile(args: argparse.Namespace, fractions: list[Fraction]) -> None:
                         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-def _sweep_trials(head_dim: int) -> list[tuple[str, "KernelConfigs"]]:
+def _sweep_trials(head_dim: int) -> list[tuple[str, KernelConfigs]]:
     """(label, configs): each trial changes one kernel's tiles (forward and dQ share a block shape) or one knob
     of the default configs; candidates are the tiles that compile without register spills (`aot`)."""
     from dataclasses import replace
@@ -445,7 +449,8 @@ def _sweep_trials(head_dim: int) -> list[tuple[str, "KernelConfigs"]]:
 
     base = default_configs(head_dim, torch.device("cuda"))
     trials = [("default", base), ("memset zero-fill", replace(base, fused_zero_fill=False)),
-              ("dkdv loop per head", replace(base, dkdv_single_loop=False))]
+              ("dkdv loop per head", replace(base, dkdv_single_loop=False)),
+              ("fwd+dq single loop", replace(base, fwd_dq_single_loop=not base.fwd_dq_single_loop))]
     if head_dim == 64:
         fwd_dq = [(T(128, 64, 8, 3), T(128, 64, 8, 3)), (T(64, 64, 4, 3), T(64, 64, 4, 3)),
                   (T(128, 32, 4, 3), T(128, 32, 4, 3)), (T(128, 128, 8, 3), T(128, 128, 8, 3)),
@@ -496,7 +501,6 @@ def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int, graphs: bool, he
                 out.append({"head_dim": head_dim, "mode": mode, "frac": str(frac), "trial": label,
                             "configs": repr(cfg), "fwd_ms": fwd, "fwd_bwd_ms": both})
                 print(f"  D={head_dim} {mode} f={frac} {label}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms", flush=True)
-            del x
             torch.cuda.empty_cache()
     return out
 

@@ -66,8 +66,6 @@ def compile_kernel(kernel, constexprs: dict, num_warps: int, num_stages: int) ->
 
 def attention_variant(kernel, head_dim: int, tile: TileConfig, **flags) -> dict:
     constexprs = dict(_ATTENTION_FLAGS, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **flags)
-    if kernel is not attention_bwd_dkdv_kernel:
-        constexprs.pop("SINGLE_LOOP", None)
     return compile_kernel(kernel, constexprs, tile.num_warps, tile.num_stages)
 
 
@@ -77,8 +75,8 @@ def compile_for_hopper() -> dict[str, dict]:
         cfg = default_configs(head_dim, torch.device("cuda"))
         for kernel, tile in [(attention_fwd_kernel, cfg.fwd), (attention_bwd_dq_kernel, cfg.dq),
                              (attention_bwd_dkdv_kernel, cfg.dkdv)]:
-            report[f"{kernel.__name__} D={head_dim}"] = attention_variant(
-                kernel, head_dim, tile, SINGLE_LOOP=cfg.dkdv_single_loop)
+            single = cfg.dkdv_single_loop if kernel is attention_bwd_dkdv_kernel else cfg.fwd_dq_single_loop
+            report[f"{kernel.__name__} D={head_dim}"] = attention_variant(kernel, head_dim, tile, SINGLE_LOOP=single)
     report["block_ranges_kernel"] = compile_kernel(block_ranges_kernel, _RANGES_FLAGS, 4, 3)
     return report
 

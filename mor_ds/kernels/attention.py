@@ -51,6 +51,9 @@ class KernelConfigs:
     fused_zero_fill: bool = True
     # dK/dV: the GROUP query heads × query blocks as one pipelined loop (False: a loop per head and run)
     dkdv_single_loop: bool = True
+    # forward, dQ: the key blocks as one pipelined loop, masking outside the full run (False: masked / full /
+    # masked runs, each its own loop, no mask code in the full run)
+    fwd_dq_single_loop: bool = False
 
     def __post_init__(self) -> None:
         if (self.dq.block_m, self.dq.block_n) != (self.fwd.block_m, self.fwd.block_n):
@@ -153,8 +156,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, sm_scale: float, cfg
         *stat_strides, lay.ranges_fwd.stride(0),
         heads_q, lay.seqlen_q, lay.seqlen_k, lay.full_len_q,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_progs else 0, **lay.flags(),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_progs else 0, SINGLE_LOOP=cfg.fwd_dq_single_loop,
+        **lay.flags(), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out, lse
 
@@ -195,7 +198,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         *stat_strides, lay.ranges_fwd.stride(0),
         heads_q, lay.seqlen_q, lay.seqlen_k, lay.full_len_q,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_q else 0, **flags,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_q else 0, SINGLE_LOOP=cfg.fwd_dq_single_loop, **flags,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     tile = cfg.dkdv

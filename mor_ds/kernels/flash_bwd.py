@@ -201,16 +201,17 @@ def attention_bwd_dkdv_kernel(
 def _dq_tiles(
     dq, q, do, lse, delta, qp, qd,
     k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len, stride_ks, stride_vs,
-    blk_lo, blk_hi, qk_scale,
+    blk_lo, blk_hi, full_lo, full_hi, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
     KV_GATHER: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Key blocks [blk_lo, blk_hi); MASKED: 0 none, 1 every block, 2 blocks outside [full_lo, full_hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
         rows = memory_rows(krows, k_start, offs_n, n_valid, KV_GATHER)
-        if MASKED:
+        if MASKED > 0:
             k = tl.load(k_ptr + rows[:, None] * stride_ks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             vt = tl.load(v_ptr + rows[None, :] * stride_vs + offs_d[:, None], mask=n_valid[None, :], other=0.0)
         else:
@@ -221,13 +222,16 @@ def _dq_tiles(
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if MASKED:
+        if MASKED > 0:
             kp = key_positions(kpos, offs_n, n_valid, KV_POS_IS_INDEX)
             if HAS_DOC:
                 kd = load_docs(kdoc, offs_n, n_valid, -1)
             else:
                 kd = kp
-            p = tl.where(visible(qp, kp, qd, kd, HAS_DOC, False), p, 0.0)
+            hidden = visible(qp, kp, qd, kd, HAS_DOC, False) == 0
+            if MASKED == 2:
+                hidden = hidden & ((blk < full_lo) | (blk >= full_hi))
+            p = tl.where(hidden, 0.0, p)
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -245,7 +249,7 @@ def attention_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO_SPAN: tl.constexpr,
+    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr,
 ):
     qblk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -284,14 +288,19 @@ def attention_bwd_dq_kernel(
     k_ptr = K + b64 * stride_kb + kvh * stride_kh
     v_ptr = V + b64 * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                   stride_ks, stride_vs, lo, a, qk_scale,
-                   BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                   stride_ks, stride_vs, a, b_end, qk_scale,
-                   BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                   stride_ks, stride_vs, b_end, hi, qk_scale,
-                   BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    if SINGLE_LOOP:  # one pipelined loop, the mask applied outside the full run
+        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                       stride_ks, stride_vs, lo, hi, a, b_end, qk_scale,
+                       BLOCK_N, HEAD_DIM, 2, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    else:  # masked, full (no mask code), masked runs
+        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                       stride_ks, stride_vs, lo, a, a, a, qk_scale,
+                       BLOCK_N, HEAD_DIM, 1, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                       stride_ks, stride_vs, a, b_end, a, b_end, qk_scale,
+                       BLOCK_N, HEAD_DIM, 0, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                       stride_ks, stride_vs, b_end, hi, a, a, qk_scale,
+                       BLOCK_N, HEAD_DIM, 1, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
     tl.store(dq_ptr + q_rows[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_store[:, None])
