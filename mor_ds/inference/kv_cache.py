@@ -120,6 +120,16 @@ class PagedKVCache:
         self.tables.view(-1)[torch.tensor(flat_idx, device=device)] = torch.tensor(page_ids, dtype=torch.int32,
                                                                                    device=device)
 
+    def trim(self, rows: np.ndarray) -> None:
+        """Free the pages of cache `rows` beyond what their `host_lengths` tokens fill (after a worst-case
+        reserve). Table entries past a row's pages are never read and are rewritten by the next reserve."""
+        for r, keep in zip(rows.tolist(), (-(-self.host_lengths[rows] // self.page_size)).tolist()):
+            surplus = self._pages[r][keep:]
+            if surplus:
+                self._free.extend(reversed(surplus))
+                del self._pages[r][keep:]
+                self._page_count[r] = keep
+
     def release(self, slot: int) -> None:
         """Free every page of a slot (all groups) and empty its caches."""
         rows = [self.row(g, slot) for g in range(self.layout.num_groups)]

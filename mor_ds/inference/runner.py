@@ -113,23 +113,28 @@ class InferenceModel:
         return x + block.mlp(h)
 
     def layer_eager(self, layer_id: int, step: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor,
-                    cache: PagedKVCache, rs: "RowSet") -> Tensor:
+                    cache: PagedKVCache, rs: "RowSet", active: Tensor | None = None) -> Tensor:
         """Eager path: every row appends its K/V (reserving pages) unless KV sharing skips it; several rows
-        of one slot attend causally by position (prefill), one row per slot reads its whole cache."""
+        of one slot attend causally by position (prefill), one row per slot reads its whole cache.
+        active (N,) bool: a masked recursion step (`_recursion`): only active rows append, into pages
+        reserved up front, and the host learns the cache lengths after the forward; inactive rows compute
+        values that the caller discards."""
         group = self.layout.read_group(layer_id, step)
         host_rows = group * cache.max_slots + rs.run_slots
         rows = group * cache.max_slots + rs.slots
 
         def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
-            if k is not None:
+            if k is not None and active is None:
                 cache.reserve(host_rows, rs.counts)
                 cache.append(rows, k, v, pos, rs.all_rows, rs.rank)
                 cache.host_lengths[host_rows] += rs.counts
+            elif k is not None:
+                cache.append(rows, k, v, pos, active, rs.rank_among(active))
             if rs.width == 1:
                 return decode_attention(q, cache, rows, cache.lengths[rows], backend=self.decode_backend)
+            longest = cache.host_lengths[host_rows] + (rs.counts if active is not None else 0)  # host bound
             return prefill_attention(q, pos, cache, group * cache.max_slots + rs.run_slots_dev, rs.run_of, rs.rank,
-                                     rs.width, int(cache.host_lengths[host_rows].max()),
-                                     backend=self.model.layers[layer_id].attn.backend)
+                                     rs.width, int(longest.max()), backend=self.model.layers[layer_id].attn.backend)
 
         return self._block(layer_id, x, rope, self.layout.writes(step), attend)
 
@@ -198,31 +203,37 @@ class InferenceModel:
 
     def _recursion(self, h: Tensor, rope, pos: Tensor, cache: PagedKVCache, everyone: "RowSet",
                    stats: dict | None) -> Tensor:
-        idx = torch.arange(h.shape[0], device=h.device)
+        """The recursion steps over every row at fixed width, masked by who is still active: no host sync
+        per step. Pages for every depth cache are reserved for the whole run up front (the worst case, as
+        admission budgets it); one device-to-host copy of the lengths after the last step lets the host
+        free what the depths did not fill."""
+        S = cache.max_slots
+        written = np.concatenate([self.layout.read_group(layer_id, step) * S + everyone.run_slots
+                                  for step in range(self.num_recursions) if self.layout.writes(step)
+                                  for layer_id in self.block])
+        cache.reserve(written, np.tile(everyone.counts, len(written) // max(1, len(everyone.run_slots))))
+        active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         steps_run = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
         if self.token_choice:
             depth, weight = self.token_choice_depth(h)
         for step in range(self.num_recursions):
             if self.expert_choice:
-                logits, decide = self.router_logits(h[idx], step)
-                keep = decide > 0
-                idx, gate = idx[keep], self.router_weight(logits[keep])
+                logits, decide = self.router_logits(h, step)
+                active = active & (decide > 0)
+                gate = self.router_weight(logits)
             else:
-                idx = idx[depth[idx] >= step]
-                gate = weight[idx]
-            if idx.numel() == 0:
-                break
-            rs = everyone.subset(idx.cpu().numpy())
-            sub_rope, sub_pos = (rope[0][idx], rope[1][idx]), pos[idx]
-            x = h[idx]
-            y = x
+                active = depth >= step
+                gate = weight
+            y = h
             for layer_id in self.block:
-                y = self.layer_eager(layer_id, step, y, sub_rope, sub_pos, cache, rs)
+                y = self.layer_eager(layer_id, step, y, rope, pos, cache, everyone, active)
             if self.scale_output:
-                scaled = self.scaled(x, y, gate)
-                y = scaled if self.expert_choice else torch.where((depth[idx] == step)[:, None], scaled, y)
-            h = h.index_copy(0, idx, y)
-            steps_run[idx] += 1
+                scaled = self.scaled(h, y, gate)
+                y = scaled if self.expert_choice else torch.where((depth == step)[:, None], scaled, y)
+            h = torch.where(active[:, None], y, h)
+            steps_run += active
+        cache.host_lengths[written] = cache.lengths[torch.from_numpy(written).to(h.device)].cpu().numpy()
+        cache.trim(written)
         if stats is not None:
             counts = torch.bincount(steps_run, minlength=self.num_recursions + 1).cpu()
             stats["depth"] = stats.get("depth", 0) + counts
@@ -249,8 +260,13 @@ class RowSet:
             self.run_of = torch.from_numpy(run_of).to(device)
             self.rank: Tensor | None = torch.from_numpy(np.arange(len(slots)) - starts[run_of]).to(device)
             self.run_slots_dev = torch.from_numpy(self.run_slots).to(device)
+            self.run_first = torch.from_numpy(starts[run_of]).to(device)  # each row's run's first row
         else:
-            self.run_of = self.rank = self.run_slots_dev = None
+            self.run_of = self.rank = self.run_slots_dev = self.run_first = None
 
-    def subset(self, idx: np.ndarray) -> "RowSet":
-        return RowSet(self.host_slots[idx], self.slots.device)
+    def rank_among(self, mask: Tensor) -> Tensor | None:
+        """Each row's rank among the rows of its run where `mask` (N,) is true (None: one row per run)."""
+        if self.width == 1:
+            return None
+        before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each row, over all runs
+        return before - before[self.run_first]
