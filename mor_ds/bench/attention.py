@@ -450,7 +450,8 @@ def _sweep_trials(head_dim: int) -> list[tuple[str, KernelConfigs]]:
     base = default_configs(head_dim, torch.device("cuda"))
     trials = [("default", base), ("memset zero-fill", replace(base, fused_zero_fill=False)),
               ("dkdv loop per head", replace(base, dkdv_single_loop=False)),
-              ("fwd+dq single loop", replace(base, fwd_dq_single_loop=not base.fwd_dq_single_loop))]
+              ("fwd+dq single loop", replace(base, fwd_dq_single_loop=not base.fwd_dq_single_loop)),
+              ("dkdv split 2", replace(base, dkdv_split=2)), ("dkdv split 3", replace(base, dkdv_split=3))]
     if head_dim == 64:
         fwd_dq = [(T(128, 64, 8, 3), T(128, 64, 8, 3)), (T(64, 64, 4, 3), T(64, 64, 4, 3)),
                   (T(128, 32, 4, 3), T(128, 32, 4, 3)), (T(128, 128, 8, 3), T(128, 128, 8, 3)),

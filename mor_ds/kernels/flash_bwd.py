@@ -65,16 +65,16 @@ def _dkdv_tiles(
 def _dkdv_group_tiles(
     dk, dv, k, v, kp, kd,
     q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qh, stride_doh, stride_stat_h, qpos, qdoc, qrows, q_start, q_len,
-    stride_qs, stride_dos, lo, a, b_end, hi, qk_scale,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DOC: tl.constexpr,
+    stride_qs, stride_dos, lo, a, b_end, hi, it_lo, it_hi, qk_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DOC: tl.constexpr,
     Q_GATHER: tl.constexpr, Q_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """The GROUP query heads × query blocks [lo, hi) as one software-pipelined loop (at small k a key block sees
-    only a few query blocks: separate short loops per head and run would each pay the pipeline's fill and
-    drain). The visibility mask is applied outside the full run [a, b)."""
+    """Iterations [it_lo, it_hi) of the GROUP query heads × query blocks [lo, hi) (head-major) as one
+    software-pipelined loop (at small k a key block sees only a few query blocks: separate short loops per head
+    and run would each pay the pipeline's fill and drain). The mask is applied outside the full run [a, b)."""
     offs_d = tl.arange(0, HEAD_DIM)
     n_blk = hi - lo
-    for it in range(0, GROUP * n_blk):
+    for it in range(it_lo, it_hi):
         g = it // n_blk
         blk = lo + it - g * n_blk
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,18 +107,19 @@ def _dkdv_group_tiles(
 
 @triton.jit(do_not_specialize=["num_kv_heads", "seqlen_q", "seqlen_k", "full_len_k"])  # lengths vary per step
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, KMAP,
+    Q, K, V, DO, DK, DV, DKACC, DVACC, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, KMAP,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-    stride_stat_b, stride_stat_h, stride_ranges_b,
+    stride_acc_b, stride_acc_h, stride_acc_s, stride_stat_b, stride_stat_h, stride_ranges_b,
     num_kv_heads, seqlen_q, seqlen_k, full_len_k,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr,
+    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    kblk = tl.program_id(0)
+    kblk = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT  # SPLIT > 1: this program's share of the key block's iterations
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     kvh = bh % num_kv_heads
@@ -163,14 +164,16 @@ def attention_bwd_dkdv_kernel(
     qrows = QROWS + q_base
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    n_iter = GROUP * (hi - lo)
     if SINGLE_LOOP:
         h0 = kvh * GROUP
         dk, dv = _dkdv_group_tiles(
             dk, dv, k, v, kp, kd, Q + b64 * stride_qb + h0 * stride_qh, DO + b64 * stride_dob + h0 * stride_doh,
             LSE + b64 * stride_stat_b + h0 * stride_stat_h + q_start,
             DELTA + b64 * stride_stat_b + h0 * stride_stat_h + q_start, stride_qh, stride_doh, stride_stat_h,
-            qpos, qdoc, qrows, q_start, q_len, stride_qs, stride_dos, lo, a, b_end, hi, qk_scale,
-            GROUP, BLOCK_M, HEAD_DIM, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
+            qpos, qdoc, qrows, q_start, q_len, stride_qs, stride_dos, lo, a, b_end, hi,
+            part * n_iter // SPLIT, (part + 1) * n_iter // SPLIT, qk_scale,
+            BLOCK_M, HEAD_DIM, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
     else:
         for g in range(GROUP):
             h = kvh * GROUP + g
@@ -187,11 +190,63 @@ def attention_bwd_dkdv_kernel(
             dk, dv = _dkdv_tiles(dk, dv, k, v, kp, kd, q_ptr, do_ptr, lse_ptr, delta_ptr, qpos, qdoc, qrows,
                                  q_start, q_len, stride_qs, stride_dos, b_end, hi, qk_scale,
                                  BLOCK_M, HEAD_DIM, True, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
-    if KV_GATHER:  # a padded slot's row index is a placeholder: never write through it
+    if SPLIT > 1:  # partial sums: fp32 atomics into compact buffers, stored by dkdv_store_kernel
+        if (part * n_iter // SPLIT) < ((part + 1) * n_iter // SPLIT):
+            acc = b64 * stride_acc_b + kvh * stride_acc_h + (k_start + offs_n)[:, None] * stride_acc_s + offs_d[None, :]
+            tl.atomic_add(DKACC + acc, dk * sm_scale, mask=n_valid[:, None], sem="relaxed")
+            tl.atomic_add(DVACC + acc, dv, mask=n_valid[:, None], sem="relaxed")
+    else:
+        n_store = store_rows(n_valid, kp, KV_GATHER)
+        tl.store(dk_ptr + k_rows[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=n_store[:, None])
+        tl.store(dv_ptr + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=n_store[:, None])
+
+
+@triton.jit
+def store_rows(n_valid, kp, KV_GATHER: tl.constexpr):
+    """Key rows whose gradients are written: a padded slot's row index is a placeholder, never written through."""
+    if KV_GATHER:
         n_store = n_valid & (kp < PAD_POS)
     else:
         n_store = n_valid
-    tl.store(dk_ptr + k_rows[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+    return n_store
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "seqlen_k", "full_len_k"])  # lengths vary per step
+def dkdv_store_kernel(
+    DKACC, DVACC, DK, DV, KPOS, KROWS, CUK, KMAP,
+    stride_acc_b, stride_acc_h, stride_acc_s, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+    num_kv_heads, seqlen_k, full_len_k,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, KV_GATHER: tl.constexpr,
+    KV_POS_IS_INDEX: tl.constexpr, ZERO_SPAN: tl.constexpr,
+):
+    """Split dK/dV: convert the fp32 sums to the gradients' dtype and write them to their (memory) rows; with a
+    fused scatter, programs past the key blocks zero the rows of inactive tokens."""
+    kblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    kvh = bh % num_kv_heads
+    b64 = b.to(tl.int64)
+    dk_ptr = DK + b64 * stride_dkb + kvh * stride_dkh
+    dv_ptr = DV + b64 * stride_dvb + kvh * stride_dvh
+    if ZERO_SPAN > 0:
+        n_blocks = tl.cdiv(seqlen_k, BLOCK_N)
+        if kblk >= n_blocks:
+            row_map = KMAP + b64 * full_len_k
+            zero_inactive_rows(dk_ptr, stride_dks, row_map, kblk - n_blocks, full_len_k, ZERO_SPAN, 64, HEAD_DIM)
+            zero_inactive_rows(dv_ptr, stride_dvs, row_map, kblk - n_blocks, full_len_k, ZERO_SPAN, 64, HEAD_DIM)
+            return
+    k_start, k_len, k_base = seq_bounds(CUK, b, seqlen_k, VARLEN)
+    offs_n = kblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_valid = offs_n < k_len
+    k_rows = memory_rows(KROWS + k_base, k_start, offs_n, n_valid, KV_GATHER)
+    n_store = store_rows(n_valid, key_positions(KPOS + k_base, offs_n, n_valid, KV_POS_IS_INDEX), KV_GATHER)
+    acc = b64 * stride_acc_b + kvh * stride_acc_h + (k_start + offs_n)[:, None] * stride_acc_s + offs_d[None, :]
+    dk = tl.load(DKACC + acc, mask=n_valid[:, None], other=0.0)
+    dv = tl.load(DVACC + acc, mask=n_valid[:, None], other=0.0)
+    tl.store(dk_ptr + k_rows[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=n_store[:, None])
     tl.store(dv_ptr + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=n_store[:, None])
