@@ -36,7 +36,8 @@ SMOKE_OVERRIDES = ["model.vocab_size=512", "model.hidden_size=64", "model.num_he
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
                         help="presets; NAME-L<depth> overrides the unrolled depth (vanilla at MoR-4's 34 layers)")
-    parser.add_argument("--batches", nargs="+", default=["32", "max"], help="slot counts; 'max' = what fits memory")
+    parser.add_argument("--batches", nargs="+", default=["32", "max"],
+                        help="slot counts; 'max' = what fits memory, capped at --max-batch-cap; 'maxN' = capped at N")
     parser.add_argument("--vanilla-batches", nargs="*", default=["128"], help="extra batches for vanilla models")
     parser.add_argument("--data", default=".bench_data/tokens.npy",
                         help="token ids: a .npy or a prepared shard directory (mor-data prepare); synthetic if missing")
@@ -44,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-mean", type=float, default=256)
     parser.add_argument("--gen-std", type=float, default=64)
     parser.add_argument("--gen-max", type=int, default=448)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--requests-per-slot", type=float, default=2.0)
     parser.add_argument("--max-requests-per-slot", type=float, default=1.25, help="the same at the max batch")
     parser.add_argument("--max-batch-cap", type=int, default=2048)
@@ -61,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(no update; what a long run's LR decay gives the EMA)")
     parser.add_argument("--admit-batch", type=int, default=None,
                         help="engine admit_batch (default: the engine's, max_slots // 16)")
+    parser.add_argument("--profile-ticks", type=int, default=0,
+                        help="after each timed run, profile this many steady-state ticks (top kernels by device time)")
+    parser.add_argument("--check", action="store_true",
+                        help="first check the CUDA-graph engine against generate() of each request (tiny fp32 models)")
+    parser.add_argument("--kernel-timing", action="store_true",
+                        help="time the decode-attention kernel alone at the 360M head shape (BLOCK × num_warps)")
     parser.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     parser.add_argument("--budget-s", type=float, default=0, help="start no new measurement after this (0 = none)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check of the harness")
@@ -210,6 +219,68 @@ def kernel_check(device: torch.device) -> float:
         return float("inf")
 
 
+def engine_check(device: torch.device) -> dict:
+    """On the GPU: the CUDA-graph engine serving 6 requests on 3 slots (joining and leaving mid-recursion)
+    against `generate` of each request alone (eager, masked prefill), greedy, fp32 tiny models with random
+    routers of real spread; returns the fraction of generated tokens that agree per model."""
+    from mor_ds.inference import Engine, Request, generate
+    from mor_ds.models import build_model
+
+    shapes = ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+              "model.intermediate_size=96"]
+    cases = {"tiny-vanilla": [], "tiny-mor": ["model.num_recursions=3", "model.num_layers=8"],
+             "tiny-mor-kvshare": [], "tiny-mor-tc": []}
+    result = {}
+    for name, extra in cases.items():
+        cfg = load_config(name, shapes + extra)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.router).to(device).eval()
+        with torch.no_grad():
+            for param_name, p in model.named_parameters():
+                if "router" in param_name:
+                    p.normal_(0, 1.0)
+        gen = torch.Generator().manual_seed(1)
+        requests = [Request(torch.randint(0, 256, (n,), generator=gen).tolist(), m)
+                    for n, m in [(5, 9), (11, 4), (3, 12), (8, 1), (14, 7), (6, 10)]]
+        alone = [generate(model, [r.prompt], r.max_new_tokens).tokens[0] for r in requests]
+        served = Engine(model, max_slots=3, max_len=32, page_size=4, cuda_graph=True).run(requests)
+        same = sum(a == b for r, want in zip(served, alone) for a, b in zip(r.output, want))
+        result[name] = round(same / sum(len(w) for w in alone), 4)
+    return result
+
+
+def kernel_timing(device: torch.device, bandwidth: float, rows: int = 2048, mean_len: int = 330) -> list[dict]:
+    """The paged decode-attention kernel alone at the 360M head shape (5 KV heads × 64, GQA 3) over `rows`
+    cache rows of ~mean_len tokens: median time per (BLOCK, num_warps) and the K/V bytes it must read over
+    that time, against the copy bandwidth."""
+    from triton.testing import do_bench
+
+    from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
+    from mor_ds.inference.paged_attention import decode_attention_triton
+    from mor_ds.models.sharing import layer_plan
+
+    layout = CacheLayout.for_plan(layer_plan(1, 1, "cycle"), False)
+    pages = rows * (2 * mean_len // 16 + 1) + 1
+    cache = PagedKVCache(layout, max_slots=rows, max_len=2 * mean_len, num_pages=pages, page_size=16,
+                         num_kv_heads=5, head_dim=64, dtype=torch.bfloat16, device=device)
+    cache.k.normal_()
+    cache.v.normal_()
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(mean_len // 2, mean_len * 3 // 2, (rows,), generator=gen, dtype=torch.int32)
+    cache.reserve(np.arange(rows), lengths.numpy())
+    perm = torch.randperm(cache.num_pages - 1, generator=gen)[:cache.tables.numel()] + 1  # scattered pages
+    cache.tables.copy_(perm.view_as(cache.tables).to(device=device, dtype=torch.int32))
+    lengths, slots = lengths.to(device), torch.arange(rows, device=device)
+    q = torch.randn(rows, 15, 64, device=device, dtype=torch.bfloat16)
+    kv_bytes = int(lengths.sum()) * 2 * 5 * 64 * 2
+    out = []
+    for block, warps in ((64, 4), (32, 4), (128, 4), (64, 2), (64, 8), (128, 8)):
+        ms = do_bench(lambda: decode_attention_triton(q, cache, slots, lengths, block, warps), return_mode="median")
+        out.append({"block": block, "num_warps": warps, "ms": round(ms, 4), "kv_read_GBps": round(kv_bytes / ms / 1e6, 1),
+                    "of_copy_bw": round(kv_bytes / (ms / 1e3) / bandwidth, 3)})
+    return out
+
+
 def tick_weight_bytes(im) -> int:
     """Weights one decode tick reads: MoR reads the shared block once per tick, other families every
     unrolled position; plus norms and the (tied) LM head, routers included."""
@@ -233,13 +304,14 @@ def expected_groups_per_token(im, depth_fractions: list[float]) -> float:
 
 
 def make_requests(n: int, tokens: np.ndarray, args, seed: int):
-    from mor_ds.inference import Request
+    from mor_ds.inference import Request, SamplingParams
 
     rng = np.random.default_rng(seed)
     held_out = tokens[int(len(tokens) * 0.9):]
     starts = rng.integers(0, len(held_out) - args.prompt_len, size=n)
     lengths = np.clip(np.rint(rng.normal(args.gen_mean, args.gen_std, size=n)), 1, args.gen_max).astype(int)
-    return [Request(held_out[s:s + args.prompt_len].tolist(), int(g)) for s, g in zip(starts, lengths)]
+    sampling = SamplingParams(args.temperature, args.top_p)
+    return [Request(held_out[s:s + args.prompt_len].tolist(), int(g), sampling) for s, g in zip(starts, lengths)]
 
 
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float) -> dict:
@@ -294,13 +366,43 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     }
     if graph_error:
         out["cuda_graph_error"] = graph_error
+    if args.profile_ticks and device.type == "cuda":
+        try:
+            out["profile"] = profile_ticks(engine, make_requests(slots, tokens, args, seed=slots + 1), args.profile_ticks)
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the row
+            out["profile"] = f"{type(exc).__name__}: {exc}"
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
-def max_slots_for(model, im_depth: list[float], args, device) -> tuple[int, int]:
+def profile_ticks(engine, requests: list, ticks: int) -> dict:
+    """Fill every slot, let the recursion reach steady state, then profile `ticks` engine steps: the top
+    kernels by device time per tick (graph replays included) and the kernel count per tick."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for r in requests:
+        engine.add(r)
+    while engine.queue:
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(ticks):
+            engine.step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    return {"ticks": ticks, "device_ms_per_tick": round(total / ticks / 1e3, 3),
+            "kernels_per_tick": round(sum(e.count for e in events) / ticks, 1),
+            "top": [{"name": e.key[:90], "ms_per_tick": round(e.device_time_total / ticks / 1e3, 3),
+                     "calls_per_tick": round(e.count / ticks, 1)} for e in events[:15]]}
+
+
+def max_slots_for(model, im_depth: list[float], args, device, cap: int) -> tuple[int, int]:
     """(slots, pool pages): the pool takes --kv-memory-fraction of free memory; slots = what the pool holds
     at the expected KV per sequence (prompt + mean generation, at the measured depth distribution)."""
     from mor_ds.inference import InferenceModel
@@ -318,7 +420,14 @@ def max_slots_for(model, im_depth: list[float], args, device) -> tuple[int, int]
     per_seq = (expected_groups_per_token(im, im_depth) * (args.prompt_len + args.gen_mean)
                + im.layout.num_groups * args.page_size / 2)  # half a page of slack per cache
     slots = int(pages * args.page_size / per_seq)
-    return max(1, min(slots, args.max_batch_cap)), int(pages)
+    return max(1, min(slots, cap)), int(pages)
+
+
+def batch_order(batch: str) -> tuple[float, int]:
+    """Fixed batches by size, then the memory-bound ones by cap."""
+    if batch.startswith("max"):
+        return math.inf, int(batch[3:] or 0)
+    return int(batch), 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -331,6 +440,16 @@ def run(args: argparse.Namespace) -> int:
         if not env["decode_kernel_max_abs_err"] < 2e-2:
             args.decode_backend = "torch"
             env["decode_backend"] = "torch (kernel check failed)"
+    if device.type == "cuda" and args.check:
+        try:
+            env["engine_vs_generate_token_agreement"] = engine_check(device)
+        except Exception as exc:  # noqa: BLE001
+            env["engine_vs_generate_token_agreement"] = f"{type(exc).__name__}: {exc}"
+    if device.type == "cuda" and args.kernel_timing:
+        try:
+            env["decode_kernel_timing"] = kernel_timing(device, bandwidth)
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the run
+            env["decode_kernel_timing"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(env), flush=True)
     results = {"environment": env, "args": {k: v for k, v in vars(args).items() if not callable(v)}, "models": []}
     begin = time.perf_counter()
@@ -355,12 +474,13 @@ def run(args: argparse.Namespace) -> int:
             model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
             depth: list[float] = []
             batches = list(args.batches) + (list(args.vanilla_batches) if cfg.model.family == "vanilla" else [])
-            for batch in sorted(batches, key=lambda b: math.inf if b == "max" else int(b)):
+            for batch in sorted(batches, key=batch_order):
                 if over_budget():
                     entry[f"batch_{batch}"] = {"skipped": "time budget"}
                     continue
-                if batch == "max":
-                    slots, pages = max_slots_for(model, depth, args, device)
+                if batch.startswith("max"):
+                    cap = int(batch[3:]) if batch[3:] else args.max_batch_cap
+                    slots, pages = max_slots_for(model, depth, args, device, cap)
                 else:
                     slots, pages = int(batch), None
                 row = measure(model, tokens, slots, pages, args, device, bandwidth)
@@ -380,25 +500,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(results: dict) -> None:
-    base = {}
+    """One row per (model, batch): end-to-end and decode tokens/s, each against vanilla at the same batch
+    key ('max' rows: each model at its own memory-bound slot count, as the paper compares)."""
+    base: dict[str, dict] = {}
     for m in results["models"]:
         if m["model"].startswith("vanilla"):
             for key, row in m.items():
                 if key.startswith("batch_") and "tokens_per_s" in row:
-                    base.setdefault(key, row["tokens_per_s"])
-    print(f"\n{'model':24} {'batch':>6} {'slots':>5} {'tok/s':>10} {'decode tok/s':>12} {'vs vanilla':>10} "
-          f"{'tick ms':>8} {'floor ms':>8} {'depth fractions'}")
+                    base.setdefault(key, row)
+    print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
+          f"{'prefill s':>9} {'decode s':>8} {'tick ms':>7} {'floor':>6} depth (0..Nr steps)")
     for m in results["models"]:
         if "error" in m or "skipped" in m:
-            print(f"{m['model']:24} {m.get('error') or m.get('skipped')}")
+            print(f"{m['model']:22} {m.get('error') or m.get('skipped')}")
             continue
         for key, row in m.items():
             if not key.startswith("batch_") or "tokens_per_s" not in row:
                 continue
-            ratio = row["tokens_per_s"] / base[key] if key in base else float("nan")
-            print(f"{m['model']:24} {key[6:]:>6} {row['slots']:>5} {row['tokens_per_s']:>10.0f} "
-                  f"{row['decode_tokens_per_s'] or 0:>12.0f} {ratio:>10.2f} {row['tick_ms']:>8.2f} "
-                  f"{row['tick_floor_ms']:>8.2f} {row['depth_fractions']}")
+            ref = base.get(key)
+            e2e = row["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
+            dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
+            print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
+                  f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {row['prefill_s']:>9.2f} "
+                  f"{row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} {row['tick_floor_ms']:>6.2f} {row['depth_fractions']}")
+        if "causal_depth_held_out" in m:
+            print(f"{'':22} held-out text, fraction reaching each step: {m['causal_depth_held_out']}")
 
 
 if __name__ == "__main__":  # runnable without the CLI's other subcommands (e.g. on a GPU box without DeepSpeed)

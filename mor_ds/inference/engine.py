@@ -16,9 +16,9 @@ Between ticks the host appends sampled tokens, retires finished requests (freein
 queued requests into free slots (a batched prefill through the same modules) and reserves pages for the
 next tick. Admission waits until `admit_batch` slots are free (or the queue is that short, or nothing is
 live): a prefill costs about the same for one prompt as for many (launch-bound), so prefilling one
-request per tick as slots trickle free would cost more than the few slot-ticks the wait idles
-(vLLM's scheduler delay serves the same purpose); when the pool runs out it preempts the newest sequence and requeues it (its prompt grows by
-what it generated, so greedy output is unchanged).
+request per tick as slots trickle free would cost more than the few slot-ticks the wait idles (vLLM's
+scheduler delay serves the same purpose); when the pool runs out it preempts the newest sequence and
+requeues it (its prompt grows by what it generated, so greedy output is unchanged).
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ if triton is not None:
                  mask=g[:, None] < GROUP)
 
 
-def decode_attention_triton(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tensor, block: int = 64) -> Tensor:
+def decode_attention_triton(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tensor, block: int = 64,
+                            num_warps: int = 4) -> Tensor:
     n, heads, head_dim = q.shape
     kv_heads = cache.k.shape[2]
     group = heads // kv_heads
@@ -105,7 +106,7 @@ def decode_attention_triton(q: Tensor, cache: PagedKVCache, rows: Tensor, length
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         out.stride(0), out.stride(1), cache.tables.stride(0),
         PAGE=cache.page_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK=block, num_warps=4,
+        BLOCK=block, num_warps=num_warps,
     )
     return out
 
