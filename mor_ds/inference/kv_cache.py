@@ -70,9 +70,11 @@ class PagedKVCache:
         self.tables = torch.zeros(rows, self.pages_per_seq, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
         self.host_lengths = np.zeros(rows, dtype=np.int64)
-        self._pages: list[list[int]] = [[] for _ in range(rows)]
+        # host mirror of the page tables, pages in use per row, and a stack of free pages (its top at the end)
+        self._tables = np.zeros((rows, self.pages_per_seq), dtype=np.int32)
         self._page_count = np.zeros(rows, dtype=np.int64)
-        self._free = list(range(num_pages - 1, 0, -1))
+        self._free = np.arange(num_pages - 1, 0, -1, dtype=np.int32)
+        self._free_top = num_pages - 1
 
     # ---------------------------------------------------------------- bookkeeping (host)
 
@@ -87,7 +89,7 @@ class PagedKVCache:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return self._free_top
 
     def row(self, group: int, slot: int) -> int:
         return group * self.max_slots + slot
@@ -102,43 +104,44 @@ class PagedKVCache:
         if need.size and need.max() > self.max_len:
             raise ValueError(f"sequence needs {int(need.max())} cached tokens, more than max_len={self.max_len}")
         missing = -(-need // self.page_size) - self._page_count[rows]
-        todo = np.nonzero(missing > 0)[0]
-        if not todo.size:
+        todo = missing > 0
+        if not todo.any():
             return
-        if int(missing[todo].sum()) > len(self._free):
+        rows, missing = rows[todo], missing[todo]
+        total = int(missing.sum())
+        if total > self._free_top:
             raise KVCacheFull(f"KV pool exhausted: {self.num_pages - 1} pages of {self.page_size} tokens")
-        flat_idx, page_ids = [], []
-        for i in todo:
-            r = int(rows[i])
-            for _ in range(int(missing[i])):
-                page = self._free.pop()
-                flat_idx.append(r * self.pages_per_seq + len(self._pages[r]))
-                page_ids.append(page)
-                self._pages[r].append(page)
-            self._page_count[r] = len(self._pages[r])
+        pages = self._free[self._free_top - total:self._free_top][::-1]  # pop: the stack's top first
+        self._free_top -= total
+        # row i gets pages at table columns page_count[i], page_count[i] + 1, …
+        owner = np.repeat(rows, missing)
+        column = np.arange(total) - np.repeat(np.cumsum(missing) - missing, missing) + self._page_count[owner]
+        self._tables[owner, column] = pages
+        self._page_count[rows] += missing
         device = self.tables.device
-        self.tables.view(-1)[torch.tensor(flat_idx, device=device)] = torch.tensor(page_ids, dtype=torch.int32,
-                                                                                   device=device)
+        flat = torch.from_numpy(owner * self.pages_per_seq + column).to(device)
+        self.tables.view(-1)[flat] = torch.from_numpy(pages.copy()).to(device)
+
+    def _free_from(self, rows: np.ndarray, keep: np.ndarray | int) -> None:
+        """Return to the free stack each row's pages past its first `keep`; they become the row's last."""
+        columns = np.arange(self.pages_per_seq)[None, :]
+        keep = np.broadcast_to(keep, rows.shape)
+        freed = self._tables[rows][(columns >= keep[:, None]) & (columns < self._page_count[rows][:, None])]
+        self._free[self._free_top:self._free_top + len(freed)] = freed[::-1]  # the row's first page on top
+        self._free_top += len(freed)
+        self._page_count[rows] = np.minimum(self._page_count[rows], keep)
 
     def trim(self, rows: np.ndarray) -> None:
         """Free the pages of cache `rows` beyond what their `host_lengths` tokens fill (after a worst-case
         reserve). Table entries past a row's pages are never read and are rewritten by the next reserve."""
-        for r, keep in zip(rows.tolist(), (-(-self.host_lengths[rows] // self.page_size)).tolist()):
-            surplus = self._pages[r][keep:]
-            if surplus:
-                self._free.extend(reversed(surplus))
-                del self._pages[r][keep:]
-                self._page_count[r] = keep
+        self._free_from(rows, -(-self.host_lengths[rows] // self.page_size))
 
     def release(self, slot: int) -> None:
         """Free every page of a slot (all groups) and empty its caches."""
-        rows = [self.row(g, slot) for g in range(self.layout.num_groups)]
-        for r in rows:
-            self._free.extend(reversed(self._pages[r]))
-            self._pages[r] = []
+        rows = np.arange(self.layout.num_groups) * self.max_slots + slot
+        self._free_from(rows, 0)
         self.host_lengths[rows] = 0
-        self._page_count[rows] = 0
-        self.lengths[torch.tensor(rows, device=self.lengths.device)] = 0
+        self.lengths[torch.from_numpy(rows).to(self.lengths.device)] = 0
 
     def pull_lengths(self) -> None:
         """Refresh the host mirror after device-side appends (the decode step's writes)."""
