@@ -85,7 +85,7 @@ class RouterConfig:
     scale_output: bool = True
     # expert-choice causality at inference: BCE aux loss on router logits, or a separate aux router
     causal_mode: Literal["aux_loss", "aux_router"] = "aux_loss"
-    # its threshold τ_r: "calibrated" = EMA (threshold_momentum per micro-batch) of the logit where training's
+    # its threshold τ_r: "calibrated" = EMA (threshold_momentum per optimizer step) of the logit where training's
     # top-k_r cuts, so inference keeps the capacity schedule's fractions; "zero" = logit > 0 (σ > 0.5)
     causal_threshold: Literal["calibrated", "zero"] = "calibrated"
     threshold_momentum: float = 0.99

@@ -295,6 +295,7 @@ def test_calibrated_thresholds_give_causal_routing_the_capacity_schedule(causal_
         model(x[:, :-1], labels=x[:, 1:]).total_loss.backward()
         opt.step()
         opt.zero_grad()
+        model.update_router_bias()  # τ moves once per optimizer step
     assert router.threshold_updates.tolist() == [0, steps, steps]  # step 0 keeps everyone: no cut to track
     assert router.causal_threshold[0] == -math.inf
     model.eval()
@@ -310,3 +311,43 @@ def test_calibrated_thresholds_give_causal_routing_the_capacity_schedule(causal_
     fresh = build_model(cfg.model, cfg.router)
     fresh.load_state_dict({k: v for k, v in state.items() if "threshold" not in k})
     assert fresh.recursion.router.causal_threshold.tolist() == [0, 0, 0]
+
+
+def _rank_thresholds(rank: int, world: int, init_file: str, batches: torch.Tensor, out: str) -> None:
+    """One data-parallel rank: a training forward on its own batch, then the per-step threshold update."""
+    import torch.distributed as dist
+
+    from mor_ds import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _threshold_model()
+        model(batches[rank])
+        model.update_router_bias(distributed.all_reduce_sum)
+        torch.save(model.recursion.router.causal_threshold, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _threshold_model():
+    cfg = load_config("tiny-mor", ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4",
+                                   "model.num_kv_heads=2", "model.intermediate_size=96", "model.num_recursions=3",
+                                   "model.num_layers=8"])
+    torch.manual_seed(0)
+    return build_model(cfg.model, cfg.router).train()
+
+
+def test_calibrated_thresholds_are_the_same_on_every_data_parallel_rank(tmp_path):
+    """Two gloo ranks, one batch each: both end with the τ that one process gets from the two batches as
+    micro-batches of one optimizer step (cuts averaged over micro-batches and ranks)."""
+    batches = torch.randint(0, VOCAB, (2, 4, 32), generator=torch.Generator().manual_seed(3))
+    torch.multiprocessing.spawn(_rank_thresholds, args=(2, str(tmp_path / "pg"), batches, str(tmp_path / "tau")),
+                                nprocs=2)
+    ranks = [torch.load(tmp_path / f"tau.{r}") for r in range(2)]
+    single = _threshold_model()
+    for batch in batches:  # two micro-batches, one step
+        single(batch)
+    single.update_router_bias()
+    assert torch.equal(ranks[0], ranks[1])
+    assert torch.equal(ranks[0], single.recursion.router.causal_threshold)
+    assert ranks[0][0] == -math.inf and torch.all(ranks[0][1:].isfinite())

@@ -154,8 +154,9 @@ def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict
         if args.calibration_batches:
             router.threshold_updates.zero_()
             with torch.no_grad(), autocast:
-                for _ in range(args.calibration_batches):
+                for _ in range(args.calibration_batches):  # one "step" of several micro-batches
                     model(torch.from_numpy(tokens[windows()][:, :-1]).to(device))
+            model.update_router_bias()
         result["causal_thresholds"] = [round(t, 5) for t in router.causal_threshold.tolist()]
     model.eval()
     return {**result, "steps": args.train_steps, "tokens_per_step": seq * batch, "lm_loss_first_last": losses,

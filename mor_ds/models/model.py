@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from mor_ds.config import ModelConfig, RouterConfig
 from mor_ds.models.block import DecoderBlock, RMSNorm
 from mor_ds.models.loss import LMHead
-from mor_ds.models.recursion import SequenceContext, TokenChoiceMoR, build_recursion
+from mor_ds.models.recursion import ExpertChoiceMoR, SequenceContext, TokenChoiceMoR, build_recursion
 from mor_ds.models.sharing import layer_plan
 
 Routing = Literal["topk", "causal"]
@@ -64,8 +64,10 @@ class CausalLM(nn.Module):
         return ModelOutput(self.lm_head(h, labels), None, aux_losses, stats)  # never (B, S, V) logits when fused
 
     def update_router_bias(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Token-choice loss-free balancing: call after every optimizer step (no-op otherwise)."""
-        if isinstance(self.recursion, TokenChoiceMoR) and self.router_cfg.balancing == "loss_free":
+        """Router state moved once per optimizer step (call after every one; `all_reduce` sums over ranks):
+        token-choice loss-free balancing bias, expert-choice calibrated causal thresholds; no-op otherwise."""
+        if (isinstance(self.recursion, TokenChoiceMoR) and self.router_cfg.balancing == "loss_free"
+                or isinstance(self.recursion, ExpertChoiceMoR) and self.router_cfg.causal_threshold == "calibrated"):
             self.recursion.update_bias(all_reduce)
 
     def num_params(self, unique: bool = True, embedding: bool = True) -> int:

@@ -151,6 +151,9 @@ class ExpertChoiceMoR(MoRStack):
     def select(self, step: int, h: Tensor, prev: ActiveSet, length: int, routing: str) -> Selection:
         return self.router.select(step, gather_rows(h, prev.idx), prev, length, causal=routing == "causal")
 
+    def update_bias(self, all_reduce=None) -> None:
+        self.router.update_thresholds(all_reduce)
+
 
 class TokenChoiceMoR(MoRStack):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, plan: LayerPlan):

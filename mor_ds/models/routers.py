@@ -99,11 +99,13 @@ class ExpertChoiceRouter(nn.Module):
     step's threshold τ_r, which never looks at other (future) tokens.
 
     τ_r (buffer `causal_threshold`, saved with the weights): with router.causal_threshold=calibrated, an EMA
-    over training steps of the decision logit at which the batch's top-k_r cuts (the score between the kept
-    and the dropped tokens, pooled over the batch), so causal routing keeps ≈ capacity_r/capacity_{r−1} of
-    the tokens at step r, as training did; −inf at steps whose capacity keeps everyone. Before its first
-    update (buffer `threshold_updates` = 0), or with router.causal_threshold=zero, τ_r = 0: sigmoid(logit)
-    > 0.5, the BCE's decision boundary."""
+    over optimizer steps of the decision logit at which top-k_r cuts (the score between the kept and the
+    dropped tokens, pooled over the batch; the step's micro-batches and data-parallel ranks averaged, so
+    every rank holds the same τ), so causal routing keeps ≈ capacity_r/capacity_{r−1} of the tokens at step
+    r, as training did; −inf at steps whose capacity keeps everyone. Before its first update (buffer
+    `threshold_updates` = 0), or with router.causal_threshold=zero, τ_r = 0: sigmoid(logit) > 0.5, the BCE's
+    decision boundary. Forward passes in training only collect the cuts; `update_thresholds` (through
+    `CausalLM.update_router_bias`, after every optimizer step) moves τ."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: RouterConfig):
         super().__init__()
@@ -112,18 +114,22 @@ class ExpertChoiceRouter(nn.Module):
         self.routers = nn.ModuleList(RouterNet(model_cfg.hidden_size, 1, cfg) for _ in self.capacities)
         self.aux_routers = (nn.ModuleList(RouterNet(model_cfg.hidden_size, 1, cfg) for _ in self.capacities)
                             if cfg.causal_mode == "aux_router" else None)
+        n = len(self.capacities)
         calibrated = cfg.causal_threshold == "calibrated"
         self.register_buffer("causal_threshold", torch.tensor(
             [-math.inf if calibrated and c >= 1.0 else 0.0 for c in self.capacities], dtype=torch.float32))
-        self.register_buffer("threshold_updates", torch.zeros(len(self.capacities), dtype=torch.long))
+        self.register_buffer("threshold_updates", torch.zeros(n, dtype=torch.long))
+        # cuts seen since the last optimizer step: [sum over micro-batches (n), how many (n)]
+        self.register_buffer("cuts", torch.zeros(2, n, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        """τ stays fp32 under .to(bf16) / DeepSpeed's bf16 cast: an EMA in bf16 would drop every update
-        smaller than its 8-bit mantissa. Device moves still apply."""
-        kept = self.causal_threshold
+        """τ and the collected cuts stay fp32 under .to(bf16) / DeepSpeed's bf16 cast: an EMA in bf16 would
+        drop every update smaller than its 8-bit mantissa. Device moves still apply."""
+        kept = {name: getattr(self, name) for name in ("causal_threshold", "cuts")}
         super()._apply(fn, recurse)
-        if self.causal_threshold.dtype != torch.float32 and not kept.is_meta:
-            self.causal_threshold = kept.to(self.causal_threshold.device)
+        for name, value in kept.items():
+            if getattr(self, name).dtype != torch.float32 and not value.is_meta:
+                setattr(self, name, value.to(getattr(self, name).device))
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -137,15 +143,27 @@ class ExpertChoiceRouter(nn.Module):
         return decide - self.causal_threshold[step]
 
     @torch.no_grad()
-    def _track_threshold(self, step: int, decide: Tensor, k: int) -> None:
-        """EMA of the decision logit at which top-k_r (k per sequence) cuts, pooled over the batch: the
-        midpoint of the (kB)-th and (kB+1)-th largest of the B·K_prev logits. Device ops only."""
+    def _collect_cut(self, step: int, decide: Tensor, k: int) -> None:
+        """The decision logit at which top-k_r (k per sequence) cuts, pooled over the batch: the midpoint of
+        the (kB)-th and (kB+1)-th largest of the B·K_prev logits; a non-finite one (a step the NaN guard
+        skips) is left out. Device ops only."""
         cut = decide.detach().float().flatten().topk(k * decide.shape[0] + 1).values[-2:].mean()
-        momentum = self.cfg.threshold_momentum
-        first = self.threshold_updates[step] == 0
-        ema = momentum * self.causal_threshold[step] + (1 - momentum) * cut
-        self.causal_threshold[step] = torch.where(first, cut, ema)
-        self.threshold_updates[step] += 1
+        finite = cut.isfinite()
+        self.cuts[0, step] += torch.where(finite, cut, 0.0)
+        self.cuts[1, step] += finite.float()
+
+    @torch.no_grad()
+    def update_thresholds(self, all_reduce=None) -> None:
+        """After an optimizer step: τ_r ← m·τ_r + (1 − m)·(mean cut of the step), the first update sets it;
+        `all_reduce` sums the cuts over data-parallel ranks. Steps without a cut keep τ_r. No host sync."""
+        cuts = all_reduce(self.cuts.clone()) if all_reduce is not None else self.cuts.clone()
+        seen = cuts[1] > 0
+        mean = cuts[0] / cuts[1].clamp_min(1)
+        m = self.cfg.threshold_momentum
+        ema = torch.where(self.threshold_updates == 0, mean, m * self.causal_threshold + (1 - m) * mean)
+        self.causal_threshold.copy_(torch.where(seen, ema, self.causal_threshold))
+        self.threshold_updates += seen.long()
+        self.cuts.zero_()
 
     def _weights(self, logits: Tensor, valid: Tensor | None) -> Tensor:
         if self.cfg.activation == "sigmoid":
@@ -175,7 +193,7 @@ class ExpertChoiceRouter(nn.Module):
         else:
             pick = logits.topk(k, dim=1).indices.sort(dim=1).values
             if self.training and self.cfg.causal_threshold == "calibrated":
-                self._track_threshold(step, aux_logits if aux_logits is not None else logits, k)
+                self._collect_cut(step, aux_logits if aux_logits is not None else logits, k)
         chosen = torch.zeros_like(logits).scatter_(1, pick, 1.0)  # BCE target: picked (1) or not (0)
         bce_logits = aux_logits if aux_logits is not None else logits
         aux = {"router_bce": self.cfg.aux_loss_coef * F.binary_cross_entropy_with_logits(bce_logits, chosen)}
