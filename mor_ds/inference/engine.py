@@ -215,8 +215,7 @@ class Engine:
         tokens = torch.tensor([t for seq in ids for t in seq], device=dev)
         slots = np.array([s for (s, _), seq in zip(batch, ids) for _ in seq])
         pos = torch.tensor([p for seq in ids for p in range(len(seq))], device=dev)
-        stats = {}
-        hidden = self.im.forward(self.cache, tokens, slots, pos, stats=stats)
+        hidden = self.im.forward(self.cache, tokens, slots, pos)
         last = torch.tensor(np.cumsum([len(seq) for seq in ids]) - 1, device=dev)
         logits = self.im.logits(hidden[last])
         params = [req.sampling for _, req in batch]
