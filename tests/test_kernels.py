@@ -96,12 +96,7 @@ def test_uneven_counts_padded(mode):
 
 
 @pytest.mark.parametrize("mode", ["cache", "share"])
-@pytest.mark.parametrize("split", [1, 2])
-def test_varlen_packed_matches_per_sequence_reference(mode, split):
-    from dataclasses import replace
-
-    from mor_ds.kernels.attention import default_configs
-
+def test_varlen_packed_matches_per_sequence_reference(mode):
     gen = torch.Generator().manual_seed(3)
     counts, length = [33, 1, 20], 48
     idx = [torch.randperm(length, generator=gen)[:c].sort().values for c in counts]
@@ -114,8 +109,7 @@ def test_varlen_packed_matches_per_sequence_reference(mode, split):
     cu_q = torch.tensor([0] + q_lens).cumsum(0).int()
     cu_k = torch.tensor([0] + kv_lens).cumsum(0).int()
     out = active_attention_varlen(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_k, max_seqlen_q=max(q_lens),
-                                  max_seqlen_kv=max(kv_lens), q_pos=torch.cat(idx), kv_pos=torch.cat(kv_idx),
-                                  configs=replace(default_configs(16, q.device), dkdv_split=split))
+                                  max_seqlen_kv=max(kv_lens), q_pos=torch.cat(idx), kv_pos=torch.cat(kv_idx))
     grad_out = torch.randn(out.shape, generator=gen)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     refs = []
@@ -167,13 +161,12 @@ def test_document_mask(mode):
     check_against_reference(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_doc=q_doc, kv_doc=kv_doc)
 
 
-@pytest.mark.parametrize("knobs", [{"fwd_dq_single_loop": True, "dkdv_single_loop": False},
-                                   {"fwd_dq_single_loop": False, "dkdv_single_loop": True, "dkdv_split": 3}],
-                         ids=["fwd-dq", "dkdv-split"])
-def test_single_and_split_loops_agree_with_reference(knobs):
-    """Documents give each block masked runs before and after its full run: the kernels' single pipelined loop
-    (mask outside the full run, also split over programs) and the masked / full / masked loops must both match
-    the reference."""
+@pytest.mark.parametrize("knobs", [{"dkdv_single_loop": True}, {"dkdv_single_loop": False}],
+                         ids=["dkdv-single-loop", "dkdv-loop-per-head"])
+def test_masked_and_full_runs_agree_with_reference(knobs):
+    """Documents give each block masked runs before and after its full run: the masked / full / masked loops
+    (forward, dQ; dK/dV per head) and dK/dV's single pipelined loop (mask outside the full run) must match the
+    reference."""
     from dataclasses import replace
 
     from mor_ds.kernels.attention import default_configs
@@ -221,8 +214,8 @@ def fused_gather_reference(q, k, v, idx, mode):
 
 
 @pytest.mark.parametrize("mode", ["cache", "share"])
-@pytest.mark.parametrize("knobs", [{}, {"fused_zero_fill": False, "dkdv_single_loop": False}, {"dkdv_split": 2}],
-                         ids=["default", "memset+loop-per-head", "split-dkdv"])
+@pytest.mark.parametrize("knobs", [{}, {"fused_zero_fill": False, "dkdv_single_loop": False}],
+                         ids=["default", "memset+loop-per-head"])
 def test_fused_gather_scatter(mode, knobs, monkeypatch):
     """q_rows / kv_rows: read active rows of full-length tensors, write results back to those rows, zeros (and
     zero gradients) in every other row, whether the kernels' extra programs or a memset write them."""
@@ -318,8 +311,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     kernels = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
-    assert set(report) >= {f"{k} D={d}" for k in kernels for d in (64, 128)} | {"block_ranges_kernel",
-                                                                                "dkdv_store_kernel"}
+    assert set(report) >= {f"{k} D={d}" for k in kernels for d in (64, 128)} | {"block_ranges_kernel"}
     for name, facts in report.items():
         assert facts["spill_bytes"] == 0, f"{name} spills to local memory: {facts}"
         assert 0 < facts["registers"] <= 255, facts

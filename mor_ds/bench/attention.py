@@ -449,20 +449,16 @@ def _sweep_trials(head_dim: int) -> list[tuple[str, KernelConfigs]]:
 
     base = default_configs(head_dim, torch.device("cuda"))
     trials = [("default", base), ("memset zero-fill", replace(base, fused_zero_fill=False)),
-              ("dkdv loop per head", replace(base, dkdv_single_loop=False)),
-              ("fwd+dq single loop", replace(base, fwd_dq_single_loop=not base.fwd_dq_single_loop)),
-              ("dkdv split 2", replace(base, dkdv_split=2)), ("dkdv split 3", replace(base, dkdv_split=3))]
-    if head_dim == 64:
-        fwd_dq = [(T(128, 64, 8, 3), T(128, 64, 8, 3)), (T(64, 64, 4, 3), T(64, 64, 4, 3)),
-                  (T(128, 32, 4, 3), T(128, 32, 4, 3)), (T(128, 128, 8, 3), T(128, 128, 8, 3)),
+              ("dkdv loop per head", replace(base, dkdv_single_loop=False))]
+    if head_dim == 64:  # the former defaults (fwd/dQ 128x64, dQ 8 warps) and session 3's runners-up
+        fwd_dq = [(T(128, 64, 4, 3), T(128, 64, 8, 3)), (T(128, 32, 4, 3), T(128, 32, 4, 3)),
                   (T(64, 64, 4, 4), T(64, 64, 4, 4))]
-        dq_only = [T(128, 64, 4, 3), T(128, 64, 8, 2), T(128, 64, 8, 4)]  # 4 warps: spills, kept for comparison
-        dkdv = [T(32, 64, 4, 3), T(16, 64, 4, 3), T(64, 128, 8, 3), T(32, 128, 8, 3), T(32, 64, 4, 4),
-                T(64, 64, 4, 2), T(64, 64, 4, 4)]
+        dq_only = [T(64, 64, 8, 3)]
+        dkdv = [T(32, 64, 4, 3), T(32, 64, 4, 4), T(64, 64, 4, 4)]
     else:
-        fwd_dq = [(T(128, 64, 8, 2), T(128, 64, 8, 2)), (T(64, 64, 4, 3), T(64, 64, 4, 3))]
+        fwd_dq = [(T(64, 64, 4, 3), T(64, 64, 4, 3))]
         dq_only = []
-        dkdv = [T(32, 64, 4, 3), T(64, 64, 8, 2), T(32, 128, 8, 3)]
+        dkdv = [T(64, 64, 8, 3), T(32, 64, 4, 3), T(32, 64, 8, 3)]  # 32x64 at 4 warps spills
     trials += [(f"fwd+dq {f.block_m}x{f.block_n} w{f.num_warps}s{f.num_stages} / dq w{d.num_warps}s{d.num_stages}",
                 replace(base, fwd=f, dq=d)) for f, d in fwd_dq]
     trials += [(f"dq w{d.num_warps}s{d.num_stages}", replace(base, dq=d)) for d in dq_only

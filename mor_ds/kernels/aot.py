@@ -22,17 +22,16 @@ from triton.compiler import ASTSource
 
 from mor_ds.kernels.attention import ZERO_SPAN, TileConfig, default_configs
 from mor_ds.kernels.block_ranges import block_ranges_kernel
-from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, dkdv_store_kernel
+from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from mor_ds.kernels.flash_fwd import attention_fwd_kernel
 
 _POINTER_TYPES = {**dict.fromkeys(["Q", "K", "V", "O", "DO", "DQ", "DK", "DV"], "*bf16"),
-                  **dict.fromkeys(["LSE", "DELTA", "DKACC", "DVACC"], "*fp32"), **dict.fromkeys(["CUQ", "CUK", "RANGES"], "*i32"),
+                  **dict.fromkeys(["LSE", "DELTA"], "*fp32"), **dict.fromkeys(["CUQ", "CUK", "RANGES"], "*i32"),
                   **dict.fromkeys(["QPOS", "KPOS", "QDOC", "KDOC", "QROWS", "KROWS"], "*i64"),
                   **dict.fromkeys(["QMAP", "KMAP"], "*i8")}
 # the most general variant: fused gather/scatter with in-kernel zero-fill, document ids, int64 positions, GQA
 _ATTENTION_FLAGS = dict(HAS_DOC=True, VARLEN=False, Q_GATHER=True, KV_GATHER=True, Q_POS_IS_INDEX=False,
                         KV_POS_IS_INDEX=False, UPCAST=False, GROUP=3, ZERO_SPAN=ZERO_SPAN)
-_STORE_FLAGS = dict(HEAD_DIM=64, BLOCK_N=64, VARLEN=False, KV_GATHER=True, KV_POS_IS_INDEX=False, ZERO_SPAN=ZERO_SPAN)
 _RANGES_FLAGS = dict(FWD_Q=128, FWD_K=64, BWD_Q=64, BWD_K=64, CHUNK=16, Q_POS_IS_INDEX=False, KV_POS_IS_INDEX=True,
                      HAS_DOC=True, VARLEN=True, Q_MAP=True, K_MAP=True)
 
@@ -71,18 +70,14 @@ def attention_variant(kernel, head_dim: int, tile: TileConfig, **flags) -> dict:
 
 
 def compile_for_hopper() -> dict[str, dict]:
-    """Every kernel at its default configs for D = 64 and 128; the split dK/dV path at D = 64."""
+    """Every kernel at its default configs for D = 64 and 128."""
     report = {}
     for head_dim in (64, 128):
         cfg = default_configs(head_dim, torch.device("cuda"))
         for kernel, tile in [(attention_fwd_kernel, cfg.fwd), (attention_bwd_dq_kernel, cfg.dq)]:
-            report[f"{kernel.__name__} D={head_dim}"] = attention_variant(kernel, head_dim, tile,
-                                                                          SINGLE_LOOP=cfg.fwd_dq_single_loop)
-        for split in sorted({cfg.dkdv_split, 2} if head_dim == 64 else {cfg.dkdv_split}):
-            name = f"attention_bwd_dkdv_kernel D={head_dim}" + (f" split={split}" if split != cfg.dkdv_split else "")
-            report[name] = attention_variant(attention_bwd_dkdv_kernel, head_dim, cfg.dkdv,
-                                             SINGLE_LOOP=cfg.dkdv_single_loop, SPLIT=split)
-    report["dkdv_store_kernel"] = compile_kernel(dkdv_store_kernel, _STORE_FLAGS, 4, 1)
+            report[f"{kernel.__name__} D={head_dim}"] = attention_variant(kernel, head_dim, tile)
+        report[f"attention_bwd_dkdv_kernel D={head_dim}"] = attention_variant(
+            attention_bwd_dkdv_kernel, head_dim, cfg.dkdv, SINGLE_LOOP=cfg.dkdv_single_loop)
     report["block_ranges_kernel"] = compile_kernel(block_ranges_kernel, _RANGES_FLAGS, 4, 3)
     return report
 

@@ -24,7 +24,7 @@ import triton
 from torch import Tensor
 
 from mor_ds.kernels.block_ranges import block_ranges
-from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, dkdv_store_kernel
+from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from mor_ds.kernels.flash_fwd import attention_fwd_kernel
 from mor_ds.kernels.interpreter_compat import interpreter_active
 
@@ -51,26 +51,19 @@ class KernelConfigs:
     fused_zero_fill: bool = True
     # dK/dV: the GROUP query heads × query blocks as one pipelined loop (False: a loop per head and run)
     dkdv_single_loop: bool = True
-    # forward, dQ: the key blocks as one pipelined loop, masking outside the full run (False: masked / full /
-    # masked runs, each its own loop, no mask code in the full run)
-    fwd_dq_single_loop: bool = False
-    # dK/dV: programs per key block, each summing a share of its iterations into fp32 buffers with atomics
-    # (1: one program, no atomics); more programs where k is small, at the cost of a memset and a store pass
-    dkdv_split: int = 1
 
     def __post_init__(self) -> None:
         if (self.dq.block_m, self.dq.block_n) != (self.fwd.block_m, self.fwd.block_n):
             raise ValueError(f"KernelConfigs: dq tiles {self.dq} must have the forward's block shape {self.fwd}")
-        if self.dkdv_split < 1 or (self.dkdv_split > 1 and not self.dkdv_single_loop):
-            raise ValueError(f"KernelConfigs: dkdv_split={self.dkdv_split} must be >= 1 (> 1 needs dkdv_single_loop)")
 
 
-# D=64: tiles chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep` (360M shape, S=2048;
-# BENCHMARKS.md); dQ at 8 warps since at 4 it spills registers (`python -m mor_ds.kernels.aot`).
-# D=128: correct on the H100 (tests/test_kernels.py -m cuda), tiles not swept; none spills.
+# Tiles chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep --sweep-dims 64 128` (360M shape,
+# S=2048; BENCHMARKS.md, session 3): D=64 forward/dQ at 64x64 (0.85-0.92x the fwd+bwd time of 128x64),
+# D=128 dK/dV at 32x128, 8 warps (0.72-0.89x of 64x64, 8 warps; 32x64 at 4 warps measured 0.71-0.82x but
+# spills 40 bytes to local memory). None spills (`python -m mor_ds.kernels.aot`).
 _GPU_CONFIGS = {
-    64: KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
-    128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 3), TileConfig(128, 64, 8, 3)),
+    64: KernelConfigs(TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3)),
+    128: KernelConfigs(TileConfig(128, 64, 8, 3), TileConfig(32, 128, 8, 3), TileConfig(128, 64, 8, 3)),
 }
 # Interpreter (CPU tests): small, unequal tiles so that short sequences still span many blocks.
 _INTERPRETER_CONFIGS = KernelConfigs(TileConfig(32, 16, 1, 1), TileConfig(16, 32, 1, 1), TileConfig(32, 16, 1, 1))
@@ -161,8 +154,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, sm_scale: float, cfg
         *stat_strides, lay.ranges_fwd.stride(0),
         heads_q, lay.seqlen_q, lay.seqlen_k, lay.full_len_q,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_progs else 0, SINGLE_LOOP=cfg.fwd_dq_single_loop,
-        **lay.flags(), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_progs else 0, **lay.flags(),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out, lse
 
@@ -203,32 +196,20 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         *stat_strides, lay.ranges_fwd.stride(0),
         heads_q, lay.seqlen_q, lay.seqlen_k, lay.full_len_q,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_q else 0, SINGLE_LOOP=cfg.fwd_dq_single_loop, **flags,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_q else 0, **flags,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    tile, split = cfg.dkdv, cfg.dkdv_split
-    # split: fp32 sums over the compact key rows (B, Hkv, Sk, D) or (Tk, Hkv, D), zeroed by one memset
-    acc = torch.zeros((2, *(k.shape if lay.varlen else (lay.batch, heads_kv, lay.seqlen_k, head_dim))),
-                      device=k.device, dtype=torch.float32) if split > 1 else lse.new_empty(2, 1, 1, 1)
-    n_kblk = triton.cdiv(lay.seqlen_k, tile.block_n)
-    attention_bwd_dkdv_kernel[(n_kblk * split + (zero_kv if split == 1 else 0), lay.batch * heads_kv)](
-        q, k, v, do, dk, dv, acc[0], acc[1], lse, delta, *index_args, lay.ranges_bwd, _or(lay.kv_map, lse),
+    tile = cfg.dkdv
+    attention_bwd_dkdv_kernel[(triton.cdiv(lay.seqlen_k, tile.block_n) + zero_kv, lay.batch * heads_kv)](
+        q, k, v, do, dk, dv, lse, delta, *index_args, lay.ranges_bwd, _or(lay.kv_map, lse),
         sm_scale * LOG2_E, sm_scale,
-        *common, *lay.strides(do), *lay.strides(dk), *lay.strides(dv), *lay.strides(acc[0]),
+        *common, *lay.strides(do), *lay.strides(dk), *lay.strides(dv),
         *stat_strides, lay.ranges_bwd.stride(0),
         heads_kv, lay.seqlen_q, lay.seqlen_k, lay.full_len_k,
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_kv and split == 1 else 0, SINGLE_LOOP=cfg.dkdv_single_loop,
-        SPLIT=split, **flags, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        UPCAST=upcast, ZERO_SPAN=ZERO_SPAN if zero_kv else 0, SINGLE_LOOP=cfg.dkdv_single_loop, **flags,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    if split > 1:
-        dkdv_store_kernel[(triton.cdiv(lay.seqlen_k, 64) + zero_kv, lay.batch * heads_kv)](
-            acc[0], acc[1], dk, dv, index_args[1], index_args[5], index_args[7], _or(lay.kv_map, lse),
-            *lay.strides(acc[0]), *lay.strides(dk), *lay.strides(dv),
-            heads_kv, lay.seqlen_k, lay.full_len_k,
-            HEAD_DIM=head_dim, BLOCK_N=64, VARLEN=flags["VARLEN"], KV_GATHER=flags["KV_GATHER"],
-            KV_POS_IS_INDEX=flags["KV_POS_IS_INDEX"], ZERO_SPAN=ZERO_SPAN if zero_kv else 0, num_warps=4,
-        )
     return dq, dk, dv
 
 

@@ -65,16 +65,16 @@ def _dkdv_tiles(
 def _dkdv_group_tiles(
     dk, dv, k, v, kp, kd,
     q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qh, stride_doh, stride_stat_h, qpos, qdoc, qrows, q_start, q_len,
-    stride_qs, stride_dos, lo, a, b_end, hi, it_lo, it_hi, qk_scale,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DOC: tl.constexpr,
+    stride_qs, stride_dos, lo, a, b_end, hi, qk_scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DOC: tl.constexpr,
     Q_GATHER: tl.constexpr, Q_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Iterations [it_lo, it_hi) of the GROUP query heads × query blocks [lo, hi) (head-major) as one
+    """The GROUP query heads × query blocks [lo, hi) (head-major) as one
     software-pipelined loop (at small k a key block sees only a few query blocks: separate short loops per head
     and run would each pay the pipeline's fill and drain). The mask is applied outside the full run [a, b)."""
     offs_d = tl.arange(0, HEAD_DIM)
     n_blk = hi - lo
-    for it in range(it_lo, it_hi):
+    for it in range(GROUP * n_blk):
         g = it // n_blk
         blk = lo + it - g * n_blk
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,19 +107,18 @@ def _dkdv_group_tiles(
 
 @triton.jit(do_not_specialize=["num_kv_heads", "seqlen_q", "seqlen_k", "full_len_k"])  # lengths vary per step
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DKACC, DVACC, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, KMAP,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, KMAP,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-    stride_acc_b, stride_acc_h, stride_acc_s, stride_stat_b, stride_stat_h, stride_ranges_b,
+    stride_stat_b, stride_stat_h, stride_ranges_b,
     num_kv_heads, seqlen_q, seqlen_k, full_len_k,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr, SPLIT: tl.constexpr,
+    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr,
 ):
-    kblk = tl.program_id(0) // SPLIT
-    part = tl.program_id(0) % SPLIT  # SPLIT > 1: this program's share of the key block's iterations
+    kblk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
     kvh = bh % num_kv_heads
@@ -164,16 +163,14 @@ def attention_bwd_dkdv_kernel(
     qrows = QROWS + q_base
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    n_iter = GROUP * (hi - lo)
     if SINGLE_LOOP:
         h0 = kvh * GROUP
         dk, dv = _dkdv_group_tiles(
             dk, dv, k, v, kp, kd, Q + b64 * stride_qb + h0 * stride_qh, DO + b64 * stride_dob + h0 * stride_doh,
             LSE + b64 * stride_stat_b + h0 * stride_stat_h + q_start,
             DELTA + b64 * stride_stat_b + h0 * stride_stat_h + q_start, stride_qh, stride_doh, stride_stat_h,
-            qpos, qdoc, qrows, q_start, q_len, stride_qs, stride_dos, lo, a, b_end, hi,
-            part * n_iter // SPLIT, (part + 1) * n_iter // SPLIT, qk_scale,
-            BLOCK_M, HEAD_DIM, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
+            qpos, qdoc, qrows, q_start, q_len, stride_qs, stride_dos, lo, a, b_end, hi, qk_scale,
+            GROUP, BLOCK_M, HEAD_DIM, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
     else:
         for g in range(GROUP):
             h = kvh * GROUP + g
@@ -190,17 +187,11 @@ def attention_bwd_dkdv_kernel(
             dk, dv = _dkdv_tiles(dk, dv, k, v, kp, kd, q_ptr, do_ptr, lse_ptr, delta_ptr, qpos, qdoc, qrows,
                                  q_start, q_len, stride_qs, stride_dos, b_end, hi, qk_scale,
                                  BLOCK_M, HEAD_DIM, True, HAS_DOC, Q_GATHER, Q_POS_IS_INDEX, UPCAST)
-    if SPLIT > 1:  # partial sums: fp32 atomics into compact buffers, stored by dkdv_store_kernel
-        if (part * n_iter // SPLIT) < ((part + 1) * n_iter // SPLIT):
-            acc = b64 * stride_acc_b + kvh * stride_acc_h + (k_start + offs_n)[:, None] * stride_acc_s + offs_d[None, :]
-            tl.atomic_add(DKACC + acc, dk * sm_scale, mask=n_valid[:, None], sem="relaxed")
-            tl.atomic_add(DVACC + acc, dv, mask=n_valid[:, None], sem="relaxed")
-    else:
-        n_store = store_rows(n_valid, kp, KV_GATHER)
-        tl.store(dk_ptr + k_rows[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=n_store[:, None])
-        tl.store(dv_ptr + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=n_store[:, None])
+    n_store = store_rows(n_valid, kp, KV_GATHER)
+    tl.store(dk_ptr + k_rows[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=n_store[:, None])
+    tl.store(dv_ptr + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_store[:, None])
 
 
 @triton.jit
@@ -213,60 +204,21 @@ def store_rows(n_valid, kp, KV_GATHER: tl.constexpr):
     return n_store
 
 
-@triton.jit(do_not_specialize=["num_kv_heads", "seqlen_k", "full_len_k"])  # lengths vary per step
-def dkdv_store_kernel(
-    DKACC, DVACC, DK, DV, KPOS, KROWS, CUK, KMAP,
-    stride_acc_b, stride_acc_h, stride_acc_s, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-    num_kv_heads, seqlen_k, full_len_k,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, KV_GATHER: tl.constexpr,
-    KV_POS_IS_INDEX: tl.constexpr, ZERO_SPAN: tl.constexpr,
-):
-    """Split dK/dV: convert the fp32 sums to the gradients' dtype and write them to their (memory) rows; with a
-    fused scatter, programs past the key blocks zero the rows of inactive tokens."""
-    kblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_kv_heads
-    kvh = bh % num_kv_heads
-    b64 = b.to(tl.int64)
-    dk_ptr = DK + b64 * stride_dkb + kvh * stride_dkh
-    dv_ptr = DV + b64 * stride_dvb + kvh * stride_dvh
-    if ZERO_SPAN > 0:
-        n_blocks = tl.cdiv(seqlen_k, BLOCK_N)
-        if kblk >= n_blocks:
-            row_map = KMAP + b64 * full_len_k
-            zero_inactive_rows(dk_ptr, stride_dks, row_map, kblk - n_blocks, full_len_k, ZERO_SPAN, 64, HEAD_DIM)
-            zero_inactive_rows(dv_ptr, stride_dvs, row_map, kblk - n_blocks, full_len_k, ZERO_SPAN, 64, HEAD_DIM)
-            return
-    k_start, k_len, k_base = seq_bounds(CUK, b, seqlen_k, VARLEN)
-    offs_n = kblk * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    n_valid = offs_n < k_len
-    k_rows = memory_rows(KROWS + k_base, k_start, offs_n, n_valid, KV_GATHER)
-    n_store = store_rows(n_valid, key_positions(KPOS + k_base, offs_n, n_valid, KV_POS_IS_INDEX), KV_GATHER)
-    acc = b64 * stride_acc_b + kvh * stride_acc_h + (k_start + offs_n)[:, None] * stride_acc_s + offs_d[None, :]
-    dk = tl.load(DKACC + acc, mask=n_valid[:, None], other=0.0)
-    dv = tl.load(DVACC + acc, mask=n_valid[:, None], other=0.0)
-    tl.store(dk_ptr + k_rows[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=n_store[:, None])
-    tl.store(dv_ptr + k_rows[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_store[:, None])
-
-
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse, delta, qp, qd,
     k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len, stride_ks, stride_vs,
-    blk_lo, blk_hi, full_lo, full_hi, qk_scale,
+    blk_lo, blk_hi, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
     KV_GATHER: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Key blocks [blk_lo, blk_hi); MASKED: 0 none, 1 every block, 2 blocks outside [full_lo, full_hi)."""
+    """Key blocks [blk_lo, blk_hi); MASKED: apply the visibility mask (runs at either end of the block range)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
         rows = memory_rows(krows, k_start, offs_n, n_valid, KV_GATHER)
-        if MASKED > 0:
+        if MASKED:
             k = tl.load(k_ptr + rows[:, None] * stride_ks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             vt = tl.load(v_ptr + rows[None, :] * stride_vs + offs_d[:, None], mask=n_valid[None, :], other=0.0)
         else:
@@ -277,16 +229,13 @@ def _dq_tiles(
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if MASKED > 0:
+        if MASKED:
             kp = key_positions(kpos, offs_n, n_valid, KV_POS_IS_INDEX)
             if HAS_DOC:
                 kd = load_docs(kdoc, offs_n, n_valid, -1)
             else:
                 kd = kp
-            hidden = visible(qp, kp, qd, kd, HAS_DOC, False) == 0
-            if MASKED == 2:
-                hidden = hidden & ((blk < full_lo) | (blk >= full_hi))
-            p = tl.where(hidden, 0.0, p)
+            p = tl.where(visible(qp, kp, qd, kd, HAS_DOC, False) == 0, 0.0, p)
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -304,7 +253,7 @@ def attention_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr,
+    ZERO_SPAN: tl.constexpr,
 ):
     qblk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -343,19 +292,15 @@ def attention_bwd_dq_kernel(
     k_ptr = K + b64 * stride_kb + kvh * stride_kh
     v_ptr = V + b64 * stride_vb + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if SINGLE_LOOP:  # one pipelined loop, the mask applied outside the full run
-        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                       stride_ks, stride_vs, lo, hi, a, b_end, qk_scale,
-                       BLOCK_N, HEAD_DIM, 2, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-    else:  # masked, full (no mask code), masked runs
-        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                       stride_ks, stride_vs, lo, a, a, a, qk_scale,
-                       BLOCK_N, HEAD_DIM, 1, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                       stride_ks, stride_vs, a, b_end, a, b_end, qk_scale,
-                       BLOCK_N, HEAD_DIM, 0, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-        dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                       stride_ks, stride_vs, b_end, hi, a, a, qk_scale,
-                       BLOCK_N, HEAD_DIM, 1, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    # masked, full (no mask code), masked runs
+    dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                   stride_ks, stride_vs, lo, a, qk_scale,
+                   BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                   stride_ks, stride_vs, a, b_end, qk_scale,
+                   BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                   stride_ks, stride_vs, b_end, hi, qk_scale,
+                   BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
     tl.store(dq_ptr + q_rows[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_store[:, None])

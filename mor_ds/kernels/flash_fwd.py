@@ -20,17 +20,17 @@ from mor_ds.kernels.common import (
 def _fwd_tiles(
     acc, l_i, m_i, q, qp, qd,
     k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len, stride_ks, stride_vs,
-    blk_lo, blk_hi, full_lo, full_hi, qk_scale,
+    blk_lo, blk_hi, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_DOC: tl.constexpr,
     KV_GATHER: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Key blocks [blk_lo, blk_hi); MASKED: 0 none, 1 every block, 2 blocks outside [full_lo, full_hi)."""
+    """Key blocks [blk_lo, blk_hi); MASKED: apply the visibility mask (runs at either end of the block range)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
         rows = memory_rows(krows, k_start, offs_n, n_valid, KV_GATHER)
-        if MASKED > 0:
+        if MASKED:
             kt = tl.load(k_ptr + rows[None, :] * stride_ks + offs_d[:, None], mask=n_valid[None, :], other=0.0)
             v = tl.load(v_ptr + rows[:, None] * stride_vs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
         else:
@@ -40,16 +40,13 @@ def _fwd_tiles(
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kt)
-        if MASKED > 0:
+        if MASKED:
             kp = key_positions(kpos, offs_n, n_valid, KV_POS_IS_INDEX)
             if HAS_DOC:
                 kd = load_docs(kdoc, offs_n, n_valid, -1)
             else:
                 kd = kp
-            hidden = visible(qp, kp, qd, kd, HAS_DOC, False) == 0
-            if MASKED == 2:
-                hidden = hidden & ((blk < full_lo) | (blk >= full_hi))
-            s = tl.where(hidden, float("-inf"), s)
+            s = tl.where(visible(qp, kp, qd, kd, HAS_DOC, False) == 0, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -70,7 +67,7 @@ def attention_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr, KV_GATHER: tl.constexpr,
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO_SPAN: tl.constexpr, SINGLE_LOOP: tl.constexpr,
+    ZERO_SPAN: tl.constexpr,
 ):
     qblk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -102,20 +99,16 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if SINGLE_LOOP:  # one pipelined loop, the mask applied outside the full run
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                                   stride_ks, stride_vs, lo, hi, a, b_end, qk_scale,
-                                   BLOCK_N, HEAD_DIM, 2, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-    else:  # masked, full (no mask code), masked runs
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                                   stride_ks, stride_vs, lo, a, a, a, qk_scale,
-                                   BLOCK_N, HEAD_DIM, 1, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                                   stride_ks, stride_vs, a, b_end, a, b_end, qk_scale,
-                                   BLOCK_N, HEAD_DIM, 0, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
-                                   stride_ks, stride_vs, b_end, hi, a, a, qk_scale,
-                                   BLOCK_N, HEAD_DIM, 1, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    # masked, full (no mask code), masked runs
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                               stride_ks, stride_vs, lo, a, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                               stride_ks, stride_vs, a, b_end, qk_scale,
+                               BLOCK_N, HEAD_DIM, False, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
+                               stride_ks, stride_vs, b_end, hi, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
 
     seen = l_i > 0.0  # rows with no visible key (padded queries): output 0, lse +inf (no gradient)
     l_safe = tl.where(seen, l_i, 1.0)
