@@ -261,3 +261,21 @@ def test_compact_causal_shortcut_equals_attention_by_original_positions(name, ov
     assert any(seen)  # the shortcut really ran
     monkeypatch.setattr(recursion.SequenceContext, "view", lambda self, active: view(self, active, False))
     torch.testing.assert_close(model(x).logits, shortcut, rtol=0, atol=1e-12)
+
+
+def test_no_token_continuing_still_runs_the_step_on_a_dummy_slot():
+    """When no token of the batch continues, compact keeps one padded dummy slot (index S, invalid), so every
+    data-parallel rank runs every recursion step's block: ZeRO-3 gathers a block's weights collectively and a
+    rank that skipped the block hung or aborted the others (2-rank ZeRO-3 eval, tests/integration)."""
+    from mor_ds.models.routers import ActiveSet, compact
+
+    everything = ActiveSet.everything(2, 5, torch.device("cpu"))
+    active, pick = compact(everything, torch.zeros(2, 5, dtype=torch.bool), 5)
+    assert active.idx.tolist() == [[5], [5]] and active.valid.tolist() == [[False], [False]]
+    assert active.count().item() == 0 and pick.shape == (2, 1)
+    cfg = load_config("tiny-mor", ["router.type=token_choice"])
+    model = build_model(cfg.model, cfg.router).eval()
+    with torch.no_grad():
+        model.recursion.router.router.net.weight.zero_()  # equal logits: every token picks depth 0 (argmax)
+        out = model(torch.randint(0, cfg.model.vocab_size, (2, 16)))
+    assert torch.isfinite(out.logits).all() and out.stats["depth_frac/1"].item() == 0.0

@@ -56,11 +56,13 @@ def compact(prev: ActiveSet, keep: Tensor, length: int) -> tuple[ActiveSet, Tens
     """Keep the slots of `prev` where `keep` (B, K_prev) is true, packed to the left in causal order.
 
     Returns the new ActiveSet and `pick` (B, K): for each new slot, its slot index in `prev`.
-    Counts may differ per sequence; rows are padded to the longest with the dummy index `length`.
+    Counts may differ per sequence; rows are padded to the longest with the dummy index `length`. The width is at
+    least 1 (a dummy slot when no token continues), so every rank runs every recursion step's block: ZeRO-3 gathers
+    a block's parameters collectively, and a rank skipping a block would desynchronise the others.
     """
     keep = keep & prev.valid_mask()
     counts = keep.sum(dim=1)
-    width, fewest = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync: shapes depend on it
+    width, fewest = torch.stack([counts.max().clamp_min(1), counts.min()]).tolist()  # the one host sync
     pick = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
     if fewest == width:  # every row has the same count: no padding
         return ActiveSet(prev.idx.gather(1, pick)), pick
