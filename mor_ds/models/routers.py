@@ -180,12 +180,12 @@ class ExpertChoiceRouter(nn.Module):
         logits = self.routers[step](x).squeeze(-1)  # (B, K_prev)
         weights = self._weights(logits, prev.valid)
         aux_logits = self.aux_routers[step](x.detach()).squeeze(-1) if self.aux_routers is not None else None
+        decide = aux_logits if aux_logits is not None else logits  # the logits the BCE trains and τ_r cuts
         if causal:
             if self.cfg.activation == "softmax":
                 raise ValueError("router.activation=softmax: expert-choice weights normalise over the whole sequence, "
                                  "so they cannot be computed causally; evaluate with routing='topk' or train with "
                                  "router.activation=sigmoid")
-            decide = aux_logits if aux_logits is not None else logits
             active, pick = compact(prev, self.causal_margin(step, decide) > 0, length)
             return Selection(active, weights.gather(1, pick)[..., None])
 
@@ -195,10 +195,9 @@ class ExpertChoiceRouter(nn.Module):
         else:
             pick = logits.topk(k, dim=1).indices.sort(dim=1).values
             if self.training and self.cfg.causal_threshold == "calibrated":
-                self._collect_cut(step, aux_logits if aux_logits is not None else logits, k)
+                self._collect_cut(step, decide, k)
         chosen = torch.zeros_like(logits).scatter_(1, pick, 1.0)  # BCE target: picked (1) or not (0)
-        bce_logits = aux_logits if aux_logits is not None else logits
-        aux = {"router_bce": self.cfg.aux_loss_coef * F.binary_cross_entropy_with_logits(bce_logits, chosen)}
+        aux = {"router_bce": self.cfg.aux_loss_coef * F.binary_cross_entropy_with_logits(decide, chosen)}
         if self.cfg.z_loss_coef:
             aux["z_loss"] = self.cfg.z_loss_coef * logits.pow(2).mean()
         return Selection(ActiveSet(prev.idx.gather(1, pick)), weights.gather(1, pick)[..., None], aux_losses=aux)
