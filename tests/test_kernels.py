@@ -381,3 +381,24 @@ def test_full_shapes_fused_gather_scatter_cuda(mode, frac, monkeypatch):
     assert rel_err(out, ref) < 1e-2
     for name, g, r in zip("qkv", grads, ref_grads):
         assert rel_err(g, r) < 1e-2, f"d{name}: {rel_err(g, r)}"
+
+
+@pytest.mark.cuda
+@cuda
+def test_active_widths_share_one_compiled_variant_cuda():
+    """Token-choice widths change every training step (including a width of 1, the dummy slot): none may make
+    Triton compile a new kernel variant (~1 s of JIT each, paid inside the step)."""
+    from mor_ds.kernels.block_ranges import block_ranges_kernel
+    from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+    from mor_ds.kernels.flash_fwd import attention_fwd_kernel
+
+    kernels = (attention_fwd_kernel, attention_bwd_dq_kernel, attention_bwd_dkdv_kernel, block_ranges_kernel)
+    device = torch.cuda.current_device()
+    gen = torch.Generator().manual_seed(15)
+    seen = []
+    for width in (1, 17, 48, 100, 333):
+        idx = sorted_active(2, 512, [width, max(1, width - 5)], gen, "cuda")  # second row padded
+        q, k, v = make_qkv(2, 15, 5, width, width, 64, torch.bfloat16, gen, "cuda")
+        active_attention(q, k, v, q_pos=idx, kv_pos=idx).sum().backward()
+        seen.append([len(kernel.device_caches[device][0]) for kernel in kernels])
+    assert all(counts == seen[0] for counts in seen), f"compiled variants per kernel after each width: {seen}"

@@ -109,7 +109,8 @@ def _row_map(out, rows, pos, n_slots, full_len, POS_IS_INDEX: tl.constexpr, TILE
         tl.store(out + r, tl.full([TILE], 1, dtype=tl.int8), mask=real)
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "full_len_q", "full_len_k"])  # lengths vary per step
+# lengths and table strides vary with the active width: unspecialised (common.WIDTH_STRIDES says why)
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "full_len_q", "full_len_k", "stride_table", "stride_b"])
 def block_ranges_kernel(
     RANGES, QPOS, KPOS, QDOC, KDOC, CUQ, CUK, QROWS, KROWS, QMAP, KMAP,
     seqlen_q, seqlen_k, full_len_q, full_len_k, stride_table, stride_b,

@@ -18,6 +18,11 @@ import triton.language as tl
 
 PAD_POS = tl.constexpr(1 << 30)  # = mor_ds.attention.reference.PAD_POS (kernels import no torch-side code)
 INT32_MAX = tl.constexpr(2**31 - 1)  # position of out-of-range keys: after every query
+# Integer arguments that change with the active width from one call to the next (the row-statistics and
+# block-table strides): unspecialised, like the lengths. Triton otherwise compiles a new kernel variant
+# whenever such a value changes its divisibility by 16 or becomes 1, i.e. ~1 s of JIT in the middle of
+# training steps as token-choice widths vary.
+WIDTH_STRIDES = ("stride_stat_b", "stride_stat_h", "stride_ranges_b")
 
 
 @triton.jit

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from mor_ds.kernels.common import (
-    PAD_POS, key_positions, load_docs, memory_rows, query_block_setup, query_positions, seq_bounds, visible,
-    zero_inactive_rows,
+    PAD_POS, WIDTH_STRIDES, key_positions, load_docs, memory_rows, query_block_setup, query_positions, seq_bounds,
+    visible, zero_inactive_rows,
 )
 
 
@@ -105,7 +105,7 @@ def _dkdv_group_tiles(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["num_kv_heads", "seqlen_q", "seqlen_k", "full_len_k"])  # lengths vary per step
+@triton.jit(do_not_specialize=["num_kv_heads", "seqlen_q", "seqlen_k", "full_len_k", *WIDTH_STRIDES])
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, KMAP,
     qk_scale, sm_scale,
@@ -242,7 +242,7 @@ def _dq_tiles(
     return dq
 
 
-@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k", "full_len_q"])  # lengths vary per step
+@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k", "full_len_q", *WIDTH_STRIDES])
 def attention_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, QMAP,
     qk_scale, sm_scale,

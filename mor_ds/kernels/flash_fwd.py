@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from mor_ds.kernels.common import (
-    key_positions, load_docs, memory_rows, query_block_setup, visible, zero_inactive_rows,
+    WIDTH_STRIDES, key_positions, load_docs, memory_rows, query_block_setup, visible, zero_inactive_rows,
 )
 
 
@@ -56,7 +56,7 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k", "full_len_q"])  # lengths vary per step
+@triton.jit(do_not_specialize=["num_q_heads", "seqlen_q", "seqlen_k", "full_len_q", *WIDTH_STRIDES])
 def attention_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, QDOC, KDOC, QROWS, KROWS, CUQ, CUK, RANGES, QMAP,
     qk_scale,
