@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from mor_ds.bench.train import (HF_BASELINES, ISSUE_PEAK_FLOPS, Arm, add_arguments, issue_flops_per_token, parse_arm,
-                                plan_arms, run_hf)
+from mor_ds.bench.train import (HF_BASELINES, ISSUE_PEAK_FLOPS, Arm, CompileCounter, add_arguments,
+                                issue_flops_per_token, parse_arm, plan_arms, run_hf)
 from mor_ds.config import load_config
 from mor_ds.models import build_model
 
@@ -39,6 +39,7 @@ def test_smoke_end_to_end(tmp_path):
         assert row["mfu_issue"] == pytest.approx(row["tokens_per_s_per_gpu"] * expect / ISSUE_PEAK_FLOPS, abs=1e-4)
         assert row["mfu"] is None and "peak_rss_gib" in row  # no peak FLOP/s on CPU
         assert any(op["op"] == "aten::mm" for op in row["profile_top"])  # the profiled step after the timed ones
+        assert row["triton_jit_in_timed_steps"] == 0 and row["compiled_graphs_in_timed_steps"] == 0
     van, mor, hf = rows["vanilla-135m"], rows["mor-135m-nr2+chunked"], rows["hf-eager@vanilla-135m:2"]
     assert van["fused_loss"] == "plain" and mor["fused_loss"] == "chunked"  # auto is plain on CPU
     assert van["zero_stage"] == 1 and van["precision"] == "bf16"
@@ -117,3 +118,17 @@ def test_decoder_block_traces_whole_under_compile():
     torch.testing.assert_close(out, ref)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compile_counter_counts_only_inside_the_timed_steps():
+    """A graph torch.compile builds during the timed steps is reported (the figures would include compile time);
+    one built before (warm-up) or served from dynamo's cache is not."""
+    counter = CompileCounter()
+    double = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    double(torch.ones(3))  # warm-up compile
+    counter.start()
+    double(torch.ones(3))  # cached
+    double(torch.ones(3, 4))  # another rank: a recompile inside the timed steps
+    counter.stop()
+    double(torch.ones(3, 4, 5))  # after the timed steps
+    assert counter.report() == {"triton_jit_in_timed_steps": 0, "compiled_graphs_in_timed_steps": 1}

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -184,6 +184,42 @@ class PhaseTimer:
         return out
 
 
+class CompileCounter:
+    """Compilations while counting (the timed steps): Triton JIT builds of a new kernel variant (a disk-cache hit
+    counts too: it is still a load on the step's critical path) and graphs torch.compile compiles. Either one
+    inside the timed steps means the figures include compile time: more warm-up steps are needed."""
+
+    def __init__(self) -> None:
+        self.triton = 0
+        self.counting = False
+        self._graphs_at_start = 0
+        self.graphs = 0
+        try:
+            from triton import knobs
+        except ImportError:
+            return
+        if knobs.runtime.jit_post_compile_hook is None:
+            knobs.runtime.jit_post_compile_hook = self._on_triton_compile
+
+    def _on_triton_compile(self, **_: Any) -> None:
+        self.triton += self.counting
+
+    @staticmethod
+    def _dynamo_graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+    def start(self) -> None:
+        self.counting, self.triton, self._graphs_at_start = True, 0, self._dynamo_graphs()
+
+    def stop(self) -> None:
+        self.counting, self.graphs = False, self._dynamo_graphs() - self._graphs_at_start
+
+    def report(self) -> dict[str, int]:
+        return {"triton_jit_in_timed_steps": self.triton, "compiled_graphs_in_timed_steps": self.graphs}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -230,6 +266,7 @@ class Clock:
     device: torch.device
     timer: PhaseTimer
     warmup: int
+    compiles: CompileCounter = field(default_factory=CompileCounter)
     start: float = 0.0
     end: float = 0.0
     last_loss: float = float("nan")
@@ -240,12 +277,14 @@ class Clock:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.timer.active = True
+        self.compiles.start()
         self.start = time.perf_counter()
 
     def finished(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         synchronize(self.device)
         self.end = time.perf_counter()
         self.timer.active = False
+        self.compiles.stop()
         self.last_loss = float(loss)
         self.stats = {k: float(v) for k, v in stats.items()}
 
@@ -333,7 +372,7 @@ def summarize(clock: Clock, tokens_per_step_per_gpu: int, steps: int, world: int
         "tflops_per_gpu": round(tflops, 2), "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None,
         "mfu_issue": round(per_gpu * issue_flops_per_token / ISSUE_PEAK_FLOPS, 4),
         "exact_flops_per_token": exact_flops_per_token, "issue_flops_per_token": issue_flops_per_token,
-        "final_loss": round(clock.last_loss, 4),
+        "final_loss": round(clock.last_loss, 4), **clock.compiles.report(),
     }
 
 
@@ -607,6 +646,9 @@ def print_table(results: dict[str, Any]) -> None:
               f"{row['mfu_issue']:>10.1%} {row['step_ms']:>8.1f} {row.get('forward_ms', 0):>7.1f} "
               f"{row.get('backward_ms', 0):>7.1f} {row.get('optimizer_ms', 0):>7.1f} {row['other_ms']:>7.1f} "
               f"{mem:>8}")
+        if row.get("triton_jit_in_timed_steps") or row.get("compiled_graphs_in_timed_steps"):
+            print(f"{'':34} warning: compiled inside the timed steps ({row['triton_jit_in_timed_steps']} Triton "
+                  f"kernels, {row['compiled_graphs_in_timed_steps']} torch.compile graphs): raise --warmup")
 
 
 def _worker(spec_json: str, out_path: str) -> int:
