@@ -129,6 +129,9 @@ class OptimConfig:
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last 20% of steps
+    # ZeRO-1/2 bf16 step as one Triton pass (clip + AdamW on the fp32 master + bf16 write-back, mor_ds/train/
+    # fused_step.py) instead of DeepSpeed's; auto = on for CUDA where supported, DeepSpeed's step elsewhere
+    fused_step: Literal["auto", True, False] = "auto"
 
 
 @dataclass
@@ -369,6 +372,9 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
     _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")
     _check(0 <= o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in [0, 1]")
+    _check(o.fused_step is not True or (t.zero_stage in (1, 2) and t.precision == "bf16" and not t.offload_optimizer),
+           "optim.fused_step", o.fused_step, "needs train.zero_stage 1 or 2, train.precision=bf16 and no "
+           "train.offload_optimizer (use auto)")
     _check(o.warmup_fraction + o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
            f"warmup_fraction + decay_fraction must be <= 1 (warmup_fraction={o.warmup_fraction})")
 

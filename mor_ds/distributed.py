@@ -447,6 +447,9 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
     ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, optimizer=optimizer,
                                          config=ds_config, dist_init_required=False)
     fuse_zero_grad_checks(ds_engine.optimizer)
+    from mor_ds.train.fused_step import apply_fused_step  # one Triton pass for the ZeRO-1/2 bf16 AdamW step
+
+    apply_fused_step(ds_engine.optimizer, cfg.optim.fused_step, device_for(env))
     return Engine(ds_engine, ds_config)
 
 

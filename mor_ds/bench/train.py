@@ -57,6 +57,7 @@ VARIANTS: dict[str, list[str]] = {
     "sdpa": ["model.attention_backend=sdpa"],
     "z1": ["train.zero_stage=1"],
     "z2": ["train.zero_stage=2"],
+    "dsstep": ["optim.fused_step=false"],  # DeepSpeed's own ZeRO-1/2 optimizer step instead of the fused one
 }
 SMOKE_OVERRIDES = ["model.vocab_size=512", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
                    "model.intermediate_size=96", "model.num_layers=8"]
