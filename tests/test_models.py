@@ -263,16 +263,35 @@ def test_compact_causal_shortcut_equals_attention_by_original_positions(name, ov
     torch.testing.assert_close(model(x).logits, shortcut, rtol=0, atol=1e-12)
 
 
+def test_compact_pads_uneven_counts_to_a_multiple_of_64():
+    """Uneven counts pad to the longest rounded up to PAD_WIDTH_MULTIPLE (few distinct widths, never 1: no
+    torch.compile recompiles as token-choice counts drift); the kept tokens stay in causal order, the rest is dummy."""
+    from mor_ds.models.routers import PAD_WIDTH_MULTIPLE, ActiveSet, compact
+
+    assert PAD_WIDTH_MULTIPLE == 64
+    everything = ActiveSet.everything(2, 200, torch.device("cpu"))
+    keep = torch.zeros(2, 200, dtype=torch.bool)
+    keep[0, torch.arange(0, 140, 2)] = True  # 70 tokens
+    keep[1, [5, 17, 199]] = True
+    active, pick = compact(everything, keep, 200)
+    assert active.idx.shape == (2, 128) and active.valid.sum(1).tolist() == [70, 3]
+    assert active.idx[0, :70].tolist() == list(range(0, 140, 2)) and active.idx[1, :3].tolist() == [5, 17, 199]
+    assert (active.idx[~active.valid] == 200).all()
+    assert torch.equal(pick[active.valid], active.idx[active.valid])  # slots of `everything` are the indices
+    same = compact(everything, keep[:1].expand(2, -1), 200)[0]  # equal counts: exact width, no padding
+    assert same.idx.shape == (2, 70) and same.valid is None
+
+
 def test_no_token_continuing_still_runs_the_step_on_a_dummy_slot():
-    """When no token of the batch continues, compact keeps one padded dummy slot (index S, invalid), so every
+    """When no token of the batch continues, compact keeps padded dummy slots (index S, invalid), so every
     data-parallel rank runs every recursion step's block: ZeRO-3 gathers a block's weights collectively and a
     rank that skipped the block hung or aborted the others (2-rank ZeRO-3 eval, tests/integration)."""
     from mor_ds.models.routers import ActiveSet, compact
 
     everything = ActiveSet.everything(2, 5, torch.device("cpu"))
     active, pick = compact(everything, torch.zeros(2, 5, dtype=torch.bool), 5)
-    assert active.idx.tolist() == [[5], [5]] and active.valid.tolist() == [[False], [False]]
-    assert active.count().item() == 0 and pick.shape == (2, 1)
+    assert (active.idx == 5).all() and not active.valid.any()  # padded up to K_prev = 5 (< PAD_WIDTH_MULTIPLE)
+    assert active.count().item() == 0 and pick.shape == (2, 5)
     cfg = load_config("tiny-mor", ["router.type=token_choice"])
     model = build_model(cfg.model, cfg.router).eval()
     with torch.no_grad():

@@ -52,17 +52,27 @@ class Selection:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
+# Padded widths (uneven counts: token-choice, causal routing) are rounded up to a multiple of this: the width then
+# takes few distinct values and is never 1, so torch.compile'd blocks stop recompiling as the counts drift (a size-1
+# dimension is a specialisation of its own), and the GEMMs get tensor-core-friendly row counts. The padding rows are
+# masked everywhere (attention skips them blockwise) and cost < 64 rows per sequence per step.
+PAD_WIDTH_MULTIPLE = 64
+
+
 def compact(prev: ActiveSet, keep: Tensor, length: int) -> tuple[ActiveSet, Tensor]:
     """Keep the slots of `prev` where `keep` (B, K_prev) is true, packed to the left in causal order.
 
     Returns the new ActiveSet and `pick` (B, K): for each new slot, its slot index in `prev`.
-    Counts may differ per sequence; rows are padded to the longest with the dummy index `length`. The width is at
-    least 1 (a dummy slot when no token continues), so every rank runs every recursion step's block: ZeRO-3 gathers
-    a block's parameters collectively, and a rank skipping a block would desynchronise the others.
+    Counts may differ per sequence; rows are then padded with the dummy index `length` to the longest count rounded
+    up to PAD_WIDTH_MULTIPLE (at most K_prev). The width is at least 1 (dummy slots when no token continues), so
+    every rank runs every recursion step's block: ZeRO-3 gathers a block's parameters collectively, and a rank
+    skipping a block would desynchronise the others.
     """
     keep = keep & prev.valid_mask()
     counts = keep.sum(dim=1)
     width, fewest = torch.stack([counts.max().clamp_min(1), counts.min()]).tolist()  # the one host sync
+    if fewest < width:
+        width = min(-(-width // PAD_WIDTH_MULTIPLE) * PAD_WIDTH_MULTIPLE, prev.idx.shape[1])
     pick = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
     if fewest == width:  # every row has the same count: no padding
         return ActiveSet(prev.idx.gather(1, pick)), pick
