@@ -97,6 +97,52 @@ def test_engine_equals_each_request_alone(name, overrides):
         assert sum(f > 0 for f in engine.stats.depth_fractions()) >= 2
 
 
+@pytest.mark.parametrize("name,overrides", [FAMILIES[7], FAMILIES[10]])
+def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(name, overrides):
+    """W_in / W_out of 1–2 rows for 3 slots: tokens wait to enter and to leave, output is unchanged, and
+    the wait counts close the books: slot-ticks of live slots = Σ over tokens of (ticks waiting to enter
+    + max(d, 1) ticks in the recursion + ticks waiting for the coda)."""
+    model = tiny(name, *overrides)
+    requests = [(n, m) for n, m in REQUESTS]
+    alone = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(requests)]
+    for prelude_width, coda_width in ((1, 2), (2, 1), (3, 3)):
+        engine = Engine(model, max_slots=3, max_len=32, page_size=4, prelude_width=prelude_width,
+                        coda_width=coda_width)
+        live_slot_ticks = 0
+        upload = engine._upload_host_state
+
+        def counting_upload():  # runs once per tick, after admission
+            nonlocal live_slot_ticks
+            live_slot_ticks += int(engine.live.sum())
+            upload()
+
+        engine._upload_host_state = counting_upload
+        served = engine.run([Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(requests)])
+        assert [r.output for r in served] == alone
+        st = engine.stats
+        holds = np.maximum(np.arange(len(st.depth)), 1)  # a token of d steps holds its slot max(d, 1) ticks
+        assert live_slot_ticks == st.prelude_waits + st.coda_waits + int(st.depth @ holds)
+        assert st.ticks >= (st.tokens - len(requests)) / coda_width  # at most W_out tokens leave per tick
+        assert engine.cache.free_pages == engine.cache.num_pages - 1
+        if coda_width == 1:
+            assert st.coda_waits > 0 and st.wait_ticks > 0
+        if prelude_width == 1:
+            assert st.prelude_waits > 0  # three prompts admitted at once, one enters per tick
+        if prelude_width == coda_width == 3:
+            assert st.prelude_waits == st.coda_waits == st.wait_ticks == 0
+    with pytest.raises(ValueError, match="coda_width=0"):
+        Engine(model, max_slots=3, max_len=32, coda_width=0)
+
+
+def test_default_widths_follow_the_expected_flow():
+    """W = 1.25 · S / E[ticks per token], E = the capacity schedule's mean depth (Nr+1)/2."""
+    assert Engine(tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8"), max_slots=32,
+                  max_len=16).coda_width == 20  # 1.25 · 32 / 2
+    engine = Engine(tiny("tiny-mor"), max_slots=64, max_len=16)
+    assert engine.prelude_width == engine.coda_width == 54  # ⌈1.25 · 64 / 1.5⌉
+    assert Engine(tiny("tiny-vanilla"), max_slots=8, max_len=16, coda_width=2).coda_width == 8  # every slot
+
+
 def test_engine_admission_batches_wait_for_free_slots_and_change_no_output():
     model = tiny("tiny-mor")
     requests = [(n, m) for n, m in REQUESTS * 2]

@@ -1,28 +1,38 @@
 """Continuous depth-wise batching: a serving loop with many sequences in flight.
 
-The engine owns `max_slots` sequence slots and one paged KV pool (preallocated once). Each *tick* is one
-fixed-shape pass over all slots (so it can be captured in a CUDA graph):
+The engine owns `max_slots` (S) sequence slots and one paged KV pool (preallocated once). Each *tick* is
+one fixed-shape pass over the slots (so it can be captured in a CUDA graph), LM head and greedy choice
+of the next token included:
 
-  MoR:    tokens that are new this tick run embedding + prelude and the step-0 routing decision; then the
-          shared block runs ONCE over every token in the recursion, each at its own depth r (its attention
-          reads its own depth-r cache, or the step-0 cache under KV sharing; its router is step r's);
-          tokens the router lets go leave through coda + head in the same tick, their sequence samples
-          its next token, and that token enters in the next tick. A token that runs d steps occupies its
-          slot for max(d, 1) ticks, so the shared block always runs on a batch mixing depths 0…Nr−1 instead of
-          shrinking batches step after step.
-  vanilla / recursive: every live slot runs its whole layer stack each tick.
+  MoR:    up to W_in tokens that are new this tick run embedding + prelude on compacted rows and take
+          the step-0 routing decision; then the shared block runs ONCE over every token in the recursion,
+          each at its own depth r (its attention reads its own depth-r cache, or the step-0 cache under KV
+          sharing; its router is step r's); up to W_out tokens the router let go (this tick or earlier)
+          leave through coda + head on compacted rows, their sequence takes its next token, and that
+          token enters in the next tick. A token that runs d steps occupies its slot for max(d, 1) ticks,
+          so the shared block always runs on a batch mixing depths 0…Nr−1 instead of shrinking batches
+          step after step, and only ~S / E[d] tokens enter and leave per tick: the prelude and coda run at
+          the fixed widths W_in, W_out ≈ that flow with headroom, not at S. A token that finds its width
+          full waits for the next tick with its state kept (still entering; or done with its recursion,
+          waiting for the coda); each width is filled by a circular scan that starts at the first row
+          left over last tick, so a waiting row is first in line. Waiting changes no output.
+  vanilla / recursive: every live slot runs its whole layer stack and the head each tick.
 
-Between ticks the host appends sampled tokens, retires finished requests (freeing their pages), admits
-queued requests into free slots (a batched prefill through the same modules) and reserves pages for the
-next tick. Admission waits until `admit_batch` slots are free (or the queue is that short, or nothing is
-live): a prefill costs about the same for one prompt as for many (launch-bound), so prefilling one
-request per tick as slots trickle free would cost more than the few slot-ticks the wait idles (vLLM's
-scheduler delay serves the same purpose); when the pool runs out it preempts the newest sequence and
-requeues it (its prompt grows by what it generated, so greedy output is unchanged).
+After a tick one device-to-host copy brings back the slots that got a token, the tokens, the recursion
+state and the cache lengths (sampled requests — temperature > 0 — redo head and sampling eagerly on the
+tick's final hidden rows). Between ticks the host appends the tokens, retires finished requests (freeing
+their pages), admits queued requests into free slots (a batched prefill through the same modules),
+reserves pages for the next tick and uploads the slots' positions and states in one copy. Admission
+waits until `admit_batch` slots are free (or the queue is that short, or nothing is live): a prefill
+costs about the same for one prompt as for many (launch-bound), so prefilling one request per tick as
+slots trickle free would cost more than the few slot-ticks the wait idles (vLLM's scheduler delay serves
+the same purpose); when the pool runs out it preempts the newest sequence and requeues it (its prompt
+grows by what it generated, so greedy output is unchanged).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,6 +70,11 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     depth: np.ndarray | None = None  # tokens by number of recursion steps run (MoR)
+    # MoR's fixed prelude / coda widths: row-ticks a token waited because W_in / W_out rows were taken,
+    # and ticks in which any token waited
+    prelude_waits: int = 0
+    coda_waits: int = 0
+    wait_ticks: int = 0
 
     def depth_fractions(self) -> list[float]:
         if self.depth is None or self.depth.sum() == 0:
@@ -67,10 +82,17 @@ class EngineStats:
         return (self.depth / self.depth.sum()).round(4).tolist()
 
 
+# headroom of the default prelude / coda widths over the expected flow of tokens per tick
+WIDTH_HEADROOM = 1.25
+
+
 class Engine:
     def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
-                 prefill_rows: int = 8192, admit_batch: int | None = None, count_kv_reads: bool = False):
+                 prefill_rows: int = 8192, admit_batch: int | None = None, prelude_width: int | None = None,
+                 coda_width: int | None = None, count_kv_reads: bool = False):
+        """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
+        coda + LM head; default `flow_width(max_slots)`. Vanilla and recursive models run every slot."""
         self.im = im = InferenceModel(model, decode_backend)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
@@ -81,26 +103,39 @@ class Engine:
         self.admit_batch = max(1, max_slots // 16) if admit_batch is None else admit_batch
         if self.admit_batch < 1:
             raise ValueError(f"admit_batch={admit_batch}: must be >= 1")
-        dev, d, S = im.device, model.cfg.hidden_size, max_slots
+        S = max_slots
+        self.prelude_width = self._width("prelude_width", prelude_width)
+        self.coda_width = self._width("coda_width", coda_width)
+        dev, d, W = im.device, model.cfg.hidden_size, self.coda_width
         self.slot_ids = torch.arange(S, device=dev)
-        # cache rows per layer position (MoR block: depth 0's, the step's depth is added per token)
-        self._rows_all = self._static_rows(list(im.plan.unrolled)) if not im.mor else None
-        self._rows_prelude = self._static_rows([(l, 0) for l in im.plan.prelude])
-        self._rows_coda = self._static_rows([(l, 0) for l in im.plan.coda])
-        self._rows_block = self._static_rows([(l, 0) for l in im.block]) if im.mor else None
+        # cache groups per layer position (MoR block: depth 0's, the step's depth is added per token)
+        self._groups_all = self._groups(list(im.plan.unrolled)) if not im.mor else None
+        self._groups_prelude = self._groups([(l, 0) for l in im.plan.prelude])
+        self._groups_coda = self._groups([(l, 0) for l in im.plan.coda])
+        self._rows_block = self._rows(self._groups([(l, 0) for l in im.block]), self.slot_ids) if im.mor else None
         self._projects = torch.tensor([im.layout.writes(r) for _, r in im.plan.unrolled], device=dev)
-        # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these)
-        self.tokens = torch.zeros(S, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(S, dtype=torch.long, device=dev)
-        self.entering = torch.zeros(S, dtype=torch.bool, device=dev)
-        self.in_rec = torch.zeros(S, dtype=torch.bool, device=dev)
+        # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these).
+        # Row S of `tokens` and `h` is scratch: the unused places of a compacted batch gather and scatter it.
+        pin = dev.type == "cuda"
+        self._upload_host = torch.zeros(4, S, dtype=torch.long, pin_memory=pin)  # see _upload_host_state
+        self.upload = torch.zeros(4, S, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(S + 1, dtype=torch.long, device=dev)
+        self.h = torch.zeros(S + 1, d, dtype=im.dtype, device=dev)
         self.depth = torch.zeros(S, dtype=torch.long, device=dev)
         self.target = torch.zeros(S, dtype=torch.long, device=dev)  # token-choice depth
         self.gate = torch.zeros(S, dtype=torch.float32, device=dev)  # router weight g of the pending step
-        self.h = torch.zeros(S, d, dtype=im.dtype, device=dev)
-        self.exit = torch.zeros(S, dtype=torch.bool, device=dev)
-        self.exit_steps = torch.zeros(S, dtype=torch.long, device=dev)
-        self.hidden = torch.zeros(S, d, dtype=im.dtype, device=dev)
+        self.exit_steps = torch.zeros(S, dtype=torch.long, device=dev)  # steps run by a token done with them
+        self._scan_in = torch.zeros(1, dtype=torch.long, device=dev)  # where the next circular scans start
+        self._scan_out = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out_hidden = torch.zeros(W, d, dtype=im.dtype, device=dev)  # final norm of the coda rows
+        # what a tick reports (one int32 buffer, one copy): per slot still entering, in the recursion,
+        # depth; per coda row its slot (S = unused), next token and steps run; every cache row's length
+        layout = {"entering": S, "in_rec": S, "depth": S, "served": W, "next": W, "steps": W,
+                  "lengths": self.cache.lengths.numel()}
+        self.report = torch.zeros(sum(layout.values()), dtype=torch.int32, device=dev)
+        self._report_host = torch.zeros(self.report.numel(), dtype=torch.int32, pin_memory=pin)
+        self._report = dict(zip(layout, self.report.split(list(layout.values()))))
+        self._report_np = dict(zip(layout, np.split(self._report_host.numpy(), np.cumsum(list(layout.values()))[:-1])))
         self.temperature = torch.zeros(S, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(S, dtype=torch.float32, device=dev)
         # host state (numpy per slot, so a tick's bookkeeping is vectorised)
@@ -127,6 +162,24 @@ class Engine:
             if dev.type != "cuda":
                 raise ValueError("cuda_graph=True needs the model on a CUDA device")
             self._capture()
+
+    def flow_width(self, slots: int) -> int:
+        """Default W_in = W_out: the expected tokens per tick, slots / E[ticks a token holds its slot], with
+        WIDTH_HEADROOM. A token of d recursion steps holds its slot max(d, 1) ticks, and E[d] is the sum of
+        the capacity schedule (the fraction of tokens reaching each step: (Nr+1)/2 for the paper's
+        (Nr−r)/Nr; token-choice balanced over 1…Nr steps gives the same)."""
+        im = self.im
+        ticks = max(1.0, sum(im.model.router_cfg.capacities(im.num_recursions)))
+        return min(slots, math.ceil(round(WIDTH_HEADROOM * slots / ticks, 6)))
+
+    def _width(self, name: str, width: int | None) -> int:
+        if not self.im.mor:
+            return self.max_slots
+        if width is None:
+            return self.flow_width(self.max_slots)
+        if not 1 <= width <= self.max_slots:
+            raise ValueError(f"{name}={width}: must be in 1..max_slots={self.max_slots}")
+        return width
 
     # ------------------------------------------------------------------ public API
 
@@ -289,10 +342,13 @@ class Engine:
             live = self.live
             groups_rows = []
             if self.im.mor:
+                entering = live & self.entering_host
                 depth = np.where(self.entering_host, 0, self.depth_host)
-                busy = live & (self.entering_host | self.in_rec_host)
-                for layer_id in self.im.plan.prelude + self.im.plan.coda:
-                    groups_rows.append(layout.groups[(layer_id, 0)] * S + np.nonzero(busy)[0])
+                for layer_id in self.im.plan.prelude:
+                    groups_rows.append(layout.groups[(layer_id, 0)] * S + np.nonzero(entering)[0])
+                for layer_id in self.im.plan.coda:  # any live token may leave the recursion this tick
+                    groups_rows.append(layout.groups[(layer_id, 0)] * S + np.nonzero(live)[0])
+                busy = entering | (live & self.in_rec_host)
                 writers = busy if not self.im.kv_share else busy & (depth == 0)
                 for layer_id in self.im.block:
                     group = layout.read_group(layer_id, 0) + (0 if self.im.kv_share else depth)
@@ -307,43 +363,83 @@ class Engine:
                 self._preempt()
 
     def _upload_host_state(self) -> None:
-        dev = self.im.device
-        self.positions.copy_(torch.from_numpy(self.pos_host).to(dev, non_blocking=True))
-        self.entering.copy_(torch.from_numpy(self.entering_host).to(dev, non_blocking=True))
-        self.in_rec.copy_(torch.from_numpy(self.in_rec_host).to(dev, non_blocking=True))
+        """One host-to-device copy per tick: each slot's position, entering / in-recursion / waiting-for-coda
+        flags (the host's view is the truth: admissions, retirements and preemptions change it)."""
+        up = self._upload_host.numpy()
+        up[0] = self.pos_host
+        up[1] = self.entering_host
+        up[2] = self.in_rec_host
+        up[3] = self.live & ~self.entering_host & ~self.in_rec_host
+        self.upload.copy_(self._upload_host, non_blocking=True)
+
+    def _pull_report(self) -> dict[str, np.ndarray]:
+        self._report_host.copy_(self.report, non_blocking=True)
+        if self.report.is_cuda:
+            torch.cuda.current_stream(self.report.device).synchronize()
+        return self._report_np
 
     def _after_tick(self) -> None:
-        """One device-to-host copy of the step's state and cache lengths; then the LM head and sampling on
-        the exiting rows only (MoR: a fraction of the slots per tick)."""
+        """One device-to-host copy of what the tick reports; the tokens of the coda rows go to their
+        sequences (sampled requests redo head + sampling eagerly on the tick's final hidden rows)."""
         self.stats.ticks += 1
-        S = self.max_slots
-        state = torch.stack([self.exit.long(), self.depth, self.in_rec.long(), self.exit_steps]).flatten()
-        host = torch.cat([state, self.cache.lengths.long()]).cpu().numpy()
-        exit_, self.depth_host[:], in_rec, steps = host[:S].astype(bool), host[S:2 * S], host[2 * S:3 * S], host[3 * S:4 * S]
-        self.cache.host_lengths[:] = host[4 * S:]
-        self.in_rec_host[:] = in_rec.astype(bool)
-        self.entering_host[:] = False
+        S, rep = self.max_slots, self._pull_report()
+        self.entering_host[:] = rep["entering"]
+        self.in_rec_host[:] = rep["in_rec"]
+        self.depth_host[:] = rep["depth"]
+        self.cache.host_lengths[:] = rep["lengths"]
+        served = rep["served"] < S
+        slots, tokens = rep["served"][served].astype(np.int64), rep["next"][served].astype(np.int64)
+        prelude_waits = int(np.count_nonzero(self.live & self.entering_host))
+        coda_waits = int(np.count_nonzero(self.live & ~self.entering_host & ~self.in_rec_host)) - len(slots)
+        self.stats.prelude_waits += prelude_waits
+        self.stats.coda_waits += coda_waits
+        self.stats.wait_ticks += bool(prelude_waits or coda_waits)
         if self.stats.depth is not None:
-            self.stats.depth += np.bincount(steps[exit_], minlength=len(self.stats.depth))
-        slots = np.nonzero(exit_)[0]
+            self.stats.depth += np.bincount(rep["steps"][served], minlength=len(self.stats.depth))
         if not len(slots):
             return
-        idx = torch.from_numpy(slots).to(self.im.device)
-        nxt = sample(self.im.logits(self.hidden[idx]), self.temperature[idx], self.top_p[idx], self.generator,
-                     all_greedy=self.sampled_live == 0)
-        self.tokens[idx] = nxt
+        if self.sampled_live:
+            tokens = self._sample_eager(np.flatnonzero(served), slots)
         self.pos_host[slots] += 1
-        self._record(slots, nxt.cpu().numpy())
+        self._record(slots, tokens)
 
-    def _static_rows(self, keys: list[tuple[int, int]]) -> Tensor:
-        """(J, S) cache rows of every slot at the given (layer id, step) positions."""
-        groups = torch.tensor([self.im.layout.read_group(l, r) for l, r in keys], device=self.im.device)
-        return groups[:, None] * self.max_slots + self.slot_ids
+    def _sample_eager(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Head + sampling (temperature, top-p) of coda rows `rows` (their slots `slots`), outside the graph."""
+        dev = self.im.device
+        idx = torch.from_numpy(slots).to(dev)
+        nxt = sample(self.im.logits(self.out_hidden[torch.from_numpy(rows).to(dev)]), self.temperature[idx],
+                     self.top_p[idx], self.generator)
+        self.tokens[idx] = nxt
+        return nxt.cpu().numpy()
+
+    def _groups(self, keys: list[tuple[int, int]]) -> Tensor:
+        """(J,) cache groups of the (layer id, step) positions."""
+        return torch.tensor([self.im.layout.read_group(l, r) for l, r in keys], dtype=torch.long,
+                            device=self.im.device)
+
+    def _rows(self, groups: Tensor, slots: Tensor) -> Tensor:
+        """(J, N) cache rows of `slots` (N,) in `groups` (J,)."""
+        return groups[:, None] * self.max_slots + slots
+
+    def _take(self, mask: Tensor, width: int, scan: Tensor) -> tuple[Tensor, Tensor]:
+        """Compact the rows where `mask` (S,) into a fixed width W: the first W of them in a circular scan
+        of the slots from `scan` (1,), which moves to the first row left over (so it is first in line next
+        tick). Returns (idx (W,) slot ids, S where a place is unused; taken (S,) bool)."""
+        before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each slot
+        total = before[-1] + mask[-1]
+        rank = before - before.gather(0, scan)  # masked rows from `scan` up to each slot, circularly
+        rank = torch.where(rank < 0, rank + total, rank)
+        taken = mask & (rank < width)
+        idx = torch.full((width + 1,), self.max_slots, dtype=torch.long, device=mask.device)
+        idx.scatter_(0, torch.where(taken, rank, width), self.slot_ids)  # place W collects the rest
+        scan.copy_((self.slot_ids * (mask & (rank == width))).sum(0, keepdim=True))  # 0 if nothing is left
+        return idx[:width], taken
 
     def _phase(self, keys: list[tuple[int, int]], rows: Tensor, x: Tensor, rope, write: Tensor,
-               attend: Tensor, project: list[bool] | None = None) -> Tensor:
-        """Run the layers `keys` (layer id, step) in order on every slot: appends planned once, K/V written
-        per layer, lengths committed after (every layer writes distinct cache rows)."""
+               attend: Tensor, pos: Tensor, project: list[bool] | None = None) -> Tensor:
+        """Run the layers `keys` (layer id, step) in order on rows x (N, d) at positions pos (N,): appends
+        planned once, K/V written per layer, lengths committed after (every layer writes distinct cache
+        rows)."""
         cache = self.cache
         flat, attend_len = cache.plan_appends(rows, write, attend)
         if self.im.kv_tokens_read is not None:
@@ -351,48 +447,73 @@ class Engine:
         for j, (layer_id, _) in enumerate(keys):
             writes = project[j] if project is not None else True
             x = self.im.layer_masked(layer_id, x, rope, cache, rows[j], flat[j] if writes else None, attend_len[j])
-        cache.commit_appends(rows, write, flat, self.positions)
+        cache.commit_appends(rows, write, flat, pos)
         return x
+
+    def _compact_phase(self, layer_ids: list[int], groups: Tensor, idx: Tensor, x: Tensor, rope, pos: Tensor) -> Tensor:
+        """Prelude / coda layers on compacted rows x (W, d) of slots idx (W,) (S = unused place: no cache
+        write, no attention, its output is scratch)."""
+        if not layer_ids:
+            return x
+        valid = idx < self.max_slots
+        slots = idx.clamp(max=self.max_slots - 1)
+        rope = (rope[0][slots], rope[1][slots])
+        write = valid.expand(len(layer_ids), -1)
+        return self._phase([(l, 0) for l in layer_ids], self._rows(groups, slots), x, rope, write, valid, pos[slots])
+
+    def _head(self, x: Tensor, idx: Tensor, steps: Tensor) -> None:
+        """Final norm, LM head and greedy choice on the coda rows x (W, d) of slots idx; the chosen tokens
+        enter next tick; the report gets slots, tokens and recursion steps."""
+        self.out_hidden.copy_(self.im.model.norm(x))
+        nxt = self.im.logits(self.out_hidden).argmax(dim=-1)
+        self.tokens.index_copy_(0, idx, nxt)
+        self._report["served"].copy_(idx)
+        self._report["next"].copy_(nxt)
+        self._report["steps"].copy_(steps)
 
     @torch.no_grad()
     def _tick(self) -> None:
         """The fixed-shape step over all slots; reads and writes only the static buffers."""
-        im = self.im
-        self.exit.zero_()
-        rope = im.rope(self.positions)
-        x = im.model.embed(self.tokens)
-        ent = self.entering
-        if not im.mor:  # the whole stack, every live slot
+        im, S, rep = self.im, self.max_slots, self._report
+        positions, entering = self.upload[0], self.upload[1].bool()
+        rope = im.rope(positions)
+        if not im.mor:  # the whole stack and the head, every live slot
             keys = list(im.plan.unrolled)
             project = [im.layout.writes(r) for _, r in keys]
-            x = self._phase(keys, self._rows_all, x, rope, self._projects[:, None] & ent, ent, project)
-            exit_ = ent
+            x = self._phase(keys, self._rows(self._groups_all, self.slot_ids), im.model.embed(self.tokens[:S]),
+                            rope, self._projects[:, None] & entering, entering, positions, project)
+            self._head(x, torch.where(entering, self.slot_ids, S), torch.zeros_like(positions))
+            # (the report's entering / in_rec / depth stay 0: every token enters and leaves in its tick)
         else:
-            keys = [(l, 0) for l in im.plan.prelude]
-            if keys:
-                x = self._phase(keys, self._rows_prelude, x, rope, ent.expand(len(keys), -1), ent)
-            x, exit_ = self._recursion_tick(x, rope)
-            keys = [(l, 0) for l in im.plan.coda]
-            if keys:
-                x = self._phase(keys, self._rows_coda, x, rope, exit_.expand(len(keys), -1), exit_)
-        self.hidden.copy_(im.model.norm(x))
-        self.exit.copy_(exit_)
+            # embedding + prelude on up to W_in entering tokens; the rest keep entering
+            idx, admitted = self._take(entering, self.prelude_width, self._scan_in)
+            x = self._compact_phase(im.plan.prelude, self._groups_prelude, idx, im.model.embed(self.tokens[idx]),
+                                    rope, positions)
+            self.h.index_copy_(0, idx, x)
+            rep["entering"].copy_(entering & ~admitted)
+            done = self._recursion_tick(admitted, self.upload[2].bool(), rope)
+            # coda + head on up to W_out tokens done with their recursion (now or in an earlier tick)
+            idx, _ = self._take(self.upload[3].bool() | done, self.coda_width, self._scan_out)
+            x = self._compact_phase(im.plan.coda, self._groups_coda, idx, self.h[idx], rope, positions)
+            self._head(x, idx, self.exit_steps[idx.clamp(max=S - 1)])
+        rep["lengths"].copy_(self.cache.lengths)
 
-    def _recursion_tick(self, x: Tensor, rope) -> tuple[Tensor, Tensor]:
+    def _recursion_tick(self, ent: Tensor, in_rec: Tensor, rope) -> Tensor:
+        """One shared-block pass over the tokens in the recursion (ent: tokens entering it now, their
+        prelude output in h); returns the mask of tokens done with their recursion this tick."""
         im, nr = self.im, self.im.num_recursions
-        ent = self.entering
-        h = torch.where(ent[:, None], x, self.h)
+        h = self.h[:self.max_slots]
         depth = torch.where(ent, 0, self.depth)
         if im.expert_choice:
             logits, decide = im.router_logits(h, 0)
             skip = ent & ~(decide > 0)
-            rec = self.in_rec | (ent & ~skip)
+            rec = in_rec | (ent & ~skip)
             gate = torch.where(ent, im.router_weight(logits), self.gate)
             target = self.target
         else:  # token-choice: every token runs step 0
             chosen, weight = im.token_choice_depth(h)
             skip = torch.zeros_like(ent)
-            rec = self.in_rec | ent
+            rec = in_rec | ent
             gate = torch.where(ent, weight, self.gate)
             target = torch.where(ent, chosen, self.target)
         # one pass of the shared block over every token in the recursion, each at its own depth: its
@@ -400,7 +521,7 @@ class Engine:
         keys = [(l, 0) for l in im.block]
         rows = self._rows_block if im.kv_share else self._rows_block + depth * self.max_slots
         write = (rec & (depth == 0) if im.kv_share else rec).expand(len(keys), -1)
-        y = self._phase(keys, rows, h, rope, write, rec)
+        y = self._phase(keys, rows, h, rope, write, rec, self.upload[0])
         if im.scale_output:
             scaled = im.scaled(h, y, gate)
             y = scaled if im.expert_choice else torch.where((target == depth)[:, None], scaled, y)
@@ -415,14 +536,15 @@ class Engine:
             cont = torch.zeros_like(rec)
         else:
             cont = rec & (target > depth)
-        exit_ = (rec & ~cont) | skip
-        self.exit_steps.copy_(torch.where(skip, 0, depth + 1))
-        self.h.copy_(h)
+        done = (rec & ~cont) | skip
+        self.exit_steps.copy_(torch.where(done, torch.where(skip, 0, nxt), self.exit_steps))
+        self.h[:self.max_slots].copy_(h)
         self.gate.copy_(gate)
         self.target.copy_(target)
         self.depth.copy_(torch.where(cont, nxt, depth))
-        self.in_rec.copy_(cont)
-        return h, exit_
+        self._report["in_rec"].copy_(cont)
+        self._report["depth"].copy_(self.depth)
+        return done
 
     def _capture(self) -> None:
         """Capture the tick in a CUDA graph (state is empty now: every mask is false, nothing is written)."""
