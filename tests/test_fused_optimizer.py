@@ -99,9 +99,9 @@ def run_engine_checks(tmp_path, zero_stage: int, accumulation: int, ranks: int =
 def test_zero_fused_step_matches_deepspeed_and_resumes(tmp_path, zero_stage, accumulation, ranks):
     """Real DeepSpeed on gloo: ZeRO-1 with bf16 gradients (flattened), ZeRO-2 accumulating 2 micro-batches in its
     fp32 buffer (read in place), ZeRO-2 over 2 ranks (partitions, alignment padding, all-gather). 4 steps with the
-    fused step vs DeepSpeed's: same losses, bf16 weights, fp32 master weights and moments within rounding; fused
-    2 steps → save → a new engine loads → 2 more steps equals 4 uninterrupted fused steps exactly, and DeepSpeed's
-    step resumes from the fused checkpoint."""
+    fused step vs DeepSpeed's: same losses, bf16 weights, fp32 master weights and moments within rounding; one
+    step falling back to DeepSpeed's mid-run changes nothing; fused 2 steps → save → a new engine loads → 2 more
+    steps equals 4 uninterrupted fused steps exactly, and DeepSpeed's step resumes from the fused checkpoint."""
     run_engine_checks(tmp_path, zero_stage, accumulation, ranks)
 
 
@@ -166,6 +166,17 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
         ds_losses, ds_state = train(reference, range(steps)), snapshot(reference)
         assert len(set(fused_losses)) == len(fused_losses)  # it trains
         worst = assert_near(fused_losses, fused_state, ds_losses, ds_state)
+
+        mixed = engine_for(True)  # one step with a tensor learning rate falls back to DeepSpeed's step
+        groups = mixed._ds.optimizer.optimizer.param_groups
+        mixed_losses = train(mixed, range(1))
+        for group in groups:
+            group["lr"] = torch.tensor(group["lr"])
+        mixed_losses += train(mixed, range(1, 2))
+        for group in groups:
+            group["lr"] = float(group["lr"])
+        mixed_losses += train(mixed, range(2, steps))  # the fused step picks up torch's step count
+        assert_near(mixed_losses, snapshot(mixed), fused_losses, fused_state)
 
         first = engine_for(True)
         resumed_losses = train(first, range(steps // 2))

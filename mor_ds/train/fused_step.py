@@ -113,6 +113,7 @@ class FusedZeroStep:
 
         opt = self.opt
         if any(_group_reason(g) for g in opt.optimizer.param_groups):
+            self._steps.clear()  # torch increments the step tensors in place: re-read them next time
             return self.ds_step(closure)
 
         # -- DeepSpeed's prologue: overflow check, global norm, loss scaler, skipped step
