@@ -101,7 +101,7 @@ def test_zero_fused_step_matches_deepspeed_and_resumes(tmp_path, zero_stage, acc
     fp32 buffer (read in place), ZeRO-2 over 2 ranks (partitions, alignment padding, all-gather). 4 steps with the
     fused step vs DeepSpeed's: same losses, bf16 weights, fp32 master weights and moments within rounding; one
     step falling back to DeepSpeed's mid-run changes nothing; fused 2 steps → save → a new engine loads → 2 more
-    steps equals 4 uninterrupted fused steps exactly, and DeepSpeed's step resumes from the fused checkpoint."""
+    steps equals 4 uninterrupted fused steps exactly; DeepSpeed's step resumes a fused checkpoint and vice versa."""
     run_engine_checks(tmp_path, zero_stage, accumulation, ranks)
 
 
@@ -171,24 +171,24 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
         groups = mixed._ds.optimizer.optimizer.param_groups
         mixed_losses = train(mixed, range(1))
         for group in groups:
-            group["lr"] = torch.tensor(group["lr"])
+            group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
         mixed_losses += train(mixed, range(1, 2))
         for group in groups:
             group["lr"] = float(group["lr"])
         mixed_losses += train(mixed, range(2, steps))  # the fused step picks up torch's step count
         assert_near(mixed_losses, snapshot(mixed), fused_losses, fused_state)
 
-        first = engine_for(True)
-        resumed_losses = train(first, range(steps // 2))
-        first.save(ckpt, "half", {})
-        for fused_resume in (True, False):
+        for fused_first, fused_resume in ((True, True), (True, False), (False, True)):
+            first = engine_for(fused_first)
+            losses = train(first, range(steps // 2))
+            first.save(ckpt, f"half-{fused_first}", {})
             second = engine_for(fused_resume)
-            second.load(ckpt, "half")
-            losses = resumed_losses + train(second, range(steps // 2, steps))
-            if fused_resume and exact:  # the same kernel on the same state: bit for bit
+            second.load(ckpt, f"half-{fused_first}")
+            losses += train(second, range(steps // 2, steps))
+            if fused_first and fused_resume and exact:  # the same kernel on the same state: bit for bit
                 assert losses == fused_losses
                 assert all(torch.equal(a, b) for a, b in zip(snapshot(second), fused_state))
-            else:  # DeepSpeed's step continues from the fused step's moments and step count
+            else:  # one step implementation continues from the other's moments and step count
                 assert_near(losses, snapshot(second), fused_losses, fused_state)
         if env.is_main:
             print(f"zero{zero_stage} gas {accumulation} x{env.world_size} on {device.type}: fused vs DeepSpeed "
