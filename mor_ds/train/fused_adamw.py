@@ -101,7 +101,8 @@ def adamw_step_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     bf16_bits = out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     grid = (triton.cdiv(n, BLOCK_SIZE),)
     _adamw_kernel[grid](
-        master, grad, exp_avg, exp_avg_sq, out.view(torch.int16) if bf16_bits else out, grad_norm if clip else master, n,
+        master, grad, exp_avg, exp_avg_sq, out.view(torch.int16) if bf16_bits else out,
+        grad_norm if clip else master, n,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step), float(clip_grad), float(loss_scale),
         CLIP=clip, BF16_BITS=bf16_bits, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)

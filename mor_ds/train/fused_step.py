@@ -145,7 +145,8 @@ class FusedZeroStep:
         if norm is not None:
             opt._global_grad_norm = norm / prev_scale
             if not torch.is_tensor(norm):
-                norm = torch.tensor(float(norm), dtype=torch.float32, device=opt.single_partition_of_fp32_groups[0].device)
+                device = opt.single_partition_of_fp32_groups[0].device
+                norm = torch.tensor(float(norm), dtype=torch.float32, device=device)
 
         # -- per group: flat gradient partition -> one fused clip + AdamW + bf16 write-back
         for i in range(len(opt.bit16_groups)):
