@@ -134,6 +134,22 @@ def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(na
         Engine(model, max_slots=3, max_len=32, coda_width=0)
 
 
+def test_engine_samples_outside_the_tick_reproducibly():
+    """Sampled requests redo head + sampling on the tick's final hidden rows: a vanishing nucleus is
+    greedy (equal to generate), a hot one is reproducible from the engine's seed and differs from it."""
+    model = tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8")
+    greedy = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(REQUESTS)]
+
+    def serve(sampling: SamplingParams, seed: int) -> list[list[int]]:
+        engine = Engine(model, max_slots=3, max_len=32, page_size=4, coda_width=1, seed=seed)
+        requests = [Request(prompt(n, 10 + i), m, sampling) for i, (n, m) in enumerate(REQUESTS)]
+        return [r.output for r in engine.run(requests)]
+
+    assert serve(SamplingParams(temperature=1.0, top_p=1e-6), 0) == greedy
+    hot = SamplingParams(temperature=2.0, top_p=0.95)
+    assert serve(hot, 3) == serve(hot, 3) != greedy
+
+
 def test_default_widths_follow_the_expected_flow():
     """W = 1.25 · S / E[ticks per token], E = the capacity schedule's mean depth (Nr+1)/2."""
     assert Engine(tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8"), max_slots=32,

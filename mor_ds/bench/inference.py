@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(no update; what a long run's LR decay gives the EMA)")
     parser.add_argument("--admit-batch", type=int, default=None,
                         help="engine admit_batch (default: the engine's, max_slots // 16)")
+    parser.add_argument("--width-fraction", type=float, default=0,
+                        help="MoR prelude / coda widths W_in = W_out as a fraction of the slots (0 = the engine's "
+                             "default, 1.25 × the expected tokens per tick)")
     parser.add_argument("--profile-ticks", type=int, default=0,
                         help="after each timed run, profile this many steady-state ticks (top kernels by device time)")
     parser.add_argument("--check", action="store_true",
@@ -223,16 +226,22 @@ def kernel_check(device: torch.device) -> float:
 def engine_check(device: torch.device) -> dict:
     """On the GPU: the CUDA-graph engine serving 6 requests on 3 slots (joining and leaving mid-recursion)
     against `generate` of each request alone (eager, masked prefill), greedy, fp32 tiny models with random
-    routers of real spread; returns the fraction of generated tokens that agree per model."""
-    from mor_ds.inference import Engine, Request, generate
+    routers of real spread; MoR also with 1-row prelude / coda widths (tokens wait to enter and leave) and
+    with sampled requests whose nucleus is vanishing (the eager sampling path, greedy by construction).
+    Returns the fraction of generated tokens that agree per case."""
+    from mor_ds.inference import Engine, Request, SamplingParams, generate
     from mor_ds.models import build_model
 
     shapes = ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
               "model.intermediate_size=96"]
-    cases = {"tiny-vanilla": [], "tiny-mor": ["model.num_recursions=3", "model.num_layers=8"],
-             "tiny-mor-kvshare": [], "tiny-mor-tc": []}
+    nr3 = ["model.num_recursions=3", "model.num_layers=8"]
+    narrow = {"prelude_width": 1, "coda_width": 1}
+    cases = {"tiny-vanilla": ("tiny-vanilla", [], {}, False), "tiny-mor": ("tiny-mor", nr3, {}, False),
+             "tiny-mor W=1": ("tiny-mor", nr3, narrow, False), "tiny-mor sampled": ("tiny-mor", nr3, {}, True),
+             "tiny-mor-kvshare": ("tiny-mor-kvshare", [], {}, False), "tiny-mor-tc": ("tiny-mor-tc", [], {}, False),
+             "tiny-mor-tc W=1": ("tiny-mor-tc", [], narrow, False)}
     result = {}
-    for name, extra in cases.items():
+    for case, (name, extra, widths, sampled) in cases.items():
         cfg = load_config(name, shapes + extra)
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.router).to(device).eval()
@@ -241,12 +250,13 @@ def engine_check(device: torch.device) -> dict:
                 if "router" in param_name:
                     p.normal_(0, 1.0)
         gen = torch.Generator().manual_seed(1)
-        requests = [Request(torch.randint(0, 256, (n,), generator=gen).tolist(), m)
+        sampling = SamplingParams(temperature=1.0, top_p=1e-6) if sampled else SamplingParams()
+        requests = [Request(torch.randint(0, 256, (n,), generator=gen).tolist(), m, sampling)
                     for n, m in [(5, 9), (11, 4), (3, 12), (8, 1), (14, 7), (6, 10)]]
         alone = [generate(model, [r.prompt], r.max_new_tokens).tokens[0] for r in requests]
-        served = Engine(model, max_slots=3, max_len=32, page_size=4, cuda_graph=True).run(requests)
+        served = Engine(model, max_slots=3, max_len=32, page_size=4, cuda_graph=True, **widths).run(requests)
         same = sum(a == b for r, want in zip(served, alone) for a, b in zip(r.output, want))
-        result[name] = round(same / sum(len(w) for w in alone), 4)
+        result[case] = round(same / sum(len(w) for w in alone), 4)
     return result
 
 
@@ -320,8 +330,10 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
 
     max_len = args.prompt_len + args.gen_max + 1
     graph = device.type == "cuda" and not args.no_graph
+    width = math.ceil(args.width_fraction * slots) if args.width_fraction else None
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
-                  count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch)
+                  count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
+                  prelude_width=width, coda_width=width)
     graph_error = None
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
@@ -363,6 +375,10 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
         "tick_weight_MB": round(weight_bytes / 1e6, 1), "tick_kv_MB": round(kv_bytes_tick / 1e6, 1),
         "depth_fractions": st.depth_fractions(), "preemptions": st.preemptions,
+        # MoR: rows per tick through prelude / coda (W_in, W_out) and how often a token found them taken
+        "prelude_width": engine.prelude_width, "coda_width": engine.coda_width,
+        "prelude_waits": st.prelude_waits, "coda_waits": st.coda_waits, "wait_ticks": st.wait_ticks,
+        "waits_per_token": round((st.prelude_waits + st.coda_waits) / max(1, decode_tokens), 4),
         "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph,
     }
     if graph_error:
@@ -510,7 +526,8 @@ def print_table(results: dict) -> None:
                 if key.startswith("batch_") and "tokens_per_s" in row:
                     base.setdefault(key, row)
     print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
-          f"{'prefill s':>9} {'decode s':>8} {'tick ms':>7} {'floor':>6} depth (0..Nr steps)")
+          f"{'prefill s':>9} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} {'waits':>6} "
+          f"depth (0..Nr steps)")
     for m in results["models"]:
         if "error" in m or "skipped" in m:
             print(f"{m['model']:22} {m.get('error') or m.get('skipped')}")
@@ -523,7 +540,9 @@ def print_table(results: dict) -> None:
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
                   f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {row['prefill_s']:>9.2f} "
-                  f"{row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} {row['tick_floor_ms']:>6.2f} {row['depth_fractions']}")
+                  f"{row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} {row['tick_floor_ms']:>6.2f} "
+                  f"{row['tokens_per_tick']:>8.1f} {row.get('coda_width', ''):>5} {row.get('waits_per_token', ''):>6} "
+                  f"{row['depth_fractions']}")
         if "causal_depth_held_out" in m:
             print(f"{'':22} held-out text, fraction reaching each step: {m['causal_depth_held_out']}")
 
