@@ -99,9 +99,10 @@ def run_engine_checks(tmp_path, zero_stage: int, accumulation: int, ranks: int =
 def test_zero_fused_step_matches_deepspeed_and_resumes(tmp_path, zero_stage, accumulation, ranks):
     """Real DeepSpeed on gloo: ZeRO-1 with bf16 gradients (flattened), ZeRO-2 accumulating 2 micro-batches in its
     fp32 buffer (read in place), ZeRO-2 over 2 ranks (partitions, alignment padding, all-gather). 4 steps with the
-    fused step vs DeepSpeed's: same losses, bf16 weights, fp32 master weights and moments within rounding; one
-    step falling back to DeepSpeed's mid-run changes nothing; fused 2 steps → save → a new engine loads → 2 more
-    steps equals 4 uninterrupted fused steps exactly; DeepSpeed's step resumes a fused checkpoint and vice versa."""
+    fused step vs DeepSpeed's: the first step's losses, bf16 weights, fp32 master weights and moments equal within
+    rounding, 4 steps close; one step falling back to DeepSpeed's mid-run keeps the step count; 2 steps → save →
+    a new engine loads → 2 more steps equals 4 uninterrupted steps bit for bit, fused → fused, fused → DeepSpeed's
+    and DeepSpeed's → fused."""
     run_engine_checks(tmp_path, zero_stage, accumulation, ranks)
 
 
@@ -118,7 +119,8 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
 
     def engine_for(fused: bool) -> distributed.Engine:
         cfg = load_config("tiny-vanilla", [
-            "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=3",
+            "model.vocab_size=64", "model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.intermediate_size=48", "model.num_layers=3",
             "train.precision=bf16", f"train.zero_stage={zero_stage}", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={micro * accumulation * env.world_size}", "train.compile=false",
             "optim.grad_clip=0.5", "optim.lr=1e-2", f"optim.fused_step={'true' if fused else 'false'}"])
@@ -140,32 +142,58 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
             assert engine.step_applied()
         return losses
 
-    def snapshot(engine: distributed.Engine) -> list[torch.Tensor]:
+    def snapshot(engine: distributed.Engine, done: int = steps) -> list[torch.Tensor]:
+        """bf16 weights, then per group the fp32 master partition and both moments, after `done` steps."""
         opt = engine._ds.optimizer
         out = [p.detach().clone() for p in engine.module.parameters()]
-        for master in opt.single_partition_of_fp32_groups:
+        for i, master in enumerate(opt.single_partition_of_fp32_groups):
             state = opt.optimizer.state[master]
-            assert float(state["step"]) == steps
+            assert float(state["step"]) == done
+            assert torch.equal(opt.parallel_partitioned_bit16_groups[i][env.rank], master.bfloat16())
             out += [master.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
         return out
 
     def assert_near(losses: list[float], state: list[torch.Tensor], ref_losses: list[float],
-                    ref_state: list[torch.Tensor]) -> float:
-        torch.testing.assert_close(losses, ref_losses, rtol=1e-4 if exact else 2e-3, atol=0)
+                    ref_state: list[torch.Tensor], tight: bool = False) -> float:
+        """One step from the same state (tight): within the rounding of the two implementations (~1e-8 seen).
+        Over several steps the few bf16 weights that round the other way change the next gradients, and Adam's
+        normalised update carries that into the moments and weights: the trajectories drift apart (~3e-3 seen)."""
+        fp32_tol, bf16_tol, loss_tol = (1e-5, 1e-3, 1e-6) if tight else (2e-2, 2e-2, 1e-3)
+        scale = 1 if exact else 10
+        torch.testing.assert_close(losses, ref_losses, rtol=loss_tol * scale, atol=0)
         worst = 0.0
-        for a, b in zip(state, ref_state):  # seen on CPU: fp32 ~1e-6, bf16 0 or a rare one-ulp flip
+        for a, b in zip(state, ref_state):
             err = rel(a, b)
             worst = max(worst, err) if a.dtype == torch.float32 else worst
-            assert err < (1e-3 if a.dtype == torch.bfloat16 else 1e-5) * (1 if exact else 10), (a.dtype, a.shape, err)
+            assert err < (fp32_tol if a.dtype == torch.float32 else bf16_tol) * scale, (a.dtype, a.shape, err)
         return worst
 
+    def assert_same(losses: list[float], state: list[torch.Tensor], ref_losses: list[float],
+                    ref_state: list[torch.Tensor]) -> None:
+        if exact:
+            assert losses == ref_losses and all(torch.equal(a, b) for a, b in zip(state, ref_state))
+        else:  # a GPU's forward/backward need not be bitwise reproducible
+            assert_near(losses, state, ref_losses, ref_state)
+
+    def use_fused_step(engine: distributed.Engine, fused: bool) -> None:
+        """Switch the step implementation of a live engine (a fresh host step count)."""
+        opt = engine._ds.optimizer
+        if fused:
+            opt.step = FusedZeroStep(opt)
+        else:
+            vars(opt).pop("step", None)  # DeepSpeedZeroOptimizer.step
+
+    def run(engine: distributed.Engine) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
+        losses = train(engine, range(1))
+        after_one = snapshot(engine, 1)
+        return losses + train(engine, range(1, steps)), after_one, snapshot(engine)
+
     try:
-        fused = engine_for(True)
-        fused_losses, fused_state = train(fused, range(steps)), snapshot(fused)
-        reference = engine_for(False)
-        ds_losses, ds_state = train(reference, range(steps)), snapshot(reference)
+        fused_losses, fused_one, fused_state = run(engine_for(True))
+        ds_losses, ds_one, ds_state = run(engine_for(False))
         assert len(set(fused_losses)) == len(fused_losses)  # it trains
-        worst = assert_near(fused_losses, fused_state, ds_losses, ds_state)
+        worst = assert_near(fused_losses[:accumulation], fused_one, ds_losses[:accumulation], ds_one, tight=True)
+        assert_near(fused_losses, fused_state, ds_losses, ds_state)
 
         mixed = engine_for(True)  # one step with a tensor learning rate falls back to DeepSpeed's step
         groups = mixed._ds.optimizer.optimizer.param_groups
@@ -177,22 +205,27 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
             group["lr"] = float(group["lr"])
         mixed_losses += train(mixed, range(2, steps))  # the fused step picks up torch's step count
         assert_near(mixed_losses, snapshot(mixed), fused_losses, fused_state)
+        assert [count for _, count in vars(mixed._ds.optimizer)["step"]._steps.values()] == [steps] * len(groups)
 
-        for fused_first, fused_resume in ((True, True), (True, False), (False, True)):
+        # save after 2 steps with one implementation, load into a new engine with the other (or the same) and
+        # take 2 more steps == the same switch made in memory without a checkpoint
+        for fused_first, fused_then in ((True, True), (True, False), (False, True)):
+            if fused_first and fused_then:
+                expected = fused_losses, fused_state
+            else:
+                uninterrupted = engine_for(fused_first)
+                losses = train(uninterrupted, range(steps // 2))
+                use_fused_step(uninterrupted, fused_then)
+                expected = losses + train(uninterrupted, range(steps // 2, steps)), snapshot(uninterrupted)
             first = engine_for(fused_first)
             losses = train(first, range(steps // 2))
             first.save(ckpt, f"half-{fused_first}", {})
-            second = engine_for(fused_resume)
+            second = engine_for(fused_then)
             second.load(ckpt, f"half-{fused_first}")
-            losses += train(second, range(steps // 2, steps))
-            if fused_first and fused_resume and exact:  # the same kernel on the same state: bit for bit
-                assert losses == fused_losses
-                assert all(torch.equal(a, b) for a, b in zip(snapshot(second), fused_state))
-            else:  # one step implementation continues from the other's moments and step count
-                assert_near(losses, snapshot(second), fused_losses, fused_state)
+            assert_same(losses + train(second, range(steps // 2, steps)), snapshot(second), *expected)
         if env.is_main:
             print(f"zero{zero_stage} gas {accumulation} x{env.world_size} on {device.type}: fused vs DeepSpeed "
-                  f"losses {fused_losses} / {ds_losses}, worst fp32 relative error {worst:.1e}")
+                  f"losses {fused_losses} / {ds_losses}, first step's worst fp32 relative error {worst:.1e}")
     finally:
         distributed.shutdown()
 
