@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -148,6 +149,23 @@ def test_engine_samples_outside_the_tick_reproducibly():
     assert serve(SamplingParams(temperature=1.0, top_p=1e-6), 0) == greedy
     hot = SamplingParams(temperature=2.0, top_p=0.95)
     assert serve(hot, 3) == serve(hot, 3) != greedy
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and compiled Triton (CUDA graph of the tick)")
+@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[7], FAMILIES[10]])
+def test_cuda_graph_engine_equals_each_request_alone(name, overrides):
+    """The captured tick (compacted prelude / coda, head and greedy choice inside the graph), default and
+    1-row widths, against generate of each request alone on the same device."""
+    model = tiny(name, *overrides).float().cuda()
+    alone = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(REQUESTS)]
+    for width in (None, 1):
+        engine = Engine(model, max_slots=3, max_len=32, page_size=4, cuda_graph=True, prelude_width=width,
+                        coda_width=width)
+        served = engine.run([Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(REQUESTS)])
+        assert [r.output for r in served] == alone
+        assert engine.cache.free_pages == engine.cache.num_pages - 1
 
 
 def test_default_widths_follow_the_expected_flow():
