@@ -120,7 +120,7 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
     def engine_for(fused: bool) -> distributed.Engine:
         cfg = load_config("tiny-vanilla", [
             "model.vocab_size=64", "model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
-            "model.intermediate_size=48", "model.num_layers=3",
+            "model.intermediate_size=48", "model.num_layers=3", "model.fused_loss=plain",
             "train.precision=bf16", f"train.zero_stage={zero_stage}", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={micro * accumulation * env.world_size}", "train.compile=false",
             "optim.grad_clip=0.5", "optim.lr=1e-2", f"optim.fused_step={'true' if fused else 'false'}"])
