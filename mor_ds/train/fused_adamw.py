@@ -75,12 +75,13 @@ def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, no
 def adamw_step_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                 out: torch.Tensor, *, step: int, lr: float, betas: tuple[float, float], eps: float,
                 weight_decay: float, grad_norm: torch.Tensor | None = None, clip_grad: float = 0.0,
-                loss_scale: float = 1.0) -> None:
+                loss_scale: float = 1.0, block_size: int = BLOCK_SIZE, num_warps: int = NUM_WARPS) -> None:
     """One AdamW step (step count `step` ≥ 1, already incremented) over flat contiguous tensors, in place.
 
     `master`, `exp_avg`, `exp_avg_sq`: fp32; `grad`: bf16/fp16/fp32; `out`: receives θ in its dtype (bf16).
     The gradient is divided by DeepSpeed's clip coefficient from `grad_norm` (a device scalar, the global norm
-    of the loss-scaled gradients) when `clip_grad` > 0, else by `loss_scale`.
+    of the loss-scaled gradients) when `clip_grad` > 0, else by `loss_scale`. `block_size` elements per program
+    (a power of 2) and `num_warps` only change the speed.
     """
     n = master.numel()
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
@@ -99,10 +100,10 @@ def adamw_step_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         return
     # the interpreter's fp32 -> bf16 conversion truncates (docs/cpu-stack-notes: its bf16 is wrong): round by hand
     bf16_bits = out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    grid = (triton.cdiv(n, block_size),)
     _adamw_kernel[grid](
         master, grad, exp_avg, exp_avg_sq, out.view(torch.int16) if bf16_bits else out,
         grad_norm if clip else master, n,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step), float(clip_grad), float(loss_scale),
-        CLIP=clip, BF16_BITS=bf16_bits, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        CLIP=clip, BF16_BITS=bf16_bits, BLOCK=block_size, num_warps=num_warps)
