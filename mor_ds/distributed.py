@@ -1,4 +1,5 @@
-"""Process-group discovery and the DeepSpeed engine: the only module of mor_ds that imports DeepSpeed.
+"""Process-group discovery and the DeepSpeed engine: the only module of mor_ds that imports DeepSpeed (besides
+`mor_ds.train.fused_step`, which replaces the ZeRO-1/2 optimizer step of the engine built here).
 
 Launchers: `torchrun` / `deepspeed` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (the `deepspeed`
 launcher also passes `--local_rank`); Slurm's `srun` sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and

@@ -100,6 +100,9 @@ class FusedZeroStep:
     """`DeepSpeedZeroOptimizer.step` for the covered case (module docstring); bound to one optimizer."""
 
     def __init__(self, optimizer: Any):
+        from mor_ds.train.fused_adamw import adamw_step_  # Triton: imported only where the fused step runs
+
+        self.kernel = adamw_step_
         self.opt = optimizer
         self.ds_step = type(optimizer).step.__get__(optimizer)  # DeepSpeed's own, for fallback steps
         self._steps: dict[int, tuple[torch.Tensor, int]] = {}  # group -> (its state["step"] tensor, its value)
@@ -189,8 +192,6 @@ class FusedZeroStep:
         return None
 
     def _adamw(self, i: int, grad: torch.Tensor, bit16: torch.Tensor, norm: torch.Tensor | None) -> None:
-        from mor_ds.train.fused_adamw import adamw_step_
-
         opt = self.opt
         group = opt.optimizer.param_groups[i]
         master = opt.single_partition_of_fp32_groups[i]
@@ -205,6 +206,6 @@ class FusedZeroStep:
         step = (known[1] if known is not None and known[0] is step_t else int(step_t.item())) + 1
         step_t.add_(1)
         self._steps[i] = (step_t, step)
-        adamw_step_(master, grad, state["exp_avg"], state["exp_avg_sq"], bit16, step=step, lr=group["lr"],
+        self.kernel(master, grad, state["exp_avg"], state["exp_avg_sq"], bit16, step=step, lr=group["lr"],
                     betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], grad_norm=norm,
                     clip_grad=opt.clip_grad if norm is not None else 0.0, loss_scale=float(opt.loss_scale))
