@@ -1,10 +1,10 @@
 """The fused ZeRO-1/2 AdamW step (mor_ds.train.fused_adamw / fused_step) against torch AdamW and DeepSpeed's step.
 
 CPU: the Triton kernel under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) against torch.optim.AdamW
-over several steps with weight decay and clipping; a real one-process DeepSpeed ZeRO-1 / ZeRO-2 engine on gloo
-trained with the fused step vs DeepSpeed's own, and a checkpoint save → load → continue round trip (also across the
-two step implementations). CUDA (`TRITON_INTERPRET=0 pytest -m cuda`): the compiled kernel at a few million
-parameters.
+over several steps with weight decay and clipping; the same kernel compiled for sm_90a (no GPU needed); real
+DeepSpeed ZeRO-1 / ZeRO-2 engines on gloo (1 and 2 ranks) trained with the fused step vs DeepSpeed's own, a step
+falling back mid-run, and checkpoint save → load → continue round trips (also across the two step implementations).
+CUDA (`TRITON_INTERPRET=0 pytest -m cuda`): the compiled kernel at ~4M parameters and the engine checks on a GPU.
 """
 
 from __future__ import annotations
