@@ -256,6 +256,29 @@ def test_decode_attention_kernel_matches_torch():
     assert torch.all(got[0] == 0)  # an empty cache row attends to nothing
 
 
+def test_fused_rope_kv_write_and_silu_mul_kernels_match_torch():
+    if triton is None:
+        pytest.skip("triton not installed")
+    from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
+    from mor_ds.models.block import rope_cos_sin
+
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d, n = 6, 2, 32, 5  # GQA 3; 10 heads padded to 16 in the kernel
+    qkv = torch.randn(n, hq + 2 * hkv, d, generator=gen)
+    cos, sin = rope_cos_sin(torch.randint(0, 500, (n, 1), generator=gen), d, 10000.0, torch.float32)
+    rope = (torch.cat((cos[:, 0], cos[:, 0]), -1), torch.cat((-sin[:, 0], sin[:, 0]), -1))
+    flat = torch.tensor([3, 7, 0, 0, 11])  # two masked rows land in the trash slot 0
+    caches = [torch.full((16, hkv, d), float("nan")) for _ in range(4)]  # poisoned: every written slot is checked
+    q_ref = rope_write_kv_torch(qkv, rope, hq, caches[0], caches[1], flat)
+    q = rope_write_kv_triton(qkv, rope, hq, caches[2], caches[3], flat)
+    torch.testing.assert_close(q, q_ref, rtol=1e-6, atol=1e-6)
+    for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
+        torch.testing.assert_close(got[[3, 7, 11]], want[[3, 7, 11]], rtol=1e-6, atol=1e-6)
+        assert torch.isnan(got[[1, 2, 4]]).all()  # nothing written elsewhere
+    gate_up = torch.randn(n, 2 * 1500, generator=gen) * 4  # two blocks of 1024, the second partial
+    torch.testing.assert_close(silu_mul_triton(gate_up), silu_mul_torch(gate_up), rtol=1e-5, atol=1e-5)
+
+
 def test_pool_exhaustion_and_release():
     layout = CacheLayout.for_plan(layer_plan(4, 1, "cycle"), False)
     cache = PagedKVCache(layout, max_slots=2, max_len=16, num_pages=5, page_size=4, num_kv_heads=1, head_dim=8,

@@ -199,12 +199,19 @@ def copy_bandwidth(device: torch.device) -> float:
     return bw
 
 
-def kernel_check(device: torch.device) -> float:
-    """Max |Triton − PyTorch| of the paged decode attention on a random bf16 cache (360M head shape)."""
+def kernel_check(device: torch.device) -> dict:
+    """Triton vs PyTorch on random bf16 data: the paged decode attention (360M head shape; max abs error),
+    the fused RoPE + K/V write and SiLU·up (‖Triton − ref‖ / ‖ref‖, ref = PyTorch in fp32 on the same
+    inputs); inf where a kernel failed."""
+    from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
     from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
     from mor_ds.inference.paged_attention import decode_attention_torch, decode_attention_triton
     from mor_ds.models.sharing import layer_plan
 
+    def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((got.float() - ref).norm() / ref.norm())
+
+    out = {}
     try:
         layout = CacheLayout.for_plan(layer_plan(4, 2, "middle_cycle"), False)
         cache = PagedKVCache(layout, max_slots=64, max_len=600, num_pages=4000, page_size=16, num_kv_heads=5,
@@ -216,11 +223,28 @@ def kernel_check(device: torch.device) -> float:
         cache.reserve(rows.cpu().numpy(), lengths.cpu().numpy())
         q = torch.randn(len(rows), 15, 64, device=device, dtype=torch.bfloat16)
         got = decode_attention_triton(q, cache, rows, lengths)
-        want = decode_attention_torch(q, cache, rows, lengths)
-        return float((got.float() - want.float()).abs().max())
+        out["decode_attention_max_abs"] = float((got.float() - decode_attention_torch(q, cache, rows, lengths).float()).abs().max())
+        n = len(rows)
+        qkv = torch.randn(n, 25, 64, device=device, dtype=torch.bfloat16)
+        angle = torch.rand(n, 1, 32, device=device) * 6.28
+        rope = (torch.cat((angle.cos(),) * 2, -1), torch.cat((-angle.sin(), angle.sin()), -1))
+        flat = torch.randperm(n * 4, device=device)[:n]
+        ref_kv = [torch.zeros(n * 4, 5, 64, device=device) for _ in range(2)]
+        kv = [t.view(-1, 5, 64)[:n * 4] for t in (cache.k, cache.v)]
+        got = rope_write_kv_triton(qkv, tuple(t.to(torch.bfloat16) for t in rope), 15, *kv, flat)
+        ref_q = rope_write_kv_torch(qkv.float(), tuple(t.to(torch.bfloat16).float() for t in rope), 15, *ref_kv, flat)
+        out["rope_write_kv_rel"] = max(rel(got, ref_q), *(rel(t[flat], r[flat]) for t, r in zip(kv, ref_kv)))
+        gate_up = torch.randn(n, 2 * 2560, device=device, dtype=torch.bfloat16) * 3
+        out["silu_mul_rel"] = rel(silu_mul_triton(gate_up), silu_mul_torch(gate_up.float()))
     except Exception as exc:  # noqa: BLE001
-        print(f"decode kernel check failed: {type(exc).__name__}: {exc}", flush=True)
-        return float("inf")
+        print(f"kernel check failed: {type(exc).__name__}: {exc}", flush=True)
+        out["failed"] = float("inf")
+    return out
+
+
+def kernels_ok(errors: dict) -> bool:
+    return (errors.get("decode_attention_max_abs", math.inf) < 2e-2 and errors.get("rope_write_kv_rel", math.inf) < 1e-2
+            and errors.get("silu_mul_rel", math.inf) < 1e-2 and "failed" not in errors)
 
 
 def engine_check(device: torch.device) -> dict:
@@ -453,8 +477,8 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else 1e11
     env["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
     if device.type == "cuda" and args.decode_backend != "torch":
-        env["decode_kernel_max_abs_err"] = kernel_check(device)
-        if not env["decode_kernel_max_abs_err"] < 2e-2:
+        env["kernel_errors"] = kernel_check(device)  # decode attention, fused RoPE + K/V write, SiLU·up
+        if not kernels_ok(env["kernel_errors"]):
             args.decode_backend = "torch"
             env["decode_backend"] = "torch (kernel check failed)"
     if device.type == "cuda" and args.check:

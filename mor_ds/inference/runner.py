@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
 from mor_ds.inference.paged_attention import decode_attention, prefill_attention
 from mor_ds.models.block import rope_cos_sin
@@ -35,6 +36,10 @@ class InferenceModel:
             self._fuse_weights()
         self.cfg, self.plan = model.cfg, model.plan
         self.decode_backend = decode_backend
+        # Triton for the decode attention and the fused elementwise ops ("auto": on CUDA)
+        triton_ops = decode_backend == "triton" or (decode_backend == "auto" and self.device.type == "cuda")
+        self._rope_write_kv = rope_write_kv_triton if triton_ops else rope_write_kv_torch
+        self._silu_mul = silu_mul_triton if triton_ops and fuse_weights else silu_mul_torch
         self.kv_tokens_read: Tensor | None = None  # optional device counter of cached tokens attended (bench)
         self.expert_choice = isinstance(model.recursion, ExpertChoiceMoR)
         self.token_choice = isinstance(model.recursion, TokenChoiceMoR)
@@ -83,13 +88,20 @@ class InferenceModel:
 
     # ------------------------------------------------------------------ one decoder block on rows
 
-    def _block(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], project_kv: bool, attend) -> Tensor:
-        """DecoderBlock.forward on rows x (N, d); `attend(q, k, v)` (k, v None when not projected) does the
-        cache work and returns the attention output (N, Hq, D)."""
+    def _block(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], project_kv: bool, attend,
+               write_kv: tuple[PagedKVCache, Tensor] | None = None) -> Tensor:
+        """DecoderBlock.forward on rows x (N, d); `attend(q, k, v)` (k, v None when not projected or already
+        written) does the cache work and returns the attention output (N, Hq, D). write_kv = (cache, flat
+        slots (N,)): RoPE and the K/V write in one fused step (fused weights only)."""
         block = self.model.layers[layer_id]
         attn = block.attn
         n, hq, hkv, hd = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
         a = block.attn_norm(x)
+        if self.fused and write_kv is not None:
+            cache, flat = write_kv
+            qkv = F.linear(a, self.qkv_weight[layer_id]).view(n, hq + 2 * hkv, hd)
+            q = self._rope_write_kv(qkv, rope, hq, cache.k.view(-1, hkv, hd), cache.v.view(-1, hkv, hd), flat)
+            return self._mlp(block, layer_id, x + attn.o_proj(attend(q, None, None).reshape(n, -1)))
         v = None
         if self.fused and project_kv:
             qkv = F.linear(a, self.qkv_weight[layer_id]).view(n, hq + 2 * hkv, hd)
@@ -105,11 +117,12 @@ class InferenceModel:
         qk = qk * rope[0] + torch.cat((qk[..., half:], qk[..., :half]), -1) * rope[1]
         q, k = qk[:, :hq], (qk[:, hq:] if project_kv else None)
         out = attend(q, k, v)
-        x = x + attn.o_proj(out.reshape(n, -1))
+        return self._mlp(block, layer_id, x + attn.o_proj(out.reshape(n, -1)))
+
+    def _mlp(self, block, layer_id: int, x: Tensor) -> Tensor:
         h = block.mlp_norm(x)
         if self.fused:
-            gate, up = F.linear(h, self.gate_up_weight[layer_id]).chunk(2, dim=-1)
-            return x + block.mlp.down_proj(F.silu(gate) * up)
+            return x + block.mlp.down_proj(self._silu_mul(F.linear(h, self.gate_up_weight[layer_id])))
         return x + block.mlp(h)
 
     def layer_eager(self, layer_id: int, step: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor,
@@ -144,11 +157,11 @@ class InferenceModel:
         `PagedKVCache.plan_appends`: K/V written to slots `flat` (None = no K/V projected), attention over
         `attend_len` cached tokens of cache row `rows` (0 = no attention)."""
         def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
-            if k is not None:
+            if k is not None:  # unfused weights: RoPE and the K/V write were not fused
                 cache.write_at(flat, k, v)
             return decode_attention(q, cache, rows, attend_len, backend=self.decode_backend)
 
-        return self._block(layer_id, x, rope, flat is not None, attend)
+        return self._block(layer_id, x, rope, flat is not None, attend, None if flat is None else (cache, flat))
 
     # ------------------------------------------------------------------ routing
 
