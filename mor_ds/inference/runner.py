@@ -120,9 +120,11 @@ class InferenceModel:
         return self._mlp(block, layer_id, x + attn.o_proj(out.reshape(n, -1)))
 
     def _mlp(self, block, layer_id: int, x: Tensor) -> Tensor:
+        """x + MLP(norm(x)); x is the block's own intermediate, so the fused path adds into it in the down
+        projection's GEMM (addmm_, β = 1: no separate add kernel)."""
         h = block.mlp_norm(x)
         if self.fused:
-            return x + block.mlp.down_proj(self._silu_mul(F.linear(h, self.gate_up_weight[layer_id])))
+            return x.addmm_(self._silu_mul(F.linear(h, self.gate_up_weight[layer_id])), block.mlp.down_proj.weight.t())
         return x + block.mlp(h)
 
     def layer_eager(self, layer_id: int, step: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor,
