@@ -309,18 +309,19 @@ class Engine:
             req = self.slots[slot]
             req.finish_reason = str(why)
             self.finished.append(req)
-            self._release(int(slot))
+        self._release(slots[done])
 
-    def _release(self, slot: int) -> None:
-        """Hand the slot's tokens to its request and free the slot and its pages."""
-        req = self.slots[slot]
-        req.output.extend(self.out_buf[slot, :self.out_len[slot]].tolist())
-        self.sampled_live -= not req.sampling.greedy
-        self.cache.release(slot)
-        self.slots[slot] = None
-        self.live[slot] = False
-        self.entering_host[slot] = False
-        self.in_rec_host[slot] = False
+    def _release(self, slots: np.ndarray) -> None:
+        """Hand the slots' tokens to their requests and free the slots and their pages (all at once)."""
+        for slot in slots:
+            req = self.slots[slot]
+            req.output.extend(self.out_buf[slot, :self.out_len[slot]].tolist())
+            self.sampled_live -= not req.sampling.greedy
+            self.slots[slot] = None
+        self.cache.release(slots)
+        self.live[slots] = False
+        self.entering_host[slots] = False
+        self.in_rec_host[slots] = False
 
     def _preempt(self) -> None:
         live = np.nonzero(self.live)[0]
@@ -330,7 +331,7 @@ class Engine:
         req = self.slots[victim]
         req.preemptions += 1
         self.stats.preemptions += 1
-        self._release(victim)
+        self._release(np.array([victim]))
         self.queue.appendleft(req)
 
     # ------------------------------------------------------------------ one tick

@@ -136,9 +136,11 @@ class PagedKVCache:
         reserve). Table entries past a row's pages are never read and are rewritten by the next reserve."""
         self._free_from(rows, -(-self.host_lengths[rows] // self.page_size))
 
-    def release(self, slot: int) -> None:
-        """Free every page of a slot (all groups) and empty its caches."""
-        rows = np.arange(self.layout.num_groups) * self.max_slots + slot
+    def release(self, slots: np.ndarray | int) -> None:
+        """Free every page of the slots (all groups) and empty their caches."""
+        rows = (np.arange(self.layout.num_groups)[:, None] * self.max_slots + np.atleast_1d(slots)).ravel()
+        if not len(rows):
+            return
         self._free_from(rows, 0)
         self.host_lengths[rows] = 0
         self.lengths[torch.from_numpy(rows).to(self.lengths.device)] = 0
