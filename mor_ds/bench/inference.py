@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width-fraction", type=float, default=0,
                         help="MoR prelude / coda widths W_in = W_out as a fraction of the slots (0 = the engine's "
                              "default, 1.25 × the expected tokens per tick)")
+    parser.add_argument("--sweep-widths", type=float, nargs="*", default=[],
+                        help="MoR at the memory-bound batches: also measure these width fractions (rows *_w<f>)")
     parser.add_argument("--profile-ticks", type=int, default=0,
                         help="after each timed run, profile this many steady-state ticks (top kernels by device time)")
     parser.add_argument("--check", action="store_true",
@@ -349,12 +351,14 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
     return [Request(held_out[s:s + args.prompt_len].tolist(), int(g), sampling) for s, g in zip(starts, lengths)]
 
 
-def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float) -> dict:
+def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
+            width_fraction: float | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
     graph = device.type == "cuda" and not args.no_graph
-    width = math.ceil(args.width_fraction * slots) if args.width_fraction else None
+    fraction = args.width_fraction if width_fraction is None else width_fraction
+    width = math.ceil(fraction * slots) if fraction else None
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
                   prelude_width=width, coda_width=width)
@@ -528,6 +532,13 @@ def run(args: argparse.Namespace) -> int:
                 depth = depth or row["depth_fractions"]
                 entry[f"batch_{batch}"] = row
                 print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
+                sweep = args.sweep_widths if cfg.model.family == "mor" and batch.startswith("max") else []
+                for fraction in sweep:  # the same slots at other prelude / coda widths
+                    if over_budget():
+                        break
+                    row = measure(model, tokens, slots, pages, args, device, bandwidth, width_fraction=fraction)
+                    entry[f"batch_{batch}_w{fraction}"] = row
+                    print(json.dumps({"model": name, "batch": f"{batch}_w{fraction}", **row}), flush=True)
             del model
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
             entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -559,7 +570,7 @@ def print_table(results: dict) -> None:
         for key, row in m.items():
             if not key.startswith("batch_") or "tokens_per_s" not in row:
                 continue
-            ref = base.get(key)
+            ref = base.get(key.split("_w")[0])
             e2e = row["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
