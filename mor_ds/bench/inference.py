@@ -224,8 +224,8 @@ def kernel_check(device: torch.device) -> dict:
         lengths = torch.randint(0, 600, (len(rows),), device=device, dtype=torch.int32)
         cache.reserve(rows.cpu().numpy(), lengths.cpu().numpy())
         q = torch.randn(len(rows), 15, 64, device=device, dtype=torch.bfloat16)
-        got = decode_attention_triton(q, cache, rows, lengths)
-        out["decode_attention_max_abs"] = float((got.float() - decode_attention_torch(q, cache, rows, lengths).float()).abs().max())
+        want = decode_attention_torch(q, cache, rows, lengths).float()
+        out["decode_attention_max_abs"] = float((decode_attention_triton(q, cache, rows, lengths).float() - want).abs().max())
         n = len(rows)
         qkv = torch.randn(n, 25, 64, device=device, dtype=torch.bfloat16)
         angle = torch.rand(n, 1, 32, device=device) * 6.28
