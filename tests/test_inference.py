@@ -98,6 +98,19 @@ def test_engine_equals_each_request_alone(name, overrides):
         assert sum(f > 0 for f in engine.stats.depth_fractions()) >= 2
 
 
+def assert_phase_layers_agree(engine: Engine) -> None:
+    """The layers of one phase (prelude, coda, the block at one depth) hold the same tokens of every slot
+    in as many pages (the engine reserves pages per phase on that), and the host mirrors the lengths."""
+    im, cache, S = engine.im, engine.cache, engine.max_slots
+    assert np.array_equal(cache.host_lengths, cache.lengths.numpy())
+    phases = [[(l, 0) for l in im.plan.prelude], [(l, 0) for l in im.plan.coda]]
+    phases += [[(l, r) for l in im.block] for r in ([0] if im.kv_share else range(im.num_recursions))]
+    for keys in filter(None, phases):
+        rows = np.array([im.layout.read_group(l, r) for l, r in keys])[:, None] * S + np.arange(S)
+        for held in (cache.host_lengths[rows], cache.page_count(rows)):
+            assert (held == held[0]).all(), keys
+
+
 @pytest.mark.parametrize("name,overrides", [FAMILIES[7], FAMILIES[10]])
 def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(name, overrides):
     """W_in / W_out of 1–2 rows for 3 slots: tokens wait to enter and to leave, output is unchanged, and
@@ -118,7 +131,10 @@ def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(na
             upload()
 
         engine._upload_host_state = counting_upload
-        served = engine.run([Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(requests)])
+        served = [engine.add(Request(prompt(n, 10 + i), m)) for i, (n, m) in enumerate(requests)]
+        while engine.has_work():
+            engine.step()
+            assert_phase_layers_agree(engine)
         assert [r.output for r in served] == alone
         st = engine.stats
         holds = np.maximum(np.arange(len(st.depth)), 1)  # a token of d steps holds its slot max(d, 1) ticks

@@ -113,6 +113,9 @@ class Engine:
         self._groups_prelude = self._groups([(l, 0) for l in im.plan.prelude])
         self._groups_coda = self._groups([(l, 0) for l in im.plan.coda])
         self._rows_block = self._rows(self._groups([(l, 0) for l in im.block]), self.slot_ids) if im.mor else None
+        self._host_groups = {"all": np.arange(im.layout.num_groups), "prelude": self._groups_prelude.cpu().numpy(),
+                             "coda": self._groups_coda.cpu().numpy(),
+                             "block": self._groups([(l, 0) for l in im.block]).cpu().numpy() if im.mor else None}
         self._projects = torch.tensor([im.layout.writes(r) for _, r in im.plan.unrolled], device=dev)
         # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these).
         # Row S of `tokens` and `h` is scratch: the unused places of a compacted batch gather and scatter it.
@@ -337,31 +340,38 @@ class Engine:
     # ------------------------------------------------------------------ one tick
 
     def _reserve_tick(self) -> None:
-        """Pages for every cache a slot may append to in the next tick."""
-        layout, S = self.im.layout, self.max_slots
+        """Pages for every cache a slot may append to in the next tick. The layers of one phase (prelude,
+        coda, the block at one depth r; every layer of vanilla / recursive models) hold the same tokens of
+        a slot, so which slots need a page is read off the phase's first layer, and those slots get one in
+        every layer of the phase."""
+        S = self.max_slots
         while True:
-            live = self.live
-            groups_rows = []
-            if self.im.mor:
-                entering = live & self.entering_host
-                depth = np.where(self.entering_host, 0, self.depth_host)
-                for layer_id in self.im.plan.prelude:
-                    groups_rows.append(layout.groups[(layer_id, 0)] * S + np.nonzero(entering)[0])
-                for layer_id in self.im.plan.coda:  # any live token may leave the recursion this tick
-                    groups_rows.append(layout.groups[(layer_id, 0)] * S + np.nonzero(live)[0])
-                busy = entering | (live & self.in_rec_host)
-                writers = busy if not self.im.kv_share else busy & (depth == 0)
-                for layer_id in self.im.block:
-                    group = layout.read_group(layer_id, 0) + (0 if self.im.kv_share else depth)
-                    groups_rows.append((group * S + np.arange(S))[writers])
-            else:
-                slots = np.nonzero(live & self.entering_host)[0]
-                groups_rows = [g * S + slots for g in range(layout.num_groups)]
+            rows = []
+            for groups, slots, offset in self._tick_writers():
+                first = (groups[0] + offset) * S + slots
+                full = self.cache.host_lengths[first] >= self.cache.page_count(first) * self.cache.page_size
+                rows.append(((groups[:, None] + offset[full]) * S + slots[full]).ravel())
             try:
-                self.cache.reserve(np.concatenate(groups_rows), 1)
+                self.cache.reserve(np.concatenate(rows), 1)
                 return
             except KVCacheFull:
                 self._preempt()
+
+    def _tick_writers(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per phase of the next tick: (its layers' cache groups at depth 0, the slots that may append a
+        token to them, each slot's group offset: its depth r in the block under recursion-wise caching)."""
+        im, groups, live = self.im, self._host_groups, self.live
+        entering = np.flatnonzero(live & self.entering_host)
+        if not im.mor:
+            phases = [(groups["all"], entering, 0)]
+        else:
+            depth = np.where(self.entering_host, 0, self.depth_host)
+            busy = live & (self.entering_host | self.in_rec_host)
+            writers = np.flatnonzero(busy if not im.kv_share else busy & (depth == 0))
+            phases = [(groups["prelude"], entering, 0),
+                      (groups["coda"], np.flatnonzero(live), 0),  # any live token may leave the recursion
+                      (groups["block"], writers, 0 if im.kv_share else depth[writers])]
+        return [(g, slots, np.broadcast_to(offset, slots.shape)) for g, slots, offset in phases if len(g)]
 
     def _upload_host_state(self) -> None:
         """One host-to-device copy per tick: each slot's position, entering / in-recursion / waiting-for-coda

@@ -91,6 +91,10 @@ class PagedKVCache:
     def free_pages(self) -> int:
         return self._free_top
 
+    def page_count(self, rows: np.ndarray) -> np.ndarray:
+        """Pages each cache row holds."""
+        return self._page_count[rows]
+
     def row(self, group: int, slot: int) -> int:
         return group * self.max_slots + slot
 
