@@ -76,7 +76,7 @@ def rope_write_kv_triton(qkv: Tensor, rope: tuple[Tensor, Tensor], num_heads: in
     n, heads, head_dim = qkv.shape
     cos, sin = rope
     assert qkv.stride(2) == 1 and cos.stride(2) == 1 and sin.stride() == cos.stride(), "head_dim must be contiguous"
-    assert k_slots.stride() == v_slots.stride() and k_slots.stride(2) == 1
+    assert k_slots.stride() == v_slots.stride() and k_slots.stride(2) == 1 and flat.stride(0) == 1
     q = torch.empty(n, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _rope_write_kv_kernel[(n,)](
         qkv, cos, sin, flat, q, k_slots, v_slots, qkv.stride(0), qkv.stride(1), cos.stride(0), q.stride(0),
