@@ -264,8 +264,8 @@ def test_decode_attention_kernel_matches_torch():
     for row, n in zip(rows.tolist(), lengths):
         cache.reserve(np.array([row]), n)
         rank = torch.arange(n)
-        cache.append(torch.full((n,), row), torch.randn(n, 2, 32, generator=gen), torch.randn(n, 2, 32, generator=gen),
-                     rank, torch.ones(n, dtype=torch.bool), rank)
+        flat = cache.append_slots(torch.full((1, n), row), rank, rank)[0]
+        cache.write_at(flat, torch.randn(n, 2, 32, generator=gen), torch.randn(n, 2, 32, generator=gen))
     q = torch.randn(4, 8, 32, generator=gen)[:, :6]  # GQA: 3 query heads per KV head; a strided view
     got = decode_attention_triton(q, cache, rows, cache.lengths[rows])
     torch.testing.assert_close(got, decode_attention_torch(q, cache, rows, cache.lengths[rows]), rtol=1e-5, atol=1e-5)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from mor_ds.inference.kv_cache import KVCacheFull
+from mor_ds.inference.paged_attention import decode_attention
 from mor_ds.inference.runner import InferenceModel
 from mor_ds.inference.sampling import SamplingParams, sample
 from mor_ds.models.model import CausalLM
@@ -234,8 +235,8 @@ class Engine:
 
     # ------------------------------------------------------------------ admission and prefill (eager)
 
-    def _free_slots(self) -> list[int]:
-        return np.nonzero(~self.live)[0].tolist()
+    def _free_slots(self) -> np.ndarray:
+        return np.flatnonzero(~self.live)
 
     def _prefill_pages(self, length: int) -> int:
         """Pages a prompt may need in the worst case (every cache of the slot)."""
@@ -248,53 +249,58 @@ class Engine:
         batch: list[tuple[int, Request]] = []
         budget = self.cache.free_pages
         rows = 0
-        while self.queue and free:
+        while self.queue and len(batch) < len(free):
             req = self.queue[0]
-            ids = req.prompt + req.output
-            need = self._prefill_pages(len(ids))
-            if need > budget or (batch and rows + len(ids) > self.prefill_rows):
+            length = len(req.prompt) + len(req.output)
+            need = self._prefill_pages(length)
+            if need > budget or (batch and rows + length > self.prefill_rows):
                 if not batch and not self.live.any():
-                    raise KVCacheFull(f"a prompt of {len(ids)} tokens does not fit the KV pool even when empty")
+                    raise KVCacheFull(f"a prompt of {length} tokens does not fit the KV pool even when empty")
                 break
             self.queue.popleft()
             budget -= need
-            rows += len(ids)
-            batch.append((free.pop(0), req))
+            rows += length
+            batch.append((free[len(batch)], req))
         if batch:
             self._prefill(batch)
 
     @torch.no_grad()
     def _prefill(self, batch: list[tuple[int, Request]]) -> None:
+        """One eager forward over the prompts of `batch` (slot, request) (their generated tokens appended
+        after a preemption), first token from the last row of each; one upload of the rows, one of the
+        requests' sampling parameters, one sync (the first tokens)."""
         t0 = time.perf_counter()
         dev = self.im.device
-        ids = [req.prompt + req.output for _, req in batch]
-        tokens = torch.tensor([t for seq in ids for t in seq], device=dev)
-        slots = np.array([s for (s, _), seq in zip(batch, ids) for _ in seq])
-        pos = torch.tensor([p for seq in ids for p in range(len(seq))], device=dev)
-        hidden = self.im.forward(self.cache, tokens, slots, pos)
-        last = torch.tensor(np.cumsum([len(seq) for seq in ids]) - 1, device=dev)
-        logits = self.im.logits(hidden[last])
-        params = [req.sampling for _, req in batch]
-        first = sample(logits, torch.tensor([p.temperature for p in params], device=dev),
-                       torch.tensor([p.top_p for p in params], device=dev), self.generator,
-                       all_greedy=all(p.greedy for p in params)).tolist()
-        for (slot, req), seq in zip(batch, ids):
-            self.slots[slot] = req
-            self.live[slot] = True
-            self.admitted_at[slot] = self._admissions
-            self._admissions += 1
-            self.pos_host[slot] = len(seq)
-            self.out_len[slot] = 0
-            self.budget[slot] = req.max_new_tokens - len(req.output)
-            self.stop_host[slot] = -1 if req.stop_token is None else req.stop_token
-            self.sampled_live += not req.sampling.greedy
-            self.temperature[slot], self.top_p[slot] = req.sampling.temperature, req.sampling.top_p
-            self.in_rec_host[slot] = False
-            self.depth_host[slot] = 0
         slots = np.array([slot for slot, _ in batch])
-        self.tokens[torch.from_numpy(slots).to(dev)] = torch.tensor(first, device=dev)
-        self._record(slots, np.array(first, dtype=np.int64))
-        self.stats.prefill_tokens += len(tokens)
+        seqs = [np.asarray(req.prompt + req.output, dtype=np.int64) for _, req in batch]
+        lengths = np.array([len(seq) for seq in seqs])
+        ends = np.cumsum(lengths)
+        pos = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)
+        rows = torch.from_numpy(np.stack([np.concatenate(seqs), pos])).to(dev, non_blocking=True)
+        hidden = self.im.forward(self.cache, rows[0], np.repeat(slots, lengths), rows[1])
+        params = np.array([(req.sampling.temperature, req.sampling.top_p) for _, req in batch], dtype=np.float32)
+        at = torch.from_numpy(np.concatenate([slots, ends - 1])).to(dev, non_blocking=True)
+        slot_ids, last = at.split(len(batch))
+        params = torch.from_numpy(params.T.copy()).to(dev, non_blocking=True)
+        self.temperature[slot_ids], self.top_p[slot_ids] = params[0], params[1]
+        first_dev = sample(self.im.logits(hidden[last]), params[0], params[1], self.generator,
+                           all_greedy=all(req.sampling.greedy for _, req in batch))
+        self.tokens[slot_ids] = first_dev
+        first = first_dev.cpu().numpy()
+        for slot, req in batch:
+            self.slots[slot] = req
+        self.live[slots] = True
+        self.admitted_at[slots] = self._admissions + np.arange(len(batch))
+        self._admissions += len(batch)
+        self.pos_host[slots] = lengths
+        self.out_len[slots] = 0
+        self.budget[slots] = [req.max_new_tokens - len(req.output) for _, req in batch]
+        self.stop_host[slots] = [-1 if req.stop_token is None else req.stop_token for _, req in batch]
+        self.sampled_live += sum(not req.sampling.greedy for _, req in batch)
+        self.in_rec_host[slots] = False
+        self.depth_host[slots] = 0
+        self._record(slots, first)
+        self.stats.prefill_tokens += int(ends[-1])
         self.stats.prefills += 1
         self.stats.prefill_s += time.perf_counter() - t0
 
@@ -457,7 +463,8 @@ class Engine:
             self.im.kv_tokens_read += attend_len.sum()
         for j, (layer_id, _) in enumerate(keys):
             writes = project[j] if project is not None else True
-            x = self.im.layer_masked(layer_id, x, rope, cache, rows[j], flat[j] if writes else None, attend_len[j])
+            x = self.im.layer_rows(layer_id, x, rope, cache, flat[j] if writes else None,
+                                   lambda q, j=j: decode_attention(q, cache, rows[j], attend_len[j], self.im.decode_backend))
         cache.commit_appends(rows, write, flat, pos)
         return x
 

@@ -19,7 +19,9 @@ from mor_ds.inference.paged_attention import triton
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
+    # Flat's alignment is not specialised on: a slice of a phase's (J, N) slot plan may start anywhere, and
+    # a second compiled variant would only cost a compile in the middle of serving
+    @triton.jit(do_not_specialize_on_alignment=["Flat"])
     def _rope_write_kv_kernel(QKV, Cos, Sin, Flat, Q, K, V, stride_n, stride_h, stride_c, stride_qn, stride_qh,
                               stride_ks, stride_kh, HQ: tl.constexpr, HKV: tl.constexpr, HEADS_PAD: tl.constexpr,
                               HEAD_DIM: tl.constexpr):

@@ -122,9 +122,10 @@ class PagedKVCache:
         column = np.arange(total) - np.repeat(np.cumsum(missing) - missing, missing) + self._page_count[owner]
         self._tables[owner, column] = pages
         self._page_count[rows] += missing
-        device = self.tables.device
-        flat = torch.from_numpy(owner * self.pages_per_seq + column).to(device)
-        self.tables.view(-1)[flat] = torch.from_numpy(pages.copy()).to(device)
+        # one upload, no stream sync (a pageable source is staged before the copy returns)
+        update = torch.from_numpy(np.stack([owner * self.pages_per_seq + column, pages])).to(self.tables.device,
+                                                                                             non_blocking=True)
+        self.tables.view(-1)[update[0]] = update[1].int()
 
     def _free_from(self, rows: np.ndarray, keep: np.ndarray | int) -> None:
         """Return to the free stack each row's pages past its first `keep`; they become the row's last."""
@@ -147,7 +148,7 @@ class PagedKVCache:
             return
         self._free_from(rows, 0)
         self.host_lengths[rows] = 0
-        self.lengths[torch.from_numpy(rows).to(self.lengths.device)] = 0
+        self.lengths[torch.from_numpy(rows).to(self.lengths.device, non_blocking=True)] = 0
 
     def pull_lengths(self) -> None:
         """Refresh the host mirror after device-side appends (the decode step's writes)."""
@@ -158,18 +159,18 @@ class PagedKVCache:
 
     # ---------------------------------------------------------------- device ops (graph-safe)
 
-    def append(self, rows: Tensor, k: Tensor, v: Tensor, pos: Tensor, write: Tensor, rank: Tensor | None = None) -> None:
-        """Append K/V (N, Hkv, D) of N tokens to cache `rows` (N,) where `write` (N,) is true.
-
-        Tokens of one row are appended in the order given; `rank` (N,) is each token's index among the
-        written tokens of its row (None: at most one token per row). Pages must have been reserved."""
+    def append_slots(self, rows: Tensor, pos: Tensor, rank: Tensor | None = None) -> Tensor:
+        """Eager appends of one phase: N tokens at positions pos (N,) to cache rows (J, N) of J layers that
+        hold the same tokens of each slot, several tokens of one row in the order given; rank (N,) is each
+        token's index among the tokens of its row (None: at most one per row). Pages must have been
+        reserved. Records the positions and lengths now and returns each append's flat page slot (J, N),
+        where the layer writes its K/V (`write_at` or the fused RoPE + K/V write) before it attends."""
         offset = self.lengths[rows].long() + (rank if rank is not None else 0)
-        page = self.tables[rows, (offset // self.page_size).clamp_max(self.pages_per_seq - 1)].long()
-        flat = torch.where(write, page * self.page_size + offset % self.page_size, 0)  # masked -> trash page
-        self.k.view(-1, *self.k.shape[2:]).index_copy_(0, flat, k.to(self.k.dtype))
-        self.v.view(-1, *self.v.shape[2:]).index_copy_(0, flat, v.to(self.v.dtype))
-        self.pos.view(-1).index_copy_(0, flat, pos.to(torch.int32))
-        self.lengths.index_add_(0, rows, write.to(torch.int32))
+        page = self.tables.view(-1)[rows * self.pages_per_seq + offset // self.page_size].long()
+        flat = page * self.page_size + offset % self.page_size
+        self.pos.view(-1).index_copy_(0, flat.flatten(), pos.to(torch.int32).expand_as(flat).flatten())
+        self.lengths.index_add_(0, rows.flatten(), torch.ones_like(rows.flatten(), dtype=torch.int32))
+        return flat
 
     def plan_appends(self, rows: Tensor, write: Tensor, attend: Tensor) -> tuple[Tensor, Tensor]:
         """For a fixed-shape step: rows (J, N) cache rows of J layers × N tokens, at most one token per cache

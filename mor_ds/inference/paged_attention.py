@@ -4,8 +4,8 @@
   sequence; its own K/V already appended). Fixed shapes, no host sync: CUDA-graph safe. On CUDA a
   Triton kernel reads only the `length` cached tokens of each row; elsewhere a PyTorch version gathers
   the pages (the oracle for the kernel).
-- `prefill_attention`: several queries per cache row (a prompt chunk), causal by original position,
-  through the model's attention entry point (reference / SDPA).
+- `PrefillAttention`: several queries per cache row (a prompt chunk), causal by original position, for
+  the layers of one phase (mask and page lists built once; SDPA per layer).
 Rows with length 0 (masked rows in a fixed-shape step) return zeros.
 """
 
@@ -15,9 +15,10 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from mor_ds.attention import PAD_POS, attention
+from mor_ds.attention.reference import PAD_POS, visibility_mask
 from mor_ds.inference.kv_cache import PagedKVCache
 
 try:  # Triton is optional on CPU-only installs
@@ -120,19 +121,35 @@ def decode_attention(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tens
     return decode_attention_torch(q, cache, rows, lengths)
 
 
-def prefill_attention(q: Tensor, q_pos: Tensor, cache: PagedKVCache, run_rows: Tensor, run_of: Tensor, rank: Tensor,
-                      width: int, max_len: int, backend: str = "auto") -> Tensor:
-    """q (N, Hq, D) at positions q_pos (N,): several queries per cache row. run_rows (R,) the cache rows,
-    run_of / rank (N,) each query's run and rank in it, width = the longest run, max_len = the longest
-    cached row (host-known, so no sync). Key j is visible iff its position <= the query's (the queries'
-    own K/V already appended)."""
-    runs = len(run_rows)
-    k, v, kv_pos = _gather_pages(cache, run_rows, -(-max_len // cache.page_size))
-    filled = torch.arange(kv_pos.shape[1], device=q.device) < cache.lengths[run_rows, None]
-    kv_pos = torch.where(filled, kv_pos.long(), PAD_POS)
-    dense_q = q.new_zeros(runs, width, *q.shape[1:])
-    dense_q[run_of, rank] = q
-    dense_pos = torch.zeros(runs, width, dtype=torch.long, device=q.device)
-    dense_pos[run_of, rank] = q_pos
-    out = attention(dense_q.transpose(1, 2), k, v, q_pos=dense_pos, kv_pos=kv_pos, backend=backend)
-    return out.transpose(1, 2)[run_of, rank]
+class PrefillAttention:
+    """Several queries per cache row (prompt chunks), causal by original position, for the J layers of one
+    phase. The layers of a phase hold the same tokens of each slot, so which cached key each query sees is
+    the same for all of them: the visibility mask and every layer's page list are built once per phase,
+    and each layer gathers its pages and runs SDPA over the runs padded to the longest (`width`).
+
+    q_pos (N,) the queries' positions; rows (J, R) the cache rows each layer reads, one per run of
+    queries; run_of / rank (N,) each query's run and rank in it; max_len = the longest cached row
+    (host-known, so no sync). Key j is visible iff its position <= the query's (the queries' own K/V
+    are appended before the layer attends)."""
+
+    def __init__(self, q_pos: Tensor, cache: PagedKVCache, rows: Tensor, run_of: Tensor, rank: Tensor, width: int,
+                 max_len: int):
+        self.cache, self.run_of, self.rank, self.width = cache, run_of, rank, width
+        self.pages = cache.tables[rows, :-(-max_len // cache.page_size)].long()  # (J, R, P)
+        kv_pos = cache.pos[self.pages[0]].flatten(1)  # (R, T)
+        filled = torch.arange(kv_pos.shape[1], device=q_pos.device) < cache.lengths[rows[0], None]
+        kv_pos = torch.where(filled, kv_pos.long(), PAD_POS)
+        dense_pos = torch.zeros(rows.shape[1], width, dtype=torch.long, device=q_pos.device)
+        dense_pos[run_of, rank] = q_pos
+        self.mask = visibility_mask(dense_pos, kv_pos)  # (R, 1, width, T); padded queries see every key
+
+    def __call__(self, q: Tensor, layer: int) -> Tensor:
+        """q (N, Hq, D) of the phase's layer `layer` -> attention output (N, Hq, D)."""
+        pages = self.pages[layer]
+        k = self.cache.k[pages].flatten(1, 2).transpose(1, 2)  # (R, Hkv, T, D)
+        v = self.cache.v[pages].flatten(1, 2).transpose(1, 2)
+        dense_q = q.new_zeros(pages.shape[0], self.width, *q.shape[1:])
+        dense_q[self.run_of, self.rank] = q
+        out = F.scaled_dot_product_attention(dense_q.transpose(1, 2), k, v, attn_mask=self.mask,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)[self.run_of, self.rank]

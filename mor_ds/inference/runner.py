@@ -13,6 +13,8 @@ Semantics are those of `CausalLM.forward(ids, routing="causal")`, token by token
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
-from mor_ds.inference.paged_attention import decode_attention, prefill_attention
+from mor_ds.inference.paged_attention import PrefillAttention, decode_attention
 from mor_ds.models.block import rope_cos_sin
 from mor_ds.models.model import CausalLM
 from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
@@ -127,43 +129,17 @@ class InferenceModel:
             return x.addmm_(self._silu_mul(F.linear(h, self.gate_up_weight[layer_id])), block.mlp.down_proj.weight.t())
         return x + block.mlp(h)
 
-    def layer_eager(self, layer_id: int, step: int, x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor,
-                    cache: PagedKVCache, rs: "RowSet", active: Tensor | None = None) -> Tensor:
-        """Eager path: every row appends its K/V (reserving pages) unless KV sharing skips it; several rows
-        of one slot attend causally by position (prefill), one row per slot reads its whole cache.
-        active (N,) bool: a masked recursion step (`_recursion`): only active rows append, into pages
-        reserved up front, and the host learns the cache lengths after the forward; inactive rows compute
-        values that the caller discards."""
-        group = self.layout.read_group(layer_id, step)
-        host_rows = group * cache.max_slots + rs.run_slots
-        rows = group * cache.max_slots + rs.slots
-
-        def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
-            if k is not None and active is None:
-                cache.reserve(host_rows, rs.counts)
-                cache.append(rows, k, v, pos, rs.all_rows, rs.rank)
-                cache.host_lengths[host_rows] += rs.counts
-            elif k is not None:
-                cache.append(rows, k, v, pos, active, rs.rank_among(active))
-            if rs.width == 1:
-                return decode_attention(q, cache, rows, cache.lengths[rows], backend=self.decode_backend)
-            longest = cache.host_lengths[host_rows] + (rs.counts if active is not None else 0)  # host bound
-            return prefill_attention(q, pos, cache, group * cache.max_slots + rs.run_slots_dev, rs.run_of, rs.rank,
-                                     rs.width, int(longest.max()), backend=self.model.layers[layer_id].attn.backend)
-
-        return self._block(layer_id, x, rope, self.layout.writes(step), attend)
-
-    def layer_masked(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], cache: PagedKVCache,
-                     rows: Tensor, flat: Tensor | None, attend_len: Tensor) -> Tensor:
-        """Fixed-shape path (one row per slot, graph-safe), with the appends planned by
-        `PagedKVCache.plan_appends`: K/V written to slots `flat` (None = no K/V projected), attention over
-        `attend_len` cached tokens of cache row `rows` (0 = no attention)."""
-        def attend(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
+    def layer_rows(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], cache: PagedKVCache,
+                   flat: Tensor | None, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        """One decoder block on rows x (N, d) whose cache appends are planned: K/V written to the flat page
+        slots `flat` (N,) (None = no K/V projected: KV sharing at r >= 1), then `attend(q)` reads the cache.
+        Shape-static and sync-free, so the fixed-shape tick can run it inside a CUDA graph."""
+        def attend_kv(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
             if k is not None:  # unfused weights: RoPE and the K/V write were not fused
                 cache.write_at(flat, k, v)
-            return decode_attention(q, cache, rows, attend_len, backend=self.decode_backend)
+            return attend(q)
 
-        return self._block(layer_id, x, rope, flat is not None, attend, None if flat is None else (cache, flat))
+        return self._block(layer_id, x, rope, flat is not None, attend_kv, None if flat is None else (cache, flat))
 
     # ------------------------------------------------------------------ routing
 
@@ -201,57 +177,100 @@ class InferenceModel:
         """Run whole tokens (N,) of sequences in `slots` (host array) at positions `pos` through the model,
         appending their K/V; returns the final hidden states after the last norm (N, d). Rows of one slot
         must be consecutive and in position order: several rows per slot (prefill) attend causally.
+        Host syncs: one per MoR recursion step (which rows go on), none otherwise.
         stats: optional dict; stats["depth"] (Nr+1,) accumulates how many tokens ran 0…Nr steps."""
         h = self.model.embed(tokens)
         rope = self.rope(pos)
         everyone = RowSet(np.asarray(slots), self.device)
-        for layer_id in self.plan.prelude:
-            h = self.layer_eager(layer_id, 0, h, rope, pos, cache, everyone)
+        h = self._phase([(l, 0) for l in self.plan.prelude], h, rope, pos, cache, everyone)
         if not self.mor:
-            for layer_id, step in self.plan.recursive_part:
-                h = self.layer_eager(layer_id, step, h, rope, pos, cache, everyone)
+            for keys in self._phases(self.plan.recursive_part):
+                h = self._phase(keys, h, rope, pos, cache, everyone)
         else:
             h = self._recursion(h, rope, pos, cache, everyone, stats)
-        for layer_id in self.plan.coda:
-            h = self.layer_eager(layer_id, 0, h, rope, pos, cache, everyone)
+        h = self._phase([(l, 0) for l in self.plan.coda], h, rope, pos, cache, everyone)
         return self.model.norm(h)
 
-    def _recursion(self, h: Tensor, rope, pos: Tensor, cache: PagedKVCache, everyone: "RowSet",
-                   stats: dict | None) -> Tensor:
-        """The recursion steps over every row at fixed width, masked by who is still active: no host sync
-        per step. Pages for every depth cache are reserved for the whole run up front (the worst case, as
-        admission budgets it); one device-to-host copy of the lengths after the last step lets the host
-        free what the depths did not fill."""
-        S = cache.max_slots
-        written = np.concatenate([self.layout.read_group(layer_id, step) * S + everyone.run_slots
-                                  for step in range(self.num_recursions) if self.layout.writes(step)
-                                  for layer_id in self.block])
-        cache.reserve(written, np.tile(everyone.counts, len(written) // max(1, len(everyone.run_slots))))
-        active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        steps_run = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    @staticmethod
+    def _phases(keys: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Split unrolled positions (layer id, step) into runs of one step: the layers of a run hold the
+        same tokens of each slot (under KV sharing, steps r >= 1 write nothing and read step 0's caches)."""
+        runs: list[list[tuple[int, int]]] = []
+        for key in keys:
+            if runs and runs[-1][-1][1] == key[1]:
+                runs[-1].append(key)
+            else:
+                runs.append([key])
+        return runs
+
+    def _phase(self, keys: list[tuple[int, int]], x: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor,
+               cache: PagedKVCache, rs: "RowSet") -> Tensor:
+        """The layers `keys` (layer id, step) of one phase on rows x (N, d) of `rs`. They hold the same
+        tokens of each slot, so the pages are reserved, the appends planned and the lengths and positions
+        recorded once for the phase (one table upload, no sync); each layer then writes its K/V (fused with
+        RoPE) and attends: several rows of a slot causally by position (prefill), one row per slot over
+        its whole cache (decode)."""
+        if not keys:
+            return x
+        S, dev = cache.max_slots, self.device
+        groups = np.array([self.layout.read_group(l, r) for l, r in keys])
+        host_rows = (groups[:, None] * S + rs.run_slots).ravel()  # (J·R,)
+        rows = torch.from_numpy(groups).to(dev, non_blocking=True)[:, None] * S  # (J, 1) -> (J, N) below
+        flat = None
+        if self.layout.writes(keys[0][1]):
+            counts = np.tile(rs.counts, len(keys))
+            cache.reserve(host_rows, counts)
+            flat = cache.append_slots(rows + rs.slots, pos, rs.rank)
+            cache.host_lengths[host_rows] += counts
+        if rs.width == 1:
+            cache_rows = rows + rs.slots
+            lengths = cache.lengths[cache_rows]
+            attend = [lambda q, j=j: decode_attention(q, cache, cache_rows[j], lengths[j], self.decode_backend)
+                      for j in range(len(keys))]
+        else:
+            prefill = PrefillAttention(pos, cache, rows + rs.run_slots_dev, rs.run_of, rs.rank, rs.width,
+                                       int(cache.host_lengths[host_rows].max()))
+            attend = [lambda q, j=j: prefill(q, j) for j in range(len(keys))]
+        for j, (layer_id, _) in enumerate(keys):
+            x = self.layer_rows(layer_id, x, rope, cache, None if flat is None else flat[j], attend[j])
+        return x
+
+    def _recursion(self, h: Tensor, rope: tuple[Tensor, Tensor], pos: Tensor, cache: PagedKVCache,
+                   everyone: "RowSet", stats: dict | None) -> Tensor:
+        """The recursion steps, each on the rows still in it (compacted, so a token runs the shared block
+        only at the depths it reaches): one host sync per step learns which rows go on (expert choice:
+        step r's decision; token choice: the depth, read once), so each depth cache gets exactly its
+        tokens' pages and the host knows every length."""
+        dev, n = self.device, h.shape[0]
+        idx = np.arange(n)  # rows in the recursion
+        steps_run = np.zeros(n, dtype=np.int64)
         if self.token_choice:
             depth, weight = self.token_choice_depth(h)
+            depth_host = depth.cpu().numpy()
         for step in range(self.num_recursions):
+            at = torch.from_numpy(idx).to(dev, non_blocking=True)
+            x = h[at]
             if self.expert_choice:
-                logits, decide = self.router_logits(h, step)
-                active = active & (decide > 0)
+                logits, decide = self.router_logits(x, step)
+                keep = np.flatnonzero((decide > 0).cpu().numpy())
                 gate = self.router_weight(logits)
             else:
-                active = depth >= step
-                gate = weight
-            y = h
-            for layer_id in self.block:
-                y = self.layer_eager(layer_id, step, y, rope, pos, cache, everyone, active)
+                keep = np.flatnonzero(depth_host[idx] >= step)
+                gate = weight[at]
+            if not len(keep):
+                break
+            if len(keep) < len(idx):
+                sel = torch.from_numpy(keep).to(dev, non_blocking=True)
+                idx, at, x, gate = idx[keep], at[sel], x[sel], gate[sel]
+            y = self._phase([(l, step) for l in self.block], x, (rope[0][at], rope[1][at]), pos[at], cache,
+                            RowSet(everyone.host_slots[idx], dev))
             if self.scale_output:
-                scaled = self.scaled(h, y, gate)
-                y = scaled if self.expert_choice else torch.where((depth == step)[:, None], scaled, y)
-            h = torch.where(active[:, None], y, h)
-            steps_run += active
-        cache.host_lengths[written] = cache.lengths[torch.from_numpy(written).to(h.device)].cpu().numpy()
-        cache.trim(written)
+                scaled = self.scaled(x, y, gate)
+                y = scaled if self.expert_choice else torch.where((depth[at] == step)[:, None], scaled, y)
+            h.index_copy_(0, at, y)
+            steps_run[idx] += 1
         if stats is not None:
-            counts = torch.bincount(steps_run, minlength=self.num_recursions + 1).cpu()
-            stats["depth"] = stats.get("depth", 0) + counts
+            stats["depth"] = stats.get("depth", 0) + np.bincount(steps_run, minlength=self.num_recursions + 1)
         return h
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -259,29 +278,19 @@ class InferenceModel:
 
 
 class RowSet:
-    """Rows of the eager path grouped by slot, known on the host (so no layer needs a host sync):
-    runs of consecutive rows of one slot, their lengths, and each row's rank within its run."""
+    """Rows of the eager path grouped by slot, known on the host (so no layer needs a host sync): runs
+    of consecutive rows of one slot, their lengths, and each row's rank within its run; the device
+    copies come in one upload."""
 
     def __init__(self, slots: np.ndarray, device: torch.device):
         self.host_slots = slots
-        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if len(slots) else np.zeros(0, dtype=np.int64)
-        self.counts = np.diff(np.r_[starts, len(slots)])
+        n = len(slots)
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if n else np.zeros(0, dtype=np.int64)
+        self.counts = np.diff(np.r_[starts, n])
         self.run_slots = slots[starts]
-        self.width = int(self.counts.max()) if len(slots) else 0
-        self.slots = torch.from_numpy(slots).to(device)
-        self.all_rows = torch.ones(len(slots), dtype=torch.bool, device=device)
-        if self.width > 1:
-            run_of = np.repeat(np.arange(len(starts)), self.counts)
-            self.run_of = torch.from_numpy(run_of).to(device)
-            self.rank: Tensor | None = torch.from_numpy(np.arange(len(slots)) - starts[run_of]).to(device)
-            self.run_slots_dev = torch.from_numpy(self.run_slots).to(device)
-            self.run_first = torch.from_numpy(starts[run_of]).to(device)  # each row's run's first row
-        else:
-            self.run_of = self.rank = self.run_slots_dev = self.run_first = None
-
-    def rank_among(self, mask: Tensor) -> Tensor | None:
-        """Each row's rank among the rows of its run where `mask` (N,) is true (None: one row per run)."""
-        if self.width == 1:
-            return None
-        before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each row, over all runs
-        return before - before[self.run_first]
+        self.width = int(self.counts.max()) if n else 0
+        run_of = np.repeat(np.arange(len(starts)), self.counts)
+        packed = torch.from_numpy(np.concatenate([slots, run_of, np.arange(n) - starts[run_of], self.run_slots])
+                                  .astype(np.int64)).to(device, non_blocking=True)
+        self.slots, self.run_of, rank, self.run_slots_dev = packed.split([n, n, n, len(starts)])
+        self.rank: Tensor | None = rank if self.width > 1 else None
