@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MoR at the memory-bound batches: also measure these width fractions (rows *_w<f>)")
     parser.add_argument("--profile-ticks", type=int, default=0,
                         help="after each timed run, profile this many steady-state ticks (top kernels by device time)")
+    parser.add_argument("--profile-prefill", type=int, default=0,
+                        help="after each timed run, time and profile this many admission prefills of the run's "
+                             "size (wall per call; top ops by self CPU time and by device time)")
     parser.add_argument("--check", action="store_true",
                         help="first check the CUDA-graph engine against generate() of each request (tiny fp32 models)")
     parser.add_argument("--kernel-timing", action="store_true",
@@ -397,7 +400,8 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "tokens_per_s": round(st.tokens / wall, 1),
         "decode_tokens_per_s": round(decode_tokens / st.decode_s, 1) if st.decode_s else None,
         "prefill_s": round(st.prefill_s, 3), "decode_s": round(st.decode_s, 3), "ticks": st.ticks,
-        "prefills": st.prefills, "admit_batch": engine.admit_batch,
+        "prefills": st.prefills, "prefill_ms_per_call": round(st.prefill_s / max(1, st.prefills) * 1e3, 2),
+        "prefill_tokens_per_call": round(st.prefill_tokens / max(1, st.prefills), 1), "admit_batch": engine.admit_batch,
         "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
@@ -411,6 +415,11 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     }
     if graph_error:
         out["cuda_graph_error"] = graph_error
+    if args.profile_prefill:  # on the idle engine, before the tick profile leaves requests in flight
+        try:
+            out["prefill_profile"] = profile_prefills(engine, tokens, args, args.profile_prefill)
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the row
+            out["prefill_profile"] = f"{type(exc).__name__}: {exc}"
     if args.profile_ticks and device.type == "cuda":
         try:
             out["profile"] = profile_ticks(engine, make_requests(slots, tokens, args, seed=slots + 1), args.profile_ticks)
@@ -445,6 +454,53 @@ def profile_ticks(engine, requests: list, ticks: int) -> dict:
             "kernels_per_tick": round(sum(e.count for e in events) / ticks, 1),
             "top": [{"name": e.key[:90], "ms_per_tick": round(e.device_time_total / ticks / 1e3, 3),
                      "calls_per_tick": round(e.count / ticks, 1)} for e in events[:15]]}
+
+
+def profile_prefills(engine, tokens: np.ndarray, args, calls: int) -> dict:
+    """`calls` admissions of the timed run's size (an admission batch of prompts, split at prefill_rows) on
+    the idle engine, each followed by releasing its slots: wall per call (median; each call ends in the
+    first tokens' device-to-host copy, so device work is inside), then the same under torch.profiler: top
+    ops by self CPU time (Python dispatch, launches, syncs), top kernels by device time, syncs per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = max(1, min(engine.admit_batch, engine.prefill_rows // args.prompt_len, engine.max_slots))
+    seeds = iter(range(10_000, 20_000))
+
+    def admit() -> float:
+        for r in make_requests(prompts, tokens, args, seed=next(seeds)):
+            engine.add(r)
+        start = time.perf_counter()
+        engine._admit()
+        wall = time.perf_counter() - start
+        engine._release(np.flatnonzero(engine.live))
+        return wall
+
+    admit()  # this size's first call
+    walls = [admit() for _ in range(calls)]
+    cuda = engine.im.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            admit()
+    events = list(prof.key_averages())
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", 0) or 0
+
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                       "cudaEventSynchronize", "cudaMemcpy"))
+    return {"calls": calls, "prompts_per_call": prompts, "tokens_per_call": prompts * args.prompt_len,
+            "wall_ms_per_call": round(float(np.median(walls)) * 1e3, 2),
+            "wall_ms_min": round(min(walls) * 1e3, 2),
+            "host_self_ms_per_call": round(sum(e.self_cpu_time_total for e in events) / calls / 1e3, 2),
+            "device_ms_per_call": round(sum(map(device_us, kernels)) / calls / 1e3, 2),
+            "kernels_per_call": round(sum(e.count for e in kernels) / calls, 1),
+            "syncs_per_call": round(syncs / calls, 1),
+            "top_self_cpu": [{"name": e.key[:80], "ms_per_call": round(e.self_cpu_time_total / calls / 1e3, 3),
+                              "calls_per_call": round(e.count / calls, 1)} for e in by_cpu[:12]],
+            "top_device": [{"name": e.key[:80], "ms_per_call": round(device_us(e) / calls / 1e3, 3),
+                            "calls_per_call": round(e.count / calls, 1)} for e in kernels[:10]]}
 
 
 def max_slots_for(model, im_depth: list[float], args, device, cap: int) -> tuple[int, int]:
@@ -561,7 +617,7 @@ def print_table(results: dict) -> None:
                 if key.startswith("batch_") and "tokens_per_s" in row:
                     base.setdefault(key, row)
     print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
-          f"{'prefill s':>9} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} {'waits':>6} "
+          f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} {'waits':>6} "
           f"depth (0..Nr steps)")
     for m in results["models"]:
         if "error" in m or "skipped" in m:
@@ -575,7 +631,7 @@ def print_table(results: dict) -> None:
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
                   f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {row['prefill_s']:>9.2f} "
-                  f"{row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} {row['tick_floor_ms']:>6.2f} "
+                  f"{row.get('prefill_ms_per_call', 0):>6.1f} {row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} {row['tick_floor_ms']:>6.2f} "
                   f"{row['tokens_per_tick']:>8.1f} {row.get('coda_width', ''):>5} {row.get('waits_per_token', ''):>6} "
                   f"{row['depth_fractions']}")
         if "causal_depth_held_out" in m:

@@ -125,7 +125,7 @@ class PrefillAttention:
     """Several queries per cache row (prompt chunks), causal by original position, for the J layers of one
     phase. The layers of a phase hold the same tokens of each slot, so which cached key each query sees is
     the same for all of them: the visibility mask and every layer's page list are built once per phase,
-    and each layer gathers its pages and runs SDPA over the runs padded to the longest (`width`).
+    and each layer gathers its pages and runs SDPA (masked) over the runs padded to the longest (`width`).
 
     q_pos (N,) the queries' positions; rows (J, R) the cache rows each layer reads, one per run of
     queries; run_of / rank (N,) each query's run and rank in it; max_len = the longest cached row
@@ -146,10 +146,12 @@ class PrefillAttention:
     def __call__(self, q: Tensor, layer: int) -> Tensor:
         """q (N, Hq, D) of the phase's layer `layer` -> attention output (N, Hq, D)."""
         pages = self.pages[layer]
-        k = self.cache.k[pages].flatten(1, 2).transpose(1, 2)  # (R, Hkv, T, D)
-        v = self.cache.v[pages].flatten(1, 2).transpose(1, 2)
+        groups = q.shape[1] // self.cache.k.shape[2]
+        # (R, Hq, T, D): K/V heads repeated for their query heads, since SDPA's memory-efficient kernel (the
+        # one that takes a mask) does no GQA; with enable_gqa it would fall back to the math path
+        k = self.cache.k[pages].flatten(1, 2).transpose(1, 2).repeat_interleave(groups, dim=1)
+        v = self.cache.v[pages].flatten(1, 2).transpose(1, 2).repeat_interleave(groups, dim=1)
         dense_q = q.new_zeros(pages.shape[0], self.width, *q.shape[1:])
         dense_q[self.run_of, self.rank] = q
-        out = F.scaled_dot_product_attention(dense_q.transpose(1, 2), k, v, attn_mask=self.mask,
-                                             enable_gqa=k.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(dense_q.transpose(1, 2), k, v, attn_mask=self.mask)
         return out.transpose(1, 2)[self.run_of, self.rank]
