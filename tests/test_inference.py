@@ -242,6 +242,10 @@ def test_recursion_wise_cache_holds_only_tokens_that_reached_each_depth():
     assert held == reached and reached[0] > reached[1] > reached[2] > 0
     used_pages = cache.num_pages - 1 - cache.free_pages
     assert used_pages < im.layout.num_groups * 10  # fewer pages than every cache holding all 40 tokens
+    # each recursion step ran on the rows still in it: every depth cache got exactly its tokens' pages, and
+    # the host knows every length without reading the device's
+    assert np.array_equal(cache.host_lengths, cache.lengths.numpy())
+    assert used_pages == int((-(-cache.host_lengths // 4)).sum())
 
 
 def test_kv_sharing_keeps_one_cache_per_shared_layer():

@@ -127,35 +127,17 @@ class PagedKVCache:
                                                                                              non_blocking=True)
         self.tables.view(-1)[update[0]] = update[1].int()
 
-    def _free_from(self, rows: np.ndarray, keep: np.ndarray | int) -> None:
-        """Return to the free stack each row's pages past its first `keep`; they become the row's last."""
-        columns = np.arange(self.pages_per_seq)[None, :]
-        keep = np.broadcast_to(keep, rows.shape)
-        freed = self._tables[rows][(columns >= keep[:, None]) & (columns < self._page_count[rows][:, None])]
-        self._free[self._free_top:self._free_top + len(freed)] = freed[::-1]  # the row's first page on top
-        self._free_top += len(freed)
-        self._page_count[rows] = np.minimum(self._page_count[rows], keep)
-
-    def trim(self, rows: np.ndarray) -> None:
-        """Free the pages of cache `rows` beyond what their `host_lengths` tokens fill (after a worst-case
-        reserve). Table entries past a row's pages are never read and are rewritten by the next reserve."""
-        self._free_from(rows, -(-self.host_lengths[rows] // self.page_size))
-
     def release(self, slots: np.ndarray | int) -> None:
         """Free every page of the slots (all groups) and empty their caches."""
         rows = (np.arange(self.layout.num_groups)[:, None] * self.max_slots + np.atleast_1d(slots)).ravel()
         if not len(rows):
             return
-        self._free_from(rows, 0)
+        freed = self._tables[rows][np.arange(self.pages_per_seq)[None, :] < self._page_count[rows][:, None]]
+        self._free[self._free_top:self._free_top + len(freed)] = freed[::-1]  # each row's first page on top
+        self._free_top += len(freed)
+        self._page_count[rows] = 0
         self.host_lengths[rows] = 0
         self.lengths[torch.from_numpy(rows).to(self.lengths.device, non_blocking=True)] = 0
-
-    def pull_lengths(self) -> None:
-        """Refresh the host mirror after device-side appends (the decode step's writes)."""
-        self.host_lengths[:] = self.lengths.cpu().numpy()
-
-    def used_tokens(self) -> int:
-        return int(self.host_lengths.sum())
 
     # ---------------------------------------------------------------- device ops (graph-safe)
 
