@@ -9,6 +9,11 @@ Semantics are those of `CausalLM.forward(ids, routing="causal")`, token by token
   one scaled by g.
 - Attention at step r: recursion-wise caching reads/writes the depth-r cache (only tokens that reached
   r); KV sharing at r >= 1 reads the step-0 cache of the same layer and projects no K/V.
+
+The eager path (`forward`: prefill, `generate`'s decode) runs *phases*: the layers of the prelude, of the
+coda, of the shared block at one step, of a vanilla stack hold the same tokens of each slot, so pages,
+append slots, cache lengths and the prefill mask are worked out once per phase; MoR steps run on the rows
+still in the recursion (one host sync per step, the only syncs of a call).
 """
 
 from __future__ import annotations
@@ -90,37 +95,6 @@ class InferenceModel:
 
     # ------------------------------------------------------------------ one decoder block on rows
 
-    def _block(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], project_kv: bool, attend,
-               write_kv: tuple[PagedKVCache, Tensor] | None = None) -> Tensor:
-        """DecoderBlock.forward on rows x (N, d); `attend(q, k, v)` (k, v None when not projected or already
-        written) does the cache work and returns the attention output (N, Hq, D). write_kv = (cache, flat
-        slots (N,)): RoPE and the K/V write in one fused step (fused weights only)."""
-        block = self.model.layers[layer_id]
-        attn = block.attn
-        n, hq, hkv, hd = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
-        a = block.attn_norm(x)
-        if self.fused and write_kv is not None:
-            cache, flat = write_kv
-            qkv = F.linear(a, self.qkv_weight[layer_id]).view(n, hq + 2 * hkv, hd)
-            q = self._rope_write_kv(qkv, rope, hq, cache.k.view(-1, hkv, hd), cache.v.view(-1, hkv, hd), flat)
-            return self._mlp(block, layer_id, x + attn.o_proj(attend(q, None, None).reshape(n, -1)))
-        v = None
-        if self.fused and project_kv:
-            qkv = F.linear(a, self.qkv_weight[layer_id]).view(n, hq + 2 * hkv, hd)
-            qk, v = qkv[:, :hq + hkv], qkv[:, hq + hkv:]
-        elif self.fused:  # KV sharing, r >= 1: queries only
-            qk = F.linear(a, self.qkv_weight[layer_id][:hq * hd]).view(n, hq, hd)
-        elif project_kv:
-            qk = torch.cat([attn.q_proj(a), attn.k_proj(a)], -1).view(n, hq + hkv, hd)
-            v = attn.v_proj(a).view(n, hkv, hd)
-        else:
-            qk = attn.q_proj(a).view(n, hq, hd)
-        half = hd // 2
-        qk = qk * rope[0] + torch.cat((qk[..., half:], qk[..., :half]), -1) * rope[1]
-        q, k = qk[:, :hq], (qk[:, hq:] if project_kv else None)
-        out = attend(q, k, v)
-        return self._mlp(block, layer_id, x + attn.o_proj(out.reshape(n, -1)))
-
     def _mlp(self, block, layer_id: int, x: Tensor) -> Tensor:
         """x + MLP(norm(x)); x is the block's own intermediate, so the fused path adds into it in the down
         projection's GEMM (addmm_, β = 1: no separate add kernel)."""
@@ -131,15 +105,30 @@ class InferenceModel:
 
     def layer_rows(self, layer_id: int, x: Tensor, rope: tuple[Tensor, Tensor], cache: PagedKVCache,
                    flat: Tensor | None, attend: Callable[[Tensor], Tensor]) -> Tensor:
-        """One decoder block on rows x (N, d) whose cache appends are planned: K/V written to the flat page
-        slots `flat` (N,) (None = no K/V projected: KV sharing at r >= 1), then `attend(q)` reads the cache.
+        """DecoderBlock.forward on rows x (N, d) whose cache appends are planned: K/V written to the flat
+        page slots `flat` (N,) (None = no K/V projected: KV sharing at r >= 1; RoPE and the write are one
+        fused step with fused weights), then `attend(q)` reads the cache and returns (N, Hq, D).
         Shape-static and sync-free, so the fixed-shape tick can run it inside a CUDA graph."""
-        def attend_kv(q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
-            if k is not None:  # unfused weights: RoPE and the K/V write were not fused
-                cache.write_at(flat, k, v)
-            return attend(q)
-
-        return self._block(layer_id, x, rope, flat is not None, attend_kv, None if flat is None else (cache, flat))
+        block = self.model.layers[layer_id]
+        attn = block.attn
+        n, hq, hkv, hd = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+        a = block.attn_norm(x)
+        if self.fused and flat is not None:
+            qkv = F.linear(a, self.qkv_weight[layer_id]).view(n, hq + 2 * hkv, hd)
+            q = self._rope_write_kv(qkv, rope, hq, cache.k.view(-1, hkv, hd), cache.v.view(-1, hkv, hd), flat)
+        else:
+            if self.fused:  # queries only
+                qk = F.linear(a, self.qkv_weight[layer_id][:hq * hd]).view(n, hq, hd)
+            elif flat is not None:
+                qk = torch.cat([attn.q_proj(a), attn.k_proj(a)], -1).view(n, hq + hkv, hd)
+            else:
+                qk = attn.q_proj(a).view(n, hq, hd)
+            half = hd // 2
+            qk = qk * rope[0] + torch.cat((qk[..., half:], qk[..., :half]), -1) * rope[1]
+            q = qk[:, :hq]
+            if flat is not None:
+                cache.write_at(flat, qk[:, hq:], attn.v_proj(a).view(n, hkv, hd))
+        return self._mlp(block, layer_id, x + attn.o_proj(attend(q).reshape(n, -1)))
 
     # ------------------------------------------------------------------ routing
 
