@@ -617,7 +617,8 @@ def print_table(results: dict) -> None:
                 if key.startswith("batch_") and "tokens_per_s" in row:
                     base.setdefault(key, row)
     print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
-          f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} {'waits':>6} "
+          f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} "
+          f"{'waits':>6} "
           f"depth (0..Nr steps)")
     for m in results["models"]:
         if "error" in m or "skipped" in m:
@@ -631,7 +632,8 @@ def print_table(results: dict) -> None:
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
                   f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {row['prefill_s']:>9.2f} "
-                  f"{row.get('prefill_ms_per_call', 0):>6.1f} {row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} {row['tick_floor_ms']:>6.2f} "
+                  f"{row.get('prefill_ms_per_call', 0):>6.1f} {row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} "
+                  f"{row['tick_floor_ms']:>6.2f} "
                   f"{row['tokens_per_tick']:>8.1f} {row.get('coda_width', ''):>5} {row.get('waits_per_token', ''):>6} "
                   f"{row['depth_fractions']}")
         if "causal_depth_held_out" in m:

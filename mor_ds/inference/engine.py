@@ -461,10 +461,11 @@ class Engine:
         flat, attend_len = cache.plan_appends(rows, write, attend)
         if self.im.kv_tokens_read is not None:
             self.im.kv_tokens_read += attend_len.sum()
+        backend = self.im.decode_backend
         for j, (layer_id, _) in enumerate(keys):
             writes = project[j] if project is not None else True
             x = self.im.layer_rows(layer_id, x, rope, cache, flat[j] if writes else None,
-                                   lambda q, j=j: decode_attention(q, cache, rows[j], attend_len[j], self.im.decode_backend))
+                                   lambda q, j=j: decode_attention(q, cache, rows[j], attend_len[j], backend))
         cache.commit_appends(rows, write, flat, pos)
         return x
 
