@@ -124,8 +124,9 @@ def decode_attention(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tens
 class PrefillAttention:
     """Several queries per cache row (prompt chunks), causal by original position, for the J layers of one
     phase. The layers of a phase hold the same tokens of each slot, so which cached key each query sees is
-    the same for all of them: the visibility mask and every layer's page list are built once per phase,
-    and each layer gathers its pages and runs SDPA (masked) over the runs padded to the longest (`width`).
+    the same for all of them: the visibility mask and every layer's K/V slots are worked out once per
+    phase, and each layer gathers its K/V and runs SDPA (masked) over the runs padded to the longest
+    (`width`).
 
     q_pos (N,) the queries' positions; rows (J, R) the cache rows each layer reads, one per run of
     queries; run_of / rank (N,) each query's run and rank in it; max_len = the longest cached row
@@ -133,25 +134,28 @@ class PrefillAttention:
     are appended before the layer attends)."""
 
     def __init__(self, q_pos: Tensor, cache: PagedKVCache, rows: Tensor, run_of: Tensor, rank: Tensor, width: int,
-                 max_len: int):
-        self.cache, self.run_of, self.rank, self.width = cache, run_of, rank, width
-        self.pages = cache.tables[rows, :-(-max_len // cache.page_size)].long()  # (J, R, P)
-        kv_pos = cache.pos[self.pages[0]].flatten(1)  # (R, T)
-        filled = torch.arange(kv_pos.shape[1], device=q_pos.device) < cache.lengths[rows[0], None]
+                 max_len: int, num_heads: int):
+        self.cache, self.run_of, self.rank = cache, run_of, rank
+        dev, page = q_pos.device, cache.page_size
+        pages = cache.tables[rows, :-(-max_len // page)].long()  # (J, R, P)
+        self.kv_slots = (pages[..., None] * page + torch.arange(page, device=dev)).flatten(2)  # (J, R, T)
+        # each query head's K/V head (GQA), so one gather yields (R, T, Hq, D): SDPA's memory-efficient kernel
+        # (the one that takes a mask) does no GQA, and with enable_gqa it would fall back to the math path
+        self.heads = torch.arange(num_heads, device=dev) // (num_heads // cache.k.shape[2])
+        kv_pos = cache.pos.view(-1)[self.kv_slots[0]]  # (R, T)
+        filled = torch.arange(kv_pos.shape[1], device=dev) < cache.lengths[rows[0], None]
         kv_pos = torch.where(filled, kv_pos.long(), PAD_POS)
-        dense_pos = torch.zeros(rows.shape[1], width, dtype=torch.long, device=q_pos.device)
+        runs = rows.shape[1]
+        dense_pos = torch.zeros(runs, width, dtype=torch.long, device=dev)
         dense_pos[run_of, rank] = q_pos
         self.mask = visibility_mask(dense_pos, kv_pos)  # (R, 1, width, T); padded queries see every key
+        self.dense_rows = torch.zeros(runs, width, dtype=torch.long, device=dev)  # padded places read row 0
+        self.dense_rows[run_of, rank] = torch.arange(len(q_pos), device=dev)
 
     def __call__(self, q: Tensor, layer: int) -> Tensor:
         """q (N, Hq, D) of the phase's layer `layer` -> attention output (N, Hq, D)."""
-        pages = self.pages[layer]
-        groups = q.shape[1] // self.cache.k.shape[2]
-        # (R, Hq, T, D): K/V heads repeated for their query heads, since SDPA's memory-efficient kernel (the
-        # one that takes a mask) does no GQA; with enable_gqa it would fall back to the math path
-        k = self.cache.k[pages].flatten(1, 2).transpose(1, 2).repeat_interleave(groups, dim=1)
-        v = self.cache.v[pages].flatten(1, 2).transpose(1, 2).repeat_interleave(groups, dim=1)
-        dense_q = q.new_zeros(pages.shape[0], self.width, *q.shape[1:])
-        dense_q[self.run_of, self.rank] = q
-        out = F.scaled_dot_product_attention(dense_q.transpose(1, 2), k, v, attn_mask=self.mask)
+        at = (self.kv_slots[layer][..., None], self.heads)
+        k = self.cache.k.view(-1, *self.cache.k.shape[2:])[at].transpose(1, 2)  # (R, Hq, T, D)
+        v = self.cache.v.view(-1, *self.cache.v.shape[2:])[at].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[self.dense_rows].transpose(1, 2), k, v, attn_mask=self.mask)
         return out.transpose(1, 2)[self.run_of, self.rank]

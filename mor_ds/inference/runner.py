@@ -218,7 +218,7 @@ class InferenceModel:
                       for j in range(len(keys))]
         else:
             prefill = PrefillAttention(pos, cache, rows + rs.run_slots_dev, rs.run_of, rs.rank, rs.width,
-                                       int(cache.host_lengths[host_rows].max()))
+                                       int(cache.host_lengths[host_rows].max()), self.cfg.num_heads)
             attend = [lambda q, j=j: prefill(q, j) for j in range(len(keys))]
         for j, (layer_id, _) in enumerate(keys):
             x = self.layer_rows(layer_id, x, rope, cache, None if flat is None else flat[j], attend[j])
