@@ -21,7 +21,8 @@ of the next token included:
 After a tick one device-to-host copy brings back the slots that got a token, the tokens, the recursion
 state and the cache lengths (sampled requests — temperature > 0 — redo head and sampling eagerly on the
 tick's final hidden rows). Between ticks the host appends the tokens, retires finished requests (freeing
-their pages), admits queued requests into free slots (a batched prefill through the same modules),
+their pages), admits queued requests into free slots (a batched eager prefill through the same modules:
+phase by phase, MoR steps on the rows still in the recursion, one host sync per call plus one per step),
 reserves pages for the next tick and uploads the slots' positions and states in one copy. Admission
 waits until `admit_batch` slots are free (or the queue is that short, or nothing is live): a prefill
 costs about the same for one prompt as for many (launch-bound), so prefilling one request per tick as
