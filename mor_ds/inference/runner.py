@@ -166,7 +166,8 @@ class InferenceModel:
         """Run whole tokens (N,) of sequences in `slots` (host array) at positions `pos` through the model,
         appending their K/V; returns the final hidden states after the last norm (N, d). Rows of one slot
         must be consecutive and in position order: several rows per slot (prefill) attend causally.
-        Host syncs: one per MoR recursion step (which rows go on), none otherwise.
+        Host syncs: MoR expert choice one per recursion step (which rows go on), token choice one (the
+        depths), none otherwise.
         stats: optional dict; stats["depth"] (Nr+1,) accumulates how many tokens ran 0…Nr steps."""
         h = self.model.embed(tokens)
         rope = self.rope(pos)
