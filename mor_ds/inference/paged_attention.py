@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mor_ds.attention.reference import PAD_POS, visibility_mask
 from mor_ds.inference.kv_cache import PagedKVCache
@@ -121,6 +123,13 @@ def decode_attention(q: Tensor, cache: PagedKVCache, rows: Tensor, lengths: Tens
     return decode_attention_torch(q, cache, rows, lengths)
 
 
+# On CUDA the masked prefill SDPA runs the memory-efficient kernel: SDPA's first choice for a masked call on Hopper,
+# cuDNN attention, builds an execution plan for every new shape — ~1.5 ms of host time per layer call, paid on every
+# prefill as MoR's compacted recursion steps change their widths. The memory-efficient kernel takes the same mask with
+# no per-shape setup.
+MASKED_PREFILL_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class PrefillAttention:
     """Several queries per cache row (prompt chunks), causal by original position, for the J layers of one
     phase. The layers of a phase hold the same tokens of each slot, so which cached key each query sees is
@@ -157,5 +166,6 @@ class PrefillAttention:
         at = (self.kv_slots[layer][..., None], self.heads)
         k = self.cache.k.view(-1, *self.cache.k.shape[2:])[at].transpose(1, 2)  # (R, Hq, T, D)
         v = self.cache.v.view(-1, *self.cache.v.shape[2:])[at].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q[self.dense_rows].transpose(1, 2), k, v, attn_mask=self.mask)
+        with sdpa_kernel(MASKED_PREFILL_BACKENDS) if q.is_cuda else nullcontext():
+            out = F.scaled_dot_product_attention(q[self.dense_rows].transpose(1, 2), k, v, attn_mask=self.mask)
         return out.transpose(1, 2)[self.run_of, self.rank]
