@@ -24,14 +24,11 @@ DeepSpeed's step; a group whose options change to unsupported ones falls back fo
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import torch
 
-
-def _interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from mor_ds.kernels.interpreter_compat import interpreter_active
 
 
 def unsupported_reason(optimizer: Any) -> str | None:
@@ -56,7 +53,7 @@ def unsupported_reason(optimizer: Any) -> str | None:
     for i, fp32 in enumerate(optimizer.single_partition_of_fp32_groups):
         if client.param_groups[i]["params"] != [fp32] or fp32.dtype != torch.float32:
             return "needs one fp32 master partition per parameter group"
-        if fp32.device.type != "cuda" and not _interpreter_active():
+        if fp32.device.type != "cuda" and not interpreter_active():
             return "needs CUDA (or TRITON_INTERPRET=1)"
         reason = _group_reason(client.param_groups[i])
         if reason:
