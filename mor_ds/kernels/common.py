@@ -107,6 +107,21 @@ def zero_inactive_rows(ptr, stride_s, row_map, chunk, full_len,
 
 
 @triton.jit
+def load_row_tile(ptr, rows, valid, stride_s, HEAD_DIM: tl.constexpr):
+    """(len(rows), HEAD_DIM) tile of one (sequence, head) at memory rows `rows`; zeros where not `valid`."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride_s + offs_d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def key_side(K, V, KPOS, KDOC, KROWS, b64, kvh, k_base, stride_kb, stride_kh, stride_vb, stride_vh):
+    """What a query block's key loop reads: K and V of KV head `kvh` of sequence b, and the sequence's key
+    positions, document ids and memory rows."""
+    return (K + b64 * stride_kb + kvh * stride_kh, V + b64 * stride_vb + kvh * stride_vh,
+            KPOS + k_base, KDOC + k_base, KROWS + k_base)
+
+
+@triton.jit
 def query_block_setup(
     qblk, b, QPOS, QDOC, QROWS, CUQ, CUK, RANGES, stride_ranges_b, seqlen_q, seqlen_k,
     BLOCK_M: tl.constexpr, HAS_DOC: tl.constexpr, VARLEN: tl.constexpr, Q_GATHER: tl.constexpr,

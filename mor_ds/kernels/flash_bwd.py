@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from mor_ds.kernels.common import (
-    PAD_POS, WIDTH_STRIDES, key_positions, load_docs, memory_rows, query_block_setup, query_positions, seq_bounds,
-    visible, zero_inactive_rows,
+    PAD_POS, WIDTH_STRIDES, key_positions, key_side, load_docs, load_row_tile, memory_rows, query_block_setup,
+    query_positions, seq_bounds, visible, zero_inactive_rows,
 )
 
 
@@ -139,10 +139,8 @@ def attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     n_valid = offs_n < k_len
     k_rows = memory_rows(KROWS + k_base, k_start, offs_n, n_valid, KV_GATHER)
-    k = tl.load(K + b64 * stride_kb + kvh * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
-    v = tl.load(V + b64 * stride_vb + kvh * stride_vh + k_rows[:, None] * stride_vs + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
+    k = load_row_tile(K + b64 * stride_kb + kvh * stride_kh, k_rows, n_valid, stride_ks, HEAD_DIM)
+    v = load_row_tile(V + b64 * stride_vb + kvh * stride_vh, k_rows, n_valid, stride_vs, HEAD_DIM)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -270,13 +268,9 @@ def attention_bwd_dq_kernel(
     q_start, offs_m, m_valid, m_store, q_rows, qp, qd, k_start, k_len, k_base, lo, a, b_end, hi = \
         query_block_setup(qblk, b, QPOS, QDOC, QROWS, CUQ, CUK, RANGES, stride_ranges_b, seqlen_q, seqlen_k,
                           BLOCK_M, HAS_DOC, VARLEN, Q_GATHER, Q_POS_IS_INDEX)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_d[None, :],
-                 mask=m_valid[:, None], other=0.0)
-    o = tl.load(O + b64 * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
+    q = load_row_tile(Q + b64 * stride_qb + h * stride_qh, q_rows, m_valid, stride_qs, HEAD_DIM)
+    do = load_row_tile(DO + b64 * stride_dob + h * stride_doh, q_rows, m_valid, stride_dos, HEAD_DIM)
+    o = load_row_tile(O + b64 * stride_ob + h * stride_oh, q_rows, m_valid, stride_os, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # Δ_i = Σ_d O_id·dO_id
     if UPCAST:
         q = q.to(tl.float32)
@@ -285,12 +279,8 @@ def attention_bwd_dq_kernel(
     tl.store(DELTA + row_stat, delta, mask=m_valid)
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
 
-    kvh = h // GROUP
-    kpos = KPOS + k_base
-    kdoc = KDOC + k_base
-    krows = KROWS + k_base
-    k_ptr = K + b64 * stride_kb + kvh * stride_kh
-    v_ptr = V + b64 * stride_vb + kvh * stride_vh
+    k_ptr, v_ptr, kpos, kdoc, krows = key_side(K, V, KPOS, KDOC, KROWS, b64, h // GROUP, k_base,
+                                               stride_kb, stride_kh, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # masked, full (no mask code), masked runs
     dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
@@ -302,5 +292,6 @@ def attention_bwd_dq_kernel(
     dq = _dq_tiles(dq, q, do, lse, delta, qp, qd, k_ptr, v_ptr, kpos, kdoc, krows, k_start, k_len,
                    stride_ks, stride_vs, b_end, hi, qk_scale,
                    BLOCK_N, HEAD_DIM, True, HAS_DOC, KV_GATHER, KV_POS_IS_INDEX, UPCAST)
+    offs_d = tl.arange(0, HEAD_DIM)
     tl.store(dq_ptr + q_rows[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_store[:, None])

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from mor_ds.kernels.common import (
-    WIDTH_STRIDES, key_positions, load_docs, memory_rows, query_block_setup, visible, zero_inactive_rows,
+    WIDTH_STRIDES, key_positions, key_side, load_docs, load_row_tile, memory_rows, query_block_setup, visible,
+    zero_inactive_rows,
 )
 
 
@@ -84,18 +85,12 @@ def attention_fwd_kernel(
     q_start, offs_m, m_valid, m_store, q_rows, qp, qd, k_start, k_len, k_base, lo, a, b_end, hi = \
         query_block_setup(qblk, b, QPOS, QDOC, QROWS, CUQ, CUK, RANGES, stride_ranges_b, seqlen_q, seqlen_k,
                           BLOCK_M, HAS_DOC, VARLEN, Q_GATHER, Q_POS_IS_INDEX)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
+    q = load_row_tile(Q + b64 * stride_qb + h * stride_qh, q_rows, m_valid, stride_qs, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
 
-    kvh = h // GROUP
-    kpos = KPOS + k_base
-    kdoc = KDOC + k_base
-    krows = KROWS + k_base
-    k_ptr = K + b64 * stride_kb + kvh * stride_kh
-    v_ptr = V + b64 * stride_vb + kvh * stride_vh
+    k_ptr, v_ptr, kpos, kdoc, krows = key_side(K, V, KPOS, KDOC, KROWS, b64, h // GROUP, k_base,
+                                               stride_kb, stride_kh, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -114,6 +109,7 @@ def attention_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
+    offs_d = tl.arange(0, HEAD_DIM)
     tl.store(o_ptr + q_rows[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_store[:, None])
     tl.store(LSE + b64 * stride_stat_b + h * stride_stat_h + q_start + offs_m, lse, mask=m_valid)
