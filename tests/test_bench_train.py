@@ -132,3 +132,27 @@ def test_compile_counter_counts_only_inside_the_timed_steps():
     counter.stop()
     double(torch.ones(3, 4, 5))  # after the timed steps
     assert counter.report() == {"triton_jit_in_timed_steps": 0, "compiled_graphs_in_timed_steps": 1}
+
+
+def test_source_fingerprint_names_the_code_by_content(tmp_path):
+    """Benchmark records carry a fingerprint of the package's sources (device copies have stale git metadata):
+    the same files anywhere give the same value; an edit, a rename or a new file changes it."""
+    from mor_ds.bench.timing import environment, source_fingerprint
+
+    def tree(root, files):
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        return root
+
+    files = {"a.py": "x = 1\n", "sub/b.py": "y = 2\n", "notes.txt": "not code"}
+    one, two = tree(tmp_path / "one", files), tree(tmp_path / "two", files)
+    base = source_fingerprint(one)
+    assert len(base) == 12 and source_fingerprint(two) == base
+    (two / "notes.txt").write_text("still not code")
+    assert source_fingerprint(two) == base
+    (two / "sub/b.py").write_text("y = 3\n")
+    assert source_fingerprint(two) != base
+    (one / "sub/b.py").rename(one / "sub/c.py")
+    assert source_fingerprint(one) != base
+    assert environment()["mor_ds_source"] == source_fingerprint()

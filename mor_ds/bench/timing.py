@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import platform
 import subprocess
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,10 +48,22 @@ def bench_graph_ms(fn: Callable[[], object], *, replays: int = 20, trials: int =
     return sorted(times)[len(times) // 2]
 
 
+def source_fingerprint(package_dir: Path | None = None) -> str:
+    """sha256 (first 12 hex digits) over every .py file of the mor_ds package, by relative path and content. It
+    names the code a benchmark ran even where the checkout's git metadata is stale (a device that receives a copy
+    of the working tree): recompute it at a commit to match a record to it."""
+    root = package_dir or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def environment() -> dict[str, str]:
-    """Device, clocks and library versions, for the record next to every table."""
+    """Device, clocks, library versions and the code's fingerprint, for the record next to every table."""
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mor_ds_source": source_fingerprint(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": str(torch.version.cuda),
