@@ -474,3 +474,18 @@ def test_calibrated_thresholds_are_the_same_on_every_data_parallel_rank(tmp_path
     assert torch.equal(ranks[0], ranks[1])
     assert torch.equal(ranks[0], single.recursion.router.causal_threshold)
     assert ranks[0][0] == -math.inf and torch.all(ranks[0][1:].isfinite())
+
+
+def test_bench_compares_each_model_with_the_vanilla_of_its_depth():
+    """MoR-4 (34 unrolled layers) against the 34-layer vanilla, MoR-3 against the 32-layer one, whatever the order
+    of --models; a depth without its own vanilla falls back to the first vanilla."""
+    from mor_ds.bench.inference import vanilla_baselines
+
+    def model(name, layers, tok_s):
+        return {"model": name, "layers": layers, "batch_max": {"tokens_per_s": tok_s, "decode_tokens_per_s": tok_s}}
+
+    results = {"models": [model("vanilla-360m-L34", 34, 1.0), model("mor-360m-nr4", 34, 5.0),
+                          model("vanilla-360m", 32, 2.0), model("mor-360m-nr3", 32, 7.0)]}
+    base = vanilla_baselines(results)
+    assert base[(34, "batch_max")]["tokens_per_s"] == 1.0 and base[(32, "batch_max")]["tokens_per_s"] == 2.0
+    assert base[(None, "batch_max")]["tokens_per_s"] == 1.0 and (30, "batch_max") not in base

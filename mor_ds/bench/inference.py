@@ -607,15 +607,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_table(results: dict) -> None:
-    """One row per (model, batch): end-to-end and decode tokens/s, each against vanilla at the same batch
-    key ('max' rows: each model at its own memory-bound slot count, as the paper compares)."""
-    base: dict[str, dict] = {}
+def vanilla_baselines(results: dict) -> dict[tuple[int | None, str], dict]:
+    """The vanilla row each row is compared with, by (unrolled depth, batch key): the vanilla model of the same
+    depth (MoR-4 against the 34-layer vanilla, as the paper compares), else (depth None) the first vanilla."""
+    base: dict[tuple[int | None, str], dict] = {}
     for m in results["models"]:
         if m["model"].startswith("vanilla"):
             for key, row in m.items():
                 if key.startswith("batch_") and "tokens_per_s" in row:
-                    base.setdefault(key, row)
+                    base.setdefault((m.get("layers"), key), row)
+                    base.setdefault((None, key), row)
+    return base
+
+
+def print_table(results: dict) -> None:
+    """One row per (model, batch): end-to-end and decode tokens/s, each against the same-depth vanilla at the
+    same batch key ('max' rows: each model at its own memory-bound slot count, as the paper compares)."""
+    base = vanilla_baselines(results)
     print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
           f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} "
           f"{'waits':>6} "
@@ -627,7 +635,8 @@ def print_table(results: dict) -> None:
         for key, row in m.items():
             if not key.startswith("batch_") or "tokens_per_s" not in row:
                 continue
-            ref = base.get(key.split("_w")[0])
+            batch_key = key.split("_w")[0]
+            ref = base.get((m.get("layers"), batch_key)) or base.get((None, batch_key))
             e2e = row["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
