@@ -107,6 +107,29 @@ def zero_inactive_rows(ptr, stride_s, row_map, chunk, full_len,
 
 
 @triton.jit
+def query_program(num_q_heads):
+    """(query block, sequence b, query head h, b as int64) of this program of a query-major kernel."""
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    return tl.program_id(0), b, bh % num_q_heads, b.to(tl.int64)
+
+
+@triton.jit
+def zero_fill_program(ptr, stride_s, row_map, blk, n_rows, full_len,
+                      BLOCK: tl.constexpr, ZERO_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """With the fused scatter (ZERO_SPAN > 0) the programs past the last row block zero the rows of a
+    full-length result that no active row writes (`zero_inactive_rows`); returns whether this program is one of
+    them, i.e. has nothing else to do."""
+    done = False
+    if ZERO_SPAN > 0:
+        n_blocks = tl.cdiv(n_rows, BLOCK)
+        done = blk >= n_blocks
+        if done:
+            zero_inactive_rows(ptr, stride_s, row_map, blk - n_blocks, full_len, ZERO_SPAN, 64, HEAD_DIM)
+    return done
+
+
+@triton.jit
 def load_row_tile(ptr, rows, valid, stride_s, HEAD_DIM: tl.constexpr):
     """(len(rows), HEAD_DIM) tile of one (sequence, head) at memory rows `rows`; zeros where not `valid`."""
     offs_d = tl.arange(0, HEAD_DIM)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mor_ds.kernels.common import (
     PAD_POS, WIDTH_STRIDES, key_positions, key_side, load_docs, load_row_tile, memory_rows, query_block_setup,
-    query_positions, seq_bounds, visible, zero_inactive_rows,
+    query_positions, query_program, seq_bounds, visible, zero_fill_program, zero_inactive_rows,
 )
 
 
@@ -253,18 +253,11 @@ def attention_bwd_dq_kernel(
     Q_POS_IS_INDEX: tl.constexpr, KV_POS_IS_INDEX: tl.constexpr, UPCAST: tl.constexpr,
     ZERO_SPAN: tl.constexpr,
 ):
-    qblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    b64 = b.to(tl.int64)
+    qblk, b, h, b64 = query_program(num_q_heads)
     dq_ptr = DQ + b64 * stride_dqb + h * stride_dqh
-    if ZERO_SPAN > 0:  # programs past the query blocks zero the dQ rows of inactive tokens
-        n_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-        if qblk >= n_blocks:
-            zero_inactive_rows(dq_ptr, stride_dqs, QMAP + b64 * full_len_q, qblk - n_blocks, full_len_q,
-                               ZERO_SPAN, 64, HEAD_DIM)
-            return
+    if zero_fill_program(dq_ptr, stride_dqs, QMAP + b64 * full_len_q, qblk, seqlen_q, full_len_q,
+                         BLOCK_M, ZERO_SPAN, HEAD_DIM):
+        return
     q_start, offs_m, m_valid, m_store, q_rows, qp, qd, k_start, k_len, k_base, lo, a, b_end, hi = \
         query_block_setup(qblk, b, QPOS, QDOC, QROWS, CUQ, CUK, RANGES, stride_ranges_b, seqlen_q, seqlen_k,
                           BLOCK_M, HAS_DOC, VARLEN, Q_GATHER, Q_POS_IS_INDEX)
