@@ -81,6 +81,27 @@ def test_cached_generation_equals_full_recomputation(name, overrides):
 REQUESTS = [(5, 9), (11, 4), (3, 12), (8, 1), (14, 7), (6, 10)]  # (prompt length, new tokens)
 
 
+@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[7], FAMILIES[8], FAMILIES[10]])
+def test_engine_moves_live_slots_into_the_smallest_bucket_without_changing_output(name, overrides):
+    """Eight slots, sixteen requests of mixed lengths, 2-row prelude/coda widths: as the queue drains,
+    live slots (tokens mid-recursion, waiting to enter or to leave) move down so the tick runs 1…8 slots;
+    the output equals each request alone and equals the engine without buckets."""
+    model = tiny(name, *overrides)
+    shapes = [(3 + i % 5, 2 + (7 * i) % 13) for i in range(16)]
+    alone = [generate(model, [prompt(n, 40 + i)], m).tokens[0] for i, (n, m) in enumerate(shapes)]
+    stats = {}
+    for buckets in (8, 1):
+        engine = Engine(model, max_slots=8, max_len=32, page_size=4, slot_buckets=buckets, prelude_width=2,
+                        coda_width=2)
+        served = engine.run([Request(prompt(n, 40 + i), m) for i, (n, m) in enumerate(shapes)])
+        assert [r.output for r in served] == alone
+        assert engine.cache.free_pages == engine.cache.num_pages - 1
+        stats[buckets] = engine.stats
+    assert engine.buckets == [8] and stats[1].slot_moves == 0 and stats[1].slot_rows == 8 * stats[1].ticks
+    assert stats[8].slot_moves > 0
+    assert stats[8].slot_rows < 0.9 * stats[1].slot_rows  # the drain runs smaller ticks
+
+
 @pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[3], FAMILIES[5], FAMILIES[6], FAMILIES[7],
                                             FAMILIES[9], FAMILIES[10]])
 def test_engine_equals_each_request_alone(name, overrides):
@@ -393,7 +414,7 @@ def test_decode_step_creates_no_tensor_from_host_data(name):
     engine._reserve_tick()
     engine._upload_host_state()
     with HostData() as mode:
-        engine._tick()
+        engine._tick(engine.max_slots)
     assert mode.seen == []
 
 

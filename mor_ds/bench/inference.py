@@ -26,6 +26,7 @@ import torch
 
 from mor_ds.bench.timing import environment
 from mor_ds.config import load_config
+from mor_ds.inference.engine import SLOT_BUCKETS
 
 DEFAULT_MODELS = ["vanilla-360m", "mor-360m-nr3", "mor-360m-nr2", "recursive-360m-nr3", "mor-360m-nr3-kvshare",
                   "mor-360m-nr4", "vanilla-360m-L34"]
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(no update; what a long run's LR decay gives the EMA)")
     parser.add_argument("--admit-batch", type=int, default=None,
                         help="engine admit_batch (default: the engine's, max_slots // 16)")
+    parser.add_argument("--slot-buckets", type=int, default=SLOT_BUCKETS,
+                        help="engine slot_buckets: ticks for S·i/N slots, live slots packed (1 = every tick runs S)")
     parser.add_argument("--width-fraction", type=float, default=0,
                         help="MoR prelude / coda widths W_in = W_out as a fraction of the slots (0 = the engine's "
                              "default, 1.25 × the expected tokens per tick)")
@@ -364,7 +367,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     width = math.ceil(fraction * slots) if fraction else None
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
-                  prelude_width=width, coda_width=width)
+                  prelude_width=width, coda_width=width, slot_buckets=args.slot_buckets)
     graph_error = None
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
@@ -412,6 +415,9 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "prelude_waits": st.prelude_waits, "coda_waits": st.coda_waits, "wait_ticks": st.wait_ticks,
         "waits_per_token": round((st.prelude_waits + st.coda_waits) / max(1, decode_tokens), 4),
         "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph,
+        # occupancy buckets: slots the ticks ran on average, slots moved to keep the live ones packed
+        "slot_buckets": len(engine.buckets), "slots_per_tick": round(st.slot_rows / max(1, st.ticks), 1),
+        "slot_moves": st.slot_moves,
     }
     if graph_error:
         out["cuda_graph_error"] = graph_error
@@ -625,7 +631,8 @@ def print_table(results: dict) -> None:
     same batch key ('max' rows: each model at its own memory-bound slot count, as the paper compares)."""
     base = vanilla_baselines(results)
     print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
-          f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'W':>5} "
+          f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'slots/tick':>10} "
+          f"{'W':>5} "
           f"{'waits':>6} "
           f"depth (0..Nr steps)")
     for m in results["models"]:
@@ -643,7 +650,8 @@ def print_table(results: dict) -> None:
                   f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {row['prefill_s']:>9.2f} "
                   f"{row.get('prefill_ms_per_call', 0):>6.1f} {row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} "
                   f"{row['tick_floor_ms']:>6.2f} "
-                  f"{row['tokens_per_tick']:>8.1f} {row.get('coda_width', ''):>5} {row.get('waits_per_token', ''):>6} "
+                  f"{row['tokens_per_tick']:>8.1f} {row.get('slots_per_tick', row['slots']):>10} "
+                  f"{row.get('coda_width', ''):>5} {row.get('waits_per_token', ''):>6} "
                   f"{row['depth_fractions']}")
         if "causal_depth_held_out" in m:
             print(f"{'':22} held-out text, fraction reaching each step: {m['causal_depth_held_out']}")

@@ -33,6 +33,7 @@ grows by what it generated, so greedy output is unchanged).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
@@ -77,6 +78,10 @@ class EngineStats:
     prelude_waits: int = 0
     coda_waits: int = 0
     wait_ticks: int = 0
+    # occupancy buckets: slot rows the ticks ran (Σ of each tick's bucket n) and slots moved to keep the
+    # live ones in a prefix
+    slot_rows: int = 0
+    slot_moves: int = 0
 
     def depth_fractions(self) -> list[float]:
         if self.depth is None or self.depth.sum() == 0:
@@ -86,15 +91,20 @@ class EngineStats:
 
 # headroom of the default prelude / coda widths over the expected flow of tokens per tick
 WIDTH_HEADROOM = 1.25
+# the tick is built for slot counts S·i/SLOT_BUCKETS, i = 1…SLOT_BUCKETS (occupancy buckets)
+SLOT_BUCKETS = 8
 
 
 class Engine:
     def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
                  prefill_rows: int = 8192, admit_batch: int | None = None, prelude_width: int | None = None,
-                 coda_width: int | None = None, count_kv_reads: bool = False):
+                 coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS, count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
-        coda + LM head; default `flow_width(max_slots)`. Vanilla and recursive models run every slot."""
+        coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
+        run every slot. slot_buckets: the tick exists for n = ⌈S·i/slot_buckets⌉ slots (one CUDA graph
+        each); live slots are kept in a prefix and each tick runs the smallest n that holds them, so a
+        half-empty engine (a draining queue) does not pay GEMMs for its empty slots (1 = always S)."""
         self.im = im = InferenceModel(model, decode_backend)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
@@ -106,8 +116,14 @@ class Engine:
         if self.admit_batch < 1:
             raise ValueError(f"admit_batch={admit_batch}: must be >= 1")
         S = max_slots
+        if slot_buckets < 1:
+            raise ValueError(f"slot_buckets={slot_buckets}: must be >= 1")
+        self.buckets = sorted({math.ceil(S * i / slot_buckets) for i in range(1, slot_buckets + 1)})
         self.prelude_width = self._width("prelude_width", prelude_width)
         self.coda_width = self._width("coda_width", coda_width)
+        # (W_in, W_out) of the tick over n slots: the flow of n slots, or the widths asked for (at most n)
+        self._widths = {n: (self._bucket_width(n, prelude_width), self._bucket_width(n, coda_width))
+                        for n in self.buckets}
         dev, d, W = im.device, model.cfg.hidden_size, self.coda_width
         self.slot_ids = torch.arange(S, device=dev)
         # cache groups per layer position (MoR block: depth 0's, the step's depth is added per token)
@@ -162,7 +178,7 @@ class Engine:
         self.reset_stats()
         self._next_id = 0
         self._admissions = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # slot bucket n -> the captured tick
         if cuda_graph:
             if dev.type != "cuda":
                 raise ValueError("cuda_graph=True needs the model on a CUDA device")
@@ -185,6 +201,11 @@ class Engine:
         if not 1 <= width <= self.max_slots:
             raise ValueError(f"{name}={width}: must be in 1..max_slots={self.max_slots}")
         return width
+
+    def _bucket_width(self, n: int, width: int | None) -> int:
+        if not self.im.mor:
+            return n
+        return self.flow_width(n) if width is None else min(width, n)
 
     # ------------------------------------------------------------------ public API
 
@@ -216,13 +237,14 @@ class Engine:
         self._admit()
         if self.live.any():
             t0 = time.perf_counter()
+            n = self._pack_slots()
             self._reserve_tick()
             self._upload_host_state()
-            if self.graph is not None:
-                self.graph.replay()
+            if n in self.graphs:
+                self.graphs[n].replay()
             else:
-                self._tick()
-            self._after_tick()
+                self._tick(n)
+            self._after_tick(n)
             self.stats.decode_s += time.perf_counter() - t0
         return self.finished[done_before:]
 
@@ -344,6 +366,36 @@ class Engine:
         self._release(np.array([victim]))
         self.queue.appendleft(req)
 
+    # ------------------------------------------------------------------ occupancy buckets
+
+    def _pack_slots(self) -> int:
+        """The slot bucket of the next tick: the smallest n that holds every live slot; live slots at or
+        beyond n move into free slots below it first (state, caches' page tables: no K/V is copied)."""
+        live = np.flatnonzero(self.live)
+        n = self.buckets[bisect.bisect_left(self.buckets, len(live))]
+        if live[-1] >= n:
+            src = live[live >= n]
+            self._move_slots(src, np.flatnonzero(~self.live[:n])[:len(src)])
+        self.stats.slot_rows += n
+        return n
+
+    def _move_slots(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Move live slots src to free slots dst: host bookkeeping, page tables and the per-slot device
+        state of a token between ticks (next token, hidden state mid-recursion, depth, gate, …)."""
+        for host in (self.live, self.pos_host, self.entering_host, self.depth_host, self.in_rec_host,
+                     self.admitted_at, self.out_buf, self.out_len, self.budget, self.stop_host):
+            host[dst] = host[src]
+        self.live[src] = self.entering_host[src] = self.in_rec_host[src] = False
+        for a, b in zip(src, dst):
+            self.slots[b], self.slots[a] = self.slots[a], None
+        self.cache.move_slots(src, dst)
+        at = torch.from_numpy(np.concatenate([src, dst])).to(self.im.device, non_blocking=True)
+        src_dev, dst_dev = at.split(len(src))
+        for buf in (self.tokens, self.h, self.depth, self.target, self.gate, self.exit_steps, self.temperature,
+                    self.top_p):
+            buf[dst_dev] = buf[src_dev]
+        self.stats.slot_moves += len(src)
+
     # ------------------------------------------------------------------ one tick
 
     def _reserve_tick(self) -> None:
@@ -396,14 +448,15 @@ class Engine:
             torch.cuda.current_stream(self.report.device).synchronize()
         return self._report_np
 
-    def _after_tick(self) -> None:
-        """One device-to-host copy of what the tick reports; the tokens of the coda rows go to their
-        sequences (sampled requests redo head + sampling eagerly on the tick's final hidden rows)."""
+    def _after_tick(self, n: int) -> None:
+        """One device-to-host copy of what the tick over slots [0, n) reports; the tokens of the coda rows
+        go to their sequences (sampled requests redo head + sampling eagerly on the tick's final hidden
+        rows)."""
         self.stats.ticks += 1
         S, rep = self.max_slots, self._pull_report()
-        self.entering_host[:] = rep["entering"]
-        self.in_rec_host[:] = rep["in_rec"]
-        self.depth_host[:] = rep["depth"]
+        self.entering_host[:n] = rep["entering"][:n]
+        self.in_rec_host[:n] = rep["in_rec"][:n]
+        self.depth_host[:n] = rep["depth"][:n]
         self.cache.host_lengths[:] = rep["lengths"]
         served = rep["served"] < S
         slots, tokens = rep["served"][served].astype(np.int64), rep["next"][served].astype(np.int64)
@@ -440,17 +493,20 @@ class Engine:
         return groups[:, None] * self.max_slots + slots
 
     def _take(self, mask: Tensor, width: int, scan: Tensor) -> tuple[Tensor, Tensor]:
-        """Compact the rows where `mask` (S,) into a fixed width W: the first W of them in a circular scan
+        """Compact the rows where `mask` (n,) into a fixed width W: the first W of them in a circular scan
         of the slots from `scan` (1,), which moves to the first row left over (so it is first in line next
-        tick). Returns (idx (W,) slot ids, S where a place is unused; taken (S,) bool)."""
+        tick; a scan left beyond n by a larger bucket restarts at 0). Returns (idx (W,) slot ids, S where
+        a place is unused; taken (n,) bool)."""
+        slot_ids = self.slot_ids[:mask.numel()]
+        start = torch.where(scan < mask.numel(), scan, 0)
         before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each slot
         total = before[-1] + mask[-1]
-        rank = before - before.gather(0, scan)  # masked rows from `scan` up to each slot, circularly
+        rank = before - before.gather(0, start)  # masked rows from `start` up to each slot, circularly
         rank = torch.where(rank < 0, rank + total, rank)
         taken = mask & (rank < width)
         idx = torch.full((width + 1,), self.max_slots, dtype=torch.long, device=mask.device)
-        idx.scatter_(0, torch.where(taken, rank, width), self.slot_ids)  # place W collects the rest
-        scan.copy_((self.slot_ids * (mask & (rank == width))).sum(0, keepdim=True))  # 0 if nothing is left
+        idx.scatter_(0, torch.where(taken, rank, width), slot_ids)  # place W collects the rest
+        scan.copy_((slot_ids * (mask & (rank == width))).sum(0, keepdim=True))  # 0 if nothing is left
         return idx[:width], taken
 
     def _phase(self, keys: list[tuple[int, int]], rows: Tensor, x: Tensor, rope, write: Tensor,
@@ -476,44 +532,50 @@ class Engine:
         if not layer_ids:
             return x
         valid = idx < self.max_slots
-        slots = idx.clamp(max=self.max_slots - 1)
+        slots = idx.clamp(max=pos.numel() - 1)  # (unused places read the last slot's rope; nothing is kept)
         rope = (rope[0][slots], rope[1][slots])
         write = valid.expand(len(layer_ids), -1)
         return self._phase([(l, 0) for l in layer_ids], self._rows(groups, slots), x, rope, write, valid, pos[slots])
 
     def _head(self, x: Tensor, idx: Tensor, steps: Tensor) -> None:
         """Final norm, LM head and greedy choice on the coda rows x (W, d) of slots idx; the chosen tokens
-        enter next tick; the report gets slots, tokens and recursion steps."""
-        self.out_hidden.copy_(self.im.model.norm(x))
-        nxt = self.im.logits(self.out_hidden).argmax(dim=-1)
+        enter next tick; the report gets slots, tokens and recursion steps (places beyond W: no slot)."""
+        w, rep = x.shape[0], self._report
+        out = self.out_hidden[:w]
+        out.copy_(self.im.model.norm(x))
+        nxt = self.im.logits(out).argmax(dim=-1)
         self.tokens.index_copy_(0, idx, nxt)
-        self._report["served"].copy_(idx)
-        self._report["next"].copy_(nxt)
-        self._report["steps"].copy_(steps)
+        rep["served"][:w].copy_(idx)
+        rep["served"][w:].fill_(self.max_slots)
+        rep["next"][:w].copy_(nxt)
+        rep["steps"][:w].copy_(steps)
 
     @torch.no_grad()
-    def _tick(self) -> None:
-        """The fixed-shape step over all slots; reads and writes only the static buffers."""
+    def _tick(self, n: int) -> None:
+        """The fixed-shape step over slots [0, n) (every live slot is among them); reads and writes only
+        the static buffers."""
         im, S, rep = self.im, self.max_slots, self._report
-        positions, entering = self.upload[0], self.upload[1].bool()
+        up = self.upload[:, :n]
+        positions, entering, slot_ids = up[0], up[1].bool(), self.slot_ids[:n]
         rope = im.rope(positions)
         if not im.mor:  # the whole stack and the head, every live slot
             keys = list(im.plan.unrolled)
             project = [im.layout.writes(r) for _, r in keys]
-            x = self._phase(keys, self._rows(self._groups_all, self.slot_ids), im.model.embed(self.tokens[:S]),
+            x = self._phase(keys, self._rows(self._groups_all, slot_ids), im.model.embed(self.tokens[:n]),
                             rope, self._projects[:, None] & entering, entering, positions, project)
-            self._head(x, torch.where(entering, self.slot_ids, S), torch.zeros_like(positions))
+            self._head(x, torch.where(entering, slot_ids, S), torch.zeros_like(positions))
             # (the report's entering / in_rec / depth stay 0: every token enters and leaves in its tick)
         else:
+            width_in, width_out = self._widths[n]
             # embedding + prelude on up to W_in entering tokens; the rest keep entering
-            idx, admitted = self._take(entering, self.prelude_width, self._scan_in)
+            idx, admitted = self._take(entering, width_in, self._scan_in)
             x = self._compact_phase(im.plan.prelude, self._groups_prelude, idx, im.model.embed(self.tokens[idx]),
                                     rope, positions)
             self.h.index_copy_(0, idx, x)
-            rep["entering"].copy_(entering & ~admitted)
-            done = self._recursion_tick(admitted, self.upload[2].bool(), rope)
+            rep["entering"][:n].copy_(entering & ~admitted)
+            done = self._recursion_tick(admitted, up[2].bool(), rope)
             # coda + head on up to W_out tokens done with their recursion (now or in an earlier tick)
-            idx, _ = self._take(self.upload[3].bool() | done, self.coda_width, self._scan_out)
+            idx, _ = self._take(up[3].bool() | done, width_out, self._scan_out)
             x = self._compact_phase(im.plan.coda, self._groups_coda, idx, self.h[idx], rope, positions)
             self._head(x, idx, self.exit_steps[idx.clamp(max=S - 1)])
         rep["lengths"].copy_(self.cache.lengths)
@@ -521,27 +583,28 @@ class Engine:
     def _recursion_tick(self, ent: Tensor, in_rec: Tensor, rope) -> Tensor:
         """One shared-block pass over the tokens in the recursion (ent: tokens entering it now, their
         prelude output in h); returns the mask of tokens done with their recursion this tick."""
-        im, nr = self.im, self.im.num_recursions
-        h = self.h[:self.max_slots]
-        depth = torch.where(ent, 0, self.depth)
+        im, nr, n = self.im, self.im.num_recursions, ent.numel()
+        h = self.h[:n]
+        depth = torch.where(ent, 0, self.depth[:n])
         if im.expert_choice:
             logits, decide = im.router_logits(h, 0)
             skip = ent & ~(decide > 0)
             rec = in_rec | (ent & ~skip)
-            gate = torch.where(ent, im.router_weight(logits), self.gate)
-            target = self.target
+            gate = torch.where(ent, im.router_weight(logits), self.gate[:n])
+            target = self.target[:n]
         else:  # token-choice: every token runs step 0
             chosen, weight = im.token_choice_depth(h)
             skip = torch.zeros_like(ent)
             rec = in_rec | ent
-            gate = torch.where(ent, weight, self.gate)
-            target = torch.where(ent, chosen, self.target)
+            gate = torch.where(ent, weight, self.gate[:n])
+            target = torch.where(ent, chosen, self.target[:n])
         # one pass of the shared block over every token in the recursion, each at its own depth: its
         # depth-r cache (recursion-wise caching) or the step-0 cache (KV sharing, written at r = 0 only)
         keys = [(l, 0) for l in im.block]
-        rows = self._rows_block if im.kv_share else self._rows_block + depth * self.max_slots
+        rows = self._rows_block[:, :n]
+        rows = rows if im.kv_share else rows + depth * self.max_slots
         write = (rec & (depth == 0) if im.kv_share else rec).expand(len(keys), -1)
-        y = self._phase(keys, rows, h, rope, write, rec, self.upload[0])
+        y = self._phase(keys, rows, h, rope, write, rec, self.upload[0, :n])
         if im.scale_output:
             scaled = im.scaled(h, y, gate)
             y = scaled if im.expert_choice else torch.where((target == depth)[:, None], scaled, y)
@@ -557,23 +620,29 @@ class Engine:
         else:
             cont = rec & (target > depth)
         done = (rec & ~cont) | skip
-        self.exit_steps.copy_(torch.where(done, torch.where(skip, 0, nxt), self.exit_steps))
-        self.h[:self.max_slots].copy_(h)
-        self.gate.copy_(gate)
-        self.target.copy_(target)
-        self.depth.copy_(torch.where(cont, nxt, depth))
-        self._report["in_rec"].copy_(cont)
-        self._report["depth"].copy_(self.depth)
+        exit_steps, new_depth = self.exit_steps[:n], self.depth[:n]
+        exit_steps.copy_(torch.where(done, torch.where(skip, 0, nxt), exit_steps))
+        self.h[:n].copy_(h)
+        self.gate[:n].copy_(gate)
+        self.target[:n].copy_(target)
+        new_depth.copy_(torch.where(cont, nxt, depth))
+        self._report["in_rec"][:n].copy_(cont)
+        self._report["depth"][:n].copy_(new_depth)
         return done
 
     def _capture(self) -> None:
-        """Capture the tick in a CUDA graph (state is empty now: every mask is false, nothing is written)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._tick()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._tick()
+        """Capture the tick of every slot bucket in a CUDA graph (state is empty now: every mask is false,
+        nothing is written). The graphs share one memory pool: they never run at once and no tensor of
+        one outlives its replay (a tick's results land in the static buffers)."""
+        pool = torch.cuda.graph_pool_handle()
+        for n in reversed(self.buckets):  # the largest first: its temporaries size the shared pool
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._tick(n)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._tick(n)
+            self.graphs[n] = graph

@@ -139,6 +139,21 @@ class PagedKVCache:
         self.host_lengths[rows] = 0
         self.lengths[torch.from_numpy(rows).to(self.lengths.device, non_blocking=True)] = 0
 
+    def move_slots(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Hand every cache of slots src (all groups) to the empty slots dst: page lists, lengths and
+        table rows move, the pages and their K/V stay where they are; src is left empty."""
+        groups = np.arange(self.layout.num_groups)[:, None] * self.max_slots
+        src_rows, dst_rows = (groups + src).ravel(), (groups + dst).ravel()
+        for host in (self._tables, self._page_count, self.host_lengths):
+            host[dst_rows] = host[src_rows]
+        self._page_count[src_rows] = 0
+        self.host_lengths[src_rows] = 0
+        rows = torch.from_numpy(np.concatenate([src_rows, dst_rows])).to(self.tables.device, non_blocking=True)
+        src_dev, dst_dev = rows.split(len(src_rows))
+        self.tables[dst_dev] = self.tables[src_dev]
+        self.lengths[dst_dev] = self.lengths[src_dev]
+        self.lengths[src_dev] = 0
+
     # ---------------------------------------------------------------- device ops (graph-safe)
 
     def append_slots(self, rows: Tensor, pos: Tensor, rank: Tensor | None = None) -> Tensor:
