@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine admit_batch (default: the engine's, max_slots // 16)")
     parser.add_argument("--slot-buckets", type=int, default=SLOT_BUCKETS,
                         help="engine slot_buckets: ticks for S·i/N slots, live slots packed (1 = every tick runs S)")
+    parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],
+                        help="also measure every model's max batches at these slot_buckets (same process)")
     parser.add_argument("--width-fraction", type=float, default=0,
                         help="MoR prelude / coda widths W_in = W_out as a fraction of the slots (0 = the engine's "
                              "default, 1.25 × the expected tokens per tick)")
@@ -358,7 +360,7 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 
 
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
-            width_fraction: float | None = None) -> dict:
+            width_fraction: float | None = None, slot_buckets: int | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
@@ -367,7 +369,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     width = math.ceil(fraction * slots) if fraction else None
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
-                  prelude_width=width, coda_width=width, slot_buckets=args.slot_buckets)
+                  prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets)
     graph_error = None
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
@@ -594,13 +596,17 @@ def run(args: argparse.Namespace) -> int:
                 depth = depth or row["depth_fractions"]
                 entry[f"batch_{batch}"] = row
                 print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
-                sweep = args.sweep_widths if cfg.model.family == "mor" and batch.startswith("max") else []
-                for fraction in sweep:  # the same slots at other prelude / coda widths
+                # the same slots at other prelude / coda widths (MoR) and slot buckets (every model)
+                widths = args.sweep_widths if cfg.model.family == "mor" and batch.startswith("max") else []
+                buckets = args.sweep_buckets if batch.startswith("max") else []
+                variants = [(f"w{f}", {"width_fraction": f}) for f in widths]
+                variants += [(f"b{b}", {"slot_buckets": b}) for b in buckets]
+                for suffix, variant in variants:
                     if over_budget():
                         break
-                    row = measure(model, tokens, slots, pages, args, device, bandwidth, width_fraction=fraction)
-                    entry[f"batch_{batch}_w{fraction}"] = row
-                    print(json.dumps({"model": name, "batch": f"{batch}_w{fraction}", **row}), flush=True)
+                    row = measure(model, tokens, slots, pages, args, device, bandwidth, **variant)
+                    entry[f"batch_{batch}_{suffix}"] = row
+                    print(json.dumps({"model": name, "batch": f"{batch}_{suffix}", **row}), flush=True)
             del model
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
             entry["error"] = f"{type(exc).__name__}: {exc}"
