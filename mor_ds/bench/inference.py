@@ -461,7 +461,7 @@ def profile_ticks(engine, requests: list, ticks: int) -> dict:
     return {"ticks": ticks, "device_ms_per_tick": round(total / ticks / 1e3, 3),
             "kernels_per_tick": round(sum(e.count for e in events) / ticks, 1),
             "top": [{"name": e.key[:90], "ms_per_tick": round(e.device_time_total / ticks / 1e3, 3),
-                     "calls_per_tick": round(e.count / ticks, 1)} for e in events[:15]]}
+                     "calls_per_tick": round(e.count / ticks, 1)} for e in events[:30]]}
 
 
 def profile_prefills(engine, tokens: np.ndarray, args, calls: int) -> dict:
