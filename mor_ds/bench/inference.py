@@ -67,8 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine admit_batch (default: the engine's, max_slots // 16)")
     parser.add_argument("--slot-buckets", type=int, default=SLOT_BUCKETS,
                         help="engine slot_buckets: ticks for S·i/N slots, live slots packed (1 = every tick runs S)")
+    parser.add_argument("--prefill-rows", type=int, default=None, help="engine prefill_rows (default: the engine's)")
     parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these slot_buckets (same process)")
+    parser.add_argument("--sweep-prefill-rows", type=int, nargs="*", default=[],
+                        help="also measure every model's max batches at these prefill_rows (same process)")
     parser.add_argument("--width-fraction", type=float, default=0,
                         help="MoR prelude / coda widths W_in = W_out as a fraction of the slots (0 = the engine's "
                              "default, 1.25 × the expected tokens per tick)")
@@ -360,7 +363,8 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 
 
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
-            width_fraction: float | None = None, slot_buckets: int | None = None) -> dict:
+            width_fraction: float | None = None, slot_buckets: int | None = None,
+            prefill_rows: int | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
@@ -370,6 +374,8 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
                   prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets)
+    if prefill_rows or args.prefill_rows:
+        kwargs["prefill_rows"] = prefill_rows or args.prefill_rows
     graph_error = None
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
@@ -407,6 +413,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "prefill_s": round(st.prefill_s, 3), "decode_s": round(st.decode_s, 3), "ticks": st.ticks,
         "prefills": st.prefills, "prefill_ms_per_call": round(st.prefill_s / max(1, st.prefills) * 1e3, 2),
         "prefill_tokens_per_call": round(st.prefill_tokens / max(1, st.prefills), 1), "admit_batch": engine.admit_batch,
+        "prefill_rows": engine.prefill_rows,
         "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
@@ -598,9 +605,10 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
                 # the same slots at other prelude / coda widths (MoR) and slot buckets (every model)
                 widths = args.sweep_widths if cfg.model.family == "mor" and batch.startswith("max") else []
-                buckets = args.sweep_buckets if batch.startswith("max") else []
+                at_max = batch.startswith("max")
                 variants = [(f"w{f}", {"width_fraction": f}) for f in widths]
-                variants += [(f"b{b}", {"slot_buckets": b}) for b in buckets]
+                variants += [(f"b{b}", {"slot_buckets": b}) for b in (args.sweep_buckets if at_max else [])]
+                variants += [(f"p{r}", {"prefill_rows": r}) for r in (args.sweep_prefill_rows if at_max else [])]
                 for suffix, variant in variants:
                     if over_budget():
                         break
