@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure every model's max batches at these slot_buckets (same process)")
     parser.add_argument("--sweep-prefill-rows", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these prefill_rows (same process)")
+    parser.add_argument("--sweep-requests-per-slot", type=float, nargs="*", default=[],
+                        help="also measure every model's max batches with these requests per slot (same process)")
     parser.add_argument("--width-fraction", type=float, default=0,
                         help="MoR prelude / coda widths W_in = W_out as a fraction of the slots (0 = the engine's "
                              "default, 1.25 × the expected tokens per tick)")
@@ -364,7 +366,7 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
             width_fraction: float | None = None, slot_buckets: int | None = None,
-            prefill_rows: int | None = None) -> dict:
+            prefill_rows: int | None = None, requests_per_slot: float | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
@@ -391,7 +393,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     # warm-up: prefill and decode paths, allocator; then reset the counters
     engine.run([Request(r.prompt, 4) for r in make_requests(min(slots, 64), tokens, args, seed=99)])
     engine.reset_stats()
-    per_slot = args.requests_per_slot if num_pages is None else args.max_requests_per_slot
+    per_slot = requests_per_slot or (args.requests_per_slot if num_pages is None else args.max_requests_per_slot)
     requests = make_requests(max(slots, int(slots * per_slot)), tokens, args, seed=slots)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -416,6 +418,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "prefill_rows": engine.prefill_rows,
         "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
+        "tick_host_ms": round((st.decode_s - st.device_wait_s) / max(1, st.ticks) * 1e3, 3),
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
         "tick_weight_MB": round(weight_bytes / 1e6, 1), "tick_kv_MB": round(kv_bytes_tick / 1e6, 1),
         "depth_fractions": st.depth_fractions(), "preemptions": st.preemptions,
@@ -609,6 +612,8 @@ def run(args: argparse.Namespace) -> int:
                 variants = [(f"w{f}", {"width_fraction": f}) for f in widths]
                 variants += [(f"b{b}", {"slot_buckets": b}) for b in (args.sweep_buckets if at_max else [])]
                 variants += [(f"p{r}", {"prefill_rows": r}) for r in (args.sweep_prefill_rows if at_max else [])]
+                variants += [(f"r{r:g}", {"requests_per_slot": r})
+                             for r in (args.sweep_requests_per_slot if at_max else [])]
                 for suffix, variant in variants:
                     if over_budget():
                         break

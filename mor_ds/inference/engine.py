@@ -71,7 +71,8 @@ class EngineStats:
     prefills: int = 0  # prefill calls (admission batches, split at prefill_rows)
     preemptions: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # wall time of the ticks, host work between them included
+    device_wait_s: float = 0.0  # of decode_s: blocked on the tick's report (the rest is host time, device idle)
     depth: np.ndarray | None = None  # tokens by number of recursion steps run (MoR)
     # MoR's fixed prelude / coda widths: row-ticks a token waited because W_in / W_out rows were taken,
     # and ticks in which any token waited
@@ -92,13 +93,16 @@ class EngineStats:
 # headroom of the default prelude / coda widths over the expected flow of tokens per tick
 WIDTH_HEADROOM = 1.25
 # the tick is built for slot counts S·i/SLOT_BUCKETS, i = 1…SLOT_BUCKETS (occupancy buckets)
-SLOT_BUCKETS = 8
+SLOT_BUCKETS = 16
+# rows per eager prefill call: a call costs ~20 ms of host time (launches) whatever its size at the 360M shape,
+# so calls of 8K rows were host-bound on an H100; 32K rows make them device-bound (BENCHMARKS.md, session 5)
+PREFILL_ROWS = 32768
 
 
 class Engine:
     def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
-                 prefill_rows: int = 8192, admit_batch: int | None = None, prelude_width: int | None = None,
+                 prefill_rows: int = PREFILL_ROWS, admit_batch: int | None = None, prelude_width: int | None = None,
                  coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS, count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
         coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
@@ -445,7 +449,9 @@ class Engine:
     def _pull_report(self) -> dict[str, np.ndarray]:
         self._report_host.copy_(self.report, non_blocking=True)
         if self.report.is_cuda:
+            t0 = time.perf_counter()
             torch.cuda.current_stream(self.report.device).synchronize()
+            self.stats.device_wait_s += time.perf_counter() - t0
         return self._report_np
 
     def _after_tick(self, n: int) -> None:
