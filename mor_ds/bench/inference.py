@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure every model's max batches at these slot_buckets (same process)")
     parser.add_argument("--sweep-prefill-rows", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these prefill_rows (same process)")
+    parser.add_argument("--sweep-page-size", type=int, nargs="*", default=[],
+                        help="also measure every model's max batches at these KV page sizes (same pool bytes)")
     parser.add_argument("--sweep-requests-per-slot", type=float, nargs="*", default=[],
                         help="also measure every model's max batches with these requests per slot (same process)")
     parser.add_argument("--width-fraction", type=float, default=0,
@@ -366,14 +368,17 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
             width_fraction: float | None = None, slot_buckets: int | None = None,
-            prefill_rows: int | None = None, requests_per_slot: float | None = None) -> dict:
+            prefill_rows: int | None = None, requests_per_slot: float | None = None,
+            page_size: int | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
     graph = device.type == "cuda" and not args.no_graph
     fraction = args.width_fraction if width_fraction is None else width_fraction
     width = math.ceil(fraction * slots) if fraction else None
-    kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=args.page_size,
+    if page_size and num_pages:  # the same pool bytes in pages of another size
+        num_pages = num_pages * args.page_size // page_size
+    kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=page_size or args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
                   prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets)
     if prefill_rows or args.prefill_rows:
@@ -614,6 +619,7 @@ def run(args: argparse.Namespace) -> int:
                 variants += [(f"p{r}", {"prefill_rows": r}) for r in (args.sweep_prefill_rows if at_max else [])]
                 variants += [(f"r{r:g}", {"requests_per_slot": r})
                              for r in (args.sweep_requests_per_slot if at_max else [])]
+                variants += [(f"g{g}", {"page_size": g}) for g in (args.sweep_page_size if at_max else [])]
                 for suffix, variant in variants:
                     if over_budget():
                         break

@@ -441,7 +441,7 @@ class Engine:
                 full = self.cache.host_lengths[first] >= self.cache.page_count(first) * self.cache.page_size
                 rows.append(((groups[:, None] + offset[full]) * S + slots[full]).ravel())
             try:
-                self.cache.reserve(np.concatenate(rows), 1)
+                self.cache.add_page(np.concatenate(rows))  # a phase's rows are distinct, each full
                 return
             except KVCacheFull:
                 self._preempt()

@@ -69,7 +69,7 @@ class PagedKVCache:
         self.pos = torch.zeros(num_pages, page_size, dtype=torch.int32, device=device)
         self.tables = torch.zeros(rows, self.pages_per_seq, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.host_lengths = np.zeros(rows, dtype=np.int64)
+        self.host_lengths = np.zeros(rows, dtype=np.int32)  # the dtype of `lengths`: a tick's report copies in
         # host mirror of the page tables, pages in use per row, and a stack of free pages (its top at the end)
         self._tables = np.zeros((rows, self.pages_per_seq), dtype=np.int32)
         self._page_count = np.zeros(rows, dtype=np.int64)
@@ -112,19 +112,32 @@ class PagedKVCache:
         if not todo.any():
             return
         rows, missing = rows[todo], missing[todo]
-        total = int(missing.sum())
-        if total > self._free_top:
-            raise KVCacheFull(f"KV pool exhausted: {self.num_pages - 1} pages of {self.page_size} tokens")
-        pages = self._free[self._free_top - total:self._free_top][::-1]  # pop: the stack's top first
-        self._free_top -= total
+        pages = self._pop(int(missing.sum()))
         # row i gets pages at table columns page_count[i], page_count[i] + 1, …
         owner = np.repeat(rows, missing)
-        column = np.arange(total) - np.repeat(np.cumsum(missing) - missing, missing) + self._page_count[owner]
-        self._tables[owner, column] = pages
+        column = np.arange(len(pages)) - np.repeat(np.cumsum(missing) - missing, missing) + self._page_count[owner]
         self._page_count[rows] += missing
-        # one upload, no stream sync (a pageable source is staged before the copy returns)
-        update = torch.from_numpy(np.stack([owner * self.pages_per_seq + column, pages])).to(self.tables.device,
-                                                                                             non_blocking=True)
+        self._set_tables(owner, column, pages)
+
+    def add_page(self, rows: np.ndarray) -> None:
+        """One more page for each cache row in `rows` (distinct rows; a tick's appends to full pages)."""
+        pages = self._pop(len(rows))
+        column = self._page_count[rows]
+        self._page_count[rows] += 1
+        self._set_tables(rows, column, pages)
+
+    def _pop(self, count: int) -> np.ndarray:
+        if count > self._free_top:
+            raise KVCacheFull(f"KV pool exhausted: {self.num_pages - 1} pages of {self.page_size} tokens")
+        pages = self._free[self._free_top - count:self._free_top][::-1]  # the stack's top first
+        self._free_top -= count
+        return pages
+
+    def _set_tables(self, rows: np.ndarray, column: np.ndarray, pages: np.ndarray) -> None:
+        """Page table entries (rows, column) = pages, on the host and (one upload, no sync) the device."""
+        self._tables[rows, column] = pages
+        update = torch.from_numpy(np.stack([rows * self.pages_per_seq + column, pages])).to(self.tables.device,
+                                                                                            non_blocking=True)
         self.tables.view(-1)[update[0]] = update[1].int()
 
     def release(self, slots: np.ndarray | int) -> None:
