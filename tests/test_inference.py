@@ -238,23 +238,6 @@ def test_engine_preempts_when_the_pool_runs_out_and_output_is_unchanged():
     assert engine.stats.preemptions > 0
 
 
-def test_engine_admits_mor_on_expected_pages_and_undoes_a_prefill_that_runs_out():
-    """With sequences in flight, MoR admission counts the capacity schedule's share of the depth caches (6 of
-    8 here); routers that send every token all the way make prefills run out: each is undone, the newest
-    sequence is preempted, and every output still equals the request run alone."""
-    model = tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8")
-    with torch.no_grad():
-        model.recursion.router.causal_threshold.fill_(-1e9)  # every token runs all Nr steps
-    shapes = [(9 + i % 5, 3 + (7 * i) % 9) for i in range(12)]
-    alone = [generate(model, [prompt(n, 60 + i)], m).tokens[0] for i, (n, m) in enumerate(shapes)]
-    engine = Engine(model, max_slots=4, max_len=32, num_pages=60, page_size=4, admit_batch=2)
-    assert engine._expected_groups() == 6.0 and engine.im.layout.num_groups == 8
-    served = engine.run([Request(prompt(n, 60 + i), m) for i, (n, m) in enumerate(shapes)])
-    assert [r.output for r in served] == alone
-    assert engine.stats.prefill_aborts > 0
-    assert engine.cache.free_pages == engine.cache.num_pages - 1
-
-
 def test_engine_stop_token_and_max_len():
     model = tiny("tiny-mor-tc")
     p = prompt(6, 3)

@@ -27,11 +27,8 @@ reserves pages for the next tick and uploads the slots' positions and states in 
 waits until `admit_batch` slots are free (or the queue is that short, or nothing is live): a prefill
 costs about the same for one prompt as for many (launch-bound), so prefilling one request per tick as
 slots trickle free would cost more than the few slot-ticks the wait idles (vLLM's scheduler delay serves
-the same purpose). With sequences in flight a batch is admitted on its expected pages (MoR: the capacity
-schedule's share of the depth caches), an idle engine on the worst case (every cache full). When the pool runs
-out in a tick, the newest sequence is preempted and requeued (its prompt grows by what it generated, so greedy
-output is unchanged); a prefill that runs out is undone, its requests requeued, and the newest sequence
-preempted likewise.
+the same purpose); when the pool runs out it preempts the newest sequence and requeues it (its prompt
+grows by what it generated, so greedy output is unchanged).
 """
 
 from __future__ import annotations
@@ -72,7 +69,6 @@ class EngineStats:
     tokens: int = 0  # generated tokens (prefill's first token included)
     prefill_tokens: int = 0
     prefills: int = 0  # prefill calls (admission batches, split at prefill_rows)
-    prefill_aborts: int = 0  # prefills that ran out of pages (undone, a sequence preempted, admitted again)
     preemptions: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0  # wall time of the ticks, host work between them included
@@ -269,34 +265,21 @@ class Engine:
     def _free_slots(self) -> np.ndarray:
         return np.flatnonzero(~self.live)
 
-    def _prefill_pages(self, length: int, groups: float) -> int:
-        """Pages a prompt of `length` tokens takes in `groups` caches (a fraction: MoR's expectation)."""
-        return math.ceil(groups * -(-(length + 1) // self.cache.page_size))
-
-    def _expected_groups(self) -> float:
-        """Caches a prompt token fills on average: every one, except under recursion-wise caching where
-        the depth-r caches get the fraction of tokens that reach step r (the capacity schedule)."""
-        im = self.im
-        if not im.mor or im.kv_share:
-            return im.layout.num_groups
-        capacities = im.model.router_cfg.capacities(im.num_recursions)
-        return len(im.plan.prelude) + len(im.plan.coda) + len(im.block) * sum(capacities)
+    def _prefill_pages(self, length: int) -> int:
+        """Pages a prompt may need in the worst case (every cache of the slot)."""
+        return self.im.layout.num_groups * -(-(length + 1) // self.cache.page_size)
 
     def _admit(self) -> None:
         free = self._free_slots()
-        busy = self.live.any()
-        if busy and len(free) < min(len(self.queue), self.admit_batch):
+        if self.live.any() and len(free) < min(len(self.queue), self.admit_batch):
             return  # wait for a fuller admission batch
-        # with sequences in flight, admit on the expected need (a prefill that runs out preempts, _prefill);
-        # an idle engine admits on the worst case (every cache full), so its prefill cannot run out
-        groups = self._expected_groups() if busy else self.im.layout.num_groups
         batch: list[tuple[int, Request]] = []
         budget = self.cache.free_pages
         rows = 0
         while self.queue and len(batch) < len(free):
             req = self.queue[0]
             length = len(req.prompt) + len(req.output)
-            need = self._prefill_pages(length, groups)
+            need = self._prefill_pages(length)
             if need > budget or (batch and rows + length > self.prefill_rows):
                 if not batch and not self.live.any():
                     raise KVCacheFull(f"a prompt of {length} tokens does not fit the KV pool even when empty")
@@ -321,15 +304,7 @@ class Engine:
         ends = np.cumsum(lengths)
         pos = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)
         rows = torch.from_numpy(np.stack([np.concatenate(seqs), pos])).to(dev, non_blocking=True)
-        try:
-            hidden = self.im.forward(self.cache, rows[0], np.repeat(slots, lengths), rows[1])
-        except KVCacheFull:  # routed deeper than expected: undo the batch, make room, admit it again later
-            self.cache.release(slots)
-            self.queue.extendleft(req for _, req in reversed(batch))
-            self._preempt(last=True)
-            self.stats.prefill_aborts += 1
-            self.stats.prefill_s += time.perf_counter() - t0
-            return
+        hidden = self.im.forward(self.cache, rows[0], np.repeat(slots, lengths), rows[1])
         params = np.array([(req.sampling.temperature, req.sampling.top_p) for _, req in batch], dtype=np.float32)
         at = torch.from_numpy(np.concatenate([slots, ends - 1])).to(dev, non_blocking=True)
         slot_ids, last = at.split(len(batch))
@@ -384,10 +359,9 @@ class Engine:
         self.entering_host[slots] = False
         self.in_rec_host[slots] = False
 
-    def _preempt(self, last: bool = False) -> None:
-        """Release the newest sequence and requeue it; `last`: even when it is the only one in flight."""
+    def _preempt(self) -> None:
         live = np.nonzero(self.live)[0]
-        if len(live) <= (0 if last else 1):
+        if len(live) <= 1:
             raise KVCacheFull("the KV pool cannot hold even one sequence; raise num_pages or lower max_len")
         victim = int(live[np.argmax(self.admitted_at[live])])
         req = self.slots[victim]
