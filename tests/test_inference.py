@@ -510,3 +510,17 @@ def test_bench_compares_each_model_with_the_vanilla_of_its_depth():
     base = vanilla_baselines(results)
     assert base[(34, "batch_max")]["tokens_per_s"] == 1.0 and base[(32, "batch_max")]["tokens_per_s"] == 2.0
     assert base[(None, "batch_max")]["tokens_per_s"] == 1.0 and (30, "batch_max") not in base
+
+
+def test_bench_sizes_mor_pools_by_the_steps_tokens_run():
+    """The max batch's KV per sequence counts, per shared layer, the steps a token runs (held-out routing until a
+    row measured generated text's); with no estimate every step, never fewer."""
+    from mor_ds.bench.inference import expected_groups_per_token, step_reach
+
+    assert step_reach([0.0, 0.25, 0.25, 0.5]) == [1.0, 0.75, 0.5]
+    im = InferenceModel(tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8"))  # 1 + 2·3 shared + 1
+    assert len(im.plan.prelude) == len(im.plan.coda) == 1 and len(im.block) == 2
+    assert expected_groups_per_token(im, [1.0, 0.75, 0.5]) == 2 + 2 * 2.25
+    assert expected_groups_per_token(im, []) == im.layout.num_groups == 8
+    vanilla = InferenceModel(tiny("tiny-vanilla"))
+    assert expected_groups_per_token(vanilla, [0.5]) == vanilla.layout.num_groups  # every layer, every token

@@ -344,15 +344,21 @@ def tick_weight_bytes(im) -> int:
     return sum(layer[i] for i in positions) + other
 
 
-def expected_groups_per_token(im, depth_fractions: list[float]) -> float:
-    """Caches a generated token fills on average: every group for vanilla/recursive; for MoR the
-    prelude/coda groups plus, per shared layer, the depths it reaches (KV sharing: step 0 only)."""
+def expected_groups_per_token(im, reach: list[float]) -> float:
+    """Caches a token fills on average: every group for vanilla/recursive; for MoR the prelude/coda groups
+    plus, per shared layer, the steps it runs (reach[r] = fraction of tokens running step r; no estimate:
+    every step; KV sharing: step 0 only)."""
     if not im.mor:
         return float(im.layout.num_groups)
-    frac = np.asarray(depth_fractions) if depth_fractions else np.full(im.num_recursions + 1, 1 / (im.num_recursions + 1))
-    reach = [float(frac[r + 1:].sum()) for r in range(im.num_recursions)]  # P(token runs step r)
+    reach = list(reach) or [1.0] * im.num_recursions
     per_layer = reach[0] if im.kv_share else sum(reach)
     return len(im.plan.prelude) + len(im.plan.coda) + len(im.block) * per_layer
+
+
+def step_reach(depth_fractions: list[float]) -> list[float]:
+    """Fraction of tokens running step r = 0…Nr−1, from the fractions that ran 0…Nr steps."""
+    frac = np.asarray(depth_fractions)
+    return [float(frac[r + 1:].sum()) for r in range(len(frac) - 1)]
 
 
 def make_requests(n: int, tokens: np.ndarray, args, seed: int):
@@ -526,9 +532,9 @@ def profile_prefills(engine, tokens: np.ndarray, args, calls: int) -> dict:
                             "calls_per_call": round(e.count / calls, 1)} for e in kernels[:10]]}
 
 
-def max_slots_for(model, im_depth: list[float], args, device, cap: int) -> tuple[int, int]:
+def max_slots_for(model, reach: list[float], args, device, cap: int) -> tuple[int, int]:
     """(slots, pool pages): the pool takes --kv-memory-fraction of free memory; slots = what the pool holds
-    at the expected KV per sequence (prompt + mean generation, at the measured depth distribution)."""
+    at the expected KV per sequence (prompt + mean generation, each token running the steps of `reach`)."""
     from mor_ds.inference import InferenceModel
     from mor_ds.inference.kv_cache import PagedKVCache
 
@@ -541,7 +547,7 @@ def max_slots_for(model, im_depth: list[float], args, device, cap: int) -> tuple
         free = 2 << 30
     pool = int(free * args.kv_memory_fraction) - (2 << 30 if device.type == "cuda" else 0)
     pages = pool // (per_token * args.page_size)
-    per_seq = (expected_groups_per_token(im, im_depth) * (args.prompt_len + args.gen_mean)
+    per_seq = (expected_groups_per_token(im, reach) * (args.prompt_len + args.gen_mean)
                + im.layout.num_groups * args.page_size / 2)  # half a page of slack per cache
     slots = int(pages * args.page_size / per_seq)
     return max(1, min(slots, cap)), int(pages)
@@ -596,7 +602,9 @@ def run(args: argparse.Namespace) -> int:
             if cfg.model.family == "mor":
                 entry["causal_depth_held_out"] = held_out_depth(model, tokens, args, device)
             model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-            depth: list[float] = []
+            # steps a token runs, for the KV a max batch's sequence holds: generated text's once a row measured
+            # it, held-out text's before (not a uniform guess: it undersized MoR pools, session 5)
+            reach: list[float] = entry.get("causal_depth_held_out", [])
             batches = list(args.batches) + (list(args.vanilla_batches) if cfg.model.family == "vanilla" else [])
             for batch in sorted(batches, key=batch_order):
                 if over_budget():
@@ -604,11 +612,11 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 if batch.startswith("max"):
                     cap = int(batch[3:]) if batch[3:] else args.max_batch_cap
-                    slots, pages = max_slots_for(model, depth, args, device, cap)
+                    slots, pages = max_slots_for(model, reach, args, device, cap)
                 else:
                     slots, pages = int(batch), None
                 row = measure(model, tokens, slots, pages, args, device, bandwidth)
-                depth = depth or row["depth_fractions"]
+                reach = step_reach(row["depth_fractions"]) if row["depth_fractions"] else reach
                 entry[f"batch_{batch}"] = row
                 print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
                 # the same slots at other prelude / coda widths (MoR) and slot buckets (every model)
