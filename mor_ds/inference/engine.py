@@ -1,8 +1,10 @@
 """Continuous depth-wise batching: a serving loop with many sequences in flight.
 
 The engine owns `max_slots` (S) sequence slots and one paged KV pool (preallocated once). Each *tick* is
-one fixed-shape pass over the slots (so it can be captured in a CUDA graph), LM head and greedy choice
-of the next token included:
+one fixed-shape pass over the first n slots (so it can be captured in a CUDA graph), LM head and greedy
+choice of the next token included; n is the smallest occupancy bucket ⌈S·i/16⌉ that holds every live
+slot, live slots being kept in a prefix (a slot beyond it moves down between ticks: its state and page
+tables, not its K/V):
 
   MoR:    up to W_in tokens that are new this tick run embedding + prelude on compacted rows and take
           the step-0 routing decision; then the shared block runs ONCE over every token in the recursion,
