@@ -619,15 +619,15 @@ def run(args: argparse.Namespace) -> int:
                 reach = step_reach(row["depth_fractions"]) if row["depth_fractions"] else reach
                 entry[f"batch_{batch}"] = row
                 print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
-                # the same slots at other prelude / coda widths (MoR) and slot buckets (every model)
-                widths = args.sweep_widths if cfg.model.family == "mor" and batch.startswith("max") else []
-                at_max = batch.startswith("max")
-                variants = [(f"w{f}", {"width_fraction": f}) for f in widths]
-                variants += [(f"b{b}", {"slot_buckets": b}) for b in (args.sweep_buckets if at_max else [])]
-                variants += [(f"p{r}", {"prefill_rows": r}) for r in (args.sweep_prefill_rows if at_max else [])]
-                variants += [(f"r{r:g}", {"requests_per_slot": r})
-                             for r in (args.sweep_requests_per_slot if at_max else [])]
-                variants += [(f"g{g}", {"page_size": g}) for g in (args.sweep_page_size if at_max else [])]
+                # the same slots at other engine settings (prelude / coda widths: MoR only)
+                variants = []
+                if batch.startswith("max"):
+                    widths = args.sweep_widths if cfg.model.family == "mor" else []
+                    variants += [(f"w{f}", {"width_fraction": f}) for f in widths]
+                    variants += [(f"b{b}", {"slot_buckets": b}) for b in args.sweep_buckets]
+                    variants += [(f"p{r}", {"prefill_rows": r}) for r in args.sweep_prefill_rows]
+                    variants += [(f"r{r:g}", {"requests_per_slot": r}) for r in args.sweep_requests_per_slot]
+                    variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
                 for suffix, variant in variants:
                     if over_budget():
                         break

@@ -125,11 +125,13 @@ class Engine:
         if slot_buckets < 1:
             raise ValueError(f"slot_buckets={slot_buckets}: must be >= 1")
         self.buckets = sorted({math.ceil(S * i / slot_buckets) for i in range(1, slot_buckets + 1)})
-        self.prelude_width = self._width("prelude_width", prelude_width)
-        self.coda_width = self._width("coda_width", coda_width)
+        for name, width in (("prelude_width", prelude_width), ("coda_width", coda_width)):
+            if im.mor and width is not None and not 1 <= width <= S:
+                raise ValueError(f"{name}={width}: must be in 1..max_slots={S}")
         # (W_in, W_out) of the tick over n slots: the flow of n slots, or the widths asked for (at most n)
         self._widths = {n: (self._bucket_width(n, prelude_width), self._bucket_width(n, coda_width))
                         for n in self.buckets}
+        self.prelude_width, self.coda_width = self._widths[S]  # the widest (S is the last bucket)
         dev, d, W = im.device, model.cfg.hidden_size, self.coda_width
         self.slot_ids = torch.arange(S, device=dev)
         # cache groups per layer position (MoR block: depth 0's, the step's depth is added per token)
@@ -198,15 +200,6 @@ class Engine:
         im = self.im
         ticks = max(1.0, sum(im.model.router_cfg.capacities(im.num_recursions)))
         return min(slots, math.ceil(round(WIDTH_HEADROOM * slots / ticks, 6)))
-
-    def _width(self, name: str, width: int | None) -> int:
-        if not self.im.mor:
-            return self.max_slots
-        if width is None:
-            return self.flow_width(self.max_slots)
-        if not 1 <= width <= self.max_slots:
-            raise ValueError(f"{name}={width}: must be in 1..max_slots={self.max_slots}")
-        return width
 
     def _bucket_width(self, n: int, width: int | None) -> int:
         if not self.im.mor:
