@@ -92,7 +92,7 @@ def test_engine_moves_live_slots_into_the_smallest_bucket_without_changing_outpu
     stats = {}
     for buckets in (8, 1):
         engine = Engine(model, max_slots=8, max_len=32, page_size=4, slot_buckets=buckets, prelude_width=2,
-                        coda_width=2)
+                        coda_width=2, ticks_per_replay=1)  # a pack before every tick
         served = engine.run([Request(prompt(n, 40 + i), m) for i, (n, m) in enumerate(shapes)])
         assert [r.output for r in served] == alone
         assert engine.cache.free_pages == engine.cache.num_pages - 1
@@ -140,26 +140,18 @@ def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(na
     model = tiny(name, *overrides)
     requests = [(n, m) for n, m in REQUESTS]
     alone = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(requests)]
-    for prelude_width, coda_width in ((1, 2), (2, 1), (3, 3)):
+    for prelude_width, coda_width, ticks in ((1, 2, 1), (2, 1, 3), (3, 3, 4)):
         engine = Engine(model, max_slots=3, max_len=32, page_size=4, prelude_width=prelude_width,
-                        coda_width=coda_width)
-        live_slot_ticks = 0
-        upload = engine._upload_host_state
-
-        def counting_upload():  # runs once per tick, after admission
-            nonlocal live_slot_ticks
-            live_slot_ticks += int(engine.live.sum())
-            upload()
-
-        engine._upload_host_state = counting_upload
+                        coda_width=coda_width, ticks_per_replay=ticks)
         served = [engine.add(Request(prompt(n, 10 + i), m)) for i, (n, m) in enumerate(requests)]
         while engine.has_work():
             engine.step()
             assert_phase_layers_agree(engine)
+            assert_device_state_agrees(engine)
         assert [r.output for r in served] == alone
         st = engine.stats
         holds = np.maximum(np.arange(len(st.depth)), 1)  # a token of d steps holds its slot max(d, 1) ticks
-        assert live_slot_ticks == st.prelude_waits + st.coda_waits + int(st.depth @ holds)
+        assert st.live_slot_ticks == st.prelude_waits + st.coda_waits + int(st.depth @ holds)
         assert st.ticks >= (st.tokens - len(requests)) / coda_width  # at most W_out tokens leave per tick
         assert engine.cache.free_pages == engine.cache.num_pages - 1
         if coda_width == 1:
@@ -186,6 +178,43 @@ def test_engine_samples_outside_the_tick_reproducibly():
     assert serve(SamplingParams(temperature=1.0, top_p=1e-6), 0) == greedy
     hot = SamplingParams(temperature=2.0, top_p=0.95)
     assert serve(hot, 3) == serve(hot, 3) != greedy
+
+
+def assert_device_state_agrees(engine: Engine) -> None:
+    """Between replays the tick's device state (live slots, positions, tokens generated) is the host's."""
+    st, live = engine.state, engine.live
+    assert np.array_equal(st.live[:-1].bool().numpy(), live)
+    assert np.array_equal(st.pos[:-1].numpy()[live], engine.pos_host[live])
+    assert np.array_equal(st.out_len[:-1].numpy()[live], engine.out_len[live])
+
+
+def test_engine_ends_sampled_requests_on_the_sampled_token():
+    """The tick ends a request on its greedy token; a sampled request's token is drawn after the tick, so
+    the host's decision goes back to the device (a slot the device kept live after its request stopped
+    would write into freed pages; one it ended early would never get a token). Greedy requests and
+    sampled ones with a stop token share the engine: the greedy ones equal generate, the sampled ones end
+    at their first stop token, and the device agrees with the host after every step."""
+    model = tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8")
+    alone = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(REQUESTS)]
+    stops = 0
+    for seed, (temperature, top_p) in enumerate(((2.0, 0.9), (1.0, 0.5))):
+        hot = SamplingParams(temperature=temperature, top_p=top_p)
+        free = Engine(model, max_slots=4, max_len=40, page_size=4, seed=seed).run(
+            [Request(prompt(n, 10 + i), 20, hot) for i, (n, _) in enumerate(REQUESTS)])
+        stop = int(np.bincount(sum((r.output for r in free), [])).argmax())  # a token hot sampling draws
+        engine = Engine(model, max_slots=4, max_len=40, page_size=4, seed=seed)
+        greedy = [engine.add(Request(prompt(n, 10 + i), m)) for i, (n, m) in enumerate(REQUESTS)]
+        sampled = [engine.add(Request(prompt(n, 10 + i), 20, hot, stop_token=stop)) for i, (n, _) in enumerate(REQUESTS)]
+        while engine.has_work():
+            engine.step()
+            assert_device_state_agrees(engine)
+        assert [r.output for r in greedy] == alone
+        for r in sampled:
+            assert stop not in r.output[:-1]
+            assert r.finish_reason == ("stop" if r.output[-1] == stop else "length")
+            stops += r.finish_reason == "stop"
+        assert engine.cache.free_pages == engine.cache.num_pages - 1
+    assert stops > 0
 
 
 @pytest.mark.cuda
@@ -411,10 +440,9 @@ def test_decode_step_creates_no_tensor_from_host_data(name):
     engine = Engine(tiny(name), max_slots=2, max_len=20, page_size=4)
     engine.add(Request(prompt(5, 1), 3))
     engine._admit()
-    engine._reserve_tick()
-    engine._upload_host_state()
+    engine._reserve(engine.ticks_per_replay)
     with HostData() as mode:
-        engine._tick(engine.max_slots)
+        engine._replay(engine.max_slots, engine.ticks_per_replay)
     assert mode.seen == []
 
 

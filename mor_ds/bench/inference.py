@@ -26,7 +26,7 @@ import torch
 
 from mor_ds.bench.timing import environment
 from mor_ds.config import load_config
-from mor_ds.inference.engine import SLOT_BUCKETS
+from mor_ds.inference.engine import SLOT_BUCKETS, TICKS_PER_REPLAY
 
 DEFAULT_MODELS = ["vanilla-360m", "mor-360m-nr3", "mor-360m-nr2", "recursive-360m-nr3", "mor-360m-nr3-kvshare",
                   "mor-360m-nr4", "vanilla-360m-L34"]
@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slot-buckets", type=int, default=SLOT_BUCKETS,
                         help="engine slot_buckets: ticks for S·i/N slots, live slots packed (1 = every tick runs S)")
     parser.add_argument("--prefill-rows", type=int, default=None, help="engine prefill_rows (default: the engine's)")
+    parser.add_argument("--ticks-per-replay", type=int, default=TICKS_PER_REPLAY,
+                        help="engine ticks_per_replay: ticks per CUDA-graph replay (host work once per replay)")
+    parser.add_argument("--sweep-ticks-per-replay", type=int, nargs="*", default=[],
+                        help="also measure every model's max batches at these ticks_per_replay (same process)")
     parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these slot_buckets (same process)")
     parser.add_argument("--sweep-prefill-rows", type=int, nargs="*", default=[],
@@ -82,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-widths", type=float, nargs="*", default=[],
                         help="MoR at the memory-bound batches: also measure these width fractions (rows *_w<f>)")
     parser.add_argument("--profile-ticks", type=int, default=0,
-                        help="after each timed run, profile this many steady-state ticks (top kernels by device time)")
+                        help="after each timed run, profile this many steady-state replays (top kernels per tick)")
     parser.add_argument("--profile-prefill", type=int, default=0,
                         help="after each timed run, time and profile this many admission prefills of the run's "
                              "size (wall per call; top ops by self CPU time and by device time)")
@@ -375,7 +379,7 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
             width_fraction: float | None = None, slot_buckets: int | None = None,
             prefill_rows: int | None = None, requests_per_slot: float | None = None,
-            page_size: int | None = None) -> dict:
+            page_size: int | None = None, ticks_per_replay: int | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
@@ -386,7 +390,8 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         num_pages = num_pages * args.page_size // page_size
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=page_size or args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
-                  prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets)
+                  prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets,
+                  ticks_per_replay=ticks_per_replay or args.ticks_per_replay)
     if prefill_rows or args.prefill_rows:
         kwargs["prefill_rows"] = prefill_rows or args.prefill_rows
     graph_error = None
@@ -430,6 +435,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
         "tick_host_ms": round((st.decode_s - st.device_wait_s) / max(1, st.ticks) * 1e3, 3),
+        "ticks_per_replay": engine.ticks_per_replay, "replays": st.replays,
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
         "tick_weight_MB": round(weight_bytes / 1e6, 1), "tick_kv_MB": round(kv_bytes_tick / 1e6, 1),
         "depth_fractions": st.depth_fractions(), "preemptions": st.preemptions,
@@ -460,8 +466,8 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     return out
 
 
-def profile_ticks(engine, requests: list, ticks: int) -> dict:
-    """Fill every slot, let the recursion reach steady state, then profile `ticks` engine steps: the top
+def profile_ticks(engine, requests: list, replays: int) -> dict:
+    """Fill every slot, let the recursion reach steady state, then profile `replays` engine steps: the top
     kernels by device time per tick (graph replays included) and the kernel count per tick."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -472,10 +478,12 @@ def profile_ticks(engine, requests: list, ticks: int) -> dict:
     for _ in range(4):
         engine.step()
     torch.cuda.synchronize()
+    ticks_before = engine.stats.ticks
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(ticks):
+        for _ in range(replays):
             engine.step()
         torch.cuda.synchronize()
+    ticks = engine.stats.ticks - ticks_before
     events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
@@ -501,7 +509,7 @@ def profile_prefills(engine, tokens: np.ndarray, args, calls: int) -> dict:
         start = time.perf_counter()
         engine._admit()
         wall = time.perf_counter() - start
-        engine._release(np.flatnonzero(engine.live))
+        engine._evict(np.flatnonzero(engine.live))
         return wall
 
     admit()  # this size's first call
@@ -628,6 +636,7 @@ def run(args: argparse.Namespace) -> int:
                     variants += [(f"p{r}", {"prefill_rows": r}) for r in args.sweep_prefill_rows]
                     variants += [(f"r{r:g}", {"requests_per_slot": r}) for r in args.sweep_requests_per_slot]
                     variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
+                    variants += [(f"k{k}", {"ticks_per_replay": k}) for k in args.sweep_ticks_per_replay]
                 for suffix, variant in variants:
                     if over_budget():
                         break

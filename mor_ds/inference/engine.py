@@ -3,8 +3,8 @@
 The engine owns `max_slots` (S) sequence slots and one paged KV pool (preallocated once). Each *tick* is
 one fixed-shape pass over the first n slots (so it can be captured in a CUDA graph), LM head and greedy
 choice of the next token included; n is the smallest occupancy bucket ⌈S·i/16⌉ that holds every live
-slot, live slots being kept in a prefix (a slot beyond it moves down between ticks: its state and page
-tables, not its K/V):
+slot, live slots being kept in a prefix (a slot beyond it moves down between replays: its state and
+page tables, not its K/V):
 
   MoR:    up to W_in tokens that are new this tick run embedding + prelude on compacted rows and take
           the step-0 routing decision; then the shared block runs ONCE over every token in the recursion,
@@ -20,17 +20,22 @@ tables, not its K/V):
           left over last tick, so a waiting row is first in line. Waiting changes no output.
   vanilla / recursive: every live slot runs its whole layer stack and the head each tick.
 
-After a tick one device-to-host copy brings back the slots that got a token, the tokens, the recursion
-state and the cache lengths (sampled requests — temperature > 0 — redo head and sampling eagerly on the
-tick's final hidden rows). Between ticks the host appends the tokens, retires finished requests (freeing
-their pages), admits queued requests into free slots (a batched eager prefill through the same modules:
-phase by phase, MoR steps on the rows still in the recursion, one host sync per call plus one per step),
-reserves pages for the next tick and uploads the slots' positions and states in one copy. Admission
-waits until `admit_batch` slots are free (or the queue is that short, or nothing is live): a prefill
-costs about the same for one prompt as for many (launch-bound), so prefilling one request per tick as
-slots trickle free would cost more than the few slot-ticks the wait idles (vLLM's scheduler delay serves
-the same purpose); when the pool runs out it preempts the newest sequence and requeues it (its prompt
-grows by what it generated, so greedy output is unchanged).
+The tick's per-slot state lives on the device (`SlotTable`): the tick itself advances positions, marks
+the token that just took its next token as entering, and ends a request (stop token, budget, max_len), so one
+CUDA-graph replay runs `ticks_per_replay` (K) ticks back to back with no host work between them. Before a
+replay the host reserves pages for K appends to every cache row a live slot may write; after it, one
+device-to-host copy brings back, per tick, the slots that got a token, the tokens and their recursion steps,
+and every cache row's length. The host appends the tokens in tick order (deciding with the tick's own rule,
+`end_reasons`, which requests ended), frees the ended requests' pages, admits queued requests into free slots
+(a batched eager prefill through the same modules: phase by phase, MoR steps on the rows still in the
+recursion, one host sync per call plus one per step), packs the live slots and reserves the next replay's
+pages. Sampled requests (temperature > 0) redo head and sampling eagerly after each tick, so while one is
+live a replay is a single tick and the host's decision on its end is written back. Admission waits until
+`admit_batch` slots are free (or the queue is that short, or nothing is live): a prefill costs about the same
+for one prompt as for many (launch-bound), so prefilling one request per replay as slots trickle free would
+cost more than the few slot-ticks the wait idles (vLLM's scheduler delay serves the same purpose); when the
+pool runs out it preempts the newest sequence and requeues it (its prompt grows by what it generated, so
+greedy output is unchanged).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from mor_ds.inference.kv_cache import KVCacheFull
 from mor_ds.inference.paged_attention import decode_attention
 from mor_ds.inference.runner import InferenceModel
 from mor_ds.inference.sampling import SamplingParams, sample
+from mor_ds.inference.slot_state import SlotTable, end_reasons
 from mor_ds.models.model import CausalLM
 
 
@@ -68,16 +74,18 @@ class Request:
 @dataclass
 class EngineStats:
     ticks: int = 0
+    replays: int = 0  # host round trips: each ran ticks_per_replay ticks (1 while a sampled request is live)
     tokens: int = 0  # generated tokens (prefill's first token included)
     prefill_tokens: int = 0
     prefills: int = 0  # prefill calls (admission batches, split at prefill_rows)
     preemptions: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0  # wall time of the ticks, host work between them included
-    device_wait_s: float = 0.0  # of decode_s: blocked on the tick's report (the rest is host time, device idle)
+    decode_s: float = 0.0  # wall time of the replays, host work between them included
+    device_wait_s: float = 0.0  # of decode_s: blocked on the replay's report (the rest is host time, device idle)
     depth: np.ndarray | None = None  # tokens by number of recursion steps run (MoR)
-    # MoR's fixed prelude / coda widths: row-ticks a token waited because W_in / W_out rows were taken,
-    # and ticks in which any token waited
+    # slot-ticks of live slots; MoR's fixed prelude / coda widths: slot-ticks a token waited because W_in / W_out
+    # rows were taken, and ticks in which any token waited
+    live_slot_ticks: int = 0
     prelude_waits: int = 0
     coda_waits: int = 0
     wait_ticks: int = 0
@@ -99,18 +107,23 @@ SLOT_BUCKETS = 16
 # rows per eager prefill call: a call costs ~20 ms of host time (launches) whatever its size at the 360M shape,
 # so calls of 8K rows were host-bound on an H100; 32K rows make them device-bound (BENCHMARKS.md, session 5)
 PREFILL_ROWS = 32768
+# ticks per graph replay: the host's work between replays (~1 ms on an H100 host) is paid once per K ticks
+TICKS_PER_REPLAY = 4
 
 
 class Engine:
     def __init__(self, model: CausalLM, *, max_slots: int, max_len: int, num_pages: int | None = None,
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
                  prefill_rows: int = PREFILL_ROWS, admit_batch: int | None = None, prelude_width: int | None = None,
-                 coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS, count_kv_reads: bool = False):
+                 coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS,
+                 ticks_per_replay: int = TICKS_PER_REPLAY, count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
         coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
         run every slot. slot_buckets: the tick exists for n = ⌈S·i/slot_buckets⌉ slots (one CUDA graph
         each); live slots are kept in a prefix and each tick runs the smallest n that holds them, so a
-        half-empty engine (a draining queue) does not pay GEMMs for its empty slots (1 = always S)."""
+        half-empty engine (a draining queue) does not pay GEMMs for its empty slots (1 = always S).
+        ticks_per_replay (K, at most page_size): ticks run back to back between two visits of the host
+        (one graph replay); a request that ends mid-replay leaves its slot idle for the rest of it."""
         self.im = im = InferenceModel(model, decode_backend)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
@@ -121,6 +134,9 @@ class Engine:
         self.admit_batch = max(1, max_slots // 16) if admit_batch is None else admit_batch
         if self.admit_batch < 1:
             raise ValueError(f"admit_batch={admit_batch}: must be >= 1")
+        if not 1 <= ticks_per_replay <= page_size:  # K appends per row then need at most one new page
+            raise ValueError(f"ticks_per_replay={ticks_per_replay}: must be in 1..page_size={page_size}")
+        self.ticks_per_replay = K = ticks_per_replay
         S = max_slots
         if slot_buckets < 1:
             raise ValueError(f"slot_buckets={slot_buckets}: must be >= 1")
@@ -132,48 +148,38 @@ class Engine:
         self._widths = {n: (self._bucket_width(n, prelude_width), self._bucket_width(n, coda_width))
                         for n in self.buckets}
         self.prelude_width, self.coda_width = self._widths[S]  # the widest (S is the last bucket)
-        dev, d, W = im.device, model.cfg.hidden_size, self.coda_width
+        dev, W = im.device, self.coda_width
         self.slot_ids = torch.arange(S, device=dev)
         # cache groups per layer position (MoR block: depth 0's, the step's depth is added per token)
         self._groups_all = self._groups(list(im.plan.unrolled)) if not im.mor else None
         self._groups_prelude = self._groups([(l, 0) for l in im.plan.prelude])
         self._groups_coda = self._groups([(l, 0) for l in im.plan.coda])
         self._rows_block = self._rows(self._groups([(l, 0) for l in im.block]), self.slot_ids) if im.mor else None
-        self._host_groups = {"all": np.arange(im.layout.num_groups), "prelude": self._groups_prelude.cpu().numpy(),
-                             "coda": self._groups_coda.cpu().numpy(),
-                             "block": self._groups([(l, 0) for l in im.block]).cpu().numpy() if im.mor else None}
+        self._write_phases = self._phases_written()
         self._projects = torch.tensor([im.layout.writes(r) for _, r in im.plan.unrolled], device=dev)
-        # device state of the fixed-shape tick (static buffers: a captured graph reads and writes these).
-        # Row S of `tokens` and `h` is scratch: the unused places of a compacted batch gather and scatter it.
-        pin = dev.type == "cuda"
-        self._upload_host = torch.zeros(4, S, dtype=torch.long, pin_memory=pin)  # see _upload_host_state
-        self.upload = torch.zeros(4, S, dtype=torch.long, device=dev)
-        self.tokens = torch.zeros(S + 1, dtype=torch.long, device=dev)
-        self.h = torch.zeros(S + 1, d, dtype=im.dtype, device=dev)
-        self.depth = torch.zeros(S, dtype=torch.long, device=dev)
-        self.target = torch.zeros(S, dtype=torch.long, device=dev)  # token-choice depth
-        self.gate = torch.zeros(S, dtype=torch.float32, device=dev)  # router weight g of the pending step
-        self.exit_steps = torch.zeros(S, dtype=torch.long, device=dev)  # steps run by a token done with them
+        # the tick's state (static buffers: a captured graph reads and writes these)
+        self.state = SlotTable(S, model.cfg.hidden_size, im.dtype, dev)
         self._scan_in = torch.zeros(1, dtype=torch.long, device=dev)  # where the next circular scans start
         self._scan_out = torch.zeros(1, dtype=torch.long, device=dev)
-        self.out_hidden = torch.zeros(W, d, dtype=im.dtype, device=dev)  # final norm of the coda rows
-        # what a tick reports (one int32 buffer, one copy): per slot still entering, in the recursion,
-        # depth; per coda row its slot (S = unused), next token and steps run; every cache row's length
-        layout = {"entering": S, "in_rec": S, "depth": S, "served": W, "next": W, "steps": W,
+        self.out_hidden = torch.zeros(W, model.cfg.hidden_size, dtype=im.dtype, device=dev)  # coda rows' final norm
+        # live slot-ticks, prelude waits, coda waits, ticks with a wait: summed over a replay's ticks
+        self.counters = torch.zeros(4, dtype=torch.long, device=dev)
+        # what a replay reports (one int32 buffer, one copy): per tick and coda row its slot (S = unused), next
+        # token and steps run; the counters; every cache row's length
+        layout = {"served": K * W, "next": K * W, "steps": K * W, "counters": 4,
                   "lengths": self.cache.lengths.numel()}
+        pin = dev.type == "cuda"
         self.report = torch.zeros(sum(layout.values()), dtype=torch.int32, device=dev)
         self._report_host = torch.zeros(self.report.numel(), dtype=torch.int32, pin_memory=pin)
-        self._report = dict(zip(layout, self.report.split(list(layout.values()))))
-        self._report_np = dict(zip(layout, np.split(self._report_host.numpy(), np.cumsum(list(layout.values()))[:-1])))
-        self.temperature = torch.zeros(S, dtype=torch.float32, device=dev)
-        self.top_p = torch.ones(S, dtype=torch.float32, device=dev)
-        # host state (numpy per slot, so a tick's bookkeeping is vectorised)
+        per_tick = {"served", "next", "steps"}
+        self._report = {name: part.view(K, W) if name in per_tick else part
+                        for name, part in zip(layout, self.report.split(list(layout.values())))}
+        self._report_np = {name: part.reshape(K, W) if name in per_tick else part for name, part in
+                           zip(layout, np.split(self._report_host.numpy(), np.cumsum(list(layout.values()))[:-1]))}
+        # host state (numpy per slot, so the bookkeeping is vectorised)
         self.slots: list[Request | None] = [None] * S
         self.live = np.zeros(S, dtype=bool)
-        self.pos_host = np.zeros(S, dtype=np.int64)  # position of the slot's newest (unprocessed) token
-        self.entering_host = np.zeros(S, dtype=bool)
-        self.depth_host = np.zeros(S, dtype=np.int64)
-        self.in_rec_host = np.zeros(S, dtype=bool)
+        self.pos_host = np.zeros(S, dtype=np.int64)  # position of the slot's newest token
         self.admitted_at = np.zeros(S, dtype=np.int64)
         self.out_buf = np.zeros((S, max_len), dtype=np.int64)  # tokens generated since admission
         self.out_len = np.zeros(S, dtype=np.int64)
@@ -186,7 +192,7 @@ class Engine:
         self.reset_stats()
         self._next_id = 0
         self._admissions = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # slot bucket n -> the captured tick
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (slot bucket n, ticks) -> the replay
         if cuda_graph:
             if dev.type != "cuda":
                 raise ValueError("cuda_graph=True needs the model on a CUDA device")
@@ -205,6 +211,18 @@ class Engine:
         if not self.im.mor:
             return n
         return self.flow_width(n) if width is None else min(width, n)
+
+    def _phases_written(self) -> list[tuple[np.ndarray, int]]:
+        """The phases whose layers hold the same tokens of a slot, as (their cache groups, group offset):
+        vanilla / recursive the whole stack; MoR prelude, coda and the block at each depth r (recursion-wise
+        caching: group offset r) or at depth 0 (KV sharing: the only depth that writes)."""
+        im = self.im
+        if not im.mor:
+            return [(np.arange(im.layout.num_groups), 0)]
+        block = self._groups([(l, 0) for l in im.block]).cpu().numpy()
+        phases = [(self._groups_prelude.cpu().numpy(), 0), (self._groups_coda.cpu().numpy(), 0)]
+        phases += [(block, r) for r in range(1 if im.kv_share else im.num_recursions)]
+        return [(groups, offset) for groups, offset in phases if len(groups)]
 
     # ------------------------------------------------------------------ public API
 
@@ -231,19 +249,19 @@ class Engine:
         return bool(self.queue) or bool(self.live.any())
 
     def step(self) -> list[Request]:
-        """Admit what fits, run one tick, retire what finished; returns the requests finished now."""
+        """Admit what fits, run one replay of ticks, retire what finished; returns the requests finished now."""
         done_before = len(self.finished)
         self._admit()
         if self.live.any():
             t0 = time.perf_counter()
+            ticks = 1 if self.sampled_live else self.ticks_per_replay
             n = self._pack_slots()
-            self._reserve_tick()
-            self._upload_host_state()
-            if n in self.graphs:
-                self.graphs[n].replay()
+            self._reserve(ticks)
+            if (n, ticks) in self.graphs:
+                self.graphs[n, ticks].replay()
             else:
-                self._tick(n)
-            self._after_tick(n)
+                self._replay(n, ticks)
+            self._after_replay(n, ticks)
             self.stats.decode_s += time.perf_counter() - t0
         return self.finished[done_before:]
 
@@ -290,7 +308,7 @@ class Engine:
     def _prefill(self, batch: list[tuple[int, Request]]) -> None:
         """One eager forward over the prompts of `batch` (slot, request) (their generated tokens appended
         after a preemption), first token from the last row of each; one upload of the rows, one of the
-        requests' sampling parameters, one sync (the first tokens)."""
+        requests' sampling parameters, one sync (the first tokens), one upload of the slots' state."""
         t0 = time.perf_counter()
         dev = self.im.device
         slots = np.array([slot for slot, _ in batch])
@@ -300,15 +318,11 @@ class Engine:
         pos = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)
         rows = torch.from_numpy(np.stack([np.concatenate(seqs), pos])).to(dev, non_blocking=True)
         hidden = self.im.forward(self.cache, rows[0], np.repeat(slots, lengths), rows[1])
-        params = np.array([(req.sampling.temperature, req.sampling.top_p) for _, req in batch], dtype=np.float32)
-        at = torch.from_numpy(np.concatenate([slots, ends - 1])).to(dev, non_blocking=True)
-        slot_ids, last = at.split(len(batch))
-        params = torch.from_numpy(params.T.copy()).to(dev, non_blocking=True)
-        self.temperature[slot_ids], self.top_p[slot_ids] = params[0], params[1]
-        first_dev = sample(self.im.logits(hidden[last]), params[0], params[1], self.generator,
-                           all_greedy=all(req.sampling.greedy for _, req in batch))
-        self.tokens[slot_ids] = first_dev
-        first = first_dev.cpu().numpy()
+        params = np.array([(req.sampling.temperature, req.sampling.top_p) for _, req in batch], dtype=np.float32).T
+        last = torch.from_numpy(ends - 1).to(dev, non_blocking=True)
+        params_dev = torch.from_numpy(params.copy()).to(dev, non_blocking=True)
+        first = sample(self.im.logits(hidden[last]), params_dev[0], params_dev[1], self.generator,
+                       all_greedy=all(req.sampling.greedy for _, req in batch)).cpu().numpy()
         for slot, req in batch:
             self.slots[slot] = req
         self.live[slots] = True
@@ -319,31 +333,33 @@ class Engine:
         self.budget[slots] = [req.max_new_tokens - len(req.output) for _, req in batch]
         self.stop_host[slots] = [-1 if req.stop_token is None else req.stop_token for _, req in batch]
         self.sampled_live += sum(not req.sampling.greedy for _, req in batch)
-        self.in_rec_host[slots] = False
-        self.depth_host[slots] = 0
-        self._record(slots, first)
+        go_on = ~self._record(slots, first)
+        self.state.reset(slots, token=first, pos=lengths, live=go_on, entering=go_on, out_len=1,
+                         budget=self.budget[slots], stop=self.stop_host[slots], temperature=params[0],
+                         top_p=params[1])
         self.stats.prefill_tokens += int(ends[-1])
         self.stats.prefills += 1
         self.stats.prefill_s += time.perf_counter() - t0
 
-    def _record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
-        """Append one generated token to each slot; retire finished requests, the rest enter next tick."""
+    def _record(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Append one generated token to each slot (its position already moved on) and retire the requests
+        that ended (the tick's rule); returns which ended."""
         self.out_buf[slots, self.out_len[slots]] = tokens
         self.out_len[slots] += 1
         self.stats.tokens += len(slots)
-        stop = tokens == self.stop_host[slots]
-        length = self.out_len[slots] >= self.budget[slots]
-        full = self.pos_host[slots] + 1 >= self.max_len
-        done = stop | length | full
-        self.entering_host[slots[~done]] = True
-        for slot, why in zip(slots[done], np.where(stop[done], "stop", np.where(length[done], "length", "max_len"))):
+        stop, length, full = end_reasons(tokens, self.stop_host[slots], self.out_len[slots], self.budget[slots],
+                                         self.pos_host[slots], self.max_len)
+        ended = stop | length | full
+        for slot, why in zip(slots[ended], np.where(stop[ended], "stop", np.where(length[ended], "length", "max_len"))):
             req = self.slots[slot]
             req.finish_reason = str(why)
             self.finished.append(req)
-        self._release(slots[done])
+        self._release(slots[ended])
+        return ended
 
     def _release(self, slots: np.ndarray) -> None:
-        """Hand the slots' tokens to their requests and free the slots and their pages (all at once)."""
+        """Hand the slots' tokens to their requests and free the slots and their pages (all at once); the
+        device state is the tick's (it ended them) or the caller's to clear (`_evict`)."""
         for slot in slots:
             req = self.slots[slot]
             req.output.extend(self.out_buf[slot, :self.out_len[slot]].tolist())
@@ -351,8 +367,11 @@ class Engine:
             self.slots[slot] = None
         self.cache.release(slots)
         self.live[slots] = False
-        self.entering_host[slots] = False
-        self.in_rec_host[slots] = False
+
+    def _evict(self, slots: np.ndarray) -> None:
+        """Release live slots whose requests have not ended (their device state is cleared)."""
+        self._release(slots)
+        self.state.clear(slots)
 
     def _preempt(self) -> None:
         live = np.nonzero(self.live)[0]
@@ -362,84 +381,53 @@ class Engine:
         req = self.slots[victim]
         req.preemptions += 1
         self.stats.preemptions += 1
-        self._release(np.array([victim]))
+        self._evict(np.array([victim]))
         self.queue.appendleft(req)
 
     # ------------------------------------------------------------------ occupancy buckets
 
     def _pack_slots(self) -> int:
-        """The slot bucket of the next tick: the smallest n that holds every live slot; live slots at or
+        """The slot bucket of the next replay: the smallest n that holds every live slot; live slots at or
         beyond n move into free slots below it first (state, caches' page tables: no K/V is copied)."""
         live = np.flatnonzero(self.live)
         n = self.buckets[bisect.bisect_left(self.buckets, len(live))]
         if live[-1] >= n:
             src = live[live >= n]
             self._move_slots(src, np.flatnonzero(~self.live[:n])[:len(src)])
-        self.stats.slot_rows += n
         return n
 
     def _move_slots(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Move live slots src to free slots dst: host bookkeeping, page tables and the per-slot device
-        state of a token between ticks (next token, hidden state mid-recursion, depth, gate, …)."""
-        for host in (self.live, self.pos_host, self.entering_host, self.depth_host, self.in_rec_host,
-                     self.admitted_at, self.out_buf, self.out_len, self.budget, self.stop_host):
+        """Move live slots src to free slots dst: host bookkeeping, page tables and the device state."""
+        for host in (self.live, self.pos_host, self.admitted_at, self.out_buf, self.out_len, self.budget,
+                     self.stop_host):
             host[dst] = host[src]
-        self.live[src] = self.entering_host[src] = self.in_rec_host[src] = False
+        self.live[src] = False
         for a, b in zip(src, dst):
             self.slots[b], self.slots[a] = self.slots[a], None
         self.cache.move_slots(src, dst)
-        at = torch.from_numpy(np.concatenate([src, dst])).to(self.im.device, non_blocking=True)
-        src_dev, dst_dev = at.split(len(src))
-        for buf in (self.tokens, self.h, self.depth, self.target, self.gate, self.exit_steps, self.temperature,
-                    self.top_p):
-            buf[dst_dev] = buf[src_dev]
+        self.state.move(src, dst)
         self.stats.slot_moves += len(src)
 
-    # ------------------------------------------------------------------ one tick
+    # ------------------------------------------------------------------ one replay: K ticks
 
-    def _reserve_tick(self) -> None:
-        """Pages for every cache a slot may append to in the next tick. The layers of one phase (prelude,
-        coda, the block at one depth r; every layer of vanilla / recursive models) hold the same tokens of
-        a slot, so which slots need a page is read off the phase's first layer, and those slots get one in
-        every layer of the phase."""
-        S = self.max_slots
+    def _reserve(self, ticks: int) -> None:
+        """Pages for `ticks` appends to every cache a live slot may write before the host looks again (a row
+        takes at most one token per tick; ticks <= page_size, so at most one page). The layers of one
+        phase hold the same tokens of a slot, so which slots need a page is read off the phase's first
+        layer, and those slots get one in every layer of the phase."""
+        S, cache = self.max_slots, self.cache
         while True:
-            rows = []
-            for groups, slots, offset in self._tick_writers():
-                first = (groups[0] + offset) * S + slots
-                full = self.cache.host_lengths[first] >= self.cache.page_count(first) * self.cache.page_size
-                rows.append(((groups[:, None] + offset[full]) * S + slots[full]).ravel())
+            live, rows = np.flatnonzero(self.live), []
+            for groups, offset in self._write_phases:
+                first = (groups[0] + offset) * S + live
+                need = np.minimum(cache.host_lengths[first] + ticks, self.max_len)
+                short = live[cache.page_count(first) * cache.page_size < need]
+                rows.append(((groups[:, None] + offset) * S + short).ravel())
             try:
-                self.cache.add_page(np.concatenate(rows))  # a phase's rows are distinct, each full
+                cache.add_page(np.concatenate(rows))  # a phase's rows are distinct
                 return
             except KVCacheFull:
                 self._preempt()
-
-    def _tick_writers(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per phase of the next tick: (its layers' cache groups at depth 0, the slots that may append a
-        token to them, each slot's group offset: its depth r in the block under recursion-wise caching)."""
-        im, groups, live = self.im, self._host_groups, self.live
-        entering = np.flatnonzero(live & self.entering_host)
-        if not im.mor:
-            phases = [(groups["all"], entering, 0)]
-        else:
-            depth = np.where(self.entering_host, 0, self.depth_host)
-            busy = live & (self.entering_host | self.in_rec_host)
-            writers = np.flatnonzero(busy if not im.kv_share else busy & (depth == 0))
-            phases = [(groups["prelude"], entering, 0),
-                      (groups["coda"], np.flatnonzero(live), 0),  # any live token may leave the recursion
-                      (groups["block"], writers, 0 if im.kv_share else depth[writers])]
-        return [(g, slots, np.broadcast_to(offset, slots.shape)) for g, slots, offset in phases if len(g)]
-
-    def _upload_host_state(self) -> None:
-        """One host-to-device copy per tick: each slot's position, entering / in-recursion / waiting-for-coda
-        flags (the host's view is the truth: admissions, retirements and preemptions change it)."""
-        up = self._upload_host.numpy()
-        up[0] = self.pos_host
-        up[1] = self.entering_host
-        up[2] = self.in_rec_host
-        up[3] = self.live & ~self.entering_host & ~self.in_rec_host
-        self.upload.copy_(self._upload_host, non_blocking=True)
 
     def _pull_report(self) -> dict[str, np.ndarray]:
         self._report_host.copy_(self.report, non_blocking=True)
@@ -449,39 +437,42 @@ class Engine:
             self.stats.device_wait_s += time.perf_counter() - t0
         return self._report_np
 
-    def _after_tick(self, n: int) -> None:
-        """One device-to-host copy of what the tick over slots [0, n) reports; the tokens of the coda rows
-        go to their sequences (sampled requests redo head + sampling eagerly on the tick's final hidden
-        rows)."""
-        self.stats.ticks += 1
-        S, rep = self.max_slots, self._pull_report()
-        self.entering_host[:n] = rep["entering"][:n]
-        self.in_rec_host[:n] = rep["in_rec"][:n]
-        self.depth_host[:n] = rep["depth"][:n]
+    def _after_replay(self, n: int, ticks: int) -> None:
+        """One device-to-host copy of what the ticks over slots [0, n) report; their tokens go to their
+        sequences tick by tick (sampled requests redo head + sampling eagerly on the tick's final hidden
+        rows, and the host's decision on their end goes back to the device)."""
+        st, S, rep = self.stats, self.max_slots, self._pull_report()
+        st.ticks += ticks
+        st.replays += 1
+        st.slot_rows += n * ticks
         self.cache.host_lengths[:] = rep["lengths"]
-        served = rep["served"] < S
-        slots, tokens = rep["served"][served].astype(np.int64), rep["next"][served].astype(np.int64)
-        prelude_waits = int(np.count_nonzero(self.live & self.entering_host))
-        coda_waits = int(np.count_nonzero(self.live & ~self.entering_host & ~self.in_rec_host)) - len(slots)
-        self.stats.prelude_waits += prelude_waits
-        self.stats.coda_waits += coda_waits
-        self.stats.wait_ticks += bool(prelude_waits or coda_waits)
-        if self.stats.depth is not None:
-            self.stats.depth += np.bincount(rep["steps"][served], minlength=len(self.stats.depth))
-        if not len(slots):
-            return
-        if self.sampled_live:
-            tokens = self._sample_eager(np.flatnonzero(served), slots)
-        self.pos_host[slots] += 1
-        self._record(slots, tokens)
+        live_slots, prelude, coda, wait_ticks = rep["counters"].tolist()
+        st.live_slot_ticks += live_slots
+        st.prelude_waits += prelude
+        st.coda_waits += coda
+        st.wait_ticks += wait_ticks
+        for served, nxt, steps in zip(rep["served"][:ticks], rep["next"][:ticks], rep["steps"][:ticks]):
+            got = served < S
+            if st.depth is not None:
+                st.depth += np.bincount(steps[got], minlength=len(st.depth))
+            slots, tokens = served[got].astype(np.int64), nxt[got].astype(np.int64)
+            if not len(slots):
+                continue
+            sampled = self.sampled_live > 0
+            if sampled:
+                tokens = self._sample_eager(np.flatnonzero(got), slots)
+            self.pos_host[slots] += 1
+            ended = self._record(slots, tokens)
+            if sampled:
+                self.state.set_live(slots, ~ended)
 
     def _sample_eager(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Head + sampling (temperature, top-p) of coda rows `rows` (their slots `slots`), outside the graph."""
-        dev = self.im.device
+        dev, st = self.im.device, self.state
         idx = torch.from_numpy(slots).to(dev)
-        nxt = sample(self.im.logits(self.out_hidden[torch.from_numpy(rows).to(dev)]), self.temperature[idx],
-                     self.top_p[idx], self.generator)
-        self.tokens[idx] = nxt
+        nxt = sample(self.im.logits(self.out_hidden[torch.from_numpy(rows).to(dev)]), st.temperature[idx],
+                     st.top_p[idx], self.generator)
+        st.token[idx] = nxt
         return nxt.cpu().numpy()
 
     def _groups(self, keys: list[tuple[int, int]]) -> Tensor:
@@ -538,74 +529,101 @@ class Engine:
         write = valid.expand(len(layer_ids), -1)
         return self._phase([(l, 0) for l in layer_ids], self._rows(groups, slots), x, rope, write, valid, pos[slots])
 
-    def _head(self, x: Tensor, idx: Tensor, steps: Tensor) -> None:
+    def _head(self, x: Tensor, idx: Tensor, steps: Tensor, tick: int) -> None:
         """Final norm, LM head and greedy choice on the coda rows x (W, d) of slots idx; the chosen tokens
-        enter next tick; the report gets slots, tokens and recursion steps (places beyond W: no slot)."""
+        enter next tick; the report's row `tick` gets slots, tokens and recursion steps (places beyond W:
+        no slot)."""
         w, rep = x.shape[0], self._report
         out = self.out_hidden[:w]
         out.copy_(self.im.model.norm(x))
         nxt = self.im.logits(out).argmax(dim=-1)
-        self.tokens.index_copy_(0, idx, nxt)
-        rep["served"][:w].copy_(idx)
-        rep["served"][w:].fill_(self.max_slots)
-        rep["next"][:w].copy_(nxt)
-        rep["steps"][:w].copy_(steps)
+        self.state.token.index_copy_(0, idx, nxt)
+        rep["served"][tick, :w].copy_(idx)
+        rep["served"][tick, w:].fill_(self.max_slots)
+        rep["next"][tick, :w].copy_(nxt)
+        rep["steps"][tick, :w].copy_(steps)
 
     @torch.no_grad()
-    def _tick(self, n: int) -> None:
+    def _replay(self, n: int, ticks: int) -> None:
+        """`ticks` ticks over slots [0, n), then the report's lengths and counters (what a graph replays)."""
+        for tick in range(ticks):
+            self._tick(n, tick)
+        self._report["lengths"].copy_(self.cache.lengths)
+        self._report["counters"].copy_(self.counters)
+        self.counters.zero_()
+
+    def _tick(self, n: int, tick: int) -> None:
         """The fixed-shape step over slots [0, n) (every live slot is among them); reads and writes only
         the static buffers."""
-        im, S, rep = self.im, self.max_slots, self._report
-        up = self.upload[:, :n]
-        positions, entering, slot_ids = up[0], up[1].bool(), self.slot_ids[:n]
-        rope = im.rope(positions)
+        im, S, st = self.im, self.max_slots, self.state
+        pos, slot_ids = st.pos[:n], self.slot_ids[:n]
+        live, entering = st.live[:n].bool(), st.entering[:n].bool()
+        rope = im.rope(pos)
         if not im.mor:  # the whole stack and the head, every live slot
             keys = list(im.plan.unrolled)
             project = [im.layout.writes(r) for _, r in keys]
-            x = self._phase(keys, self._rows(self._groups_all, slot_ids), im.model.embed(self.tokens[:n]),
-                            rope, self._projects[:, None] & entering, entering, positions, project)
-            self._head(x, torch.where(entering, slot_ids, S), torch.zeros_like(positions))
-            # (the report's entering / in_rec / depth stay 0: every token enters and leaves in its tick)
+            x = self._phase(keys, self._rows(self._groups_all, slot_ids), im.model.embed(st.token[:n]),
+                            rope, self._projects[:, None] & entering, entering, pos, project)
+            self._head(x, torch.where(entering, slot_ids, S), torch.zeros_like(pos), tick)
+            served, entering, waiting = entering, torch.zeros_like(entering), torch.zeros_like(entering)
         else:
             width_in, width_out = self._widths[n]
             # embedding + prelude on up to W_in entering tokens; the rest keep entering
             idx, admitted = self._take(entering, width_in, self._scan_in)
-            x = self._compact_phase(im.plan.prelude, self._groups_prelude, idx, im.model.embed(self.tokens[idx]),
-                                    rope, positions)
-            self.h.index_copy_(0, idx, x)
-            rep["entering"][:n].copy_(entering & ~admitted)
-            done = self._recursion_tick(admitted, up[2].bool(), rope)
+            x = self._compact_phase(im.plan.prelude, self._groups_prelude, idx, im.model.embed(st.token[idx]),
+                                    rope, pos)
+            st.h.index_copy_(0, idx, x)
+            entering = entering & ~admitted
+            ready = st.waiting[:n].bool() | self._recursion_tick(admitted, st.in_rec[:n].bool(), rope, pos)
             # coda + head on up to W_out tokens done with their recursion (now or in an earlier tick)
-            idx, _ = self._take(up[3].bool() | done, width_out, self._scan_out)
-            x = self._compact_phase(im.plan.coda, self._groups_coda, idx, self.h[idx], rope, positions)
-            self._head(x, idx, self.exit_steps[idx.clamp(max=S - 1)])
-        rep["lengths"].copy_(self.cache.lengths)
+            idx, served = self._take(ready, width_out, self._scan_out)
+            x = self._compact_phase(im.plan.coda, self._groups_coda, idx, st.h[idx], rope, pos)
+            self._head(x, idx, st.exit_steps[idx], tick)
+            waiting = ready & ~served
+            st.waiting[:n].copy_(waiting)
+        self._advance(n, live, served, entering, waiting)
 
-    def _recursion_tick(self, ent: Tensor, in_rec: Tensor, rope) -> Tensor:
+    def _advance(self, n: int, live: Tensor, served: Tensor, entering: Tensor, waiting: Tensor) -> None:
+        """After the head: a served slot's sequence took its token at the next position; the request ends
+        (`end_reasons`, the host's rule) or the token enters next tick. Counts the tick's live slots and
+        the tokens still waiting to enter (entering) or to leave (waiting)."""
+        st = self.state
+        pos, out_len = st.pos[:n], st.out_len[:n]
+        pos.add_(served.long())
+        out_len.add_(served.long())
+        stop, length, full = end_reasons(st.token[:n], st.stop[:n], out_len, st.budget[:n], pos, self.max_len)
+        ended = served & (stop | length | full)
+        st.live[:n].copy_(live & ~ended)
+        st.entering[:n].copy_(entering | (served & ~ended))
+        waits = torch.stack([live.sum(), entering.sum(), waiting.sum()])
+        self.counters[:3] += waits
+        self.counters[3] += (waits[1:].sum() > 0).long()
+
+    def _recursion_tick(self, ent: Tensor, in_rec: Tensor, rope, pos: Tensor) -> Tensor:
         """One shared-block pass over the tokens in the recursion (ent: tokens entering it now, their
         prelude output in h); returns the mask of tokens done with their recursion this tick."""
-        im, nr, n = self.im, self.im.num_recursions, ent.numel()
-        h = self.h[:n]
-        depth = torch.where(ent, 0, self.depth[:n])
+        im, nr, n, st = self.im, self.im.num_recursions, ent.numel(), self.state
+        h = st.h[:n]
+        depth = torch.where(ent, 0, st.depth[:n])
         if im.expert_choice:
             logits, decide = im.router_logits(h, 0)
             skip = ent & ~(decide > 0)
             rec = in_rec | (ent & ~skip)
-            gate = torch.where(ent, im.router_weight(logits), self.gate[:n])
-            target = self.target[:n]
+            gate = torch.where(ent, im.router_weight(logits), st.gate[:n])
+            target = st.target[:n]
         else:  # token-choice: every token runs step 0
             chosen, weight = im.token_choice_depth(h)
             skip = torch.zeros_like(ent)
             rec = in_rec | ent
-            gate = torch.where(ent, weight, self.gate[:n])
-            target = torch.where(ent, chosen, self.target[:n])
+            gate = torch.where(ent, weight, st.gate[:n])
+            target = torch.where(ent, chosen, st.target[:n])
         # one pass of the shared block over every token in the recursion, each at its own depth: its
         # depth-r cache (recursion-wise caching) or the step-0 cache (KV sharing, written at r = 0 only)
         keys = [(l, 0) for l in im.block]
         rows = self._rows_block[:, :n]
         rows = rows if im.kv_share else rows + depth * self.max_slots
         write = (rec & (depth == 0) if im.kv_share else rec).expand(len(keys), -1)
-        y = self._phase(keys, rows, h, rope, write, rec, self.upload[0, :n])
+        y = self._phase(keys, rows, h, rope, write, rec, pos)
         if im.scale_output:
             scaled = im.scaled(h, y, gate)
             y = scaled if im.expert_choice else torch.where((target == depth)[:, None], scaled, y)
@@ -621,29 +639,30 @@ class Engine:
         else:
             cont = rec & (target > depth)
         done = (rec & ~cont) | skip
-        exit_steps, new_depth = self.exit_steps[:n], self.depth[:n]
+        exit_steps = st.exit_steps[:n]
         exit_steps.copy_(torch.where(done, torch.where(skip, 0, nxt), exit_steps))
-        self.h[:n].copy_(h)
-        self.gate[:n].copy_(gate)
-        self.target[:n].copy_(target)
-        new_depth.copy_(torch.where(cont, nxt, depth))
-        self._report["in_rec"][:n].copy_(cont)
-        self._report["depth"][:n].copy_(new_depth)
+        st.h[:n].copy_(h)
+        st.gate[:n].copy_(gate)
+        st.target[:n].copy_(target)
+        st.depth[:n].copy_(torch.where(cont, nxt, depth))
+        st.in_rec[:n].copy_(cont)
         return done
 
     def _capture(self) -> None:
-        """Capture the tick of every slot bucket in a CUDA graph (state is empty now: every mask is false,
-        nothing is written). The graphs share one memory pool: they never run at once and no tensor of
-        one outlives its replay (a tick's results land in the static buffers)."""
+        """Capture the replay of every slot bucket, of ticks_per_replay ticks and of one (while a sampled
+        request is live), in CUDA graphs (state is empty now: every mask is false, nothing is written).
+        The graphs share one memory pool: they never run at once and no tensor of one outlives its replay
+        (a tick's results land in the static buffers)."""
         pool = torch.cuda.graph_pool_handle()
         for n in reversed(self.buckets):  # the largest first: its temporaries size the shared pool
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._tick(n)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._tick(n)
-            self.graphs[n] = graph
+            for ticks in sorted({self.ticks_per_replay, 1}, reverse=True):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._replay(n, ticks)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._replay(n, ticks)
+                self.graphs[n, ticks] = graph
