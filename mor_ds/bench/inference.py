@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slot-buckets", type=int, default=SLOT_BUCKETS,
                         help="engine slot_buckets: ticks for S·i/N slots, live slots packed (1 = every tick runs S)")
     parser.add_argument("--prefill-rows", type=int, default=None, help="engine prefill_rows (default: the engine's)")
-    parser.add_argument("--ticks-per-replay", type=int, default=TICKS_PER_REPLAY,
-                        help="engine ticks_per_replay: ticks per CUDA-graph replay (host work once per replay)")
+    parser.add_argument("--ticks-per-replay", type=int, default=None,
+                        help=f"engine ticks_per_replay: ticks per CUDA-graph replay, host work once per replay "
+                             f"(default {TICKS_PER_REPLAY} or the page size if smaller)")
     parser.add_argument("--sweep-ticks-per-replay", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these ticks_per_replay (same process)")
     parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],

@@ -107,8 +107,9 @@ SLOT_BUCKETS = 16
 # rows per eager prefill call: a call costs ~20 ms of host time (launches) whatever its size at the 360M shape,
 # so calls of 8K rows were host-bound on an H100; 32K rows make them device-bound (BENCHMARKS.md, session 5)
 PREFILL_ROWS = 32768
-# ticks per graph replay: the host's work between replays (~1 ms on an H100 host) is paid once per K ticks
-TICKS_PER_REPLAY = 4
+# ticks per graph replay (at most the page size): the host's work between replays (~1–1.5 ms on an H100 host) is
+# paid once per K ticks; MoR-4 decode +7% at 8 against 1 (BENCHMARKS.md, session 6)
+TICKS_PER_REPLAY = 8
 
 
 class Engine:
@@ -116,14 +117,15 @@ class Engine:
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
                  prefill_rows: int = PREFILL_ROWS, admit_batch: int | None = None, prelude_width: int | None = None,
                  coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS,
-                 ticks_per_replay: int = TICKS_PER_REPLAY, count_kv_reads: bool = False):
+                 ticks_per_replay: int | None = None, count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
         coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
         run every slot. slot_buckets: the tick exists for n = ⌈S·i/slot_buckets⌉ slots (one CUDA graph
         each); live slots are kept in a prefix and each tick runs the smallest n that holds them, so a
         half-empty engine (a draining queue) does not pay GEMMs for its empty slots (1 = always S).
-        ticks_per_replay (K, at most page_size): ticks run back to back between two visits of the host
-        (one graph replay); a request that ends mid-replay leaves its slot idle for the rest of it."""
+        ticks_per_replay (K, at most page_size; default TICKS_PER_REPLAY or page_size if smaller): ticks
+        run back to back between two visits of the host (one graph replay); a request that ends mid-replay
+        leaves its slot idle for the rest of it."""
         self.im = im = InferenceModel(model, decode_backend)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
@@ -134,6 +136,8 @@ class Engine:
         self.admit_batch = max(1, max_slots // 16) if admit_batch is None else admit_batch
         if self.admit_batch < 1:
             raise ValueError(f"admit_batch={admit_batch}: must be >= 1")
+        if ticks_per_replay is None:
+            ticks_per_replay = min(TICKS_PER_REPLAY, page_size)
         if not 1 <= ticks_per_replay <= page_size:  # K appends per row then need at most one new page
             raise ValueError(f"ticks_per_replay={ticks_per_replay}: must be in 1..page_size={page_size}")
         self.ticks_per_replay = K = ticks_per_replay
