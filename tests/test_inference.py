@@ -254,6 +254,12 @@ def test_engine_admission_batches_wait_for_free_slots_and_change_no_output():
         assert [r.output for r in served] == alone
         prefills[admit_batch] = engine.stats.prefills
     assert prefills[3] < prefills[1]
+    # one admission fills every free slot, in as many prefill calls of prefill_rows rows as it takes
+    engine = Engine(model, max_slots=4, max_len=32, page_size=4, prefill_rows=12)
+    for i, (n, m) in enumerate(requests):
+        engine.add(Request(prompt(n, 10 + i), m))
+    engine._admit()
+    assert len(engine.queue) == len(requests) - 4 and engine.stats.prefills == 3  # prompts of 5, 11, 3 + 8 rows
     with pytest.raises(ValueError, match="admit_batch=0"):
         Engine(model, max_slots=4, max_len=32, admit_batch=0)
 

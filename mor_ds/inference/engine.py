@@ -287,26 +287,29 @@ class Engine:
         return self.im.layout.num_groups * -(-(length + 1) // self.cache.page_size)
 
     def _admit(self) -> None:
+        """Fill free slots from the queue, in prefill calls of up to prefill_rows prompt rows each."""
         free = self._free_slots()
         if self.live.any() and len(free) < min(len(self.queue), self.admit_batch):
             return  # wait for a fuller admission batch
-        batch: list[tuple[int, Request]] = []
-        budget = self.cache.free_pages
-        rows = 0
-        while self.queue and len(batch) < len(free):
-            req = self.queue[0]
-            length = len(req.prompt) + len(req.output)
-            need = self._prefill_pages(length)
-            if need > budget or (batch and rows + length > self.prefill_rows):
-                if not batch and not self.live.any():
+        while self.queue and len(free):
+            batch: list[tuple[int, Request]] = []
+            budget, rows = self.cache.free_pages, 0
+            while self.queue and len(batch) < len(free):
+                req = self.queue[0]
+                length = len(req.prompt) + len(req.output)
+                need = self._prefill_pages(length)
+                if need > budget or (batch and rows + length > self.prefill_rows):
+                    break
+                self.queue.popleft()
+                budget -= need
+                rows += length
+                batch.append((free[len(batch)], req))
+            if not batch:
+                if not self.live.any():
                     raise KVCacheFull(f"a prompt of {length} tokens does not fit the KV pool even when empty")
-                break
-            self.queue.popleft()
-            budget -= need
-            rows += length
-            batch.append((free[len(batch)], req))
-        if batch:
+                return
             self._prefill(batch)
+            free = free[len(batch):]
 
     @torch.no_grad()
     def _prefill(self, batch: list[tuple[int, Request]]) -> None:
