@@ -669,11 +669,18 @@ def vanilla_baselines(results: dict) -> dict[tuple[int | None, str], dict]:
     return base
 
 
+def floor_per_token(row: dict) -> float:
+    """Bandwidth floor of a row's decode per generated token (ms)."""
+    return row["tick_floor_ms"] / max(row["tokens_per_tick"], 1e-9)
+
+
 def print_table(results: dict) -> None:
     """One row per (model, batch): end-to-end and decode tokens/s, each against the same-depth vanilla at the
-    same batch key ('max' rows: each model at its own memory-bound slot count, as the paper compares)."""
+    same batch key ('max' rows: each model at its own memory-bound slot count, as the paper compares), and the
+    ratio the two rows' bandwidth floors allow (floor x: the vanilla's floor per generated token over this
+    row's; weights and live KV read once per tick at the routing measured)."""
     base = vanilla_baselines(results)
-    print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
+    print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} {'floor x':>7} "
           f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'slots/tick':>10} "
           f"{'W':>5} "
           f"{'waits':>6} "
@@ -689,8 +696,9 @@ def print_table(results: dict) -> None:
             ref = base.get((m.get("layers"), batch_key)) or base.get((None, batch_key))
             e2e = row["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
+            floor = floor_per_token(ref) / floor_per_token(row) if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
-                  f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {row['prefill_s']:>9.2f} "
+                  f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {floor:>7.2f} {row['prefill_s']:>9.2f} "
                   f"{row.get('prefill_ms_per_call', 0):>6.1f} {row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} "
                   f"{row['tick_floor_ms']:>6.2f} "
                   f"{row['tokens_per_tick']:>8.1f} {row.get('slots_per_tick', row['slots']):>10} "
