@@ -81,7 +81,7 @@ class EngineStats:
     preemptions: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0  # wall time of the replays, host work between them included
-    device_wait_s: float = 0.0  # of decode_s: blocked on the replay's report (the rest is host time, device idle)
+    replay_device_s: float = 0.0  # of decode_s: the device running the replays (CUDA events; the rest: device idle)
     depth: np.ndarray | None = None  # tokens by number of recursion steps run (MoR)
     # slot-ticks of live slots; MoR's fixed prelude / coda widths: slot-ticks a token waited because W_in / W_out
     # rows were taken, and ticks in which any token waited
@@ -174,6 +174,7 @@ class Engine:
                   "lengths": self.cache.lengths.numel()}
         pin = dev.type == "cuda"
         self.report = torch.zeros(sum(layout.values()), dtype=torch.int32, device=dev)
+        self._replay_events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if pin else ()
         self._report_host = torch.zeros(self.report.numel(), dtype=torch.int32, pin_memory=pin)
         per_tick = {"served", "next", "steps"}
         self._report = {name: part.view(K, W) if name in per_tick else part
@@ -261,10 +262,14 @@ class Engine:
             ticks = 1 if self.sampled_live else self.ticks_per_replay
             n = self._pack_slots()
             self._reserve(ticks)
+            if self.report.is_cuda:
+                self._replay_events[0].record()
             if (n, ticks) in self.graphs:
                 self.graphs[n, ticks].replay()
             else:
                 self._replay(n, ticks)
+            if self.report.is_cuda:
+                self._replay_events[1].record()
             self._after_replay(n, ticks)
             self.stats.decode_s += time.perf_counter() - t0
         return self.finished[done_before:]
@@ -439,9 +444,9 @@ class Engine:
     def _pull_report(self) -> dict[str, np.ndarray]:
         self._report_host.copy_(self.report, non_blocking=True)
         if self.report.is_cuda:
-            t0 = time.perf_counter()
+            start, end = self._replay_events
             torch.cuda.current_stream(self.report.device).synchronize()
-            self.stats.device_wait_s += time.perf_counter() - t0
+            self.stats.replay_device_s += start.elapsed_time(end) / 1e3
         return self._report_np
 
     def _after_replay(self, n: int, ticks: int) -> None:
