@@ -142,7 +142,7 @@ def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(na
     alone = [generate(model, [prompt(n, 10 + i)], m).tokens[0] for i, (n, m) in enumerate(requests)]
     for prelude_width, coda_width, ticks in ((1, 2, 1), (2, 1, 3), (3, 3, 4)):
         engine = Engine(model, max_slots=3, max_len=32, page_size=4, prelude_width=prelude_width,
-                        coda_width=coda_width, ticks_per_replay=ticks, overlap=False)
+                        coda_width=coda_width, ticks_per_replay=ticks)
         served = [engine.add(Request(prompt(n, 10 + i), m)) for i, (n, m) in enumerate(requests)]
         while engine.has_work():
             engine.step()
@@ -202,7 +202,7 @@ def test_engine_ends_sampled_requests_on_the_sampled_token():
         free = Engine(model, max_slots=4, max_len=40, page_size=4, seed=seed).run(
             [Request(prompt(n, 10 + i), 20, hot) for i, (n, _) in enumerate(REQUESTS)])
         stop = int(np.bincount(sum((r.output for r in free), [])).argmax())  # a token hot sampling draws
-        engine = Engine(model, max_slots=4, max_len=40, page_size=4, seed=seed, overlap=False)
+        engine = Engine(model, max_slots=4, max_len=40, page_size=4, seed=seed)
         greedy = [engine.add(Request(prompt(n, 10 + i), m)) for i, (n, m) in enumerate(REQUESTS)]
         sampled = [engine.add(Request(prompt(n, 10 + i), 20, hot, stop_token=stop)) for i, (n, _) in enumerate(REQUESTS)]
         while engine.has_work():
@@ -264,17 +264,13 @@ def test_engine_admission_batches_wait_for_free_slots_and_change_no_output():
         Engine(model, max_slots=4, max_len=32, admit_batch=0)
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_engine_preempts_when_the_pool_runs_out_and_output_is_unchanged(overlap):
-    """With overlap a sequence is evicted while the replay in flight still generates for it: that replay's
-    tokens for it are dropped and it is served again from what the host had read."""
+def test_engine_preempts_when_the_pool_runs_out_and_output_is_unchanged():
     model = tiny("tiny-mor")
     requests = [Request(prompt(n, 10 + i), m) for i, (n, m) in enumerate(REQUESTS)]
     alone = [generate(model, [r.prompt], r.max_new_tokens).tokens[0] for r in requests]
-    engine = Engine(model, max_slots=3, max_len=32, num_pages=40, page_size=4, overlap=overlap)
+    engine = Engine(model, max_slots=3, max_len=32, num_pages=40, page_size=4)
     assert [r.output for r in engine.run(requests)] == alone
     assert engine.stats.preemptions > 0
-    assert engine.cache.free_pages == engine.cache.num_pages - 1
 
 
 def test_engine_stop_token_and_max_len():

@@ -70,9 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-rows", type=int, default=None, help="engine prefill_rows (default: the engine's)")
     parser.add_argument("--ticks-per-replay", type=int, default=None,
                         help=f"engine ticks_per_replay: ticks per CUDA-graph replay, host work once per replay "
-                             f"(default {TICKS_PER_REPLAY}, at most half the page size)")
-    parser.add_argument("--sweep-serial", action="store_true",
-                        help="also measure every model's max batches with each replay read before the next launch")
+                             f"(default {TICKS_PER_REPLAY} or the page size if smaller)")
     parser.add_argument("--sweep-ticks-per-replay", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these ticks_per_replay (same process)")
     parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],
@@ -382,7 +380,7 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
             width_fraction: float | None = None, slot_buckets: int | None = None,
             prefill_rows: int | None = None, requests_per_slot: float | None = None,
-            page_size: int | None = None, ticks_per_replay: int | None = None, overlap: bool = True) -> dict:
+            page_size: int | None = None, ticks_per_replay: int | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
@@ -394,7 +392,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=page_size or args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
                   prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets,
-                  ticks_per_replay=ticks_per_replay or args.ticks_per_replay, overlap=overlap)
+                  ticks_per_replay=ticks_per_replay or args.ticks_per_replay)
     if prefill_rows or args.prefill_rows:
         kwargs["prefill_rows"] = prefill_rows or args.prefill_rows
     graph_error = None
@@ -439,7 +437,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
         # device idle per tick: decode wall time outside the replays (host work between them)
         "tick_idle_ms": round((st.decode_s - st.replay_device_s) / max(1, st.ticks) * 1e3, 3) if device.type == "cuda" else None,
-        "ticks_per_replay": engine.ticks_per_replay, "overlap": engine.overlap, "replays": st.replays,
+        "ticks_per_replay": engine.ticks_per_replay, "replays": st.replays,
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
         "tick_weight_MB": round(weight_bytes / 1e6, 1), "tick_kv_MB": round(kv_bytes_tick / 1e6, 1),
         "depth_fractions": st.depth_fractions(), "preemptions": st.preemptions,
@@ -641,7 +639,6 @@ def run(args: argparse.Namespace) -> int:
                     variants += [(f"r{r:g}", {"requests_per_slot": r}) for r in args.sweep_requests_per_slot]
                     variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
                     variants += [(f"k{k}", {"ticks_per_replay": k}) for k in args.sweep_ticks_per_replay]
-                    variants += [("serial", {"overlap": False})] if args.sweep_serial else []
                 for suffix, variant in variants:
                     if over_budget():
                         break

@@ -107,32 +107,9 @@ SLOT_BUCKETS = 16
 # rows per eager prefill call: a call costs ~20 ms of host time (launches) whatever its size at the 360M shape,
 # so calls of 8K rows were host-bound on an H100; 32K rows make them device-bound (BENCHMARKS.md, session 5)
 PREFILL_ROWS = 32768
-# ticks per graph replay: the host's work between replays (~1–1.5 ms on an H100 host, or more with many requests
-# ending) is paid once per K ticks; MoR-4 decode +7% at 8 against 1 (BENCHMARKS.md, session 6)
+# ticks per graph replay (at most the page size): the host's work between replays (~1–1.5 ms on an H100 host) is
+# paid once per K ticks; MoR-4 decode +7% at 8 against 1 (BENCHMARKS.md, session 6)
 TICKS_PER_REPLAY = 8
-
-
-class InFlight:
-    """A launched replay whose report the host has not read yet. The host changes slots after the launch
-    (admissions, releases, evictions, moves), so the report is read through two maps: `launch_of[c]`, the
-    slot at launch whose report rows hold current slot c's sequence (−1: the host's view of c is the truth),
-    and `current_of[s]`, the slot that now holds launch slot s's sequence (−1: drop its tokens)."""
-
-    def __init__(self, n: int, ticks: int, sampled: bool, buffer: int, slots: int):
-        self.n, self.ticks, self.sampled, self.buffer = n, ticks, sampled, buffer
-        self.launch_of = np.arange(slots)
-        self.current_of = np.arange(slots)
-
-    def forget(self, slots: np.ndarray) -> None:
-        """The slots were admitted, released or evicted since the launch."""
-        held = self.launch_of[slots]
-        self.current_of[held[held >= 0]] = -1
-        self.launch_of[slots] = -1
-
-    def move(self, src: np.ndarray, dst: np.ndarray) -> None:
-        held = self.launch_of[src]
-        self.launch_of[dst], self.launch_of[src] = held, -1
-        self.current_of[held[held >= 0]] = dst[held >= 0]
 
 
 class Engine:
@@ -140,18 +117,15 @@ class Engine:
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
                  prefill_rows: int = PREFILL_ROWS, admit_batch: int | None = None, prelude_width: int | None = None,
                  coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS,
-                 ticks_per_replay: int | None = None, overlap: bool = True, count_kv_reads: bool = False):
+                 ticks_per_replay: int | None = None, count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
         coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
         run every slot. slot_buckets: the tick exists for n = ⌈S·i/slot_buckets⌉ slots (one CUDA graph
         each); live slots are kept in a prefix and each tick runs the smallest n that holds them, so a
         half-empty engine (a draining queue) does not pay GEMMs for its empty slots (1 = always S).
-        ticks_per_replay (K; default TICKS_PER_REPLAY, at most half a page, so that the pages reserved for
-        the replay in flight and the next are at most one per cache row): ticks run back to back in one
-        graph replay. overlap: the host reads a replay's
-        report while the next one runs (a request that ends mid-replay leaves its slot idle for the rest of
-        it and the next); off, each replay is read before the next is launched, so between steps the host's
-        view is the device's."""
+        ticks_per_replay (K, at most page_size; default TICKS_PER_REPLAY or page_size if smaller): ticks
+        run back to back between two visits of the host (one graph replay); a request that ends mid-replay
+        leaves its slot idle for the rest of it."""
         self.im = im = InferenceModel(model, decode_backend)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
@@ -163,11 +137,10 @@ class Engine:
         if self.admit_batch < 1:
             raise ValueError(f"admit_batch={admit_batch}: must be >= 1")
         if ticks_per_replay is None:
-            ticks_per_replay = max(1, min(TICKS_PER_REPLAY, page_size // 2))
-        if ticks_per_replay < 1:
-            raise ValueError(f"ticks_per_replay={ticks_per_replay}: must be >= 1")
+            ticks_per_replay = min(TICKS_PER_REPLAY, page_size)
+        if not 1 <= ticks_per_replay <= page_size:  # K appends per row then need at most one new page
+            raise ValueError(f"ticks_per_replay={ticks_per_replay}: must be in 1..page_size={page_size}")
         self.ticks_per_replay = K = ticks_per_replay
-        self.overlap = overlap
         S = max_slots
         if slot_buckets < 1:
             raise ValueError(f"slot_buckets={slot_buckets}: must be >= 1")
@@ -196,22 +169,18 @@ class Engine:
         # live slot-ticks, prelude waits, coda waits, ticks with a wait: summed over a replay's ticks
         self.counters = torch.zeros(4, dtype=torch.long, device=dev)
         # what a replay reports (one int32 buffer, one copy): per tick and coda row its slot (S = unused), next
-        # token and steps run; the counters; every cache row's length. Two pinned host copies: the replay in
-        # flight writes one while the host reads the other; an event pair per copy times its replay.
+        # token and steps run; the counters; every cache row's length
         layout = {"served": K * W, "next": K * W, "steps": K * W, "counters": 4,
                   "lengths": self.cache.lengths.numel()}
-        per_tick, sizes = {"served", "next", "steps"}, list(layout.values())
         pin = dev.type == "cuda"
-        self.report = torch.zeros(sum(sizes), dtype=torch.int32, device=dev)
+        self.report = torch.zeros(sum(layout.values()), dtype=torch.int32, device=dev)
+        self._replay_events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if pin else ()
+        self._report_host = torch.zeros(self.report.numel(), dtype=torch.int32, pin_memory=pin)
+        per_tick = {"served", "next", "steps"}
         self._report = {name: part.view(K, W) if name in per_tick else part
-                        for name, part in zip(layout, self.report.split(sizes))}
-        self._report_hosts = [torch.zeros(self.report.numel(), dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        self._report_views = [{name: part.reshape(K, W) if name in per_tick else part
-                               for name, part in zip(layout, np.split(host.numpy(), np.cumsum(sizes)[:-1]))}
-                              for host in self._report_hosts]
-        self._events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) for _ in range(2)] if pin else []
-        self._launched = 0
-        self._pending: InFlight | None = None
+                        for name, part in zip(layout, self.report.split(list(layout.values())))}
+        self._report_np = {name: part.reshape(K, W) if name in per_tick else part for name, part in
+                           zip(layout, np.split(self._report_host.numpy(), np.cumsum(list(layout.values()))[:-1]))}
         # host state (numpy per slot, so the bookkeeping is vectorised)
         self.slots: list[Request | None] = [None] * S
         self.live = np.zeros(S, dtype=bool)
@@ -282,23 +251,26 @@ class Engine:
             self.im.kv_tokens_read.zero_()
 
     def has_work(self) -> bool:
-        return bool(self.queue) or bool(self.live.any()) or self._pending is not None
+        return bool(self.queue) or bool(self.live.any())
 
     def step(self) -> list[Request]:
-        """Admit what fits, launch one replay of ticks, then read the previous replay's report (it ran while
-        the host admitted and launched; a replay with sampled requests, or any without overlap, is read at
-        once); returns the requests finished now."""
+        """Admit what fits, run one replay of ticks, retire what finished; returns the requests finished now."""
         done_before = len(self.finished)
         self._admit()
-        t0 = time.perf_counter()
-        launched = self._launch() if self.live.any() else None
-        previous, self._pending = self._pending, launched
-        if previous is not None:
-            self._finish(previous)
-        if launched is not None and (launched.sampled or not self.overlap):
-            self._pending = None
-            self._finish(launched)
-        if launched is not None or previous is not None:
+        if self.live.any():
+            t0 = time.perf_counter()
+            ticks = 1 if self.sampled_live else self.ticks_per_replay
+            n = self._pack_slots()
+            self._reserve(ticks)
+            if self.report.is_cuda:
+                self._replay_events[0].record()
+            if (n, ticks) in self.graphs:
+                self.graphs[n, ticks].replay()
+            else:
+                self._replay(n, ticks)
+            if self.report.is_cuda:
+                self._replay_events[1].record()
+            self._after_replay(n, ticks)
             self.stats.decode_s += time.perf_counter() - t0
         return self.finished[done_before:]
 
@@ -365,8 +337,6 @@ class Engine:
                        all_greedy=all(req.sampling.greedy for _, req in batch)).cpu().numpy()
         for slot, req in batch:
             self.slots[slot] = req
-        if self._pending is not None:
-            self._pending.forget(slots)
         self.live[slots] = True
         self.admitted_at[slots] = self._admissions + np.arange(len(batch))
         self._admissions += len(batch)
@@ -409,8 +379,6 @@ class Engine:
             self.slots[slot] = None
         self.cache.release(slots)
         self.live[slots] = False
-        if self._pending is not None:
-            self._pending.forget(slots)
 
     def _evict(self, slots: np.ndarray) -> None:
         """Release live slots whose requests have not ended (their device state is cleared)."""
@@ -450,101 +418,65 @@ class Engine:
             self.slots[b], self.slots[a] = self.slots[a], None
         self.cache.move_slots(src, dst)
         self.state.move(src, dst)
-        if self._pending is not None:
-            self._pending.move(src, dst)
         self.stats.slot_moves += len(src)
 
     # ------------------------------------------------------------------ one replay: K ticks
 
-    def _launch(self) -> InFlight:
-        """Pack the live slots, reserve pages, enqueue a replay and its report's copy into a host buffer."""
-        sampled = self.sampled_live > 0  # sampling runs after the head, on the host: one tick per replay
-        ticks = 1 if sampled else self.ticks_per_replay
-        n = self._pack_slots()
-        self._reserve(ticks + (self._pending.ticks if self._pending is not None else 0))
-        buffer = self._launched % 2
-        self._launched += 1
-        if self._events:
-            self._events[buffer][0].record()
-        if (n, ticks) in self.graphs:
-            self.graphs[n, ticks].replay()
-        else:
-            self._replay(n, ticks)
-        self._report_hosts[buffer].copy_(self.report, non_blocking=True)
-        if self._events:
-            self._events[buffer][1].record()
-        return InFlight(n, ticks, sampled, buffer, self.max_slots)
-
-    def _reserve(self, appends: int) -> None:
-        """Pages for `appends` more tokens in every cache a live slot may write before the host reads the
-        lengths again (a row takes at most one token per tick: the ticks of the replay in flight and of the
-        next). The layers of one phase hold the same tokens of a slot, so which slots need pages is read off
-        the phase's first layer, and those slots get them in every layer of the phase."""
+    def _reserve(self, ticks: int) -> None:
+        """Pages for `ticks` appends to every cache a live slot may write before the host looks again (a row
+        takes at most one token per tick; ticks <= page_size, so at most one page). The layers of one
+        phase hold the same tokens of a slot, so which slots need a page is read off the phase's first
+        layer, and those slots get one in every layer of the phase."""
         S, cache = self.max_slots, self.cache
         while True:
-            live = np.flatnonzero(self.live)
-            levels: list[list[np.ndarray]] = []  # level i: the rows that need an (i+1)-th page
+            live, rows = np.flatnonzero(self.live), []
             for groups, offset in self._write_phases:
                 first = (groups[0] + offset) * S + live
-                need = np.minimum(cache.host_lengths[first] + appends, self.max_len)
-                missing = -(-need // cache.page_size) - cache.page_count(first)
-                for level in range(int(missing.max(initial=0))):
-                    if level == len(levels):
-                        levels.append([])
-                    levels[level].append(((groups[:, None] + offset) * S + live[missing > level]).ravel())
+                need = np.minimum(cache.host_lengths[first] + ticks, self.max_len)
+                short = live[cache.page_count(first) * cache.page_size < need]
+                rows.append(((groups[:, None] + offset) * S + short).ravel())
             try:
-                for rows in levels:
-                    cache.add_page(np.concatenate(rows))  # distinct rows, one page each
+                cache.add_page(np.concatenate(rows))  # a phase's rows are distinct
                 return
             except KVCacheFull:
                 self._preempt()
 
-    def _finish(self, replay: InFlight) -> None:
-        """Read a replay's report (waiting for it): the cache lengths of the slots whose sequences it holds,
-        and tick by tick the tokens of the coda rows, which go to their sequences (sampled requests redo head
-        + sampling eagerly on the tick's final hidden rows, and the host's decision on their end goes back
-        to the device)."""
-        st, S, rep = self.stats, self.max_slots, self._report_views[replay.buffer]
-        if self._events:
-            start, end = self._events[replay.buffer]
-            end.synchronize()
-            st.replay_device_s += start.elapsed_time(end) / 1e3
-        st.ticks += replay.ticks
+    def _pull_report(self) -> dict[str, np.ndarray]:
+        self._report_host.copy_(self.report, non_blocking=True)
+        if self.report.is_cuda:
+            start, end = self._replay_events
+            torch.cuda.current_stream(self.report.device).synchronize()
+            self.stats.replay_device_s += start.elapsed_time(end) / 1e3
+        return self._report_np
+
+    def _after_replay(self, n: int, ticks: int) -> None:
+        """One device-to-host copy of what the ticks over slots [0, n) report; their tokens go to their
+        sequences tick by tick (sampled requests redo head + sampling eagerly on the tick's final hidden
+        rows, and the host's decision on their end goes back to the device)."""
+        st, S, rep = self.stats, self.max_slots, self._pull_report()
+        st.ticks += ticks
         st.replays += 1
-        st.slot_rows += replay.n * replay.ticks
-        self._read_lengths(replay, rep["lengths"])
+        st.slot_rows += n * ticks
+        self.cache.host_lengths[:] = rep["lengths"]
         live_slots, prelude, coda, wait_ticks = rep["counters"].tolist()
         st.live_slot_ticks += live_slots
         st.prelude_waits += prelude
         st.coda_waits += coda
         st.wait_ticks += wait_ticks
-        for served, nxt, steps in zip(rep["served"][:replay.ticks], rep["next"][:replay.ticks],
-                                      rep["steps"][:replay.ticks]):
-            rows = np.flatnonzero(served < S)
-            slots = replay.current_of[served[rows]]
-            rows, slots = rows[slots >= 0], slots[slots >= 0]
+        for served, nxt, steps in zip(rep["served"][:ticks], rep["next"][:ticks], rep["steps"][:ticks]):
+            got = served < S
             if st.depth is not None:
-                st.depth += np.bincount(steps[rows], minlength=len(st.depth))
+                st.depth += np.bincount(steps[got], minlength=len(st.depth))
+            slots, tokens = served[got].astype(np.int64), nxt[got].astype(np.int64)
             if not len(slots):
                 continue
-            tokens = self._sample_eager(rows, slots) if replay.sampled else nxt[rows].astype(np.int64)
+            sampled = self.sampled_live > 0
+            if sampled:
+                tokens = self._sample_eager(np.flatnonzero(got), slots)
             self.pos_host[slots] += 1
             ended = self._record(slots, tokens)
-            if replay.sampled:
+            if sampled:
                 self.state.set_live(slots, ~ended)
-
-    def _read_lengths(self, replay: InFlight, lengths: np.ndarray) -> None:
-        """Host mirror of the cache lengths after a replay: the report's, except for slots changed since its
-        launch (admitted, released, evicted: the host's; moved: the report's rows of where they were)."""
-        cache = self.cache
-        changed = np.flatnonzero(replay.launch_of != np.arange(self.max_slots))
-        held = replay.launch_of[changed]
-        kept = cache.slot_rows(changed[held < 0])
-        kept_lengths = cache.host_lengths[kept]
-        moved_lengths = lengths[cache.slot_rows(held[held >= 0])]
-        cache.host_lengths[:] = lengths
-        cache.host_lengths[kept] = kept_lengths
-        cache.host_lengths[cache.slot_rows(changed[held >= 0])] = moved_lengths
 
     def _sample_eager(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Head + sampling (temperature, top-p) of coda rows `rows` (their slots `slots`), outside the graph."""

@@ -142,7 +142,7 @@ class PagedKVCache:
 
     def release(self, slots: np.ndarray | int) -> None:
         """Free every page of the slots (all groups) and empty their caches."""
-        rows = self.slot_rows(np.atleast_1d(slots))
+        rows = self._slot_rows(np.atleast_1d(slots))
         if not len(rows):
             return
         freed = self._tables[rows][np.arange(self.pages_per_seq)[None, :] < self._page_count[rows][:, None]]
@@ -152,14 +152,14 @@ class PagedKVCache:
         self.host_lengths[rows] = 0
         self.lengths[torch.from_numpy(rows).to(self.lengths.device, non_blocking=True)] = 0
 
-    def slot_rows(self, slots: np.ndarray) -> np.ndarray:
+    def _slot_rows(self, slots: np.ndarray) -> np.ndarray:
         """Cache rows of `slots` in every group, group-major."""
         return (np.arange(self.layout.num_groups)[:, None] * self.max_slots + slots).ravel()
 
     def move_slots(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Hand every cache of slots src (all groups) to the empty slots dst: page lists, lengths and
         table rows move, the pages and their K/V stay where they are; src is left empty."""
-        src_rows, dst_rows = self.slot_rows(src), self.slot_rows(dst)
+        src_rows, dst_rows = self._slot_rows(src), self._slot_rows(dst)
         for host in (self._tables, self._page_count, self.host_lengths):
             host[dst_rows] = host[src_rows]
         self._page_count[src_rows] = 0
