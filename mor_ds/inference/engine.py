@@ -463,6 +463,7 @@ class Engine:
         st.prelude_waits += prelude
         st.coda_waits += coda
         st.wait_ticks += wait_ticks
+        sampled = self.sampled_live > 0  # (then the replay was one tick)
         for served, nxt, steps in zip(rep["served"][:ticks], rep["next"][:ticks], rep["steps"][:ticks]):
             got = served < S
             if st.depth is not None:
@@ -470,7 +471,6 @@ class Engine:
             slots, tokens = served[got].astype(np.int64), nxt[got].astype(np.int64)
             if not len(slots):
                 continue
-            sampled = self.sampled_live > 0
             if sampled:
                 tokens = self._sample_eager(np.flatnonzero(got), slots)
             self.pos_host[slots] += 1
