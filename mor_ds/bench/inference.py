@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-widths", type=float, nargs="*", default=[],
                         help="MoR at the memory-bound batches: also measure these width fractions (rows *_w<f>)")
     parser.add_argument("--profile-ticks", type=int, default=0,
-                        help="after each timed run, profile this many steady-state replays (top kernels per tick)")
+                        help="after each timed run, profile this many steady-state ticks (top kernels by device time)")
     parser.add_argument("--profile-prefill", type=int, default=0,
                         help="after each timed run, time and profile this many admission prefills of the run's "
                              "size (wall per call; top ops by self CPU time and by device time)")
@@ -468,9 +468,10 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     return out
 
 
-def profile_ticks(engine, requests: list, replays: int) -> dict:
-    """Fill every slot, let the recursion reach steady state, then profile `replays` engine steps: the top
-    kernels by device time per tick (graph replays included) and the kernel count per tick."""
+def profile_ticks(engine, requests: list, ticks: int) -> dict:
+    """Fill every slot, let the recursion reach steady state, then profile engine steps until `ticks` ticks
+    ran (whole replays): the top kernels by device time per tick (graph replays included) and the kernel
+    count per tick."""
     from torch.profiler import ProfilerActivity, profile
 
     for r in requests:
@@ -482,10 +483,10 @@ def profile_ticks(engine, requests: list, replays: int) -> dict:
     torch.cuda.synchronize()
     ticks_before = engine.stats.ticks
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
+        while engine.has_work() and engine.stats.ticks - ticks_before < ticks:
             engine.step()
         torch.cuda.synchronize()
-    ticks = engine.stats.ticks - ticks_before
+    ticks = max(1, engine.stats.ticks - ticks_before)
     events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)

@@ -158,7 +158,8 @@ class Engine:
         self._groups_all = self._groups(list(im.plan.unrolled)) if not im.mor else None
         self._groups_prelude = self._groups([(l, 0) for l in im.plan.prelude])
         self._groups_coda = self._groups([(l, 0) for l in im.plan.coda])
-        self._rows_block = self._rows(self._groups([(l, 0) for l in im.block]), self.slot_ids) if im.mor else None
+        self._groups_block = self._groups([(l, 0) for l in im.block]) if im.mor else None
+        self._rows_block = self._rows(self._groups_block, self.slot_ids) if im.mor else None
         self._write_phases = self._phases_written()
         self._projects = torch.tensor([im.layout.writes(r) for _, r in im.plan.unrolled], device=dev)
         # the tick's state (static buffers: a captured graph reads and writes these)
@@ -224,7 +225,7 @@ class Engine:
         im = self.im
         if not im.mor:
             return [(np.arange(im.layout.num_groups), 0)]
-        block = self._groups([(l, 0) for l in im.block]).cpu().numpy()
+        block = self._groups_block.cpu().numpy()
         phases = [(self._groups_prelude.cpu().numpy(), 0), (self._groups_coda.cpu().numpy(), 0)]
         phases += [(block, r) for r in range(1 if im.kv_share else im.num_recursions)]
         return [(groups, offset) for groups, offset in phases if len(groups)]
