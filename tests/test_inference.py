@@ -547,14 +547,19 @@ def test_bench_compares_each_model_with_the_vanilla_of_its_depth():
 
 
 def test_bench_sizes_mor_pools_by_the_steps_tokens_run():
-    """The max batch's KV per sequence counts, per shared layer, the steps a token runs (held-out routing until a
-    row measured generated text's); with no estimate every step, never fewer."""
-    from mor_ds.bench.inference import expected_groups_per_token, step_reach
+    """The max batch's KV per sequence counts, per shared layer, the steps a token runs (the prompt at held-out
+    routing, the generation at generated text's once a row measured it); with no estimate every step."""
+    from types import SimpleNamespace
+
+    from mor_ds.bench.inference import expected_groups_per_token, kv_tokens_per_sequence, step_reach
 
     assert step_reach([0.0, 0.25, 0.25, 0.5]) == [1.0, 0.75, 0.5]
     im = InferenceModel(tiny("tiny-mor", "model.num_recursions=3", "model.num_layers=8"))  # 1 + 2·3 shared + 1
     assert len(im.plan.prelude) == len(im.plan.coda) == 1 and len(im.block) == 2
     assert expected_groups_per_token(im, [1.0, 0.75, 0.5]) == 2 + 2 * 2.25
     assert expected_groups_per_token(im, []) == im.layout.num_groups == 8
+    args = SimpleNamespace(prompt_len=100, gen_mean=10, page_size=16)
+    # prompt: 2 + 2·2.25 caches per token; generation: 2 + 2·1.0; half a page of slack in each of the 8 caches
+    assert kv_tokens_per_sequence(im, [1.0, 0.75, 0.5], [1.0, 0.0, 0.0], args) == 6.5 * 100 + 4.0 * 10 + 8 * 8
     vanilla = InferenceModel(tiny("tiny-vanilla"))
     assert expected_groups_per_token(vanilla, [0.5]) == vanilla.layout.num_groups  # every layer, every token

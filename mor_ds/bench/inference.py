@@ -543,9 +543,19 @@ def profile_prefills(engine, tokens: np.ndarray, args, calls: int) -> dict:
                             "calls_per_call": round(e.count / calls, 1)} for e in kernels[:10]]}
 
 
-def max_slots_for(model, reach: list[float], args, device, cap: int) -> tuple[int, int]:
+def kv_tokens_per_sequence(im, prompt_reach: list[float], gen_reach: list[float], args) -> float:
+    """Cached tokens (summed over caches) a sequence holds at the expected length: its prompt's at the
+    routing of prompt text (held-out), its generation's at the routing of generated text once a row
+    measured it (the two differ: token-choice routed generated text 0 / 0.49 / 0.51 / 0 over 0…3 steps
+    against held-out 1 / 0.70 / 0.31 reaching steps 0…2, session 7); half a page of slack per cache."""
+    return (expected_groups_per_token(im, prompt_reach) * args.prompt_len
+            + expected_groups_per_token(im, gen_reach) * args.gen_mean + im.layout.num_groups * args.page_size / 2)
+
+
+def max_slots_for(model, prompt_reach: list[float], gen_reach: list[float], args, device,
+                  cap: int) -> tuple[int, int]:
     """(slots, pool pages): the pool takes --kv-memory-fraction of free memory; slots = what the pool holds
-    at the expected KV per sequence (prompt + mean generation, each token running the steps of `reach`)."""
+    at the expected KV per sequence (`kv_tokens_per_sequence`)."""
     from mor_ds.inference import InferenceModel
     from mor_ds.inference.kv_cache import PagedKVCache
 
@@ -558,9 +568,7 @@ def max_slots_for(model, reach: list[float], args, device, cap: int) -> tuple[in
         free = 2 << 30
     pool = int(free * args.kv_memory_fraction) - (2 << 30 if device.type == "cuda" else 0)
     pages = pool // (per_token * args.page_size)
-    per_seq = (expected_groups_per_token(im, reach) * (args.prompt_len + args.gen_mean)
-               + im.layout.num_groups * args.page_size / 2)  # half a page of slack per cache
-    slots = int(pages * args.page_size / per_seq)
+    slots = int(pages * args.page_size / kv_tokens_per_sequence(im, prompt_reach, gen_reach, args))
     return max(1, min(slots, cap)), int(pages)
 
 
@@ -613,9 +621,11 @@ def run(args: argparse.Namespace) -> int:
             if cfg.model.family == "mor":
                 entry["causal_depth_held_out"] = held_out_depth(model, tokens, args, device)
             model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-            # steps a token runs, for the KV a max batch's sequence holds: generated text's once a row measured
-            # it, held-out text's before (not a uniform guess: it undersized MoR pools, session 5)
-            reach: list[float] = entry.get("causal_depth_held_out", [])
+            # steps a token runs, for the KV a max batch's sequence holds: prompts at held-out text's, generated
+            # tokens at generated text's once a row measured it (held-out's before; not a uniform guess: it
+            # undersized MoR pools, session 5)
+            prompt_reach: list[float] = entry.get("causal_depth_held_out", [])
+            reach = prompt_reach
             batches = list(args.batches) + (list(args.vanilla_batches) if cfg.model.family == "vanilla" else [])
             for batch in sorted(batches, key=batch_order):
                 if over_budget():
@@ -623,7 +633,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 if batch.startswith("max"):
                     cap = int(batch[3:]) if batch[3:] else args.max_batch_cap
-                    slots, pages = max_slots_for(model, reach, args, device, cap)
+                    slots, pages = max_slots_for(model, prompt_reach, reach, args, device, cap)
                 else:
                     slots, pages = int(batch), None
                 row = measure(model, tokens, slots, pages, args, device, bandwidth)
