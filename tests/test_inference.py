@@ -182,10 +182,10 @@ def test_engine_samples_outside_the_tick_reproducibly():
 
 def assert_device_state_agrees(engine: Engine) -> None:
     """Between replays the tick's device state (live slots, positions, tokens generated) is the host's."""
-    st, live = engine.state, engine.live
+    st, live = engine.state, engine.host.live
     assert np.array_equal(st.live[:-1].bool().numpy(), live)
-    assert np.array_equal(st.pos[:-1].numpy()[live], engine.pos_host[live])
-    assert np.array_equal(st.out_len[:-1].numpy()[live], engine.out_len[live])
+    assert np.array_equal(st.pos[:-1].numpy()[live], engine.host.pos[live])
+    assert np.array_equal(st.out_len[:-1].numpy()[live], engine.host.out_len[live])
 
 
 def test_engine_ends_sampled_requests_on_the_sampled_token():
@@ -563,3 +563,29 @@ def test_bench_sizes_mor_pools_by_the_steps_tokens_run():
     assert kv_tokens_per_sequence(im, [1.0, 0.75, 0.5], [1.0, 0.0, 0.0], args) == 6.5 * 100 + 4.0 * 10 + 8 * 8
     vanilla = InferenceModel(tiny("tiny-vanilla"))
     assert expected_groups_per_token(vanilla, [0.5]) == vanilla.layout.num_groups  # every layer, every token
+
+
+def test_kernel_timing_rows_follow_the_capacity_schedule():
+    """--kernel-timing's MoR rows: depth r drawn ∝ the tokens reaching it, each reading ~(Nr − r)/Nr of the mean
+    length, 5% outside the recursion; vanilla rows all within ±20% of the mean."""
+    from mor_ds.bench.inference import kernel_timing_lengths
+
+    vanilla = kernel_timing_lengths(4000, 640, 0, torch.Generator().manual_seed(0))
+    assert vanilla.min() >= 512 and vanilla.max() <= 768
+    mor = kernel_timing_lengths(20000, 640, 4, torch.Generator().manual_seed(0)).float()
+    assert abs((mor == 0).float().mean().item() - 0.05) < 0.01
+    # E[cap_r] with P(r) ∝ cap_r: Σ cap² / Σ cap = 1.875 / 2.5 = 0.75 of the mean, times the 95% inside
+    assert abs(mor.mean().item() / 640 - 0.95 * 0.75) < 0.02
+
+
+def test_host_slots_move_carries_every_array_and_the_request():
+    from mor_ds.inference.slot_state import HostSlots
+
+    host = HostSlots(4, max_len=3)
+    host.requests[3], host.live[3], host.pos[3], host.admitted_at[3] = "req", True, 7, 2
+    host.out_buf[3], host.out_len[3], host.budget[3], host.stop[3] = [5, 6, 0], 2, 9, 1
+    host.move(np.array([3]), np.array([1]))
+    assert host.requests == [None, "req", None, None]
+    assert host.live.tolist() == [False, True, False, False]
+    assert (host.pos[1], host.admitted_at[1], host.out_len[1], host.budget[1], host.stop[1]) == (7, 2, 2, 9, 1)
+    assert host.out_buf[1].tolist() == [5, 6, 0]

@@ -306,35 +306,59 @@ def engine_check(device: torch.device) -> dict:
     return result
 
 
-def kernel_timing(device: torch.device, bandwidth: float, rows: int = 2048, mean_len: int = 330) -> list[dict]:
-    """The paged decode-attention kernel alone at the 360M head shape (5 KV heads × 64, GQA 3) over `rows`
-    cache rows of ~mean_len tokens: median time per (BLOCK, num_warps) and the K/V bytes it must read over
-    that time, against the copy bandwidth."""
+# --kernel-timing cases: (name, (query heads, KV heads, head dim), rows, mean cached length, recursion steps Nr);
+# Nr = 0: every row at ~the mean (a vanilla tick's layer call); Nr > 0: a MoR block layer's call, each row at its
+# own depth r (drawn at the capacity schedule) reading a depth-r cache of ~(Nr − r)/Nr of the mean, 5% of rows
+# outside the recursion (length 0). Rows and lengths as the max-batch ticks of session 6/7 at prompt 512.
+KERNEL_TIMING_CASES = [("360m vanilla", (15, 5, 64), 1500, 640, 0), ("360m MoR-4 block", (15, 5, 64), 2230, 640, 4),
+                       ("1.7b vanilla", (32, 32, 64), 253, 640, 0), ("1.7b MoR-4 block", (32, 32, 64), 419, 640, 4)]
+
+
+def kernel_timing_lengths(rows: int, mean_len: int, num_recursions: int, gen: torch.Generator) -> torch.Tensor:
+    """Cached lengths of one decode-attention call's rows (see KERNEL_TIMING_CASES)."""
+    lengths = mean_len - mean_len // 5 + torch.rand(rows, generator=gen) * (2 * mean_len // 5)
+    if num_recursions:
+        caps = torch.tensor([(num_recursions - r) / num_recursions for r in range(num_recursions)])
+        depth = torch.multinomial(caps, rows, replacement=True, generator=gen)  # P(row at r) ∝ tokens reaching r
+        lengths = lengths * caps[depth]
+        lengths[torch.rand(rows, generator=gen) < 0.05] = 0
+    return lengths.to(torch.int32)
+
+
+def kernel_timing(device: torch.device, bandwidth: float) -> list[dict]:
+    """The paged decode-attention kernel alone on the rows of one vanilla layer call and one MoR block layer
+    call (KERNEL_TIMING_CASES; pages scattered over the pool as a free list hands them out): median time per
+    (BLOCK, num_warps) and the K/V bytes it must read over that time, against the copy bandwidth."""
     from triton.testing import do_bench
 
     from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
     from mor_ds.inference.paged_attention import decode_attention_triton
     from mor_ds.models.sharing import layer_plan
 
-    layout = CacheLayout.for_plan(layer_plan(1, 1, "cycle"), False)
-    pages = rows * (2 * mean_len // 16 + 1) + 1
-    cache = PagedKVCache(layout, max_slots=rows, max_len=2 * mean_len, num_pages=pages, page_size=16,
-                         num_kv_heads=5, head_dim=64, dtype=torch.bfloat16, device=device)
-    cache.k.normal_()
-    cache.v.normal_()
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(mean_len // 2, mean_len * 3 // 2, (rows,), generator=gen, dtype=torch.int32)
-    cache.reserve(np.arange(rows), lengths.numpy())
-    perm = torch.randperm(cache.num_pages - 1, generator=gen)[:cache.tables.numel()] + 1  # scattered pages
-    cache.tables.copy_(perm.view_as(cache.tables).to(device=device, dtype=torch.int32))
-    lengths, slots = lengths.to(device), torch.arange(rows, device=device)
-    q = torch.randn(rows, 15, 64, device=device, dtype=torch.bfloat16)
-    kv_bytes = int(lengths.sum()) * 2 * 5 * 64 * 2
     out = []
-    for block, warps in ((64, 4), (32, 4), (128, 4), (64, 2), (64, 8), (128, 8)):
-        ms = do_bench(lambda: decode_attention_triton(q, cache, slots, lengths, block, warps), return_mode="median")
-        out.append({"block": block, "num_warps": warps, "ms": round(ms, 4), "kv_read_GBps": round(kv_bytes / ms / 1e6, 1),
-                    "of_copy_bw": round(kv_bytes / (ms / 1e3) / bandwidth, 3)})
+    for name, (heads, kv_heads, head_dim), rows, mean_len, nr in KERNEL_TIMING_CASES:
+        gen = torch.Generator().manual_seed(0)
+        lengths = kernel_timing_lengths(rows, mean_len, nr, gen)
+        max_len = int(lengths.max()) + 1
+        layout = CacheLayout.for_plan(layer_plan(1, 1, "cycle"), False)
+        cache = PagedKVCache(layout, max_slots=rows, max_len=max_len, num_pages=rows * -(-max_len // 16) + 1,
+                             page_size=16, num_kv_heads=kv_heads, head_dim=head_dim, dtype=torch.bfloat16,
+                             device=device)
+        cache.k.normal_()
+        cache.v.normal_()
+        perm = torch.randperm(cache.num_pages - 1, generator=gen)[:cache.tables.numel()] + 1  # scattered pages
+        cache.tables.copy_(perm.view_as(cache.tables).to(device=device, dtype=torch.int32))
+        q = torch.randn(rows, heads, head_dim, device=device, dtype=torch.bfloat16)
+        slots, lengths_dev = torch.arange(rows, device=device), lengths.to(device)
+        kv_bytes = int(lengths.sum()) * 2 * kv_heads * head_dim * 2
+        for block, warps in ((64, 4), (128, 4), (64, 2), (64, 8)):
+            ms = do_bench(lambda: decode_attention_triton(q, cache, slots, lengths_dev, block, warps),
+                          return_mode="median")
+            out.append({"case": name, "rows": rows, "mean_len": round(float(lengths.float().mean()), 1),
+                        "block": block, "num_warps": warps, "ms": round(ms, 4),
+                        "kv_read_GBps": round(kv_bytes / ms / 1e6, 1),
+                        "of_copy_bw": round(kv_bytes / (ms / 1e3) / bandwidth, 3)})
+        del cache
     return out
 
 
@@ -512,7 +536,7 @@ def profile_prefills(engine, tokens: np.ndarray, args, calls: int) -> dict:
         start = time.perf_counter()
         engine._admit()
         wall = time.perf_counter() - start
-        engine._evict(np.flatnonzero(engine.live))
+        engine._evict(np.flatnonzero(engine.host.live))
         return wall
 
     admit()  # this size's first call

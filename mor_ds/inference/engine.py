@@ -54,7 +54,7 @@ from mor_ds.inference.kv_cache import KVCacheFull
 from mor_ds.inference.paged_attention import decode_attention
 from mor_ds.inference.runner import InferenceModel
 from mor_ds.inference.sampling import SamplingParams, sample
-from mor_ds.inference.slot_state import SlotTable, end_reasons
+from mor_ds.inference.slot_state import HostSlots, SlotTable, end_reasons
 from mor_ds.models.model import CausalLM
 
 
@@ -182,15 +182,7 @@ class Engine:
                         for name, part in zip(layout, self.report.split(list(layout.values())))}
         self._report_np = {name: part.reshape(K, W) if name in per_tick else part for name, part in
                            zip(layout, np.split(self._report_host.numpy(), np.cumsum(list(layout.values()))[:-1]))}
-        # host state (numpy per slot, so the bookkeeping is vectorised)
-        self.slots: list[Request | None] = [None] * S
-        self.live = np.zeros(S, dtype=bool)
-        self.pos_host = np.zeros(S, dtype=np.int64)  # position of the slot's newest token
-        self.admitted_at = np.zeros(S, dtype=np.int64)
-        self.out_buf = np.zeros((S, max_len), dtype=np.int64)  # tokens generated since admission
-        self.out_len = np.zeros(S, dtype=np.int64)
-        self.budget = np.zeros(S, dtype=np.int64)  # tokens the request may still generate at admission
-        self.stop_host = np.full(S, -1, dtype=np.int64)
+        self.host = HostSlots(S, max_len)
         self.sampled_live = 0  # live requests that sample (not greedy)
         self.queue: deque[Request] = deque()
         self.finished: list[Request] = []
@@ -252,13 +244,13 @@ class Engine:
             self.im.kv_tokens_read.zero_()
 
     def has_work(self) -> bool:
-        return bool(self.queue) or bool(self.live.any())
+        return bool(self.queue) or bool(self.host.live.any())
 
     def step(self) -> list[Request]:
         """Admit what fits, run one replay of ticks, retire what finished; returns the requests finished now."""
         done_before = len(self.finished)
         self._admit()
-        if self.live.any():
+        if self.host.live.any():
             t0 = time.perf_counter()
             ticks = 1 if self.sampled_live else self.ticks_per_replay
             n = self._pack_slots()
@@ -286,7 +278,7 @@ class Engine:
     # ------------------------------------------------------------------ admission and prefill (eager)
 
     def _free_slots(self) -> np.ndarray:
-        return np.flatnonzero(~self.live)
+        return np.flatnonzero(~self.host.live)
 
     def _prefill_pages(self, length: int) -> int:
         """Pages a prompt may need in the worst case (every cache of the slot)."""
@@ -295,7 +287,7 @@ class Engine:
     def _admit(self) -> None:
         """Fill free slots from the queue, in prefill calls of up to prefill_rows prompt rows each."""
         free = self._free_slots()
-        if self.live.any() and len(free) < min(len(self.queue), self.admit_batch):
+        if self.host.live.any() and len(free) < min(len(self.queue), self.admit_batch):
             return  # wait for a fuller admission batch
         while self.queue and len(free):
             batch: list[tuple[int, Request]] = []
@@ -311,7 +303,7 @@ class Engine:
                 rows += length
                 batch.append((free[len(batch)], req))
             if not batch:
-                if not self.live.any():
+                if not self.host.live.any():
                     raise KVCacheFull(f"a prompt of {length} tokens does not fit the KV pool even when empty")
                 return
             self._prefill(batch)
@@ -336,20 +328,20 @@ class Engine:
         params_dev = torch.from_numpy(params.copy()).to(dev, non_blocking=True)
         first = sample(self.im.logits(hidden[last]), params_dev[0], params_dev[1], self.generator,
                        all_greedy=all(req.sampling.greedy for _, req in batch)).cpu().numpy()
+        host = self.host
         for slot, req in batch:
-            self.slots[slot] = req
-        self.live[slots] = True
-        self.admitted_at[slots] = self._admissions + np.arange(len(batch))
+            host.requests[slot] = req
+        host.live[slots] = True
+        host.admitted_at[slots] = self._admissions + np.arange(len(batch))
         self._admissions += len(batch)
-        self.pos_host[slots] = lengths
-        self.out_len[slots] = 0
-        self.budget[slots] = [req.max_new_tokens - len(req.output) for _, req in batch]
-        self.stop_host[slots] = [-1 if req.stop_token is None else req.stop_token for _, req in batch]
+        host.pos[slots] = lengths
+        host.out_len[slots] = 0
+        host.budget[slots] = [req.max_new_tokens - len(req.output) for _, req in batch]
+        host.stop[slots] = [-1 if req.stop_token is None else req.stop_token for _, req in batch]
         self.sampled_live += sum(not req.sampling.greedy for _, req in batch)
         go_on = ~self._record(slots, first)
         self.state.reset(slots, token=first, pos=lengths, live=go_on, entering=go_on, out_len=1,
-                         budget=self.budget[slots], stop=self.stop_host[slots], temperature=params[0],
-                         top_p=params[1])
+                         budget=host.budget[slots], stop=host.stop[slots], temperature=params[0], top_p=params[1])
         self.stats.prefill_tokens += int(ends[-1])
         self.stats.prefills += 1
         self.stats.prefill_s += time.perf_counter() - t0
@@ -357,14 +349,15 @@ class Engine:
     def _record(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Append one generated token to each slot (its position already moved on) and retire the requests
         that ended (the tick's rule); returns which ended."""
-        self.out_buf[slots, self.out_len[slots]] = tokens
-        self.out_len[slots] += 1
+        host = self.host
+        host.out_buf[slots, host.out_len[slots]] = tokens
+        host.out_len[slots] += 1
         self.stats.tokens += len(slots)
-        stop, length, full = end_reasons(tokens, self.stop_host[slots], self.out_len[slots], self.budget[slots],
-                                         self.pos_host[slots], self.max_len)
+        stop, length, full = end_reasons(tokens, host.stop[slots], host.out_len[slots], host.budget[slots],
+                                         host.pos[slots], self.max_len)
         ended = stop | length | full
         for slot, why in zip(slots[ended], np.where(stop[ended], "stop", np.where(length[ended], "length", "max_len"))):
-            req = self.slots[slot]
+            req = self.host.requests[slot]
             req.finish_reason = str(why)
             self.finished.append(req)
         self._release(slots[ended])
@@ -374,12 +367,12 @@ class Engine:
         """Hand the slots' tokens to their requests and free the slots and their pages (all at once); the
         device state is the tick's (it ended them) or the caller's to clear (`_evict`)."""
         for slot in slots:
-            req = self.slots[slot]
-            req.output.extend(self.out_buf[slot, :self.out_len[slot]].tolist())
+            req = self.host.requests[slot]
+            req.output.extend(self.host.out_buf[slot, :self.host.out_len[slot]].tolist())
             self.sampled_live -= not req.sampling.greedy
-            self.slots[slot] = None
+            self.host.requests[slot] = None
         self.cache.release(slots)
-        self.live[slots] = False
+        self.host.live[slots] = False
 
     def _evict(self, slots: np.ndarray) -> None:
         """Release live slots whose requests have not ended (their device state is cleared)."""
@@ -387,11 +380,11 @@ class Engine:
         self.state.clear(slots)
 
     def _preempt(self) -> None:
-        live = np.nonzero(self.live)[0]
+        live = np.nonzero(self.host.live)[0]
         if len(live) <= 1:
             raise KVCacheFull("the KV pool cannot hold even one sequence; raise num_pages or lower max_len")
-        victim = int(live[np.argmax(self.admitted_at[live])])
-        req = self.slots[victim]
+        victim = int(live[np.argmax(self.host.admitted_at[live])])
+        req = self.host.requests[victim]
         req.preemptions += 1
         self.stats.preemptions += 1
         self._evict(np.array([victim]))
@@ -402,21 +395,16 @@ class Engine:
     def _pack_slots(self) -> int:
         """The slot bucket of the next replay: the smallest n that holds every live slot; live slots at or
         beyond n move into free slots below it first (state, caches' page tables: no K/V is copied)."""
-        live = np.flatnonzero(self.live)
+        live = np.flatnonzero(self.host.live)
         n = self.buckets[bisect.bisect_left(self.buckets, len(live))]
         if live[-1] >= n:
             src = live[live >= n]
-            self._move_slots(src, np.flatnonzero(~self.live[:n])[:len(src)])
+            self._move_slots(src, np.flatnonzero(~self.host.live[:n])[:len(src)])
         return n
 
     def _move_slots(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Move live slots src to free slots dst: host bookkeeping, page tables and the device state."""
-        for host in (self.live, self.pos_host, self.admitted_at, self.out_buf, self.out_len, self.budget,
-                     self.stop_host):
-            host[dst] = host[src]
-        self.live[src] = False
-        for a, b in zip(src, dst):
-            self.slots[b], self.slots[a] = self.slots[a], None
+        self.host.move(src, dst)
         self.cache.move_slots(src, dst)
         self.state.move(src, dst)
         self.stats.slot_moves += len(src)
@@ -430,7 +418,7 @@ class Engine:
         layer, and those slots get one in every layer of the phase."""
         S, cache = self.max_slots, self.cache
         while True:
-            live, rows = np.flatnonzero(self.live), []
+            live, rows = np.flatnonzero(self.host.live), []
             for groups, offset in self._write_phases:
                 first = (groups[0] + offset) * S + live
                 need = np.minimum(cache.host_lengths[first] + ticks, self.max_len)
@@ -474,7 +462,7 @@ class Engine:
                 continue
             if sampled:
                 tokens = self._sample_eager(np.flatnonzero(got), slots)
-            self.pos_host[slots] += 1
+            self.host.pos[slots] += 1
             ended = self._record(slots, tokens)
             if sampled:
                 self.state.set_live(slots, ~ended)

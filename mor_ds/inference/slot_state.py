@@ -1,8 +1,10 @@
-"""Per-slot state of the engine's tick, kept on the device so the tick can advance it for several ticks in a
-row (one graph replay) without the host: which slots are live, where each token is in its pass through the
-model, and when a sequence ends."""
+"""Per-slot state of the engine: the tick's, kept on the device so the tick can advance it for several ticks in
+a row (one graph replay) without the host (which slots are live, where each token is in its pass through the
+model, and when a sequence ends), and the host's bookkeeping of the same slots."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,3 +101,34 @@ class SlotTable:
         at, value = self._upload(slots, live)
         self.live[at] = value
         self.entering[at] = value
+
+
+class HostSlots:
+    """The host's per-slot bookkeeping (numpy, so it is vectorised): the request each slot serves and, per slot,
+    every array below; `move` carries all of them, so an array added here moves with its slot.
+
+      live          a request holds the slot
+      pos           position of the slot's newest token
+      admitted_at   admission order (the newest is preempted first)
+      out_buf       tokens generated since admission (out_len of them)
+      budget, stop  tokens the request may still generate at admission; its stop token (−1: none)
+    """
+
+    def __init__(self, slots: int, max_len: int):
+        self.requests: list[Any] = [None] * slots
+        self.live = np.zeros(slots, dtype=bool)
+        self.pos = np.zeros(slots, dtype=np.int64)
+        self.admitted_at = np.zeros(slots, dtype=np.int64)
+        self.out_buf = np.zeros((slots, max_len), dtype=np.int64)
+        self.out_len = np.zeros(slots, dtype=np.int64)
+        self.budget = np.zeros(slots, dtype=np.int64)
+        self.stop = np.full(slots, -1, dtype=np.int64)
+
+    def move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Slots src take the places dst; src are left free."""
+        for array in vars(self).values():
+            if isinstance(array, np.ndarray):
+                array[dst] = array[src]
+        self.live[src] = False
+        for a, b in zip(src, dst):
+            self.requests[b], self.requests[a] = self.requests[a], None
