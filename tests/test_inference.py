@@ -13,6 +13,7 @@ from mor_ds.config import load_config
 from mor_ds.inference import Engine, InferenceModel, Request, SamplingParams, generate, sample
 from mor_ds.inference.kv_cache import CacheLayout, KVCacheFull, PagedKVCache
 from mor_ds.inference.paged_attention import decode_attention_torch, triton
+from mor_ds.inference.tick_glue import TickGlue
 from mor_ds.models import build_model
 from mor_ds.models.sharing import layer_plan
 
@@ -100,6 +101,28 @@ def test_engine_moves_live_slots_into_the_smallest_bucket_without_changing_outpu
     assert engine.buckets == [8] and stats[1].slot_moves == 0 and stats[1].slot_rows == 8 * stats[1].ticks
     assert stats[8].slot_moves > 0
     assert stats[8].slot_rows < 0.9 * stats[1].slot_rows  # the drain runs smaller ticks
+
+
+@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[7], FAMILIES[10]])
+def test_compiled_tick_glue_traces_whole_and_changes_no_output(name, overrides):
+    """The tick's bookkeeping through torch.compile (fullgraph, dynamic shapes; the aot_eager backend traces
+    it as Inductor would, without a compiler): slot buckets and narrow widths vary the shapes, and the output
+    equals each request alone, with the same statistics as the eager glue."""
+    model = tiny(name, *overrides)
+    shapes = [(3 + i % 5, 2 + (7 * i) % 13) for i in range(10)]
+    alone = [generate(model, [prompt(n, 40 + i)], m).tokens[0] for i, (n, m) in enumerate(shapes)]
+    stats = []
+    for glue in (TickGlue(), TickGlue(compiled=True, backend="aot_eager")):
+        engine = Engine(model, max_slots=6, max_len=32, page_size=4, prelude_width=2, coda_width=2, slot_buckets=2)
+        engine.glue = glue
+        served = engine.run([Request(prompt(n, 40 + i), m) for i, (n, m) in enumerate(shapes)])
+        assert [r.output for r in served] == alone
+        if engine.im.mor:
+            assert_phase_layers_agree(engine)
+        st = engine.stats
+        stats.append((st.ticks, st.tokens, st.live_slot_ticks, st.prelude_waits, st.coda_waits, st.slot_rows,
+                      st.slot_moves, st.depth_fractions()))
+    assert stats[0] == stats[1] and stats[1][5] < 6 * stats[1][0]  # ticks ran at both bucket sizes
 
 
 @pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[3], FAMILIES[5], FAMILIES[6], FAMILIES[7],

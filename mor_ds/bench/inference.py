@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ticks-per-replay", type=int, default=None,
                         help=f"engine ticks_per_replay: ticks per CUDA-graph replay, host work once per replay "
                              f"(default {TICKS_PER_REPLAY} or the page size if smaller)")
+    parser.add_argument("--compile-glue", action="store_true",
+                        help="the tick's bookkeeping between its layers compiled (torch.compile, Inductor; CUDA)")
+    parser.add_argument("--sweep-compile-glue", action="store_true",
+                        help="every batch also with the other --compile-glue setting (suffix _cg / _eg)")
     parser.add_argument("--sweep-ticks-per-replay", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these ticks_per_replay (same process)")
     parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],
@@ -269,12 +273,13 @@ def kernels_ok(errors: dict) -> bool:
             and errors.get("silu_mul_rel", math.inf) < 1e-2 and "failed" not in errors)
 
 
-def engine_check(device: torch.device) -> dict:
+def engine_check(device: torch.device, compile_glue: bool = False) -> dict:
     """On the GPU: the CUDA-graph engine serving 6 requests on 3 slots (joining and leaving mid-recursion)
     against `generate` of each request alone (eager, masked prefill), greedy, fp32 tiny models with random
     routers of real spread; MoR also with 1-row prelude / coda widths (tokens wait to enter and leave) and
-    with sampled requests whose nucleus is vanishing (the eager sampling path, greedy by construction).
-    Returns the fraction of generated tokens that agree per case."""
+    with sampled requests whose nucleus is vanishing (the eager sampling path, greedy by construction);
+    with compile_glue, the tick's glue compiled. Returns the fraction of generated tokens that agree per
+    case."""
     from mor_ds.inference import Engine, Request, SamplingParams, generate
     from mor_ds.models import build_model
 
@@ -300,7 +305,8 @@ def engine_check(device: torch.device) -> dict:
         requests = [Request(torch.randint(0, 256, (n,), generator=gen).tolist(), m, sampling)
                     for n, m in [(5, 9), (11, 4), (3, 12), (8, 1), (14, 7), (6, 10)]]
         alone = [generate(model, [r.prompt], r.max_new_tokens).tokens[0] for r in requests]
-        served = Engine(model, max_slots=3, max_len=32, page_size=4, cuda_graph=True, **widths).run(requests)
+        served = Engine(model, max_slots=3, max_len=32, page_size=4, cuda_graph=True, compile_glue=compile_glue,
+                        **widths).run(requests)
         same = sum(a == b for r, want in zip(served, alone) for a, b in zip(r.output, want))
         result[case] = round(same / sum(len(w) for w in alone), 4)
     return result
@@ -404,7 +410,8 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
 def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
             width_fraction: float | None = None, slot_buckets: int | None = None,
             prefill_rows: int | None = None, requests_per_slot: float | None = None,
-            page_size: int | None = None, ticks_per_replay: int | None = None) -> dict:
+            page_size: int | None = None, ticks_per_replay: int | None = None,
+            compile_glue: bool | None = None) -> dict:
     from mor_ds.inference import Engine, Request
 
     max_len = args.prompt_len + args.gen_max + 1
@@ -416,7 +423,8 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=page_size or args.page_size,
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
                   prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets,
-                  ticks_per_replay=ticks_per_replay or args.ticks_per_replay)
+                  ticks_per_replay=ticks_per_replay or args.ticks_per_replay,
+                  compile_glue=args.compile_glue if compile_glue is None else compile_glue)
     if prefill_rows or args.prefill_rows:
         kwargs["prefill_rows"] = prefill_rows or args.prefill_rows
     graph_error = None
@@ -469,7 +477,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "prelude_width": engine.prelude_width, "coda_width": engine.coda_width,
         "prelude_waits": st.prelude_waits, "coda_waits": st.coda_waits, "wait_ticks": st.wait_ticks,
         "waits_per_token": round((st.prelude_waits + st.coda_waits) / max(1, decode_tokens), 4),
-        "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph,
+        "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph, "compile_glue": engine.glue.compiled,
         # occupancy buckets: slots the ticks ran on average, slots moved to keep the live ones packed
         "slot_buckets": len(engine.buckets), "slots_per_tick": round(st.slot_rows / max(1, st.ticks), 1),
         "slot_moves": st.slot_moves,
@@ -616,6 +624,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and args.check:
         try:
             env["engine_vs_generate_token_agreement"] = engine_check(device)
+            if args.compile_glue or args.sweep_compile_glue:
+                env["engine_vs_generate_token_agreement_compiled_glue"] = engine_check(device, compile_glue=True)
         except Exception as exc:  # noqa: BLE001
             env["engine_vs_generate_token_agreement"] = f"{type(exc).__name__}: {exc}"
     if device.type == "cuda" and args.kernel_timing:
@@ -674,6 +684,8 @@ def run(args: argparse.Namespace) -> int:
                     variants += [(f"r{r:g}", {"requests_per_slot": r}) for r in args.sweep_requests_per_slot]
                     variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
                     variants += [(f"k{k}", {"ticks_per_replay": k}) for k in args.sweep_ticks_per_replay]
+                if args.sweep_compile_glue:
+                    variants.append(("eg" if args.compile_glue else "cg", {"compile_glue": not args.compile_glue}))
                 for suffix, variant in variants:
                     if over_budget():
                         break

@@ -55,6 +55,7 @@ from mor_ds.inference.paged_attention import decode_attention
 from mor_ds.inference.runner import InferenceModel
 from mor_ds.inference.sampling import SamplingParams, sample
 from mor_ds.inference.slot_state import HostSlots, SlotTable, end_reasons
+from mor_ds.inference.tick_glue import TickGlue
 from mor_ds.models.model import CausalLM
 
 
@@ -117,7 +118,7 @@ class Engine:
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
                  prefill_rows: int = PREFILL_ROWS, admit_batch: int | None = None, prelude_width: int | None = None,
                  coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS,
-                 ticks_per_replay: int | None = None, count_kv_reads: bool = False):
+                 ticks_per_replay: int | None = None, compile_glue: bool = False, count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
         coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
         run every slot. slot_buckets: the tick exists for n = ⌈S·i/slot_buckets⌉ slots (one CUDA graph
@@ -125,8 +126,10 @@ class Engine:
         half-empty engine (a draining queue) does not pay GEMMs for its empty slots (1 = always S).
         ticks_per_replay (K, at most page_size; default TICKS_PER_REPLAY or page_size if smaller): ticks
         run back to back between two visits of the host (one graph replay); a request that ends mid-replay
-        leaves its slot idle for the rest of it."""
+        leaves its slot idle for the rest of it. compile_glue: the tick's bookkeeping between its layers
+        (`tick_glue`) compiled with torch.compile, a few fused kernels per function instead of tens."""
         self.im = im = InferenceModel(model, decode_backend)
+        self.glue = TickGlue(compiled=compile_glue)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
         if num_pages is None:  # the worst case: every cache of every slot full
@@ -485,30 +488,13 @@ class Engine:
         """(J, N) cache rows of `slots` (N,) in `groups` (J,)."""
         return groups[:, None] * self.max_slots + slots
 
-    def _take(self, mask: Tensor, width: int, scan: Tensor) -> tuple[Tensor, Tensor]:
-        """Compact the rows where `mask` (n,) into a fixed width W: the first W of them in a circular scan
-        of the slots from `scan` (1,), which moves to the first row left over (so it is first in line next
-        tick; a scan left beyond n by a larger bucket restarts at 0). Returns (idx (W,) slot ids, S where
-        a place is unused; taken (n,) bool)."""
-        slot_ids = self.slot_ids[:mask.numel()]
-        start = torch.where(scan < mask.numel(), scan, 0)
-        before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each slot
-        total = before[-1] + mask[-1]
-        rank = before - before.gather(0, start)  # masked rows from `start` up to each slot, circularly
-        rank = torch.where(rank < 0, rank + total, rank)
-        taken = mask & (rank < width)
-        idx = torch.full((width + 1,), self.max_slots, dtype=torch.long, device=mask.device)
-        idx.scatter_(0, torch.where(taken, rank, width), slot_ids)  # place W collects the rest
-        scan.copy_((slot_ids * (mask & (rank == width))).sum(0, keepdim=True))  # 0 if nothing is left
-        return idx[:width], taken
-
     def _phase(self, keys: list[tuple[int, int]], rows: Tensor, x: Tensor, rope, write: Tensor,
                attend: Tensor, pos: Tensor, project: list[bool] | None = None) -> Tensor:
         """Run the layers `keys` (layer id, step) in order on rows x (N, d) at positions pos (N,): appends
         planned once, K/V written per layer, lengths committed after (every layer writes distinct cache
         rows)."""
         cache = self.cache
-        flat, attend_len = cache.plan_appends(rows, write, attend)
+        flat, attend_len = self.glue.plan_appends(cache.lengths, cache.tables, rows, write, attend, cache.page_size)
         if self.im.kv_tokens_read is not None:
             self.im.kv_tokens_read += attend_len.sum()
         backend = self.im.decode_backend
@@ -516,7 +502,7 @@ class Engine:
             writes = project[j] if project is not None else True
             x = self.im.layer_rows(layer_id, x, rope, cache, flat[j] if writes else None,
                                    lambda q, j=j: decode_attention(q, cache, rows[j], attend_len[j], backend))
-        cache.commit_appends(rows, write, flat, pos)
+        self.glue.commit_appends(cache.pos, cache.lengths, rows, write, flat, pos)
         return x
 
     def _compact_phase(self, layer_ids: list[int], groups: Tensor, idx: Tensor, x: Tensor, rope, pos: Tensor) -> Tensor:
@@ -524,25 +510,18 @@ class Engine:
         write, no attention, its output is scratch)."""
         if not layer_ids:
             return x
-        valid = idx < self.max_slots
-        slots = idx.clamp(max=pos.numel() - 1)  # (unused places read the last slot's rope; nothing is kept)
-        rope = (rope[0][slots], rope[1][slots])
-        write = valid.expand(len(layer_ids), -1)
-        return self._phase([(l, 0) for l in layer_ids], self._rows(groups, slots), x, rope, write, valid, pos[slots])
+        rows, cos, sin, pos, write, valid = self.glue.compact_rows(idx, groups, *rope, pos, self.max_slots)
+        return self._phase([(l, 0) for l in layer_ids], rows, x, (cos, sin), write, valid, pos)
 
     def _head(self, x: Tensor, idx: Tensor, steps: Tensor, tick: int) -> None:
         """Final norm, LM head and greedy choice on the coda rows x (W, d) of slots idx; the chosen tokens
         enter next tick; the report's row `tick` gets slots, tokens and recursion steps (places beyond W:
         no slot)."""
-        w, rep = x.shape[0], self._report
-        out = self.out_hidden[:w]
+        out, rep = self.out_hidden[:x.shape[0]], self._report
         out.copy_(self.im.model.norm(x))
         nxt = self.im.logits(out).argmax(dim=-1)
-        self.state.token.index_copy_(0, idx, nxt)
-        rep["served"][tick, :w].copy_(idx)
-        rep["served"][tick, w:].fill_(self.max_slots)
-        rep["next"][tick, :w].copy_(nxt)
-        rep["steps"][tick, :w].copy_(steps)
+        self.glue.report_tick(self.state.token, rep["served"][tick], rep["next"][tick], rep["steps"][tick], idx, nxt,
+                              steps, self.max_slots)
 
     @torch.no_grad()
     def _replay(self, n: int, ticks: int) -> None:
@@ -559,7 +538,7 @@ class Engine:
         im, S, st = self.im, self.max_slots, self.state
         pos, slot_ids = st.pos[:n], self.slot_ids[:n]
         live, entering = st.live[:n].bool(), st.entering[:n].bool()
-        rope = im.rope(pos)
+        rope = self.glue.rope_rows(pos, im.cfg.head_dim, im.cfg.rope_theta, im.dtype)
         if not im.mor:  # the whole stack and the head, every live slot
             keys = list(im.plan.unrolled)
             project = [im.layout.writes(r) for _, r in keys]
@@ -570,14 +549,14 @@ class Engine:
         else:
             width_in, width_out = self._widths[n]
             # embedding + prelude on up to W_in entering tokens; the rest keep entering
-            idx, admitted = self._take(entering, width_in, self._scan_in)
+            idx, admitted = self.glue.take(entering, width_in, self._scan_in, slot_ids, S)
             x = self._compact_phase(im.plan.prelude, self._groups_prelude, idx, im.model.embed(st.token[idx]),
                                     rope, pos)
             st.h.index_copy_(0, idx, x)
             entering = entering & ~admitted
             ready = st.waiting[:n].bool() | self._recursion_tick(admitted, st.in_rec[:n].bool(), rope, pos)
             # coda + head on up to W_out tokens done with their recursion (now or in an earlier tick)
-            idx, served = self._take(ready, width_out, self._scan_out)
+            idx, served = self.glue.take(ready, width_out, self._scan_out, slot_ids, S)
             x = self._compact_phase(im.plan.coda, self._groups_coda, idx, st.h[idx], rope, pos)
             self._head(x, idx, st.exit_steps[idx], tick)
             waiting = ready & ~served
@@ -585,69 +564,34 @@ class Engine:
         self._advance(n, live, served, entering, waiting)
 
     def _advance(self, n: int, live: Tensor, served: Tensor, entering: Tensor, waiting: Tensor) -> None:
-        """After the head: a served slot's sequence took its token at the next position; the request ends
-        (`end_reasons`, the host's rule) or the token enters next tick. Counts the tick's live slots and
-        the tokens still waiting to enter (entering) or to leave (waiting)."""
+        """After the head: served slots take their token, ended requests leave (`tick_glue.advance`)."""
         st = self.state
-        pos, out_len = st.pos[:n], st.out_len[:n]
-        pos.add_(served.long())
-        out_len.add_(served.long())
-        stop, length, full = end_reasons(st.token[:n], st.stop[:n], out_len, st.budget[:n], pos, self.max_len)
-        ended = served & (stop | length | full)
-        st.live[:n].copy_(live & ~ended)
-        st.entering[:n].copy_(entering | (served & ~ended))
-        waits = torch.stack([live.sum(), entering.sum(), waiting.sum()])
-        self.counters[:3] += waits
-        self.counters[3] += (waits[1:].sum() > 0).long()
+        self.glue.advance(st.pos[:n], st.out_len[:n], st.token[:n], st.stop[:n], st.budget[:n], st.live[:n],
+                          st.entering[:n], live, served, entering, waiting, self.max_len, self.counters)
 
     def _recursion_tick(self, ent: Tensor, in_rec: Tensor, rope, pos: Tensor) -> Tensor:
         """One shared-block pass over the tokens in the recursion (ent: tokens entering it now, their
-        prelude output in h); returns the mask of tokens done with their recursion this tick."""
-        im, nr, n, st = self.im, self.im.num_recursions, ent.numel(), self.state
+        prelude output in h), each at its own depth: its depth-r cache (recursion-wise caching) or the
+        step-0 cache (KV sharing, written at r = 0 only), its step's router; returns the mask of tokens
+        done with their recursion this tick."""
+        im, nr, n, st, glue = self.im, self.im.num_recursions, ent.numel(), self.state, self.glue
         h = st.h[:n]
-        depth = torch.where(ent, 0, st.depth[:n])
-        if im.expert_choice:
-            logits, decide = im.router_logits(h, 0)
-            skip = ent & ~(decide > 0)
-            rec = in_rec | (ent & ~skip)
-            gate = torch.where(ent, im.router_weight(logits), st.gate[:n])
-            target = st.target[:n]
-        else:  # token-choice: every token runs step 0
-            chosen, weight = im.token_choice_depth(h)
-            skip = torch.zeros_like(ent)
-            rec = in_rec | ent
-            gate = torch.where(ent, weight, st.gate[:n])
-            target = torch.where(ent, chosen, st.target[:n])
-        # one pass of the shared block over every token in the recursion, each at its own depth: its
-        # depth-r cache (recursion-wise caching) or the step-0 cache (KV sharing, written at r = 0 only)
-        keys = [(l, 0) for l in im.block]
-        rows = self._rows_block[:, :n]
-        rows = rows if im.kv_share else rows + depth * self.max_slots
-        write = (rec & (depth == 0) if im.kv_share else rec).expand(len(keys), -1)
-        y = self._phase(keys, rows, h, rope, write, rec, pos)
-        if im.scale_output:
-            scaled = im.scaled(h, y, gate)
-            y = scaled if im.expert_choice else torch.where((target == depth)[:, None], scaled, y)
-        h = torch.where(rec[:, None], y, h)
-        nxt = depth + 1
-        if im.expert_choice and nr > 1:
-            logits, decide = zip(*(im.router_logits(h, r) for r in range(1, nr)))
-            col = (nxt - 1).clamp(max=nr - 2)[:, None]
-            cont = rec & (nxt < nr) & (torch.stack(decide, 1).gather(1, col).squeeze(1) > 0)
-            gate = torch.where(cont, im.router_weight(torch.stack(logits, 1).gather(1, col).squeeze(1)), gate)
-        elif im.expert_choice:
-            cont = torch.zeros_like(rec)
-        else:
-            cont = rec & (target > depth)
-        done = (rec & ~cont) | skip
-        exit_steps = st.exit_steps[:n]
-        exit_steps.copy_(torch.where(done, torch.where(skip, 0, nxt), exit_steps))
-        st.h[:n].copy_(h)
-        st.gate[:n].copy_(gate)
-        st.target[:n].copy_(target)
-        st.depth[:n].copy_(torch.where(cont, nxt, depth))
-        st.in_rec[:n].copy_(cont)
-        return done
+        alpha = im.model.router_cfg.alpha
+        if im.expert_choice:  # step 0's router: weight logit, decision margin
+            weight, decision = im.router_logits(h, 0)
+        else:  # token choice: the depth chosen and the router weight g
+            decision, weight = im.token_choice_depth(h)
+        depth, skip, rec, gate, target, rows, write = glue.enter_recursion(
+            ent, in_rec, st.depth[:n], st.gate[:n], st.target[:n], weight, decision, self._rows_block[:, :n], alpha,
+            self.max_slots, im.expert_choice, im.kv_share)
+        y = self._phase([(l, 0) for l in im.block], rows, h, rope, write, rec, pos)
+        h = glue.blend(h, y, gate, rec, depth, target, im.scale_output, im.expert_choice)
+        logits = decisions = None
+        if im.expert_choice and nr > 1:  # steps 1…Nr−1's routers on the updated rows
+            logits, decisions = (torch.stack(t, 1) for t in zip(*(im.router_logits(h, r) for r in range(1, nr))))
+        return glue.exit_recursion(h, rec, skip, depth, gate, target, logits, decisions, alpha, nr, im.expert_choice,
+                                   st.h[:n], st.gate[:n], st.target[:n], st.depth[:n], st.in_rec[:n],
+                                   st.exit_steps[:n])
 
     def _capture(self) -> None:
         """Capture the replay of every slot bucket, of ticks_per_replay ticks and of one (while a sampled

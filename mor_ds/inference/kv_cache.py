@@ -185,20 +185,6 @@ class PagedKVCache:
         self.lengths.index_add_(0, rows.flatten(), torch.ones_like(rows.flatten(), dtype=torch.int32))
         return flat
 
-    def plan_appends(self, rows: Tensor, write: Tensor, attend: Tensor) -> tuple[Tensor, Tensor]:
-        """For a fixed-shape step: rows (J, N) cache rows of J layers × N tokens, at most one token per cache
-        row, appended where `write` (J, N). Returns the flat page slot of each append (the trash page where
-        not written) and each token's attended length, itself included (0 where `attend` is false).
-        Call `write_at` per layer and `commit_appends` once after the layers ran."""
-        length = self.lengths[rows].long()
-        page = self.tables[rows, (length // self.page_size).clamp_max(self.pages_per_seq - 1)].long()
-        flat = torch.where(write, page * self.page_size + length % self.page_size, 0)
-        return flat, torch.where(attend, length + write.long(), 0).int()
-
     def write_at(self, flat: Tensor, k: Tensor, v: Tensor) -> None:
         self.k.view(-1, *self.k.shape[2:]).index_copy_(0, flat, k.to(self.k.dtype))
         self.v.view(-1, *self.v.shape[2:]).index_copy_(0, flat, v.to(self.v.dtype))
-
-    def commit_appends(self, rows: Tensor, write: Tensor, flat: Tensor, pos: Tensor) -> None:
-        self.pos.view(-1).index_copy_(0, flat.flatten(), pos.expand_as(flat).flatten().to(torch.int32))
-        self.lengths.index_add_(0, rows.flatten(), write.flatten().to(torch.int32))

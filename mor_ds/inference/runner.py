@@ -28,7 +28,7 @@ from torch import Tensor
 from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
 from mor_ds.inference.paged_attention import PrefillAttention, decode_attention
-from mor_ds.models.block import rope_cos_sin
+from mor_ds.inference.tick_glue import rope_rows, scaled_update
 from mor_ds.models.model import CausalLM
 from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
 
@@ -79,11 +79,8 @@ class InferenceModel:
                             dtype=self.dtype, device=self.device)
 
     def rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """RoPE factors for rows at original positions pos (N,): (cos, signed sin), each (N, 1, D), so that
-        rope(x) = x·cos + rotate_half(x)·sin equals the model's apply_rope bit for bit."""
-        cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        cos, sin = cos[:, 0], sin[:, 0]  # (N, 1, D/2)
-        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        """RoPE factors (cos, signed sin), each (N, 1, D), for rows at original positions pos (N,)."""
+        return rope_rows(pos, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
 
     def _fuse_weights(self) -> None:
         """Per layer one [q; k; v] and one [gate; up] matrix (copies; snapshot of the current weights)."""
@@ -153,10 +150,6 @@ class InferenceModel:
 
     def router_weight(self, logits: Tensor) -> Tensor:
         return self.model.router_cfg.alpha * torch.sigmoid(logits)
-
-    def scaled(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-        """h ← h + g·(F(h) − h) for the rows whose update the router weight scales."""
-        return x + gate.to(y.dtype)[:, None] * (y - x)
 
     # ------------------------------------------------------------------ synchronous forward (eager)
 
@@ -255,7 +248,7 @@ class InferenceModel:
             y = self._phase([(l, step) for l in self.block], x, (rope[0][at], rope[1][at]), pos[at], cache,
                             RowSet(everyone.host_slots[idx], dev))
             if self.scale_output:
-                scaled = self.scaled(x, y, gate)
+                scaled = scaled_update(x, y, gate)
                 y = scaled if self.expert_choice else torch.where((depth[at] == step)[:, None], scaled, y)
             h.index_copy_(0, at, y)
             steps_run[idx] += 1
