@@ -55,7 +55,7 @@ from mor_ds.inference.paged_attention import decode_attention
 from mor_ds.inference.runner import InferenceModel
 from mor_ds.inference.sampling import SamplingParams, sample
 from mor_ds.inference.slot_state import HostSlots, SlotTable, end_reasons
-from mor_ds.inference.tick_glue import TickGlue
+from mor_ds.inference.tick_glue import TickGlue, commit_appends, count_waits, take
 from mor_ds.models.model import CausalLM
 
 
@@ -502,7 +502,7 @@ class Engine:
             writes = project[j] if project is not None else True
             x = self.im.layer_rows(layer_id, x, rope, cache, flat[j] if writes else None,
                                    lambda q, j=j: decode_attention(q, cache, rows[j], attend_len[j], backend))
-        self.glue.commit_appends(cache.pos, cache.lengths, rows, write, flat, pos)
+        commit_appends(cache.pos, cache.lengths, rows, write, flat, pos)
         return x
 
     def _compact_phase(self, layer_ids: list[int], groups: Tensor, idx: Tensor, x: Tensor, rope, pos: Tensor) -> Tensor:
@@ -549,14 +549,14 @@ class Engine:
         else:
             width_in, width_out = self._widths[n]
             # embedding + prelude on up to W_in entering tokens; the rest keep entering
-            idx, admitted = self.glue.take(entering, width_in, self._scan_in, slot_ids, S)
+            idx, admitted = take(entering, width_in, self._scan_in, slot_ids, S)
             x = self._compact_phase(im.plan.prelude, self._groups_prelude, idx, im.model.embed(st.token[idx]),
                                     rope, pos)
             st.h.index_copy_(0, idx, x)
             entering = entering & ~admitted
             ready = st.waiting[:n].bool() | self._recursion_tick(admitted, st.in_rec[:n].bool(), rope, pos)
             # coda + head on up to W_out tokens done with their recursion (now or in an earlier tick)
-            idx, served = self.glue.take(ready, width_out, self._scan_out, slot_ids, S)
+            idx, served = take(ready, width_out, self._scan_out, slot_ids, S)
             x = self._compact_phase(im.plan.coda, self._groups_coda, idx, st.h[idx], rope, pos)
             self._head(x, idx, st.exit_steps[idx], tick)
             waiting = ready & ~served
@@ -567,7 +567,8 @@ class Engine:
         """After the head: served slots take their token, ended requests leave (`tick_glue.advance`)."""
         st = self.state
         self.glue.advance(st.pos[:n], st.out_len[:n], st.token[:n], st.stop[:n], st.budget[:n], st.live[:n],
-                          st.entering[:n], live, served, entering, waiting, self.max_len, self.counters)
+                          st.entering[:n], live, served, entering, self.max_len)
+        count_waits(self.counters, live, entering, waiting)
 
     def _recursion_tick(self, ent: Tensor, in_rec: Tensor, rope, pos: Tensor) -> Tensor:
         """One shared-block pass over the tokens in the recursion (ent: tokens entering it now, their

@@ -2,7 +2,8 @@
 scans that compact the prelude / coda rows, the cache appends of a phase, the routing around the shared
 block's pass, the tick's report and the end rule. Eagerly each is tens of tiny kernels (~240 of a MoR-4
 tick's ~360 at the 360M shape, BENCHMARKS.md session 7), which bound the tick at small batches; on CUDA
-`TickGlue(compiled=True)` runs each through torch.compile (Inductor), a few fused kernels apiece.
+`TickGlue(compiled=True)` runs the elementwise ones through torch.compile (Inductor), a few fused kernels
+apiece; the scan, the appends' commit and the counters stay eager (see below).
 
 Free functions, not methods: a compiled bound method would keep its object (an engine and its KV pool) alive
 in Dynamo's cache (session 6). Shapes vary with the occupancy bucket, so they compile with dynamic shapes;
@@ -32,23 +33,6 @@ def scaled_update(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     return x + gate.to(y.dtype)[:, None] * (y - x)
 
 
-def take(mask: Tensor, width: int, scan: Tensor, slot_ids: Tensor, unused: int) -> tuple[Tensor, Tensor]:
-    """Compact the rows where `mask` (n,) into a fixed width W: the first W of them in a circular scan of
-    the slots from `scan` (1,), which moves to the first row left over (so it is first in line next tick; a
-    scan left beyond n by a larger bucket restarts at 0). Returns (idx (W,) slot ids, `unused` where a
-    place is empty; taken (n,) bool)."""
-    start = torch.where(scan < mask.numel(), scan, 0)
-    before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each slot
-    total = before[-1] + mask[-1]
-    rank = before - before.gather(0, start)  # masked rows from `start` up to each slot, circularly
-    rank = torch.where(rank < 0, rank + total, rank)
-    taken = mask & (rank < width)
-    idx = torch.full((width + 1,), unused, dtype=torch.long, device=mask.device)
-    idx.scatter_(0, torch.where(taken, rank, width), slot_ids)  # place W collects the rest
-    scan.copy_((slot_ids * (mask & (rank == width))).sum(0, keepdim=True))  # 0 if nothing is left
-    return idx[:width], taken
-
-
 def compact_rows(idx: Tensor, groups: Tensor, cos: Tensor, sin: Tensor, pos: Tensor,
                  unused: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Inputs of a phase on compacted rows of slots idx (W,) (`unused` = an empty place: no cache write, no
@@ -71,13 +55,6 @@ def plan_appends(lengths: Tensor, tables: Tensor, rows: Tensor, write: Tensor, a
     page = tables[rows, (length // page_size).clamp_max(tables.shape[1] - 1)].long()
     flat = torch.where(write, page * page_size + length % page_size, 0)
     return flat, torch.where(attend, length + write.long(), 0).int()
-
-
-def commit_appends(cache_pos: Tensor, lengths: Tensor, rows: Tensor, write: Tensor, flat: Tensor,
-                   pos: Tensor) -> None:
-    """The appends of `plan_appends` recorded: positions at their slots, each written row one longer."""
-    cache_pos.view(-1).index_copy_(0, flat.flatten(), pos.expand_as(flat).flatten().to(torch.int32))
-    lengths.index_add_(0, rows.flatten(), write.flatten().to(torch.int32))
 
 
 def enter_recursion(ent: Tensor, in_rec: Tensor, depth: Tensor, gate: Tensor, target: Tensor, logits: Tensor,
@@ -152,17 +129,48 @@ def report_tick(token: Tensor, served: Tensor, nxt_report: Tensor, steps_report:
 
 
 def advance(pos: Tensor, out_len: Tensor, token: Tensor, stop: Tensor, budget: Tensor, state_live: Tensor,
-            state_entering: Tensor, live: Tensor, served: Tensor, entering: Tensor, waiting: Tensor, max_len: int,
-            counters: Tensor) -> None:
+            state_entering: Tensor, live: Tensor, served: Tensor, entering: Tensor, max_len: int) -> None:
     """After the head: a served slot's sequence took its token at the next position; the request ends
-    (`end_reasons`, the host's rule) or the token enters next tick. Adds the tick's live slots, the tokens
-    still waiting to enter (entering) or to leave (waiting), and whether any waited, to `counters`."""
+    (`end_reasons`, the host's rule) or the token enters next tick."""
     pos.add_(served.long())
     out_len.add_(served.long())
     stop_token, length, full = end_reasons(token, stop, out_len, budget, pos, max_len)
     ended = served & (stop_token | length | full)
     state_live.copy_(live & ~ended)
     state_entering.copy_(entering | (served & ~ended))
+
+
+# Always eager (Inductor's versions were slower at the max batch, BENCHMARKS.md session 7: its scans and
+# reductions over the n slots ran 40–300 µs apiece, and an index_copy_ into the cache's position pool copied
+# the whole pool): the circular scan, the commit of a phase's appends, the tick's counters.
+
+def take(mask: Tensor, width: int, scan: Tensor, slot_ids: Tensor, unused: int) -> tuple[Tensor, Tensor]:
+    """Compact the rows where `mask` (n,) into a fixed width W: the first W of them in a circular scan of
+    the slots from `scan` (1,), which moves to the first row left over (so it is first in line next tick; a
+    scan left beyond n by a larger bucket restarts at 0). Returns (idx (W,) slot ids, `unused` where a
+    place is empty; taken (n,) bool)."""
+    start = torch.where(scan < mask.numel(), scan, 0)
+    before = torch.cumsum(mask, 0) - mask.long()  # masked rows before each slot
+    total = before[-1] + mask[-1]
+    rank = before - before.gather(0, start)  # masked rows from `start` up to each slot, circularly
+    rank = torch.where(rank < 0, rank + total, rank)
+    taken = mask & (rank < width)
+    idx = torch.full((width + 1,), unused, dtype=torch.long, device=mask.device)
+    idx.scatter_(0, torch.where(taken, rank, width), slot_ids)  # place W collects the rest
+    scan.copy_((slot_ids * (mask & (rank == width))).sum(0, keepdim=True))  # 0 if nothing is left
+    return idx[:width], taken
+
+
+def commit_appends(cache_pos: Tensor, lengths: Tensor, rows: Tensor, write: Tensor, flat: Tensor,
+                   pos: Tensor) -> None:
+    """The appends of `plan_appends` recorded: positions at their slots, each written row one longer."""
+    cache_pos.view(-1).index_copy_(0, flat.flatten(), pos.expand_as(flat).flatten().to(torch.int32))
+    lengths.index_add_(0, rows.flatten(), write.flatten().to(torch.int32))
+
+
+def count_waits(counters: Tensor, live: Tensor, entering: Tensor, waiting: Tensor) -> None:
+    """Adds the tick's live slots, the tokens still waiting to enter (entering) or to leave (waiting), and
+    whether any waited, to `counters`."""
     waits = torch.stack([live.sum(), entering.sum(), waiting.sum()])
     counters[:3] += waits
     counters[3] += (waits[1:].sum() > 0).long()
@@ -171,8 +179,8 @@ def advance(pos: Tensor, out_len: Tensor, token: Tensor, stop: Tensor, budget: T
 # compiled variants per function: one per pattern of sizes 1 and of equal sizes among its inputs over the
 # occupancy buckets and widths (a few in practice; Dynamo's default limit is 8)
 RECOMPILE_LIMIT = 64
-GLUE = ("rope_rows", "take", "compact_rows", "plan_appends", "commit_appends", "enter_recursion", "blend",
-        "exit_recursion", "report_tick", "advance")
+GLUE = ("rope_rows", "compact_rows", "plan_appends", "enter_recursion", "blend", "exit_recursion", "report_tick",
+        "advance")
 
 
 class TickGlue:
@@ -180,10 +188,8 @@ class TickGlue:
     backend: Inductor on CUDA, or e.g. "aot_eager" to trace them on CPU)."""
 
     rope_rows: Callable
-    take: Callable
     compact_rows: Callable
     plan_appends: Callable
-    commit_appends: Callable
     enter_recursion: Callable
     blend: Callable
     exit_recursion: Callable
