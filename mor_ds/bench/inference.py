@@ -71,10 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ticks-per-replay", type=int, default=None,
                         help=f"engine ticks_per_replay: ticks per CUDA-graph replay, host work once per replay "
                              f"(default {TICKS_PER_REPLAY} or the page size if smaller)")
-    parser.add_argument("--compile-glue", action="store_true",
-                        help="the tick's bookkeeping between its layers compiled (torch.compile, Inductor; CUDA)")
+    parser.add_argument("--eager-glue", action="store_true",
+                        help="the tick's bookkeeping between its layers eager (default: compiled with CUDA graphs)")
     parser.add_argument("--sweep-compile-glue", action="store_true",
-                        help="every batch also with the other --compile-glue setting (suffix _cg / _eg)")
+                        help="every batch also with the glue the other way (suffix _eg: eager, _cg: compiled)")
     parser.add_argument("--sweep-ticks-per-replay", type=int, nargs="*", default=[],
                         help="also measure every model's max batches at these ticks_per_replay (same process)")
     parser.add_argument("--sweep-buckets", type=int, nargs="*", default=[],
@@ -273,7 +273,7 @@ def kernels_ok(errors: dict) -> bool:
             and errors.get("silu_mul_rel", math.inf) < 1e-2 and "failed" not in errors)
 
 
-def engine_check(device: torch.device, compile_glue: bool = False) -> dict:
+def engine_check(device: torch.device, compile_glue: bool) -> dict:
     """On the GPU: the CUDA-graph engine serving 6 requests on 3 slots (joining and leaving mid-recursion)
     against `generate` of each request alone (eager, masked prefill), greedy, fp32 tiny models with random
     routers of real spread; MoR also with 1-row prelude / coda widths (tokens wait to enter and leave) and
@@ -424,10 +424,11 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
                   count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
                   prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets,
                   ticks_per_replay=ticks_per_replay or args.ticks_per_replay,
-                  compile_glue=args.compile_glue if compile_glue is None else compile_glue)
+                  compile_glue=(graph and not args.eager_glue) if compile_glue is None else compile_glue)
     if prefill_rows or args.prefill_rows:
         kwargs["prefill_rows"] = prefill_rows or args.prefill_rows
     graph_error = None
+    build_start = time.perf_counter()
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
     except Exception as exc:  # noqa: BLE001 - fall back to eager steps and say so
@@ -439,6 +440,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         torch.cuda.empty_cache()
         engine = Engine(model, cuda_graph=False, **kwargs)
     im = engine.im
+    build_s = time.perf_counter() - build_start  # KV pool, graph capture (the glue's compilation included)
     # warm-up: prefill and decode paths, allocator; then reset the counters
     engine.run([Request(r.prompt, 4) for r in make_requests(min(slots, 64), tokens, args, seed=99)])
     engine.reset_stats()
@@ -478,6 +480,7 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "prelude_waits": st.prelude_waits, "coda_waits": st.coda_waits, "wait_ticks": st.wait_ticks,
         "waits_per_token": round((st.prelude_waits + st.coda_waits) / max(1, decode_tokens), 4),
         "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph, "compile_glue": engine.glue.compiled,
+        "engine_build_s": round(build_s, 1),
         # occupancy buckets: slots the ticks ran on average, slots moved to keep the live ones packed
         "slot_buckets": len(engine.buckets), "slots_per_tick": round(st.slot_rows / max(1, st.ticks), 1),
         "slot_moves": st.slot_moves,
@@ -623,9 +626,11 @@ def run(args: argparse.Namespace) -> int:
             env["decode_backend"] = "torch (kernel check failed)"
     if device.type == "cuda" and args.check:
         try:
-            env["engine_vs_generate_token_agreement"] = engine_check(device)
-            if args.compile_glue or args.sweep_compile_glue:
-                env["engine_vs_generate_token_agreement_compiled_glue"] = engine_check(device, compile_glue=True)
+            compiled = not args.eager_glue
+            env["engine_vs_generate_token_agreement"] = engine_check(device, compiled)
+            if args.sweep_compile_glue:
+                other = "eager" if compiled else "compiled"
+                env[f"engine_vs_generate_token_agreement_{other}_glue"] = engine_check(device, not compiled)
         except Exception as exc:  # noqa: BLE001
             env["engine_vs_generate_token_agreement"] = f"{type(exc).__name__}: {exc}"
     if device.type == "cuda" and args.kernel_timing:
@@ -685,7 +690,8 @@ def run(args: argparse.Namespace) -> int:
                     variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
                     variants += [(f"k{k}", {"ticks_per_replay": k}) for k in args.sweep_ticks_per_replay]
                 if args.sweep_compile_glue:
-                    variants.append(("eg" if args.compile_glue else "cg", {"compile_glue": not args.compile_glue}))
+                    compiled = row["compile_glue"]
+                    variants.append(("eg" if compiled else "cg", {"compile_glue": not compiled}))
                 for suffix, variant in variants:
                     if over_budget():
                         break

@@ -118,7 +118,8 @@ class Engine:
                  page_size: int = 16, cuda_graph: bool = False, decode_backend: str = "auto", seed: int = 0,
                  prefill_rows: int = PREFILL_ROWS, admit_batch: int | None = None, prelude_width: int | None = None,
                  coda_width: int | None = None, slot_buckets: int = SLOT_BUCKETS,
-                 ticks_per_replay: int | None = None, compile_glue: bool = False, count_kv_reads: bool = False):
+                 ticks_per_replay: int | None = None, compile_glue: bool | None = None,
+                 count_kv_reads: bool = False):
         """prelude_width / coda_width (MoR: W_in / W_out): rows per tick that run embedding + prelude /
         coda + LM head at the full S slots; default `flow_width(max_slots)`. Vanilla and recursive models
         run every slot. slot_buckets: the tick exists for n = ⌈S·i/slot_buckets⌉ slots (one CUDA graph
@@ -127,9 +128,10 @@ class Engine:
         ticks_per_replay (K, at most page_size; default TICKS_PER_REPLAY or page_size if smaller): ticks
         run back to back between two visits of the host (one graph replay); a request that ends mid-replay
         leaves its slot idle for the rest of it. compile_glue: the tick's bookkeeping between its layers
-        (`tick_glue`) compiled with torch.compile, a few fused kernels per function instead of tens."""
+        (`tick_glue`) compiled with torch.compile, a few fused kernels per function instead of tens (default:
+        with cuda_graph; MoR-4 decode +4% at the max batch, +14% at batch 32, BENCHMARKS.md session 7)."""
         self.im = im = InferenceModel(model, decode_backend)
-        self.glue = TickGlue(compiled=compile_glue)
+        self.glue = TickGlue(compiled=cuda_graph if compile_glue is None else compile_glue)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)
             im.kv_tokens_read = torch.zeros((), dtype=torch.long, device=im.device)
         if num_pages is None:  # the worst case: every cache of every slot full
