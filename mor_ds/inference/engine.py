@@ -22,7 +22,8 @@ page tables, not its K/V):
 
 The tick's per-slot state lives on the device (`SlotTable`): the tick itself advances positions, marks
 the token that just took its next token as entering, and ends a request (stop token, budget, max_len), so one
-CUDA-graph replay runs `ticks_per_replay` (K) ticks back to back with no host work between them. Before a
+CUDA-graph replay runs `ticks_per_replay` (K) ticks back to back with no host work between them (the
+bookkeeping between a tick's layers is `tick_glue`'s free functions, compiled by default with CUDA graphs). Before a
 replay the host reserves pages for K appends to every cache row a live slot may write; after it, one
 device-to-host copy brings back, per tick, the slots that got a token, the tokens and their recursion steps,
 and every cache row's length. The host appends the tokens in tick order (deciding with the tick's own rule,
