@@ -28,7 +28,7 @@ from torch import Tensor
 from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
 from mor_ds.inference.paged_attention import PrefillAttention, decode_attention
-from mor_ds.inference.tick_glue import rope_rows, scaled_update
+from mor_ds.inference.tick_glue import rope_rows, router_weight, scaled_update
 from mor_ds.models.model import CausalLM
 from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
 
@@ -148,9 +148,6 @@ class InferenceModel:
         depth = scores.argmax(dim=-1)
         return depth, router.cfg.alpha * probs.gather(-1, depth[:, None]).squeeze(-1)
 
-    def router_weight(self, logits: Tensor) -> Tensor:
-        return self.model.router_cfg.alpha * torch.sigmoid(logits)
-
     # ------------------------------------------------------------------ synchronous forward (eager)
 
     @torch.no_grad()
@@ -236,7 +233,7 @@ class InferenceModel:
             if self.expert_choice:
                 logits, decide = self.router_logits(x, step)
                 keep = np.flatnonzero((decide > 0).cpu().numpy())
-                gate = self.router_weight(logits)
+                gate = router_weight(logits, self.model.router_cfg.alpha)
             else:
                 keep = np.flatnonzero(depth_host[idx] >= step)
                 gate = weight[at]

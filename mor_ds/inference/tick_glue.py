@@ -33,6 +33,11 @@ def scaled_update(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     return x + gate.to(y.dtype)[:, None] * (y - x)
 
 
+def router_weight(logits: Tensor, alpha: float) -> Tensor:
+    """Expert choice's router weight g = α·σ(logit)."""
+    return alpha * torch.sigmoid(logits)
+
+
 def compact_rows(idx: Tensor, groups: Tensor, cos: Tensor, sin: Tensor, pos: Tensor,
                  unused: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Inputs of a phase on compacted rows of slots idx (W,) (`unused` = an empty place: no cache write, no
@@ -68,7 +73,7 @@ def enter_recursion(ent: Tensor, in_rec: Tensor, depth: Tensor, gate: Tensor, ta
     depth = torch.where(ent, 0, depth)
     if expert_choice:
         skip = ent & ~(decision > 0)
-        gate = torch.where(ent, alpha * torch.sigmoid(logits), gate)
+        gate = torch.where(ent, router_weight(logits, alpha), gate)
     else:
         skip = torch.zeros_like(ent)
         gate = torch.where(ent, logits, gate)
@@ -101,7 +106,7 @@ def exit_recursion(h: Tensor, rec: Tensor, skip: Tensor, depth: Tensor, gate: Te
     if expert_choice and num_recursions > 1:
         col = (nxt - 1).clamp(max=num_recursions - 2)[:, None]
         cont = rec & (nxt < num_recursions) & (decisions.gather(1, col).squeeze(1) > 0)
-        gate = torch.where(cont, alpha * torch.sigmoid(logits.gather(1, col).squeeze(1)), gate)
+        gate = torch.where(cont, router_weight(logits.gather(1, col).squeeze(1), alpha), gate)
     elif expert_choice:
         cont = torch.zeros_like(rec)
     else:
@@ -184,7 +189,7 @@ GLUE = ("rope_rows", "compact_rows", "plan_appends", "enter_recursion", "blend",
 
 
 class TickGlue:
-    """The functions above, eager or each compiled (`torch.compile(dynamic=True, fullgraph=True)`; the
+    """The functions named in GLUE, eager or each compiled (`torch.compile(dynamic=True, fullgraph=True)`; the
     backend: Inductor on CUDA, or e.g. "aot_eager" to trace them on CPU)."""
 
     rope_rows: Callable
