@@ -342,11 +342,11 @@ def kernel_timing(device: torch.device, bandwidth: float) -> list[dict]:
     from mor_ds.models.sharing import layer_plan
 
     out = []
+    layout = CacheLayout.for_plan(layer_plan(1, 1, "cycle"), False)  # one cache per slot
     for name, (heads, kv_heads, head_dim), rows, mean_len, nr in KERNEL_TIMING_CASES:
         gen = torch.Generator().manual_seed(0)
         lengths = kernel_timing_lengths(rows, mean_len, nr, gen)
         max_len = int(lengths.max()) + 1
-        layout = CacheLayout.for_plan(layer_plan(1, 1, "cycle"), False)
         cache = PagedKVCache(layout, max_slots=rows, max_len=max_len, num_pages=rows * -(-max_len // 16) + 1,
                              page_size=16, num_kv_heads=kv_heads, head_dim=head_dim, dtype=torch.bfloat16,
                              device=device)
