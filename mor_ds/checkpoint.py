@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model as _load_safetensors_model
 from safetensors.torch import save_model as _save_safetensors_model
 
-from mor_ds.config import Config, from_dict
+from mor_ds.config import Config, from_saved
 from mor_ds.models import build_model
 
 CONFIG_KEY = "mor_ds_config"
@@ -36,7 +36,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
 
     ref = resolve_checkpoint(checkpoint)
     meta = checkpoint_meta(ref)
-    cfg = from_dict(meta["config"])
+    cfg = from_saved(meta["config"])
     state = consolidate_checkpoint(ref.root, ref.tag)
     model = _build(cfg)
     model.load_state_dict(state, strict=True)  # every weight accounted for, names as the plain model has them
@@ -60,7 +60,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
         metadata = read_export_metadata(path)
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path}: not a mor-ds export (no {CONFIG_KEY!r} in the safetensors metadata)")
-        cfg = from_dict(json.loads(metadata[CONFIG_KEY]))
+        cfg = from_saved(json.loads(metadata[CONFIG_KEY]))
         model = _build(cfg)
         _load_safetensors_model(model, str(path), strict=True)
     else:
@@ -68,7 +68,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
         from mor_ds.train.checkpoint import checkpoint_meta, resolve_checkpoint
 
         ref = resolve_checkpoint(path)
-        cfg = from_dict(checkpoint_meta(ref)["config"])
+        cfg = from_saved(checkpoint_meta(ref)["config"])
         model = _build(cfg)
         model.load_state_dict(consolidate_checkpoint(ref.root, ref.tag), strict=True)
     return model.to(device).eval(), cfg

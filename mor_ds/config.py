@@ -81,6 +81,9 @@ class RouterConfig:
     alpha: float = 0.1  # α: router weight g = α·act(router(h)) scales the block output
     # capacity per recursion step for expert-choice; empty = the paper's (Nr−i)/Nr schedule
     capacity: list[float] = field(default_factory=list)
+    # how g combines a recursion step's output with the hidden state (mor_ds.models.mor_math): "paper" is the
+    # paper's and the released code's rule, "delta" the ablation h ← h + g·(B_r(h) − h)
+    combine: Literal["paper", "delta"] = "paper"
     # scale the recursion block's output by the router weight (off only for equivalence tests)
     scale_output: bool = True
     # expert-choice causality at inference: BCE aux loss on router logits, or a separate aux router
@@ -95,10 +98,12 @@ class RouterConfig:
     balancing: Literal["loss", "loss_free"] = "loss"
     balance_loss_coef: float = 0.1
     bias_update_rate: float = 0.001
-    mlp_hidden_size: int = 0  # for arch=mlp; 0 = hidden_size
+    mlp_hidden_size: int = 0  # for arch=mlp: Linear(d, m) → GELU → Linear(m, out); 0 = 2·hidden_size (released code)
 
     def capacities(self, num_recursions: int) -> list[float]:
-        return list(self.capacity) or [(num_recursions - i) / num_recursions for i in range(num_recursions)]
+        from mor_ds.models.mor_math import capacity_schedule
+
+        return capacity_schedule(num_recursions, self.capacity)
 
 
 @dataclass
@@ -278,6 +283,19 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+def from_saved(data: dict[str, Any]) -> Config:
+    """The Config a checkpoint or an export saved (every field written out). A save without `router.combine` is
+    from before that choice existed: it trained with the delta rule, and an MLP router's hidden width 0 meant
+    hidden_size (today 2·hidden_size), so those keep their meaning instead of taking today's defaults."""
+    router = data.get("router")
+    if isinstance(router, dict) and "combine" not in router:
+        router = {**router, "combine": "delta"}
+        if router.get("arch") == "mlp" and not router.get("mlp_hidden_size"):
+            router["mlp_hidden_size"] = (data.get("model") or {}).get("hidden_size", ModelConfig.hidden_size)
+        data = {**data, "router": router}
+    return from_dict(data)
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

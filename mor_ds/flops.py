@@ -29,12 +29,12 @@ logits transient (within 2% of the measured H100 peak for vanilla-360m, 4–10% 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
 from mor_ds.config import Config, ConfigError, ModelConfig, RouterConfig
 from mor_ds.distributed import fp32_grad_accumulation
+from mor_ds.models.mor_math import capacity_schedule, hierarchical_counts
 from mor_ds.models.sharing import LayerPlan, layer_plan
 
 Convention = Literal["exact", "paper"]
@@ -143,16 +143,12 @@ def step_fractions(cfg: Config, convention: Convention = "exact",
     if m.family != "mor":
         return [1.0] * nr
     if cfg.router.type == "token_choice":
-        return [(nr - r) / nr for r in range(nr)]
+        return capacity_schedule(nr)
     capacities = cfg.router.capacities(nr)
     if convention == "paper":
         return capacities
     seq = cfg.train.seq_len
-    fractions, k_prev = [], seq
-    for cap in capacities:
-        k_prev = min(max(1, math.floor(cap * seq)), k_prev)
-        fractions.append(k_prev / seq)
-    return fractions
+    return [k / seq for k in hierarchical_counts(capacities, seq)]
 
 
 def layer_calls(cfg: Config, fractions: Sequence[float]) -> list[LayerCall]:

@@ -27,6 +27,7 @@ import torch
 from mor_ds.bench.timing import environment
 from mor_ds.config import load_config
 from mor_ds.inference.engine import SLOT_BUCKETS, TICKS_PER_REPLAY
+from mor_ds.models.mor_math import capacity_schedule
 
 DEFAULT_MODELS = ["vanilla-360m", "mor-360m-nr3", "mor-360m-nr2", "recursive-360m-nr3", "mor-360m-nr3-kvshare",
                   "mor-360m-nr4", "vanilla-360m-L34"]
@@ -324,7 +325,7 @@ def kernel_timing_lengths(rows: int, mean_len: int, num_recursions: int, gen: to
     """Cached lengths of one decode-attention call's rows (see KERNEL_TIMING_CASES)."""
     lengths = mean_len - mean_len // 5 + torch.rand(rows, generator=gen) * (2 * mean_len // 5)
     if num_recursions:
-        caps = torch.tensor([(num_recursions - r) / num_recursions for r in range(num_recursions)])
+        caps = torch.tensor(capacity_schedule(num_recursions))
         depth = torch.multinomial(caps, rows, replacement=True, generator=gen)  # P(row at r) ∝ tokens reaching r
         lengths = lengths * caps[depth]
         lengths[torch.rand(rows, generator=gen) < 0.05] = 0

@@ -585,17 +585,17 @@ class Engine:
             weight, decision = im.router_logits(h, 0)
         else:  # token choice: the depth chosen and the router weight g
             decision, weight = im.token_choice_depth(h)
-        depth, skip, rec, gate, target, rows, write = glue.enter_recursion(
-            ent, in_rec, st.depth[:n], st.gate[:n], st.target[:n], weight, decision, self._rows_block[:, :n], alpha,
-            self.max_slots, im.expert_choice, im.kv_share)
+        depth, skip, rec, gate, target, x, rows, write = glue.enter_recursion(
+            ent, in_rec, st.depth[:n], st.gate[:n], st.target[:n], h, st.x[:n], weight, decision,
+            self._rows_block[:, :n], alpha, self.max_slots, im.expert_choice, im.kv_share)
         y = self._phase([(l, 0) for l in im.block], rows, h, rope, write, rec, pos)
-        h = glue.blend(h, y, gate, rec, depth, target, im.scale_output, im.expert_choice)
+        h = glue.blend(h, y, gate, rec, depth, target, x, im.rule, im.scale_output, im.expert_choice)
         logits = decisions = None
         if im.expert_choice and nr > 1:  # steps 1…Nr−1's routers on the updated rows
             logits, decisions = (torch.stack(t, 1) for t in zip(*(im.router_logits(h, r) for r in range(1, nr))))
-        return glue.exit_recursion(h, rec, skip, depth, gate, target, logits, decisions, alpha, nr, im.expert_choice,
-                                   st.h[:n], st.gate[:n], st.target[:n], st.depth[:n], st.in_rec[:n],
-                                   st.exit_steps[:n])
+        return glue.exit_recursion(h, rec, skip, depth, gate, target, x, logits, decisions, alpha, nr,
+                                   im.expert_choice, st.h[:n], st.x[:n], st.gate[:n], st.target[:n], st.depth[:n],
+                                   st.in_rec[:n], st.exit_steps[:n])
 
     def _capture(self) -> None:
         """Capture the replay of every slot bucket, of ticks_per_replay ticks and of one (while a sampled

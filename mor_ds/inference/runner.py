@@ -4,9 +4,9 @@ position) against a paged KV cache. Used by `generate` and by the engine's prefi
 Semantics are those of `CausalLM.forward(ids, routing="causal")`, token by token:
 - MoR expert-choice: a token runs step r iff it ran step r−1 and its step-r decision logit (the router's,
   or the aux router's in aux_router mode) exceeds the calibrated threshold τ_r (see ExpertChoiceRouter);
-  its update is h ← h + g·(F(h) − h), g = α·σ(logit).
-- MoR token-choice: the depth comes from the router on the prelude output; steps 0…depth run, the last
-  one scaled by g.
+  g = α·σ(logit) combines the step's output (router.combine; mor_ds.models.mor_math).
+- MoR token-choice: the depth comes from the router on the prelude output x; steps 0…depth run, the
+  last one's output combined with x by g.
 - Attention at step r: recursion-wise caching reads/writes the depth-r cache (only tokens that reached
   r); KV sharing at r >= 1 reads the step-0 cache of the same layer and projects no K/V.
 
@@ -28,8 +28,9 @@ from torch import Tensor
 from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
 from mor_ds.inference.paged_attention import PrefillAttention, decode_attention
-from mor_ds.inference.tick_glue import rope_rows, router_weight, scaled_update
+from mor_ds.inference.tick_glue import rope_rows
 from mor_ds.models.model import CausalLM
+from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
 from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
 
 
@@ -55,7 +56,7 @@ class InferenceModel:
         self.layout = CacheLayout.for_plan(self.plan, self.kv_share)
         self.num_recursions = self.plan.num_recursions
         rcfg = model.router_cfg
-        self.scale_output = rcfg.scale_output
+        self.scale_output, self.rule = rcfg.scale_output, rcfg.combine
         if self.expert_choice and rcfg.activation != "sigmoid":
             raise ValueError("expert-choice routing with router.activation=softmax normalises over the whole "
                              "sequence and cannot decode causally; use sigmoid")
@@ -142,11 +143,8 @@ class InferenceModel:
         probabilities, plus the balancing bias under loss-free balancing), without its aux losses and
         host syncs, so it can run inside a captured decode step."""
         router = self.model.recursion.router
-        logits = router.router(h)
-        probs = torch.softmax(logits, -1) if router.cfg.activation == "softmax" else torch.sigmoid(logits)
-        scores = probs + router.balance_bias if router.cfg.balancing == "loss_free" else probs
-        depth = scores.argmax(dim=-1)
-        return depth, router.cfg.alpha * probs.gather(-1, depth[:, None]).squeeze(-1)
+        _, depth, weight = router.route(router.router(h))
+        return depth, weight
 
     # ------------------------------------------------------------------ synchronous forward (eager)
 
@@ -227,13 +225,14 @@ class InferenceModel:
         if self.token_choice:
             depth, weight = self.token_choice_depth(h)
             depth_host = depth.cpu().numpy()
+            stack_input = h.clone()  # x, kept for the tokens' exits (h is updated in place)
         for step in range(self.num_recursions):
             at = torch.from_numpy(idx).to(dev, non_blocking=True)
             x = h[at]
             if self.expert_choice:
                 logits, decide = self.router_logits(x, step)
                 keep = np.flatnonzero((decide > 0).cpu().numpy())
-                gate = router_weight(logits, self.model.router_cfg.alpha)
+                gate = expert_choice_weight(logits, self.model.router_cfg.alpha)
             else:
                 keep = np.flatnonzero(depth_host[idx] >= step)
                 gate = weight[at]
@@ -244,9 +243,11 @@ class InferenceModel:
                 idx, at, x, gate = idx[keep], at[sel], x[sel], gate[sel]
             y = self._phase([(l, step) for l in self.block], x, (rope[0][at], rope[1][at]), pos[at], cache,
                             RowSet(everyone.host_slots[idx], dev))
-            if self.scale_output:
-                scaled = scaled_update(x, y, gate)
-                y = scaled if self.expert_choice else torch.where((depth[at] == step)[:, None], scaled, y)
+            if self.scale_output and self.expert_choice:
+                y = expert_choice_update(x, y, gate[:, None], self.rule)
+            elif self.scale_output:
+                done = token_choice_exit(stack_input[at], x, y, gate[:, None], self.rule)
+                y = torch.where((depth[at] == step)[:, None], done, y)
             h.index_copy_(0, at, y)
             steps_run[idx] += 1
         if stats is not None:

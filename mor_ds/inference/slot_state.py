@@ -24,7 +24,7 @@ def end_reasons(token, stop, out_len, budget, pos, max_len: int):
 
 class SlotTable:
     """The state a tick reads and writes per sequence slot, as rows of one (fields, S + 1) tensor per dtype
-    plus the hidden rows (S + 1, d), so that admitting, moving or clearing slots is one indexed copy per
+    plus the hidden rows h and x, each (S + 1, d), of one (2, S + 1, d) tensor, so that admitting, moving or clearing slots is one indexed copy per
     tensor. Column / row S is scratch: the unused places of a compacted batch gather and scatter it.
 
       token, pos         the slot's newest token (it enters the next tick) and its position
@@ -37,6 +37,8 @@ class SlotTable:
       waiting            MoR: done with the recursion, waits for a coda row
       exit_steps         MoR: recursion steps the waiting token ran
       temperature, top_p sampling parameters (0 = greedy)
+      h                  the token's hidden state (prelude output, then after each recursion step)
+      x                  MoR token-choice: its recursion's input (the exit combines with it)
     """
 
     token: Tensor
@@ -54,12 +56,15 @@ class SlotTable:
     gate: Tensor
     temperature: Tensor
     top_p: Tensor
+    h: Tensor
+    x: Tensor
 
     def __init__(self, slots: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.device = device
         self.ints = torch.zeros(len(INT_FIELDS), slots + 1, dtype=torch.long, device=device)
         self.floats = torch.zeros(len(FLOAT_FIELDS), slots + 1, dtype=torch.float32, device=device)
-        self.h = torch.zeros(slots + 1, hidden_size, dtype=dtype, device=device)
+        self.hidden = torch.zeros(2, slots + 1, hidden_size, dtype=dtype, device=device)
+        self.h, self.x = self.hidden
         for name, row in zip(INT_FIELDS + FLOAT_FIELDS, [*self.ints, *self.floats]):
             setattr(self, name, row)
 
@@ -94,7 +99,7 @@ class SlotTable:
         for table in (self.ints, self.floats):
             table[:, dst_dev] = table[:, src_dev]
             table[:, src_dev] = 0
-        self.h[dst_dev] = self.h[src_dev]
+        self.hidden[:, dst_dev] = self.hidden[:, src_dev]
 
     def set_live(self, slots: np.ndarray, live: np.ndarray) -> None:
         """The host's decision on the slots' requests (live and entering next tick, or ended)."""

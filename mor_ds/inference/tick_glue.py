@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mor_ds.inference.slot_state import end_reasons
 from mor_ds.models.block import rope_cos_sin
+from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
 
 
 def rope_rows(pos: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -26,16 +27,6 @@ def rope_rows(pos: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> t
     cos, sin = rope_cos_sin(pos[:, None], head_dim, theta, dtype)
     cos, sin = cos[:, 0], sin[:, 0]  # (N, 1, D/2)
     return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-
-
-def scaled_update(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """h ← h + g·(F(h) − h) for the rows whose update the router weight g scales."""
-    return x + gate.to(y.dtype)[:, None] * (y - x)
-
-
-def router_weight(logits: Tensor, alpha: float) -> Tensor:
-    """Expert choice's router weight g = α·σ(logit)."""
-    return alpha * torch.sigmoid(logits)
 
 
 def compact_rows(idx: Tensor, groups: Tensor, cos: Tensor, sin: Tensor, pos: Tensor,
@@ -62,51 +53,56 @@ def plan_appends(lengths: Tensor, tables: Tensor, rows: Tensor, write: Tensor, a
     return flat, torch.where(attend, length + write.long(), 0).int()
 
 
-def enter_recursion(ent: Tensor, in_rec: Tensor, depth: Tensor, gate: Tensor, target: Tensor, logits: Tensor,
-                    decision: Tensor, block_rows: Tensor, alpha: float, slots: int, expert_choice: bool,
-                    kv_share: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def enter_recursion(ent: Tensor, in_rec: Tensor, depth: Tensor, gate: Tensor, target: Tensor, h: Tensor,
+                    stack_input: Tensor, logits: Tensor, decision: Tensor, block_rows: Tensor, alpha: float,
+                    slots: int, expert_choice: bool, kv_share: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Before the block's pass: tokens entering now (ent, their prelude output in h) start at depth 0.
     Expert choice: logits / decision = step 0's router logit and decision margin (> 0: the token runs
     step 0; otherwise it skips the recursion), g = α·σ(logit). Token choice: logits = g, decision = the
-    chosen depth, every token runs step 0. Returns (depth, skip, rec = tokens in the block's pass, gate,
-    target, their cache rows (J, n) at their own depth (KV sharing: depth 0's), the write mask (J, n))."""
+    chosen depth, every token runs step 0, and its recursion input x (stack_input) is its h now. Returns
+    (depth, skip, rec = tokens in the block's pass, gate, target, x, their cache rows (J, n) at their own
+    depth (KV sharing: depth 0's), the write mask (J, n))."""
     depth = torch.where(ent, 0, depth)
     if expert_choice:
         skip = ent & ~(decision > 0)
-        gate = torch.where(ent, router_weight(logits, alpha), gate)
+        gate = torch.where(ent, expert_choice_weight(logits, alpha), gate)
     else:
         skip = torch.zeros_like(ent)
         gate = torch.where(ent, logits, gate)
         target = torch.where(ent, decision, target)
+        stack_input = torch.where(ent[:, None], h, stack_input)
     rec = in_rec | (ent & ~skip)
     rows = block_rows if kv_share else block_rows + depth * slots
     write = (rec & (depth == 0) if kv_share else rec).expand(block_rows.shape[0], -1)
-    return depth, skip, rec, gate, target, rows, write
+    return depth, skip, rec, gate, target, stack_input, rows, write
 
 
-def blend(h: Tensor, y: Tensor, gate: Tensor, rec: Tensor, depth: Tensor, target: Tensor, scale_output: bool,
-          expert_choice: bool) -> Tensor:
-    """The hidden rows after the block's pass: y where the token ran it (scaled by its router weight; under
-    token choice only at its last step), h elsewhere."""
-    if scale_output:
-        scaled = scaled_update(h, y, gate)
-        y = scaled if expert_choice else torch.where((target == depth)[:, None], scaled, y)
+def blend(h: Tensor, y: Tensor, gate: Tensor, rec: Tensor, depth: Tensor, target: Tensor, stack_input: Tensor,
+          rule: str, scale_output: bool, expert_choice: bool) -> Tensor:
+    """The hidden rows after the block's pass: where the token ran it, its output y combined by its router
+    weight (router.combine; under token choice only at its last step, with its recursion input), h elsewhere."""
+    if scale_output and expert_choice:
+        y = expert_choice_update(h, y, gate[:, None], rule)
+    elif scale_output:
+        y = torch.where((target == depth)[:, None], token_choice_exit(stack_input, h, y, gate[:, None], rule), y)
     return torch.where(rec[:, None], y, h)
 
 
 def exit_recursion(h: Tensor, rec: Tensor, skip: Tensor, depth: Tensor, gate: Tensor, target: Tensor,
-                   logits: Tensor | None, decisions: Tensor | None, alpha: float, num_recursions: int,
-                   expert_choice: bool, state_h: Tensor, state_gate: Tensor, state_target: Tensor,
-                   state_depth: Tensor, state_in_rec: Tensor, state_exit_steps: Tensor) -> Tensor:
+                   stack_input: Tensor, logits: Tensor | None, decisions: Tensor | None, alpha: float,
+                   num_recursions: int, expert_choice: bool, state_h: Tensor, state_x: Tensor, state_gate: Tensor,
+                   state_target: Tensor, state_depth: Tensor, state_in_rec: Tensor, state_exit_steps: Tensor
+                   ) -> Tensor:
     """After the block's pass (h: the blended rows): which tokens go on to their next step (expert choice:
     that step's decision margin > 0, logits / decisions (n, Nr−1) of steps 1…Nr−1; token choice: the
-    depth chosen); the rest are done (the skipped ones with 0 steps). Writes the slot table's h, gate,
-    target, depth, in_rec and exit_steps; returns the mask of tokens done with their recursion."""
+    depth chosen); the rest are done (the skipped ones with 0 steps). Writes the slot table's h, x (token
+    choice), gate, target, depth, in_rec and exit_steps; returns the mask of tokens done with their recursion."""
     nxt = depth + 1
     if expert_choice and num_recursions > 1:
         col = (nxt - 1).clamp(max=num_recursions - 2)[:, None]
         cont = rec & (nxt < num_recursions) & (decisions.gather(1, col).squeeze(1) > 0)
-        gate = torch.where(cont, router_weight(logits.gather(1, col).squeeze(1), alpha), gate)
+        gate = torch.where(cont, expert_choice_weight(logits.gather(1, col).squeeze(1), alpha), gate)
     elif expert_choice:
         cont = torch.zeros_like(rec)
     else:
@@ -114,6 +110,8 @@ def exit_recursion(h: Tensor, rec: Tensor, skip: Tensor, depth: Tensor, gate: Te
     done = (rec & ~cont) | skip
     state_exit_steps.copy_(torch.where(done, torch.where(skip, 0, nxt), state_exit_steps))
     state_h.copy_(h)
+    if not expert_choice:
+        state_x.copy_(stack_input)
     state_gate.copy_(gate)
     state_target.copy_(target)
     state_depth.copy_(torch.where(cont, nxt, depth))

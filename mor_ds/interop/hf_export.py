@@ -1,8 +1,9 @@
 """`mor-ds export --format hf`: a directory that `transformers` loads, with the tokenizer.
 
 vanilla          → `LlamaForCausalLM` (config.json + model.safetensors), loadable without trust_remote_code.
-recursive / MoR  → `MoRForCausalLM` from mor_ds/interop/hf_modeling (configuration_mor.py + modeling_mor.py are
-                   copied next to the weights and registered in config.json's auto_map), loaded with
+recursive / MoR  → `MoRForCausalLM` from mor_ds/interop/hf_modeling (configuration_mor.py + modeling_mor.py, and
+                   mor_ds/models/mor_math.py, the MoR math training uses, are copied next to the weights and
+                   registered in config.json's auto_map), loaded with
                    `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 Tokenizer: a SentencePiece .model is shipped as tokenizer.model plus the tokenizer.json / tokenizer_config.json of
 a Llama tokenizer built from it (no BOS added, as in training); a Hugging Face tokenizer.json is copied with a
@@ -11,9 +12,15 @@ tokenizer_config.json naming its special tokens.
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import shutil
+import sys
+import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -23,6 +30,33 @@ from mor_ds.interop.llama_names import to_hf
 from mor_ds.models import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the files of an exported recursive / MoR model's code, and where each comes from
+MODELING_FILES = {
+    "configuration_mor.py": Path(__file__).parent / "hf_modeling" / "configuration_mor.py",
+    "modeling_mor.py": Path(__file__).parent / "hf_modeling" / "modeling_mor.py",
+    "mor_math.py": Path(__file__).parents[1] / "models" / "mor_math.py",
+}
+_MODELING_PACKAGE = "mor_ds_hf_modeling"
+_staged: list[tempfile.TemporaryDirectory] = []  # removed at exit
+
+
+def copy_modeling_files(out: Path) -> None:
+    for name, src in MODELING_FILES.items():
+        shutil.copyfile(src, out / name)
+
+
+def modeling_module() -> ModuleType:
+    """The exported model's code as transformers will load it: the MODELING_FILES side by side (their relative
+    imports resolve among themselves), imported once per process as package `mor_ds_hf_modeling`."""
+    name = f"{_MODELING_PACKAGE}.modeling_mor"
+    if name not in sys.modules:
+        _staged.append(tempfile.TemporaryDirectory(prefix="mor-ds-hf-modeling-"))
+        staged = Path(_staged[-1].name)
+        copy_modeling_files(staged)
+        spec = importlib.machinery.ModuleSpec(_MODELING_PACKAGE, None, is_package=True)
+        spec.submodule_search_locations = [str(staged)]
+        sys.modules[_MODELING_PACKAGE] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(name)
 
 
 def llama_config(cfg: Config, tokenizer=None):
@@ -38,7 +72,7 @@ def llama_config(cfg: Config, tokenizer=None):
 
 
 def mor_config(model: CausalLM, cfg: Config, tokenizer=None):
-    from mor_ds.interop.hf_modeling.configuration_mor import MoRConfig
+    MoRConfig = modeling_module().MoRConfig
 
     m, r, plan = cfg.model, cfg.router, model.plan
     return MoRConfig(
@@ -49,7 +83,8 @@ def mor_config(model: CausalLM, cfg: Config, tokenizer=None):
         num_unique_layers=plan.num_unique_layers, prelude=list(plan.prelude), coda=list(plan.coda),
         recursive_part=[list(p) for p in plan.recursive_part],
         router_type=r.type, router_arch=r.arch, router_activation=r.activation, router_mlp_hidden_size=r.mlp_hidden_size,
-        router_alpha=r.alpha, router_capacities=r.capacities(m.num_recursions), router_scale_output=r.scale_output,
+        router_alpha=r.alpha, router_capacities=r.capacities(m.num_recursions), router_combine=r.combine,
+        router_scale_output=r.scale_output,
         router_causal_mode=r.causal_mode, router_balancing=r.balancing, tie_word_embeddings=m.tie_embeddings,
         initializer_range=m.init_std, **_special_ids(tokenizer))
 
@@ -70,9 +105,8 @@ def _hf_model(model: CausalLM, cfg: Config, tokenizer):
         hf = LlamaForCausalLM(llama_config(cfg, tokenizer))
         state = {to_hf(k): v for k, v in state.items()}
     else:
-        from mor_ds.interop.hf_modeling.configuration_mor import MoRConfig
-        from mor_ds.interop.hf_modeling.modeling_mor import MoRForCausalLM
-
+        modeling = modeling_module()
+        MoRConfig, MoRForCausalLM = modeling.MoRConfig, modeling.MoRForCausalLM
         MoRConfig.register_for_auto_class()
         MoRForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         hf = MoRForCausalLM(mor_config(model, cfg, tokenizer))
@@ -105,10 +139,8 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
     out.mkdir(parents=True, exist_ok=True)
     hf = _hf_model(model, cfg, tokenizer).to(DTYPES[dtype])
     hf.save_pretrained(out)
-    if cfg.model.family != "vanilla":  # save_pretrained copies the modeling files; make sure both are there
-        src = Path(__file__).parent / "hf_modeling"
-        for name in ("configuration_mor.py", "modeling_mor.py"):
-            shutil.copyfile(src / name, out / name)
+    if cfg.model.family != "vanilla":  # save_pretrained copies the modeling files; make sure all are there
+        copy_modeling_files(out)
     export_tokenizer(tokenizer, out)
     return out
 

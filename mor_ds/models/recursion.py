@@ -2,9 +2,10 @@
 routed recursion steps.
 
 Recursive / vanilla: every unrolled position of the plan runs on all tokens.
-MoR: at step r the shared block plan.block(r) runs only on the step's active tokens, gathered into a
-compact (B, K, d) tensor; their update is h ← h + g·(F_r(h) − h) (F_r = the B shared layers, g the router
-weight) and the result is scattered back; inactive tokens pass through unchanged.
+MoR: at step r the shared block B_r = plan.block(r) runs only on the step's active tokens, gathered into a
+compact (B, K, d) tensor; the router weight g combines its output with the hidden state (router.combine, formulas
+in mor_ds.models.mor_math: paper expert-choice h ← h + g·B_r(h); token-choice ungated steps, leaving as
+x + g·B_d(h^d)) and the result is scattered back; inactive tokens pass through unchanged.
 KV: "cache" — attention at step r among the step's active tokens (causal by original position);
 "share" — at r ≥ 1 active queries attend to the K/V that the same layer computed at step 0.
 """
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from mor_ds.attention import PAD_POS
 from mor_ds.config import ModelConfig, RouterConfig
 from mor_ds.models.block import KV, TokenView, rope_cos_sin
+from mor_ds.models.mor_math import expert_choice_update, token_choice_exit
 from mor_ds.models.routers import ActiveSet, ExpertChoiceRouter, Selection, TokenChoiceRouter, compact, masked_mean
 from mor_ds.models.sharing import LayerPlan
 
@@ -94,7 +96,7 @@ class MoRStack(nn.Module):
     def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig, plan: LayerPlan):
         super().__init__()
         self.plan, self.kv_share = plan, cfg.kv_mode == "share"
-        self.scale_output = router_cfg.scale_output
+        self.scale_output, self.rule = router_cfg.scale_output, router_cfg.combine
         self.num_recursions = cfg.num_recursions
 
     def begin(self, h: Tensor, routing: str) -> dict[str, Tensor]:
@@ -104,9 +106,14 @@ class MoRStack(nn.Module):
     def select(self, step: int, h: Tensor, prev: ActiveSet, length: int, routing: str) -> Selection:
         raise NotImplementedError
 
+    def combine(self, sel: Selection, stack_input: Tensor, h: Tensor, out: Tensor) -> Tensor:
+        """The active rows after their step: h = their input, out = B_r(h); stack_input = x, all (B, S+1, d) rows."""
+        raise NotImplementedError
+
     def forward(self, h: Tensor, ctx: SequenceContext, layers: nn.ModuleList, routing: str) -> tuple[Tensor, dict, dict]:
         batch, length, _ = h.shape
         h = torch.cat([h, h.new_zeros(batch, 1, h.shape[-1])], dim=1)  # dummy slot S for padded rows
+        stack_input = h
         aux = self.begin(h[:, :length], routing)
         active = ActiveSet.everything(batch, length, h.device)
         first_kv: dict[int, KV] = {}
@@ -131,8 +138,7 @@ class MoRStack(nn.Module):
                 if self.kv_share and step == 0:
                     first_kv[layer_id] = kv
             if self.scale_output:
-                scaled = x + sel.weight.to(y.dtype) * (y - x)
-                y = scaled if sel.finishing is None else torch.where(sel.finishing[..., None], scaled, y)
+                y = self.combine(sel, stack_input, x, y)
             h = scatter_rows(h, active.idx, y)
         if weights:
             g = torch.cat([w.flatten() for w in weights]).detach()
@@ -150,6 +156,9 @@ class ExpertChoiceMoR(MoRStack):
 
     def select(self, step: int, h: Tensor, prev: ActiveSet, length: int, routing: str) -> Selection:
         return self.router.select(step, gather_rows(h, prev.idx), prev, length, causal=routing == "causal")
+
+    def combine(self, sel: Selection, stack_input: Tensor, h: Tensor, out: Tensor) -> Tensor:
+        return expert_choice_update(h, out, sel.weight, self.rule)
 
     def update_bias(self, all_reduce=None) -> None:
         self.router.update_thresholds(all_reduce)
@@ -173,6 +182,10 @@ class TokenChoiceMoR(MoRStack):
         active, pick = compact(prev, depth >= step, length)
         finishing = self._depth.gather(1, active.idx) == step
         return Selection(active, self._weight.gather(1, active.idx)[..., None], finishing)
+
+    def combine(self, sel: Selection, stack_input: Tensor, h: Tensor, out: Tensor) -> Tensor:
+        x = gather_rows(stack_input, sel.active.idx) if self.rule == "paper" else None
+        return torch.where(sel.finishing[..., None], token_choice_exit(x, h, out, sel.weight, self.rule), out)
 
     def update_bias(self, all_reduce=None) -> None:
         self.router.update_bias(all_reduce)

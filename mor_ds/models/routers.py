@@ -3,7 +3,7 @@
 auxiliary losses (already multiplied by their coefficients) and statistics.
 
 Symbols (paper): Nr recursions, step r = 0…Nr−1, capacity_r, k_r = max(1, ⌊capacity_r·S⌋),
-router weight g = α·act(router(h)).
+router weight g = α·act(router(h)); the formulas themselves live in mor_ds.models.mor_math.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor_ds.config import ModelConfig, RouterConfig
+from mor_ds.models.mor_math import causal_margin, expert_choice_weight, token_choice_route, topk_count
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ActiveSet:
 @dataclass
 class Selection:
     """What a recursion step runs on: the active tokens, their router weights g (B, K, 1), and for
-    token-choice which of them finish at this step (their output is combined with g)."""
+    token-choice which of them finish at this step (only their output is combined with g)."""
 
     active: ActiveSet
     weight: Tensor
@@ -88,14 +89,15 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class RouterNet(nn.Module):
-    """Linear(d, out) or a small MLP, no biases; logits in at least fp32."""
+    """Linear(d, out) or the released code's MLP Linear(d, 2d) → GELU → Linear(2d, out), no biases; logits in at
+    least fp32."""
 
     def __init__(self, hidden_size: int, out_features: int, cfg: RouterConfig):
         super().__init__()
         if cfg.arch == "linear":
             self.net: nn.Module = nn.Linear(hidden_size, out_features, bias=False)
         else:
-            inner = cfg.mlp_hidden_size or hidden_size
+            inner = cfg.mlp_hidden_size or 2 * hidden_size
             self.net = nn.Sequential(nn.Linear(hidden_size, inner, bias=False), nn.GELU(),
                                      nn.Linear(inner, out_features, bias=False))
 
@@ -152,7 +154,7 @@ class ExpertChoiceRouter(nn.Module):
 
     def causal_margin(self, step: int, decide: Tensor) -> Tensor:
         """Decision logits minus τ_r: a token continues at step r iff its margin is > 0 (no host sync)."""
-        return decide - self.causal_threshold[step]
+        return causal_margin(decide, self.causal_threshold[step])
 
     @torch.no_grad()
     def _collect_cut(self, step: int, decide: Tensor, k: int) -> None:
@@ -177,18 +179,10 @@ class ExpertChoiceRouter(nn.Module):
         self.threshold_updates += seen.long()
         self.cuts.zero_()
 
-    def _weights(self, logits: Tensor, valid: Tensor | None) -> Tensor:
-        if self.cfg.activation == "sigmoid":
-            return self.cfg.alpha * torch.sigmoid(logits)
-        # softmax over the sequence's active tokens
-        if valid is not None:
-            logits = logits.masked_fill(~valid, float("-inf"))
-        return self.cfg.alpha * torch.softmax(logits, dim=1)
-
     def select(self, step: int, x: Tensor, prev: ActiveSet, length: int, causal: bool) -> Selection:
         """x: (B, K_prev, d) hidden states of the tokens in `prev`, entering step r."""
         logits = self.routers[step](x).squeeze(-1)  # (B, K_prev)
-        weights = self._weights(logits, prev.valid)
+        weights = expert_choice_weight(logits, self.cfg.alpha, self.cfg.activation, prev.valid)
         aux_logits = self.aux_routers[step](x.detach()).squeeze(-1) if self.aux_routers is not None else None
         decide = aux_logits if aux_logits is not None else logits  # the logits the BCE trains and τ_r cuts
         if causal:
@@ -199,7 +193,7 @@ class ExpertChoiceRouter(nn.Module):
             active, pick = compact(prev, self.causal_margin(step, decide) > 0, length)
             return Selection(active, weights.gather(1, pick)[..., None])
 
-        k = min(max(1, math.floor(self.capacities[step] * length)), prev.idx.shape[1])
+        k = topk_count(self.capacities[step], length, prev.idx.shape[1])
         if k == logits.shape[1]:  # capacity 1 (the schedule's step 0): everyone stays, no top-k needed
             pick = torch.arange(k, device=logits.device).expand_as(logits)
         else:
@@ -214,8 +208,8 @@ class ExpertChoiceRouter(nn.Module):
 
 
 class TokenChoiceRouter(nn.Module):
-    """Depth chosen once per token from a distribution over Nr depths (top-1), on the prelude's output.
-    A token of depth d runs steps 0…d; at its last step its update is scaled by g = α·p(d).
+    """Depth chosen once per token from a distribution over Nr depths (top-1), on the prelude's output x.
+    A token of depth d runs steps 0…d; g = α·p(d) combines its last step's output (router.combine).
     Balancing: loss Σ_i P_i·f_i (P_i mean probability, f_i = Nr·fraction routed to depth i), or loss-free:
     a non-trained bias b added for the choice only, b ← b + rate·sign(mean load − load_i) per optimizer step."""
 
@@ -230,10 +224,7 @@ class TokenChoiceRouter(nn.Module):
     def assign(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """h: (B, S, d) -> depth (B, S) in 0…Nr−1, g (B, S), weighted aux losses."""
         logits = self.router(h)  # (B, S, Nr)
-        probs = torch.softmax(logits, -1) if self.cfg.activation == "softmax" else torch.sigmoid(logits)
-        scores = probs.detach() + self.balance_bias if self.cfg.balancing == "loss_free" else probs
-        depth = scores.argmax(dim=-1)
-        weight = self.cfg.alpha * probs.gather(-1, depth[..., None]).squeeze(-1)
+        probs, depth, weight = self.route(logits)
         routed = F.one_hot(depth, self.num_recursions).to(probs.dtype).mean(dim=(0, 1))
         aux: dict[str, Tensor] = {}
         if self.cfg.balancing == "loss":
@@ -243,6 +234,11 @@ class TokenChoiceRouter(nn.Module):
         if self.cfg.z_loss_coef:
             aux["z_loss"] = self.cfg.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean()
         return depth, weight, aux
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(probs, depth, g) from the router's logits; sync-free, so the decode tick calls it too."""
+        bias = self.balance_bias if self.cfg.balancing == "loss_free" else None
+        return token_choice_route(logits, self.cfg.alpha, self.cfg.activation, bias)
 
     @torch.no_grad()
     def update_bias(self, all_reduce=None) -> None:

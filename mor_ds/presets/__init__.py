@@ -64,8 +64,9 @@ def preset_dict(name: str) -> dict[str, Any]:
         model["kv_mode"] = "share"
     overlay: dict[str, Any] = {"name": name, "model": model}
     if match["tc"]:
-        # token-choice: softmax over Nr depths, MLP router (paper's best), balancing loss 0.1, z-loss 1e-5
-        overlay["router"] = {"type": "token_choice", "activation": "softmax", "arch": "mlp", "alpha": 1.0,
+        # token-choice as in the released paper configs: linear router, softmax over Nr depths, α = 1, balancing
+        # loss 0.1, z-loss 1e-5
+        overlay["router"] = {"type": "token_choice", "activation": "softmax", "arch": "linear", "alpha": 1.0,
                              "z_loss_coef": 1e-5}
     return merge(data, overlay)
 

@@ -37,6 +37,7 @@ class MoRConfig(PretrainedConfig):
         router_mlp_hidden_size: int = 0,
         router_alpha: float = 0.1,  # α in g = α·act(router(h))
         router_capacities: list[float] | None = None,  # expert-choice capacity per step
+        router_combine: str = "paper",  # paper: h + g·B_r(h) / x + g·B_d(h^d) | delta: h + g·(B_r(h) − h)
         router_scale_output: bool = True,
         router_causal_mode: str = "aux_loss",  # aux_loss | aux_router
         router_balancing: str = "loss",  # token-choice: loss | loss_free
@@ -66,6 +67,7 @@ class MoRConfig(PretrainedConfig):
         self.router_mlp_hidden_size = router_mlp_hidden_size
         self.router_alpha = router_alpha
         self.router_capacities = list(router_capacities or [])
+        self.router_combine = router_combine
         self.router_scale_output = router_scale_output
         self.router_causal_mode = router_causal_mode
         self.router_balancing = router_balancing

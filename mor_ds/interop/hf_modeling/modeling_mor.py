@@ -1,10 +1,13 @@
 """Hugging Face modeling code for mor-ds recursive / Mixture-of-Recursions models (`trust_remote_code=True`).
 
-Self-contained (torch + transformers only). Parameter names equal mor-ds's own, so an exported state dict loads
-unchanged. The forward pass is a dense formulation of mor-ds's compacted one (mor_ds.models.recursion): at
-recursion step r every token runs through the shared block, but attention only sees the step's active tokens
-(causal by original position) and only active tokens take the update h ← h + g·(F_r(h) − h); inactive tokens pass
-through unchanged. This spends compute on inactive tokens but gives the same logits, which the export tests check.
+Self-contained (torch + transformers only): the MoR math (router weights, k_r, token-choice depths, the combine
+rule) comes from mor_math.py beside this file, the very file mor-ds trains with (mor_ds/models/mor_math.py, copied
+by the export). Parameter names equal mor-ds's own, so an exported state dict loads unchanged. The forward pass is
+a dense formulation of mor-ds's compacted one (mor_ds.models.recursion): at recursion step r every token runs
+through the shared block, but attention only sees the step's active tokens (causal by original position) and only
+active tokens take the step's output, combined by the router weight g (config.router_combine); inactive tokens
+pass through unchanged. This spends compute on inactive tokens but gives the same logits, which the export tests
+check.
 
 Routing (config.routing, or the `routing=` forward argument):
   causal  a token continues at step r iff its own router score says so (expert-choice: router logit > τ_r, or the
@@ -25,6 +28,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mor import MoRConfig
+from .mor_math import (capacity_schedule, causal_margin, expert_choice_update, expert_choice_weight,
+                       token_choice_exit, token_choice_route, topk_count)
 
 
 class RMSNorm(nn.Module):
@@ -107,7 +112,7 @@ class RouterNet(nn.Module):
         if cfg.router_arch == "linear":
             self.net = nn.Linear(hidden_size, out_features, bias=False)
         else:
-            inner = cfg.router_mlp_hidden_size or hidden_size
+            inner = cfg.router_mlp_hidden_size or 2 * hidden_size
             self.net = nn.Sequential(nn.Linear(hidden_size, inner, bias=False), nn.GELU(),
                                      nn.Linear(inner, out_features, bias=False))
 
@@ -183,31 +188,24 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         """Active tokens (B, S) bool and router weights g (B, S) at step r, among the tokens active before."""
         router, cfg = self.recursion.router, self.config
         logits = router.routers[step](h).squeeze(-1)
-        if cfg.router_activation == "sigmoid":
-            weight = cfg.router_alpha * torch.sigmoid(logits)
-        else:  # softmax over the sequence's still-active tokens
-            weight = cfg.router_alpha * torch.softmax(logits.masked_fill(~prev, float("-inf")), dim=1)
+        weight = expert_choice_weight(logits, cfg.router_alpha, cfg.router_activation, prev)
         if routing == "causal":
             if cfg.router_activation == "softmax":
                 raise ValueError("router_activation=softmax: expert-choice weights normalise over the whole "
                                  "sequence, so they cannot be computed causally; use routing='topk'")
             decide = router.aux_routers[step](h).squeeze(-1) if hasattr(router, "aux_routers") else logits
-            return prev & (decide > router.causal_threshold[step].float()), weight
-        length = h.shape[1]
-        capacities = cfg.router_capacities or [(cfg.num_recursions - i) / cfg.num_recursions
-                                               for i in range(cfg.num_recursions)]
-        k = min(max(1, math.floor(capacities[step] * length)), int(prev.sum(1).min()))
+            return prev & (causal_margin(decide, router.causal_threshold[step].float()) > 0), weight
+        capacity = capacity_schedule(cfg.num_recursions, cfg.router_capacities or ())[step]
+        k = topk_count(capacity, h.shape[1], int(prev.sum(1).min()))
         pick = logits.masked_fill(~prev, float("-inf")).topk(k, dim=1).indices
         return torch.zeros_like(prev).scatter_(1, pick, True), weight
 
     def _token_choice_depth(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Depth in 0…Nr−1 and router weight g = α·p(depth), chosen once per token on the prelude's output."""
         router, cfg = self.recursion.router, self.config
-        logits = router.router(h)
-        probs = torch.softmax(logits, -1) if cfg.router_activation == "softmax" else torch.sigmoid(logits)
-        scores = probs + router.balance_bias if cfg.router_balancing == "loss_free" else probs
-        depth = scores.argmax(dim=-1)
-        return depth, cfg.router_alpha * probs.gather(-1, depth[..., None]).squeeze(-1)
+        bias = router.balance_bias if cfg.router_balancing == "loss_free" else None
+        _, depth, weight = token_choice_route(router.router(h), cfg.router_alpha, cfg.router_activation, bias)
+        return depth, weight
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -255,10 +253,10 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
                 if share and step == 0:
                     first_kv[layer_id] = (*kv, full)
             return h
-        token_choice = cfg.router_type == "token_choice"
+        token_choice, rule = cfg.router_type == "token_choice", cfg.router_combine
         if token_choice:
             depth, tc_weight = self._token_choice_depth(h)
-        active = real
+        stack_input, active = h, real
         for step in range(cfg.num_recursions):
             if token_choice:
                 active, weight, finishing = active & (depth >= step), tc_weight, depth == step
@@ -274,9 +272,10 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
                 y, kv = self.layers[layer_id](y, rope, mask, shared[:2] if shared else None)
                 if share and step == 0:
                     first_kv[layer_id] = (*kv, mask)
-            if cfg.router_scale_output:  # h ← h + g·(F_r(h) − h)
-                scaled = x + weight[..., None].to(y.dtype) * (y - x)
-                y = scaled if finishing is None else torch.where(finishing[..., None], scaled, y)
+            if cfg.router_scale_output and finishing is None:
+                y = expert_choice_update(x, y, weight[..., None], rule)
+            elif cfg.router_scale_output:
+                y = torch.where(finishing[..., None], token_choice_exit(stack_input, x, y, weight[..., None], rule), y)
             h = torch.where(active[..., None], y, h)
         return h
 
