@@ -200,7 +200,7 @@ class InferenceModel:
             cache.reserve(host_rows, counts)
             flat = cache.append_slots(rows + rs.slots, pos, rs.rank)
             cache.host_lengths[host_rows] += counts
-        if rs.width == 1:
+        if rs.newest:
             cache_rows = rows + rs.slots
             lengths = cache.lengths[cache_rows]
             attend = [lambda q, j=j: decode_attention(q, cache, cache_rows[j], lengths[j], self.decode_backend)
@@ -242,7 +242,7 @@ class InferenceModel:
                 sel = torch.from_numpy(keep).to(dev, non_blocking=True)
                 idx, at, x, gate = idx[keep], at[sel], x[sel], gate[sel]
             y = self._phase([(l, step) for l in self.block], x, (rope[0][at], rope[1][at]), pos[at], cache,
-                            RowSet(everyone.host_slots[idx], dev))
+                            RowSet(everyone.host_slots[idx], dev, newest=everyone.newest))
             if self.scale_output and self.expert_choice:
                 y = expert_choice_update(x, y, gate[:, None], self.rule)
             elif self.scale_output:
@@ -261,17 +261,22 @@ class InferenceModel:
 class RowSet:
     """Rows of the eager path grouped by slot, known on the host (so no layer needs a host sync): runs
     of consecutive rows of one slot, their lengths, and each row's rank within its run; the device
-    copies come in one upload."""
+    copies come in one upload.
 
-    def __init__(self, slots: np.ndarray, device: torch.device):
+    newest: every row is its sequence's newest token (a decode call: one row per slot), so it may see every
+    cached key. A recursion step's subset of a prefill can hold one row of a slot that is not: under KV
+    sharing it reads step 0's cache, which holds the later tokens of its prompt too."""
+
+    def __init__(self, slots: np.ndarray, device: torch.device, newest: bool | None = None):
         self.host_slots = slots
         n = len(slots)
         starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if n else np.zeros(0, dtype=np.int64)
         self.counts = np.diff(np.r_[starts, n])
         self.run_slots = slots[starts]
         self.width = int(self.counts.max()) if n else 0
+        self.newest = self.width == 1 if newest is None else newest and self.width == 1
         run_of = np.repeat(np.arange(len(starts)), self.counts)
         packed = torch.from_numpy(np.concatenate([slots, run_of, np.arange(n) - starts[run_of], self.run_slots])
                                   .astype(np.int64)).to(device, non_blocking=True)
         self.slots, self.run_of, rank, self.run_slots_dev = packed.split([n, n, n, len(starts)])
-        self.rank: Tensor | None = rank if self.width > 1 else None
+        self.rank: Tensor | None = None if self.newest else rank
