@@ -49,7 +49,7 @@ class Selection:
 
     active: ActiveSet
     weight: Tensor
-    finishing: Tensor | None = None  # (B, K) bool; None = every selected token is scaled by g
+    finishing: Tensor | None = None  # (B, K) bool; None = every selected token is combined with g
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
