@@ -28,7 +28,7 @@ from torch import Tensor
 from mor_ds.inference.fused_ops import rope_write_kv_torch, rope_write_kv_triton, silu_mul_torch, silu_mul_triton
 from mor_ds.inference.kv_cache import CacheLayout, PagedKVCache
 from mor_ds.inference.paged_attention import PrefillAttention, decode_attention
-from mor_ds.inference.tick_glue import rope_rows
+from mor_ds.models.block import apply_rope_rows, rope_rows
 from mor_ds.models.model import CausalLM
 from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
 from mor_ds.models.recursion import ExpertChoiceMoR, TokenChoiceMoR
@@ -121,8 +121,7 @@ class InferenceModel:
                 qk = torch.cat([attn.q_proj(a), attn.k_proj(a)], -1).view(n, hq + hkv, hd)
             else:
                 qk = attn.q_proj(a).view(n, hq, hd)
-            half = hd // 2
-            qk = qk * rope[0] + torch.cat((qk[..., half:], qk[..., :half]), -1) * rope[1]
+            qk = apply_rope_rows(qk, rope)
             q = qk[:, :hq]
             if flat is not None:
                 cache.write_at(flat, qk[:, hq:], attn.v_proj(a).view(n, hkv, hd))

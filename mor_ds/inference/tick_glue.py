@@ -17,16 +17,8 @@ import torch
 from torch import Tensor
 
 from mor_ds.inference.slot_state import end_reasons
-from mor_ds.models.block import rope_cos_sin
+from mor_ds.models.block import rope_rows
 from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
-
-
-def rope_rows(pos: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """RoPE factors for rows at original positions pos (N,): (cos, signed sin), each (N, 1, D), so that
-    rope(x) = x·cos + rotate_half(x)·sin equals the model's apply_rope bit for bit."""
-    cos, sin = rope_cos_sin(pos[:, None], head_dim, theta, dtype)
-    cos, sin = cos[:, 0], sin[:, 0]  # (N, 1, D/2)
-    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
 
 
 def compact_rows(idx: Tensor, groups: Tensor, cos: Tensor, sin: Tensor, pos: Tensor,

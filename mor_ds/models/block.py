@@ -41,6 +41,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rope_rows(pos: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RoPE factors for rows (tokens of many sequences) at original positions pos (N,): (cos, signed sin), each
+    (N, 1, D), the layout the inference kernels read; `apply_rope_rows` with them equals `apply_rope` bit for bit."""
+    cos, sin = rope_cos_sin(pos[:, None], head_dim, theta, dtype)
+    cos, sin = cos[:, 0], sin[:, 0]  # (N, 1, D/2)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+
+def apply_rope_rows(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """x (N, H, D) rotated with `rope_rows` factors: x·cos + rotate_half(x)·sin."""
+    half = x.shape[-1] // 2
+    return x * rope[0] + torch.cat((x[..., half:], x[..., :half]), -1) * rope[1]
+
+
 @dataclass
 class TokenView:
     """Where a block's tokens sit in the original sequence.
