@@ -62,6 +62,8 @@ FAMILIES = [
     ("tiny-mor", ("router.causal_mode=aux_router", "model.kv_mode=share")),
     ("tiny-mor-tc", ()),
     ("tiny-mor-tc", ("model.kv_mode=share", "router.balancing=loss_free")),
+    ("tiny-mor", ("router.combine=delta",)),  # the ablation's rule, expert and token choice
+    ("tiny-mor-tc", ("router.combine=delta", "model.kv_mode=share")),
 ]
 
 
