@@ -5,10 +5,12 @@ Packing: documents in source order, each followed by EOS, concatenated and cut i
 document appears exactly once. The output does not depend on the number of workers.
 
 Crash safety and resumption: shards are written to a temporary file and renamed, and after every shard
-``progress.json`` records the finished shards, the source stream's state (``datasets`` ``state_dict()``) and the
-already-tokenized tokens past the shard boundary (``progress.carry-*.zst``). Re-running the same command continues
-after the last complete shard and produces the same bytes an uninterrupted run would. ``index.json`` appears only
-when everything is written; then the progress files go.
+``progress.json`` records the finished shards, the source stream's state (``datasets`` ``state_dict()``), the
+already-tokenized tokens past the shard boundary (``progress.carry-*.zst``) and every source file's identity (size,
+modification time, content digest, taken before the first record is read). Re-running the same command continues
+after the last complete shard and produces the same bytes an uninterrupted run would; a re-run over a source whose
+files were rewritten, added or removed is refused naming them, and so is the end of a run whose files changed
+while it read them. ``index.json`` appears only when everything is written; then the progress files go.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.files import atomic_write_bytes, atomic_write_json
 from data_pipeline.shards import (DEFAULT_FRAME_TOKENS, DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardIndex, ShardInfo,
                                   token_dtype, write_shard)
-from data_pipeline.sources import DocumentStream, parse_source
+from data_pipeline.sources import DocumentStream, parse_source, source_changes, source_identity
 from data_pipeline.tokenize_pool import TokenizePool, document_tasks
 from data_pipeline.tokenizer import load_tokenizer
 
@@ -60,6 +62,11 @@ def _check_same(path: Path, recorded: dict, wanted: dict) -> None:
         if recorded.get(key) != value:
             raise DataError(f"{path}: made with {key}={recorded.get(key)!r}, this run has {value!r}; "
                             f"use another --out or the same settings")
+
+
+def _listed(changes: list[str], most: int = 5) -> str:
+    more = f"; and {len(changes) - most} more" if len(changes) > most else ""
+    return "; ".join(changes[:most]) + more
 
 
 class _Progress:
@@ -123,14 +130,14 @@ class _Packer:
         return tokens, ends
 
 
-def _save_progress(out: Path, settings: dict, shards: list[ShardInfo], stream_state: dict, packer: _Packer,
-                   totals: dict) -> None:
+def _save_progress(out: Path, settings: dict, sources: dict, shards: list[ShardInfo], stream_state: dict,
+                   packer: _Packer, totals: dict) -> None:
     tokens, ends = packer.pending()
     carry = f"progress.carry-{len(shards):06d}.zst"
     atomic_write_bytes(out / carry, zstandard.ZstdCompressor().compress(tokens.astype(np.uint32).tobytes()))
-    atomic_write_json(out / PROGRESS_FILE, {"settings": settings, "shards": [asdict(s) for s in shards],
-                                            "stream_state": stream_state, "carry_file": carry,
-                                            "carry_doc_ends": ends.tolist(), "totals": totals})
+    atomic_write_json(out / PROGRESS_FILE, {"settings": settings, "sources": sources,
+                                            "shards": [asdict(s) for s in shards], "stream_state": stream_state,
+                                            "carry_file": carry, "carry_doc_ends": ends.tolist(), "totals": totals})
     for old in out.glob("progress.carry-*.zst"):
         if old.name != carry:
             old.unlink(missing_ok=True)
@@ -158,6 +165,9 @@ def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1,
     """
     if shard_tokens < 2 or frame_tokens < 1:
         raise DataError(f"--shard-tokens ({shard_tokens}) must be >= 2 and --frame-tokens ({frame_tokens}) >= 1")
+    for flag, value in (("--workers", workers), ("--max-shards", max_shards)):
+        if value < 0:
+            raise DataError(f"{flag} {value}: must be >= 0")
     out = Path(os.path.expanduser(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -191,6 +201,12 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
     if progress_path.exists():
         saved = json.loads(progress_path.read_text())
         _check_same(progress_path, saved["settings"], settings)
+        sources = saved.get("sources", {})
+        changes = source_changes(sources, spec)
+        if changes:
+            raise DataError(f"{progress_path}: the source changed since this prepare began ({_listed(changes)}); "
+                            f"resuming would duplicate or drop documents: restore the files, or prepare into a new "
+                            f"--out")
         shards = [ShardInfo(**s) for s in saved["shards"]]
         stream.load_state_dict(saved["stream_state"])
         carry = np.frombuffer(zstandard.ZstdDecompressor().decompress((out / saved["carry_file"]).read_bytes()),
@@ -201,6 +217,7 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
         if any(out.glob("shard_*.zst")):
             raise DataError(f"{out}: holds shards but no {PROGRESS_FILE} or {INDEX_FILE}; refusing to overwrite "
                             f"them (use an empty --out)")
+        sources = source_identity(spec)  # before the first record is read
     tokenizer_file = _copy_tokenizer(tokenizer.path, out)
 
     packer = _Packer(carry, carry_ends)
@@ -212,7 +229,7 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
         while packer.size >= shard_tokens:
             tokens, docs = packer.cut(shard_tokens)
             shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
-            _save_progress(out, settings, shards, stream_state, packer, totals)
+            _save_progress(out, settings, sources, shards, stream_state, packer, totals)
             new_shards += 1
             if max_shards and new_shards >= max_shards:
                 return False
@@ -238,12 +255,18 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
             shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
     finally:
         bar.close()
+    changes = source_changes(sources, spec)
+    if changes:
+        raise DataError(f"--source {source}: changed while prepare read it ({_listed(changes)}); the shards would "
+                        f"mix old and new contents or miss documents: restore the files and run the same command "
+                        f"again (it resumes from {progress_path}), or prepare into a new --out")
     if not shards:
         raise DataError(f"--source {source}: no documents (every record was bad, filtered or empty)")
+    files = [{"path": path, **identity} for path, identity in sources.items()]
     index = ShardIndex(
         dtype=dtype.str, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
         tokenizer={**tokenizer.describe(), "file": tokenizer_file},
-        source={**spec.describe(), "settings": settings}, command=command,
+        source={**spec.describe(), **({"files": files} if files else {}), "settings": settings}, command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=library_versions(),
         shard_tokens=shard_tokens, frame_tokens=frame_tokens, shards=shards,
         totals={**totals, **stream.stats()})

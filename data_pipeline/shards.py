@@ -188,6 +188,12 @@ class ShardIndex:
             if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, "
                                  f"expected {FORMAT!r} version {FORMAT_VERSION}")
+            vocab = raw["vocab_size"]
+            if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+                raise ValueError(f"vocab_size {vocab!r} is not a positive integer")
+            if raw["dtype"] != token_dtype(vocab).str:
+                raise ValueError(f"dtype {raw['dtype']!r} does not fit vocab_size {vocab} (prepare writes "
+                                 f"{token_dtype(vocab).str!r}: uint16 up to 65536 ids, uint32 above)")
             raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
             return cls(**raw)
         except (ValueError, TypeError, KeyError, AttributeError) as e:

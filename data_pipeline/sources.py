@@ -13,8 +13,10 @@ rank when the file count divides by the world size, else every world-size-th rec
 dataset's own ``state_dict()``. Local files are read by small per-format readers wrapped in
 ``IterableDataset.from_generator`` (one shard per file) rather than the library's JSON builder, because that
 builder fails a whole batch on one malformed line and cannot say which line: ours turn every bad record (invalid
-UTF-8, malformed JSON, missing/non-string text field, empty document, truncated or corrupt ``.zst``/``.gz``) into a
-counted, reported skip naming ``file:line`` -- or a :class:`DataError` under ``strict``.
+UTF-8, malformed JSON, missing/non-string text field, empty document, truncated ``.zst``/``.gz``) into a
+counted, reported skip naming ``file:line`` -- or a :class:`DataError` under ``strict``. A compressed file is decoded
+once before its records are used, so one whose checksum fails is skipped whole, named, and none of its records
+count.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import zstandard
 
 from data_pipeline.errors import DataError
+from data_pipeline.files import DIGEST, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +62,60 @@ class SourceSpec:
     split: str = "train"
 
     def describe(self) -> dict:
-        """Provenance recorded in shard indexes."""
+        """Provenance recorded in shard indexes (the files' identities are added by ``prepare``)."""
         out = {"spec": self.spec, "kind": self.kind}
-        if self.kind == "files":
-            out["files"] = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in self.files]
-        elif self.kind == "hub":
+        if self.kind == "hub":
             out.update(name=self.name, config=self.config, split=self.split)
-        else:
+        elif self.kind == "embedded":
             from data_pipeline.embedded import describe_embedded
 
             out.update(describe_embedded())
         return out
+
+    def local_files(self) -> list[str]:
+        """Absolute paths of the files this source reads (none for a hub dataset)."""
+        if self.kind == "hub":
+            return []
+        if self.kind == "embedded":
+            from data_pipeline.embedded import embedded_files
+
+            return embedded_files()
+        return [os.path.abspath(p) for p in self.files]
+
+
+def file_identity(path: str) -> dict:
+    """Size, modification time and content digest of one source file."""
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, DIGEST: file_digest(path)}
+
+
+def source_identity(spec: SourceSpec) -> dict[str, dict]:
+    """``{path: file_identity(path)}`` of every file of a local or embedded source."""
+    try:
+        return {path: file_identity(path) for path in spec.local_files()}
+    except OSError as e:
+        raise DataError(f"--source {spec.spec}: cannot read {e.filename} ({e.strerror})") from None
+
+
+def source_changes(recorded: dict[str, dict], spec: SourceSpec) -> list[str]:
+    """How the source's files differ from ``recorded`` (``source_identity`` output): one entry per file removed,
+    added or rewritten. A file whose size and modification time are unchanged is taken as unchanged without
+    reading it (the rule of make and rsync); one with a new time but the old size is compared by content."""
+    current = spec.local_files() if spec.kind != "files" else [os.path.abspath(p) for p in spec.files
+                                                               if os.path.exists(p)]
+    changes = [f"{path}: removed" for path in recorded if path not in current]
+    changes += [f"{path}: added" for path in current if path not in recorded]
+    for path in (p for p in current if p in recorded):
+        was = recorded[path]
+        try:
+            st = os.stat(path)
+            if st.st_size != was["bytes"]:
+                changes.append(f"{path}: rewritten ({was['bytes']} bytes, now {st.st_size})")
+            elif st.st_mtime_ns != was["mtime_ns"] and file_digest(path) != was[DIGEST]:
+                changes.append(f"{path}: rewritten (same size, other content)")
+        except OSError as e:
+            changes.append(f"{path}: {e.strerror.lower()}")
+    return changes
 
 
 def file_format(path: str) -> tuple[str, str]:
@@ -126,6 +172,10 @@ class _Truncated(Exception):
     pass
 
 
+class _Corrupt(Exception):
+    """A compressed file whose own checks (gzip CRC-32 and length, zstd checksums and block structure) fail."""
+
+
 def _zstd_chunks(f) -> Iterator[bytes]:
     """Decompressed bytes of a (multi-frame) zstd file; raises ``_Truncated`` if it ends inside a frame."""
     dctx = zstandard.ZstdDecompressor()
@@ -145,20 +195,41 @@ def _zstd_chunks(f) -> Iterator[bytes]:
         raise _Truncated(f"zstd stream ends inside a frame at byte {consumed}")
 
 
-def _byte_chunks(path: str, compression: str) -> Iterator[bytes]:
+def _decoded_chunks(f, compression: str) -> Iterator[bytes]:
+    if compression == "zst":
+        yield from _zstd_chunks(f)
+    elif compression == "gz":
+        with gzip.GzipFile(fileobj=f) as g:
+            try:
+                while block := g.read1(_READ_BYTES):  # read1: hand out what decodes before a cut
+                    yield block
+            except EOFError:
+                raise _Truncated(f"gzip stream ends early at byte {f.tell()}") from None
+    else:
+        while block := f.read(_READ_BYTES):
+            yield block
+
+
+def _check_compressed(path: str, compression: str) -> None:
+    """Decode the whole file once before any of its records is used: gzip checks its CRC only at the end of a
+    member and zstd its checksum at the end of a frame, after the bytes they cover were handed out, so one flipped
+    bit would otherwise corrupt records silently. A file cut short passes (the reader keeps what precedes the cut)."""
+    name = "gzip" if compression == "gz" else "zstd"
     with open(path, "rb") as f:
-        if compression == "zst":
-            yield from _zstd_chunks(f)
-        elif compression == "gz":
-            with gzip.GzipFile(fileobj=f) as g:
-                try:
-                    while block := g.read1(_READ_BYTES):  # read1: hand out what decodes before a cut
-                        yield block
-                except EOFError:
-                    raise _Truncated(f"gzip stream ends early at byte {f.tell()}") from None
-        else:
-            while block := f.read(_READ_BYTES):
-                yield block
+        try:
+            for _ in _decoded_chunks(f, compression):
+                pass
+        except _Truncated:
+            return
+        except (zstandard.ZstdError, zlib.error, gzip.BadGzipFile) as e:
+            raise _Corrupt(f"corrupt {name} data ({e}): every record of the file is skipped") from None
+
+
+def _byte_chunks(path: str, compression: str) -> Iterator[bytes]:
+    if compression:
+        _check_compressed(path, compression)
+    with open(path, "rb") as f:
+        yield from _decoded_chunks(f, compression)
 
 
 def _lines(path: str, compression: str) -> Iterator[tuple[int, bytes]]:
@@ -263,6 +334,8 @@ def _file_records(files: list[str], text_field: str) -> Iterator[dict]:
                 yield from _parquet_records(path, text_field)
         except _Truncated as e:
             yield _record(None, "truncated", str(e), path)
+        except _Corrupt as e:
+            yield _record(None, "corrupt", str(e), path)
         except (OSError, zstandard.ZstdError, zlib.error, ValueError) as e:
             # corrupt compressed data, unreadable or non-parquet file: the rest of this file is skipped
             yield _record(None, "unreadable", f"cannot read the rest of the file ({type(e).__name__}: {e})", path)
@@ -331,6 +404,8 @@ class DocumentStream:
                  min_chars: int = 0, max_chars: int = 0, strict: bool = False):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
+        if min_chars < 0 or max_chars < 0:
+            raise DataError(f"min_chars={min_chars}, max_chars={max_chars}: must be >= 0 (0 = no limit)")
         self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
         self.text_field, self.min_chars, self.max_chars = text_field, min_chars, max_chars
         self.rank, self.world_size = rank, world_size

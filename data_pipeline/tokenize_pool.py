@@ -3,12 +3,17 @@
 Both ``prepare`` and the streaming loader send batches of documents ("tasks") through :class:`TokenizePool`.
 Each worker loads the tokenizer once and returns one flat ``uint32`` array per task: every document's ids followed
 by EOS, so packing downstream is pure numpy. ``workers=0`` encodes in the calling process (tiny corpora, tests).
-Workers are started with ``spawn`` (safe inside a training process that already runs threads or CUDA).
+Workers are started with ``spawn`` (safe inside a training process that already runs threads or CUDA) and, on
+Linux, die with the process that started them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -20,6 +25,7 @@ import numpy as np
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 _worker_tokenizer: Tokenizer | None = None
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -47,8 +53,22 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> EncodedTask:
                                                                       for t in texts))
 
 
-def _init_worker(tokenizer_path: str, expected_hash: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker die with the process that feeds it: after a kill -9 of `mor-data prepare` (or of a training
+    rank) nobody reads its results, yet it would block on the task queue for as long as the queue stays open.
+    Linux: the kernel sends SIGKILL when the parent thread ends (PR_SET_PDEATHSIG); elsewhere nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(tokenizer_path: str, expected_hash: str, parent_pid: int) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent_pid)
     _worker_tokenizer = load_tokenizer(tokenizer_path)
     if _worker_tokenizer.hash != expected_hash:
         raise RuntimeError(f"{tokenizer_path} changed while the pipeline was running")
@@ -71,7 +91,7 @@ class TokenizePool:
         if workers > 0:
             self._executor = ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                initargs=(tokenizer.path, tokenizer.hash))
+                initargs=(tokenizer.path, tokenizer.hash, os.getpid()))
 
     def encode(self, tasks: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, EncodedTask]]:
         """``(tag, EncodedTask)`` for every ``(tag, texts)`` task, in order; at most ``max_pending`` in flight."""

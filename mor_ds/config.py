@@ -8,6 +8,7 @@ Every error is a `ConfigError` whose one-line message names the offending key an
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,22 @@ import yaml
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` and `16.5e18` as strings; resolve them as floats the way YAML 1.2 does."""
+    """YAML 1.1 reads `1e-3` and `16.5e18` as strings; resolve them as floats the way YAML 1.2 does.
+    A key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` entries may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first_line[key] + 1})",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -30,6 +46,14 @@ _YamlLoader.add_implicit_resolver(
 
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 class ConfigError(ValueError):
@@ -272,7 +296,7 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {raw!r} ({exc.__class__.__name__})") from None
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({yaml_error(exc)})") from None
     out: dict[str, Any] = value
     for part in reversed(key.split(".")):
         out = {part: out}
@@ -309,7 +333,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         try:
             data = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {spec}: invalid YAML ({exc})") from None
+            raise ConfigError(f"config file {spec}: invalid YAML at {yaml_error(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {spec}: expected a mapping at the top level")
         if "preset" in data:
@@ -330,7 +354,26 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def _non_finite(section: Any, prefix: str) -> tuple[str, float] | None:
+    """The first float field (or list item) of a config tree that is NaN or infinite: no setting of a run means
+    one (an infinite budget, learning rate or init scale only poisons the run later)."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found = _non_finite(value, f"{key}.")
+            if found:
+                return found
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                return (key if i is None else f"{key}[{i}]"), item
+    return None
+
+
 def validate(cfg: Config) -> None:
+    bad = _non_finite(cfg, "")
+    if bad is not None:
+        _check(False, bad[0], bad[1], "must be a finite number")
     m, r, t, o = cfg.model, cfg.router, cfg.train, cfg.optim
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")

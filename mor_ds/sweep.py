@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from mor_ds.config import Config, ConfigError, from_dict, load_config, merge
+from mor_ds.config import Config, ConfigError, from_dict, load_config, merge, yaml_error, yaml_load
 from mor_ds.flops import Plan, flops_per_token, param_counts, plan_budget
 from mor_ds.models.sharing import SHARING_STRATEGIES, paper_num_layers
 from mor_ds.presets import PAPER_SIZES, preset_dict
@@ -327,9 +327,9 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     if not path.is_file():
         raise SweepError(f"sweep file {path}: not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise SweepError(f"sweep file {path}: invalid YAML at {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise SweepError(f"sweep file {path}: expected a mapping at the top level")
     for key in data:

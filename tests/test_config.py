@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mor_ds.config import Config, ConfigError, from_dict, load_config, parse_override
+from mor_ds.config import Config, ConfigError, from_dict, load_config, parse_override, yaml_load
 from mor_ds.presets import list_presets
 
 
@@ -84,9 +84,44 @@ def test_missing_or_invalid_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="config file .*nope.yaml: not found"):
         load_config(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+    bad.write_text("model: [unclosed\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError) as err:
         load_config(str(bad))
+    assert str(err.value) == f"config file {bad}: invalid YAML at line 2, column 14: expected ',' or ']', but got ':'"
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys; a config that says a value twice is a mistake, not a choice."""
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny-mor\noptim:\n  lr: 0.001\n  weight_decay: 0.1\n  lr: 0.01\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == (f"config file {path}: invalid YAML at line 5, column 3: duplicate key 'lr' "
+                              f"(first given on line 3)")
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config("tiny-mor", ["router.capacity={a: 1, a: 2}"])
+    assert yaml_load("base: &b {lr: 1}\noptim:\n  <<: *b\n  lr: 2\n")["optim"] == {"lr": 2}  # merge keys override
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=.inf", "optim.lr=inf"), ("model.init_std=.inf", "model.init_std=inf"),
+    ("train.max_flops=.inf", "train.max_flops=inf"), ("train.max_flops=1e400", "train.max_flops=inf"),
+    ("optim.lr=.nan", "optim.lr=nan"), ("optim.betas=[0.9, .nan]", "optim.betas[1]=nan"),
+    ("router.alpha=-.inf", "router.alpha=-inf"), ("train.peak_tflops=.inf", "train.peak_tflops=inf"),
+])
+def test_non_finite_numbers_are_refused_for_every_float_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-mor", [override])
+    assert str(err.value) == f"{key}: must be a finite number"
+
+
+def test_validate_checks_programmatic_configs_too():
+    from mor_ds.config import validate
+
+    cfg = Config()
+    cfg.model.rms_norm_eps = float("inf")
+    with pytest.raises(ConfigError, match=r"^model.rms_norm_eps=inf: must be a finite number$"):
+        validate(cfg)
 
 
 def test_override_values_are_yaml_typed():

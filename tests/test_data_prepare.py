@@ -110,6 +110,79 @@ def test_changed_settings_are_refused(prepared, source, tokenizer_path, tmp_path
         _run(source, other, tmp_path / "partial")
 
 
+def test_resume_over_changed_sources_is_refused_naming_the_files(tmp_path, tokenizer_path):
+    """Between an interruption and the re-run, a consumed file rewritten, a file added or one removed would make
+    the resumed stream skip or repeat documents: the re-run is refused naming each file; restored files resume."""
+    src = tmp_path / "src"
+    records = fineweb_records(DOCS)
+    for part in range(3):
+        write_records(src / f"part-{part}.jsonl", records[part * 13:(part + 1) * 13])
+    _run(str(src / "*.jsonl"), tokenizer_path, tmp_path / "straight")
+    out = tmp_path / "out"
+    assert _run(str(src / "*.jsonl"), tokenizer_path, out, max_shards=1) is None
+    original = (src / "part-0.jsonl").read_bytes()
+    write_records(src / "part-0.jsonl", records[13:26])  # a consumed file rewritten (other documents)
+    write_records(src / "part-3.jsonl", records[:2])  # a new file
+    (src / "part-2.jsonl").rename(tmp_path / "part-2.jsonl")  # a file gone
+    with pytest.raises(DataError) as err:
+        _run(str(src / "*.jsonl"), tokenizer_path, out)
+    assert str(err.value).startswith(f"{out}/progress.json: the source changed since this prepare began "
+                                     f"({src}/part-2.jsonl: removed; {src}/part-3.jsonl: added; {src}/part-0.jsonl: "
+                                     f"rewritten (")
+    assert str(err.value).endswith("resuming would duplicate or drop documents: restore the files, or prepare "
+                                   "into a new --out")
+    (src / "part-3.jsonl").unlink()
+    (tmp_path / "part-2.jsonl").rename(src / "part-2.jsonl")
+    (src / "part-0.jsonl").write_bytes(original[:-1] + b" ")  # same size, one byte other: found by content
+    with pytest.raises(DataError, match=r"part-0\.jsonl: rewritten \(same size, other content\)\); resuming"):
+        _run(str(src / "*.jsonl"), tokenizer_path, out)
+    (src / "part-0.jsonl").write_bytes(original)  # restored: a new modification time, the same content
+    index = _run(str(src / "*.jsonl"), tokenizer_path, out)
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "straight")
+    assert [f["path"] for f in index.source["files"]] == [str(src / f"part-{i}.jsonl") for i in range(3)]
+    assert index.source["files"][0]["bytes"] == len(original) and len(index.source["files"][0]["xxh3_128"]) == 32
+
+
+def test_source_deleted_during_prepare_is_a_one_line_error(tmp_path, tokenizer_path):
+    """A file removed while prepare runs (here: before it is opened) must not end in exit 0 with its documents
+    silently missing, nor in a traceback: one line names it, and the restored file lets the same command finish."""
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    write_records(src / "a.jsonl", fineweb_records(embedded_sample(150, max_chars=3000) * 6))
+    write_records(src / "b.jsonl", fineweb_records(DOCS))
+    args = ["prepare", "--source", str(src / "*.jsonl"), "--tokenizer", tokenizer_path, "--workers", "0",
+            "--shard-tokens", "4000", "--no-progress", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", *args], stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "out" / "progress.json").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    kept = (src / "b.jsonl").read_bytes()
+    (src / "b.jsonl").unlink()
+    assert proc.poll() is None, "prepare finished before the file was deleted"
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == (
+        f"mor-data prepare: error: --source {src}/*.jsonl: changed while prepare read it ({src}/b.jsonl: removed); "
+        f"the shards would mix old and new contents or miss documents: restore the files and run the same command "
+        f"again (it resumes from {tmp_path}/out/progress.json), or prepare into a new --out")
+    assert not (tmp_path / "out" / "index.json").exists()
+    (src / "b.jsonl").write_bytes(kept)
+    assert main(args) == 0 and verify(str(tmp_path / "out")) == []
+
+
+def test_bad_counts_are_refused(tmp_path, source, tokenizer_path, capsys):
+    assert main(["prepare", "--source", source, "--tokenizer", tokenizer_path, "--out", str(tmp_path),
+                 "--workers", "-1"]) == 2
+    assert capsys.readouterr().err == "mor-data prepare: error: --workers -1: must be >= 0\n"
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(DataError, match=r"^--max-shards -2: must be >= 0$"):
+        _run(source, tokenizer_path, tmp_path, max_shards=-2)
+    with pytest.raises(DataError, match=r"^min_chars=-1, max_chars=0: must be >= 0"):
+        _run(source, tokenizer_path, tmp_path, min_chars=-1)
+
+
 def test_existing_shards_are_never_overwritten(tmp_path, source, tokenizer_path):
     (tmp_path / "shard_000000.zst").write_bytes(b"someone else's shard")
     with pytest.raises(DataError, match="holds shards but no progress.json or index.json; refusing to overwrite"):
@@ -156,6 +229,20 @@ def test_verify_names_shard_and_byte_offset(prepared, tmp_path, capsys):
     assert f"FAILED {broken}/{shard.file}: corrupt bytes in frame 1, byte offset {offset}" in out
     assert f"FAILED {broken}/{last.file}: {last.bytes - 10} bytes, the index says {last.bytes}: missing data from " \
            f"byte offset {last.bytes - 10}" in out
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<u4", "banana", 7])
+def test_verify_refuses_an_index_with_an_edited_dtype(prepared, tmp_path, capsys, dtype):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(prepared, edited)
+    index = json.loads((edited / "index.json").read_text())
+    (edited / "index.json").write_text(json.dumps({**index, "dtype": dtype}))
+    assert main(["verify", str(edited)]) == 1
+    assert capsys.readouterr().out == (f"FAILED {edited}/index.json: not a valid shard index (dtype {dtype!r} does "
+                                       f"not fit vocab_size 600 (prepare writes '<u2': uint16 up to 65536 ids, "
+                                       f"uint32 above))\n")
 
 
 def test_verify_checks_the_tokenizer(prepared, tmp_path, capsys):
@@ -243,3 +330,44 @@ def test_resume_after_sigkill(tmp_path, tokenizer_path):
     assert main(["prepare", *args, "--out", str(out)]) == 0
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "straight") and len(_shard_bytes(out)) > 10
     assert verify(str(out)) == []
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for a reaper that a container may lack)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path, tokenizer_path):
+    """kill -9 of `mor-data prepare` must not leave its tokenizer worker processes behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_records(tmp_path / "src.jsonl", fineweb_records(embedded_sample(150, max_chars=3000) * 4))
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", "prepare", "--source",
+                             str(tmp_path / "src.jsonl"), "--tokenizer", tokenizer_path, "--workers", "2",
+                             "--shard-tokens", "4000", "--no-progress", "--out", str(tmp_path / "out")])
+    workers: list[int] = []
+    try:
+        while not (tmp_path / "out" / "progress.json").exists() and proc.poll() is None:
+            time.sleep(0.01)  # a shard is written: the workers are up and tokenizing
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                workers += [int(pid) for pid in f.read().split()]
+        assert len(workers) >= 2  # the pool's workers (and multiprocessing's resource tracker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in workers if _running(pid)] == [], "tokenizer workers outlived their parent"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)

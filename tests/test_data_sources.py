@@ -113,6 +113,34 @@ def test_truncated_compressed_file_keeps_complete_records(tmp_path, suffix):
         list(DocumentStream(str(tmp_path / f"*.{suffix}"), strict=True))
 
 
+@pytest.mark.parametrize("suffix", ["jsonl.gz", "jsonl.zst"])
+def test_corrupt_compressed_file_is_dropped_whole_before_any_record_counts(tmp_path, suffix):
+    """gzip checks its CRC only at the end of the file (zstd at the end of a frame): the records decoded from a
+    flipped bit must not be used before that check disowns them."""
+    records = fineweb_records(embedded_sample(400))
+    data = encode_jsonl(records)
+    packed = bytearray(gzip.compress(data) if suffix == "jsonl.gz" else
+                       zstandard.ZstdCompressor(write_checksum=True).compress(data))
+    for offset in range(len(packed) // 3, len(packed) - 64, 997):  # flip bits until the decoded text differs
+        packed[offset] ^= 0x04
+        try:
+            decoded = gzip.decompress(packed) if suffix == "jsonl.gz" else zstandard.ZstdDecompressor().decompress(
+                packed)
+            assert decoded != data
+        except (OSError, zstandard.ZstdError):
+            break
+    (tmp_path / f"a.{suffix}").write_bytes(bytes(packed))
+    write_records(tmp_path / f"b.{suffix}", [{"text": "the next file"}])
+    stream = DocumentStream(str(tmp_path / f"*.{suffix}"))
+    assert list(stream) == ["the next file"]  # nothing of the corrupt file, the next file intact
+    assert stream.bad.counts == {"corrupt": 1}
+    kind = "gzip" if suffix == "jsonl.gz" else "zstd"
+    assert stream.bad.examples[0].startswith(f"{tmp_path}/a.{suffix}: corrupt {kind} data (")
+    assert stream.bad.examples[0].endswith("): every record of the file is skipped")
+    with pytest.raises(DataError, match=rf"a\.{suffix.replace('.', '.')}: corrupt {kind} data"):
+        list(DocumentStream(str(tmp_path / f"*.{suffix}"), strict=True))
+
+
 def test_parquet_without_the_text_column(tmp_path):
     write_records(tmp_path / "a.parquet", [{"content": "x"}])
     stream = DocumentStream(str(tmp_path / "a.parquet"))
