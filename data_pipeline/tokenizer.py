@@ -221,7 +221,7 @@ def train_sentencepiece(documents: Iterable[str], out_prefix: str, vocab_size: i
             num_threads=threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
         reason = str(e).splitlines()[-1]
-        if "Vocabulary size" in reason:  # e.g. "… Vocabulary size too high (100000). Please set it to a value <= 66022."
+        if "Vocabulary size" in reason:  # e.g. "… Vocabulary size too high (100000). Please set it to …"
             raise VocabSizeError(f"vocab size {vocab_size}: {reason.split('] ', 1)[-1]}") from None
         raise DataError(f"SentencePiece training for {out_prefix}.model failed: {reason}") from None
     path = f"{out_prefix}.model"

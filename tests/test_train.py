@@ -417,6 +417,70 @@ def test_metrics_of_an_interrupted_run_are_truncated_to_the_checkpoint(tmp_path)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5, 6]
 
 
+# ------------------------------------------------------------------------------------------------ data checks
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, tokenizer_path):
+    """A small prepared set: 10 shards of 3000 tokens (the last two: validation and a short tail)."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import embedded_sample, fineweb_records, write_records
+
+    root = tmp_path_factory.mktemp("shards")
+    write_records(root / "src.jsonl", fineweb_records(embedded_sample(40, max_chars=1500)))
+    prepare(str(root / "src.jsonl"), tokenizer_path, str(root / "out"), workers=0, shard_tokens=3000,
+            show_progress=False)
+    return root / "out"
+
+
+def _data_config(shard_dir, tokenizer_path):
+    return load_config("tiny-mor", ["model.vocab_size=600", "train.seq_len=64", "train.micro_batch_size=2",
+                                    "train.global_batch_size=2", f"data.prepared_dir={shard_dir}",
+                                    f"data.tokenizer={tokenizer_path}", f"data.source={shard_dir}/../src.jsonl"])
+
+
+def test_start_up_checks_every_shard_the_run_reads(shard_dir, tokenizer_path, tmp_path):
+    """A damaged validation shard used to surface at the first eval (at the end of a budget, before the final
+    checkpoint); a truncated training shard when the loader reached it. Both are refused before training starts."""
+    from data_pipeline.errors import ShardError
+    from data_pipeline.shards import ShardIndex
+    from mor_ds.train.data import build_data
+
+    env = distributed.DistEnv(0, 1, 0, "127.0.0.1", 0)
+    data = build_data(_data_config(shard_dir, tokenizer_path), env)
+    index = ShardIndex.load(shard_dir)
+    assert data.shard_dir == str(shard_dir) and [s.file for s in data.train_shards] == [
+        s.file for s in index.shards if s.file != index.shards[-2].file]  # the second last is held out
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    val = copy / index.shards[-2].file
+    damaged = bytearray(val.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10  # same size: only the SHA-256 tells
+    val.write_bytes(bytes(damaged))
+    with pytest.raises(ShardError) as err:
+        build_data(_data_config(copy, tokenizer_path), env)
+    assert str(err.value) == (f"validation shard {val}: SHA-256 differs from the index (corrupt or from another "
+                              f"prepared set); run `mor-data verify {copy}`")
+    train = copy / index.shards[3].file
+    train.write_bytes(train.read_bytes()[:-5])
+    with pytest.raises(ShardError, match=rf"^{train}: {index.shards[3].bytes - 5} bytes, the index says "
+                                         rf"{index.shards[3].bytes} \(truncated or replaced\) \(and 1 more\)"):
+        build_data(_data_config(copy, tokenizer_path), env)
+
+
+def test_a_vocab_size_the_embedded_tokenizer_cannot_have_names_model_vocab_size(tmp_path, capsys, monkeypatch):
+    from mor_ds.cli import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    code = main(["train", "--config", "tiny-mor", "--run-dir", str(tmp_path / "run"), "--set", "model.vocab_size=200",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "wandb.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("mor-ds train: model.vocab_size=200: the embedded corpus's tokenizer cannot have that "
+                              "many pieces (vocab size 200: Vocabulary size is smaller than required_chars.")
+
+
 # ------------------------------------------------------------------------------------------------ faults, logging
 
 
