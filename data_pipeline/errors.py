@@ -7,3 +7,7 @@ class DataError(Exception):
 
 class ShardError(DataError):
     """A prepared shard or index is missing, corrupt, or does not match what the reader expects."""
+
+
+class VocabSizeError(DataError):
+    """A tokenizer cannot be trained with the requested vocabulary size on this text (too large or too small)."""

@@ -108,6 +108,26 @@ def read_shard(directory: str | os.PathLike, info: ShardInfo, dtype: np.dtype) -
     return decode_frames(data, info, dtype, path)
 
 
+def shard_file_problem(directory: str | os.PathLike, info: ShardInfo, full: bool = True) -> str | None:
+    """What is wrong with a shard file against the index, in one line, or None: its size (one stat) and, with
+    ``full``, its SHA-256 (read in chunks). For checks of every shard before a run reads them."""
+    path = os.path.join(directory, info.file)
+    try:
+        size = os.path.getsize(path)
+        if size != info.bytes:
+            return f"{path}: {size} bytes, the index says {info.bytes} (truncated or replaced)"
+        if full:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+            if digest.hexdigest() != info.sha256:
+                return f"{path}: SHA-256 differs from the index (corrupt or from another prepared set)"
+    except OSError as e:
+        return f"{path}: cannot read shard ({e.strerror})"
+    return None
+
+
 def verify_shard(directory: str | os.PathLike, info: ShardInfo, dtype: np.dtype, vocab_size: int) -> list[str]:
     """Problems of one shard, each naming the file and the byte offset where it starts (empty when sound)."""
     path = os.path.join(directory, info.file)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, VocabSizeError
 from data_pipeline.files import atomic_write_bytes
 
 # Lines longer than this (characters) are cut before SentencePiece training; it skips longer "sentences" anyway.
@@ -220,7 +220,10 @@ def train_sentencepiece(documents: Iterable[str], out_prefix: str, vocab_size: i
             user_defined_symbols=["\n"], max_sentence_length=4 * _TRAIN_LINE_CHARS,
             num_threads=threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training for {out_prefix}.model failed: {str(e).splitlines()[-1]}") from None
+        reason = str(e).splitlines()[-1]
+        if "Vocabulary size" in reason:  # e.g. "… Vocabulary size too high (100000). Please set it to …"
+            raise VocabSizeError(f"vocab size {vocab_size}: {reason.split('] ', 1)[-1]}") from None
+        raise DataError(f"SentencePiece training for {out_prefix}.model failed: {reason}") from None
     path = f"{out_prefix}.model"
     atomic_write_bytes(path, model.getvalue())
     return path

@@ -2,7 +2,8 @@
 
     model, cfg = load_model("runs/mor3/model.safetensors")     # an export (`mor-ds export`)
     model, cfg = load_model("runs/mor3")                        # a run dir / checkpoints dir / step_* dir:
-                                                                # ZeRO shards consolidated on the fly
+                                                                # ZeRO shards consolidated on the fly (their
+                                                                # digests checked: a damaged one is refused)
 
 An export is one safetensors file of the fp32 state dict (tied weights stored once) whose metadata holds the
 resolved config (`mor_ds.config`), the step and the token count, so it is self-describing.
@@ -32,9 +33,9 @@ def _build(cfg: Config) -> torch.nn.Module:
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Consolidate a (ZeRO-sharded) checkpoint into one safetensors file; returns the metadata written."""
     from mor_ds.distributed import consolidate_checkpoint
-    from mor_ds.train.checkpoint import checkpoint_meta, resolve_checkpoint
+    from mor_ds.train.checkpoint import checkpoint_meta, intact_checkpoint
 
-    ref = resolve_checkpoint(checkpoint)
+    ref = intact_checkpoint(checkpoint)
     meta = checkpoint_meta(ref)
     cfg = from_saved(meta["config"])
     state = consolidate_checkpoint(ref.root, ref.tag)
@@ -65,9 +66,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
         _load_safetensors_model(model, str(path), strict=True)
     else:
         from mor_ds.distributed import consolidate_checkpoint
-        from mor_ds.train.checkpoint import checkpoint_meta, resolve_checkpoint
+        from mor_ds.train.checkpoint import checkpoint_meta, intact_checkpoint
 
-        ref = resolve_checkpoint(path)
+        ref = intact_checkpoint(path)
         cfg = from_saved(checkpoint_meta(ref)["config"])
         model = _build(cfg)
         model.load_state_dict(consolidate_checkpoint(ref.root, ref.tag), strict=True)

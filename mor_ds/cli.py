@@ -22,7 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("train", "uptrain")  # they keep SIGTERM/SIGUSR1 for a checkpoint (mor_ds.train.early_signals)
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The subcommand in `argv` without parsing (the parser imports every command, torch included)."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--local_rank", "--local-rank"):
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _subcommand(argv) in TRAINING_COMMANDS:
+        from mor_ds.train import early_signals
+
+        early_signals.install()  # before build_parser's imports, which take seconds
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -407,19 +407,52 @@ class Engine:
         norm = self._ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def weights_finite(self) -> bool:
+        """Collective: no NaN/Inf in any rank's model weights (ZeRO-3: each rank's partitions). The weights are
+        the master copy's cast after every applied step, so a non-finite master shows here too."""
+        tensors = [getattr(p, "ds_tensor", p) for p in self._ds.module.parameters()]
+        local = torch.stack([t.isfinite().all() for t in tensors if t.numel()]).all() if tensors else torch.tensor(True)
+        flag = local.to(device=self._ds.device, dtype=torch.int32).reshape(1)
+        return bool(all_reduce_min(flag).item())
+
     def set_lr(self, lr: float) -> None:
         for group in self._ds.optimizer.param_groups:
             group["lr"] = lr
 
     def save(self, save_dir: str | os.PathLike, tag: str, client_state: dict[str, Any]) -> None:
-        """Collective: every rank writes its shards; returns after all ranks are done (DeepSpeed barriers)."""
-        self._ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        """Collective: every rank writes its shards; returns after all ranks are done (DeepSpeed barriers). A rank
+        whose write fails (disk full) still meets the others in save_checkpoint's closing barrier, the only
+        collective after the writes, then raises; the caller agrees on the outcome."""
+        try:
+            self._ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError):
+            barrier()
+            raise
 
     def load(self, load_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
-        path, client_state = self._ds.load_checkpoint(str(load_dir), tag=tag)
-        if path is None:
-            raise FileNotFoundError(f"checkpoint {Path(load_dir) / tag}: DeepSpeed could not load it")
+        """Collective. A checkpoint that does not fit this model or engine is a one-line CheckpointError."""
+        from mor_ds.train.checkpoint import CheckpointError
+
+        path = Path(load_dir) / tag
+        try:
+            loaded, client_state = self._ds.load_checkpoint(str(load_dir), tag=tag)
+        except (RuntimeError, KeyError, ValueError, AssertionError, OSError, EOFError) as exc:
+            raise CheckpointError(f"checkpoint {path}: cannot be loaded into this run ({load_failure(exc)})") from None
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
         return client_state
+
+
+def load_failure(exc: BaseException) -> str:
+    """The gist of a failed state-dict load in one line: torch lists every mismatched tensor on its own line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    details = [line for line in lines[1:] if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    if details:
+        more = f"; and {len(details) - 1} more" if len(details) > 1 else ""
+        return f"{details[0][:300]}{more}; was it saved with another model.* shape or family?"
+    return f"{type(exc).__name__}: {lines[0][:300]}"
 
 
 def build_engine(model: nn.Module, cfg: Config, env: DistEnv,

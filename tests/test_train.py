@@ -358,6 +358,58 @@ def test_torn_checkpoint_is_never_latest(tmp_path):
         ckpt.resolve_checkpoint(tmp_path / "nope")
 
 
+def _digested_checkpoint(root, step, ranks=2):
+    """A checkpoint directory as CheckpointManager.save leaves it: DeepSpeed's file names, digests in COMPLETE."""
+    path = root / ckpt.step_tag(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(os.urandom(5000))
+    for rank in range(ranks):
+        (path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(7000 + rank))
+    files = {k: v for rank in range(ranks) for k, v in ckpt.digest_files(path, rank, ranks).items()}
+    (path / ckpt.COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+    return ckpt.CheckpointRef(root, path.name)
+
+
+def test_checkpoint_digests_are_split_by_rank_and_catch_every_damage(tmp_path):
+    ref = _digested_checkpoint(tmp_path, 9)
+    meta = ckpt.checkpoint_meta(ref)
+    assert sorted(meta["files"]) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert set(ckpt.digest_files(ref.path, 1, 2)) == {"zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # its own shard
+    assert ckpt.verify_checkpoint(ref) == []
+    optim = ref.path / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(optim.read_bytes())
+    data[3000] ^= 0x01  # one flipped bit
+    optim.write_bytes(bytes(data))
+    assert ckpt.verify_checkpoint(ref, 0, 2) == []  # rank 0 does not read rank 1's shard ...
+    assert ckpt.verify_checkpoint(ref, 1, 2) == [f"{optim}: content differs from its xxh3_128 digest (corrupt)"]
+    assert ckpt.verify_checkpoint(ref, 0, 3) == []  # ... and at another world size the shards are shared out again
+    assert ckpt.verify_checkpoint(ref, 1, 3) == [f"{optim}: content differs from its xxh3_128 digest (corrupt)"]
+    model = ref.path / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    (ref.path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert ckpt.verify_checkpoint(ref) == [
+        f"{model}: 100 bytes, 5000 when saved (truncated or replaced)",
+        f"{ref.path}/zero_pp_rank_0_mp_rank_00_optim_states.pt: no such file or directory",
+        f"{optim}: content differs from its xxh3_128 digest (corrupt)"]
+
+
+def test_a_damaged_checkpoint_is_marked_and_never_picked_again(tmp_path):
+    root = tmp_path / "checkpoints"
+    older, newer = _digested_checkpoint(root, 6), _digested_checkpoint(root, 9)
+    (root / ckpt.LATEST).write_text(newer.tag)
+    assert ckpt.newest_first(root) == [newer, older]
+    (newer.path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.intact_checkpoint(tmp_path)  # eval / export: refused, never an older model in its place
+    assert str(err.value) == (f"checkpoint {newer.path} is damaged: {newer.path}/mp_rank_00_model_states.pt: 0 bytes, "
+                              f"5000 when saved (truncated or replaced)")
+    ckpt.mark_corrupt(newer, ["a problem"])
+    assert not ckpt.is_complete(newer.path) and json.loads((newer.path / ckpt.CORRUPT).read_text())["problems"] == [
+        "a problem"]
+    assert ckpt.newest_first(root) == [older] and ckpt.intact_checkpoint(tmp_path) == older
+
+
 def test_metrics_of_an_interrupted_run_are_truncated_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9)))
@@ -365,12 +417,76 @@ def test_metrics_of_an_interrupted_run_are_truncated_to_the_checkpoint(tmp_path)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5, 6]
 
 
+# ------------------------------------------------------------------------------------------------ data checks
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, tokenizer_path):
+    """A small prepared set: 10 shards of 3000 tokens (the last two: validation and a short tail)."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import embedded_sample, fineweb_records, write_records
+
+    root = tmp_path_factory.mktemp("shards")
+    write_records(root / "src.jsonl", fineweb_records(embedded_sample(40, max_chars=1500)))
+    prepare(str(root / "src.jsonl"), tokenizer_path, str(root / "out"), workers=0, shard_tokens=3000,
+            show_progress=False)
+    return root / "out"
+
+
+def _data_config(shard_dir, tokenizer_path):
+    return load_config("tiny-mor", ["model.vocab_size=600", "train.seq_len=64", "train.micro_batch_size=2",
+                                    "train.global_batch_size=2", f"data.prepared_dir={shard_dir}",
+                                    f"data.tokenizer={tokenizer_path}", f"data.source={shard_dir}/../src.jsonl"])
+
+
+def test_start_up_checks_every_shard_the_run_reads(shard_dir, tokenizer_path, tmp_path):
+    """A damaged validation shard used to surface at the first eval (at the end of a budget, before the final
+    checkpoint); a truncated training shard when the loader reached it. Both are refused before training starts."""
+    from data_pipeline.errors import ShardError
+    from data_pipeline.shards import ShardIndex
+    from mor_ds.train.data import build_data
+
+    env = distributed.DistEnv(0, 1, 0, "127.0.0.1", 0)
+    data = build_data(_data_config(shard_dir, tokenizer_path), env)
+    index = ShardIndex.load(shard_dir)
+    assert data.shard_dir == str(shard_dir) and [s.file for s in data.train_shards] == [
+        s.file for s in index.shards if s.file != index.shards[-2].file]  # the second last is held out
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    val = copy / index.shards[-2].file
+    damaged = bytearray(val.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10  # same size: only the SHA-256 tells
+    val.write_bytes(bytes(damaged))
+    with pytest.raises(ShardError) as err:
+        build_data(_data_config(copy, tokenizer_path), env)
+    assert str(err.value) == (f"validation shard {val}: SHA-256 differs from the index (corrupt or from another "
+                              f"prepared set); run `mor-data verify {copy}`")
+    train = copy / index.shards[3].file
+    train.write_bytes(train.read_bytes()[:-5])
+    with pytest.raises(ShardError, match=rf"^{train}: {index.shards[3].bytes - 5} bytes, the index says "
+                                         rf"{index.shards[3].bytes} \(truncated or replaced\) \(and 1 more\)"):
+        build_data(_data_config(copy, tokenizer_path), env)
+
+
+def test_a_vocab_size_the_embedded_tokenizer_cannot_have_names_model_vocab_size(tmp_path, capsys, monkeypatch):
+    from mor_ds.cli import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    code = main(["train", "--config", "tiny-mor", "--run-dir", str(tmp_path / "run"), "--set", "model.vocab_size=200",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "wandb.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("mor-ds train: model.vocab_size=200: the embedded corpus's tokenizer cannot have that "
+                              "many pieces (vocab size 200: Vocabulary size is smaller than required_chars.")
+
+
 # ------------------------------------------------------------------------------------------------ faults, logging
 
 
 def test_fault_plan_from_environment():
-    plan = FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "nan_loss@3, nan_loss@4,kill_in_save@6"})
-    assert plan.nan_loss == {3, 4} and plan.kill_in_save == {6} and plan.active
+    plan = FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "nan_loss@3, nan_loss@4,kill_in_save@6,nan_weight@5"})
+    assert plan.nan_loss == {3, 4} and plan.kill_in_save == {6} and plan.nan_weight == {5} and plan.active
     assert not FaultPlan.from_env({}).active
     with pytest.raises(ValueError, match="bad entry 'explode@2'"):
         FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "explode@2"})
@@ -460,11 +576,12 @@ def test_signal_during_start_up_is_kept_for_the_first_step():
     import os
     import signal
 
+    from mor_ds.train import early_signals
     from mor_ds.train.callbacks import signals
 
     previous = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
     try:
-        signals.install_early_handlers()
+        early_signals.install()
         os.kill(os.getpid(), signal.SIGUSR1)  # delivered synchronously to this (main) thread
         handler = signals.SignalHandler()
         handler.on_train_start(trainer=None)
@@ -476,6 +593,6 @@ def test_signal_during_start_up_is_kept_for_the_first_step():
         assert stops == [(EXIT_PREEMPTED, stops[0][1])] and stops[0][1].startswith("SIGUSR1 received: stopped after step 1")
         handler.on_train_end(trainer=None)
     finally:
-        signals._early.clear()
+        early_signals.received.clear()
         for sig, h in previous.items():
             signal.signal(sig, h)

@@ -39,9 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mor_ds.train.callbacks.signals import install_early_handlers
-
-    install_early_handlers()  # before the slow imports and start-up below
     from data_pipeline.errors import DataError
     from mor_ds import distributed
     from mor_ds.train.checkpoint import CheckpointError

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from torch import Tensor
@@ -24,14 +24,28 @@ class TrainData:
     make_val_batches: Callable[[], Iterable[Tensor]] | None
     tokenizer: Any  # data_pipeline.tokenizer.Tokenizer
     description: str
+    shard_dir: str = ""  # prepared shards the run reads ("" in stream mode without validation)
+    train_shards: list = field(default_factory=list)  # data_pipeline.shards.ShardInfo of the training split
 
 
 def _embedded(cfg: Config, env: distributed.DistEnv) -> tuple[str, str]:
+    """Rank 0 builds the embedded corpus's tokenizer and shards first; its failure reaches every rank (the others
+    would otherwise wait for it forever)."""
     from data_pipeline.embedded import ensure_embedded
+    from data_pipeline.errors import DataError, VocabSizeError
 
+    error: DataError | None = None
     if env.is_main:
-        out = ensure_embedded(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
-    distributed.barrier()
+        try:
+            out = ensure_embedded(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
+        except DataError as exc:
+            error = exc
+    error = distributed.broadcast_object(error)
+    if isinstance(error, VocabSizeError):  # the tokenizer is trained with model.vocab_size pieces
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: the embedded corpus's tokenizer cannot have "
+                          f"that many pieces ({error})") from None
+    if error is not None:
+        raise error
     if not env.is_main:
         out = ensure_embedded(cfg.data.cache_dir, vocab_size=cfg.model.vocab_size)
     return out
@@ -86,8 +100,31 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
                              world_size=env.world_size, seed=t.seed, text_field=d.text_field,
                              num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars)
         description = f"stream {d.source}"
-    make_val = None
+    make_val, val_shards = None, []
     if shard_dir and d.val_shards > 0:
         def make_val() -> Iterable[Tensor]:
             return shard_loader(cfg, env, shard_dir, tokenizer, "val")
-    return TrainData(train, make_val, tokenizer, description)
+
+        val_shards = make_val().shards
+    train_shards = train.shards if d.mode == "prepared" else []
+    check_shards(env, shard_dir, train_shards, val_shards)
+    return TrainData(train, make_val, tokenizer, description, shard_dir if train_shards or val_shards else "",
+                     train_shards)
+
+
+def check_shards(env: distributed.DistEnv, shard_dir: str, train_shards: list, val_shards: list) -> None:
+    """Collective, at start-up: rank 0 checks the size of every shard the run will read and the SHA-256 of the
+    validation shards (few, and otherwise read first at the first eval, which may be the end of the budget); the
+    training shards' SHA-256 is checked in the background (callbacks.ShardAudit). A problem is a one-line
+    DataError on every rank."""
+    from data_pipeline.errors import ShardError
+    from data_pipeline.shards import shard_file_problem
+
+    problems: list[str] = []
+    if env.is_main:
+        problems = [p for info in train_shards if (p := shard_file_problem(shard_dir, info, full=False))]
+        problems += [f"validation shard {p}" for info in val_shards if (p := shard_file_problem(shard_dir, info))]
+    problems = distributed.broadcast_object(problems)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardError(f"{problems[0]}{more}; run `mor-data verify {shard_dir}`")

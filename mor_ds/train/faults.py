@@ -3,6 +3,7 @@
 Fault injection is for testing the recovery paths on the real stack. It is read from the environment, never
 from the config, so a resumed run does not re-inject: MOR_DS_INJECT_FAULTS="nan_loss@3,kill_in_save@6"
   nan_loss@S      rank 0 multiplies its loss of optimizer step S (1-based) by NaN before backward
+  nan_weight@S    rank 0 sets one of its model weights to NaN after optimizer step S
   kill_in_save@S  rank 0 SIGKILLs itself after the DeepSpeed files of step S are written, before the commit
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
+
+import torch
 
 from mor_ds.config import Config
 
@@ -21,6 +24,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3  # train.max_bad_steps NaN/Inf steps in a row; a checkpoint was saved
 EXIT_OOM = 4
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, permissions); the previous one is kept
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGUSR1 after saving; requeue and `--resume auto`
 
 
@@ -33,27 +37,35 @@ class TrainingAborted(RuntimeError):
 @dataclass(frozen=True)
 class FaultPlan:
     nan_loss: frozenset[int] = field(default_factory=frozenset)
+    nan_weight: frozenset[int] = field(default_factory=frozenset)
     kill_in_save: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def active(self) -> bool:
-        return bool(self.nan_loss or self.kill_in_save)
+        return bool(self.nan_loss or self.nan_weight or self.kill_in_save)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> FaultPlan:
         text = (os.environ if environ is None else environ).get(FAULT_ENV, "").strip()
-        kinds: dict[str, set[int]] = {"nan_loss": set(), "kill_in_save": set()}
+        kinds: dict[str, set[int]] = {"nan_loss": set(), "nan_weight": set(), "kill_in_save": set()}
         for item in filter(None, (s.strip() for s in text.split(","))):
             kind, _, step = item.partition("@")
             if kind not in kinds or not step.isdigit():
-                raise ValueError(f"{FAULT_ENV}={text!r}: bad entry {item!r} (expected nan_loss@STEP or "
-                                 f"kill_in_save@STEP)")
+                raise ValueError(f"{FAULT_ENV}={text!r}: bad entry {item!r} (expected "
+                                 f"{', '.join(k + '@STEP' for k in kinds)})")
             kinds[kind].add(int(step))
-        return cls(frozenset(kinds["nan_loss"]), frozenset(kinds["kill_in_save"]))
+        return cls(**{kind: frozenset(steps) for kind, steps in kinds.items()})
 
     def kill_now(self, step: int, is_main: bool) -> None:
         if is_main and step in self.kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def poison_weights(self, step: int, is_main: bool, model: torch.nn.Module) -> None:
+        """nan_weight@S: one element of rank 0's first weight (its ZeRO-3 partition) becomes NaN."""
+        if is_main and step in self.nan_weight:
+            weight = next(model.parameters())
+            with torch.no_grad():
+                getattr(weight, "ds_tensor", weight).view(-1)[0] = float("nan")
 
 
 def oom_message(cfg: Config, world_size: int) -> str:

@@ -149,6 +149,7 @@ class Trainer:
                     raise
                 result.step_time_s = time.perf_counter() - start
                 self.state.step += 1
+                self.faults.poison_weights(self.state.step, self.is_main, self.model)
                 self.state.tokens += self.tokens_per_step
                 self.state.flops += self.flops_per_token * self.tokens_per_step
                 if result.applied:  # token-choice loss-free balancing: bias from loads summed over ranks

@@ -1,28 +1,45 @@
-"""Validation loss / perplexity every train.eval_interval steps and at the end, on held-out shards."""
+"""Validation loss / perplexity every train.eval_interval steps and at the end, on held-out shards.
+
+A validation shard that cannot be read (damaged since start-up) stops the run with a checkpoint and a one-line
+error, on every rank at once: an eval at the end of the budget must not cost the final checkpoint.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from mor_ds import distributed
 from mor_ds.train.callbacks.base import Callback
+from mor_ds.train.faults import EXIT_CONFIG
+
+
+class ValidationDataError(RuntimeError):
+    """The validation batches could not be read on some rank (the message names the file)."""
 
 
 @torch.no_grad()
 def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.device,
              eos_id: int | None = None) -> dict[str, float]:
     """Mean LM loss over the first `max_batches` windows of every rank (same count on all ranks: ZeRO-3's
-    forward is collective), averaged over ranks. Routing is the model's eval default (causal)."""
+    forward is collective), averaged over ranks. Routing is the model's eval default (causal). Collective also
+    when a rank cannot read its batches: every rank raises ValidationDataError."""
+    from data_pipeline.errors import DataError
     from mor_ds.train.loop import split_batch
 
-    local = list(itertools.islice(iter(batches), max_batches))
-    count = distributed.all_reduce_min(torch.tensor([len(local)], device=device))
-    n = int(count.item())
+    try:
+        local, error = list(itertools.islice(iter(batches), max_batches)), ""
+    except DataError as exc:
+        local, error = [], str(exc)
+    shares = distributed.all_gather_object((len(local), error))
+    errors = [err for _, err in shares if err]
+    if errors:
+        raise ValidationDataError(errors[0])
+    n = min(count for count, _ in shares)
     if n == 0:
         return {}
     was_training = engine.training
@@ -45,5 +62,12 @@ class EvalCallback(Callback):
             return
         step = trainer.state.step
         if step % trainer.cfg.train.eval_interval == 0 or trainer.finished:
-            trainer.record.update(evaluate(trainer.engine, trainer.make_val_batches(),
-                                           trainer.cfg.train.eval_batches, trainer.device, trainer.eos_id))
+            def batches() -> Iterator[Tensor]:  # opened inside evaluate(), so a bad index is caught there too
+                yield from trainer.make_val_batches()
+
+            try:
+                trainer.record.update(evaluate(trainer.engine, batches(), trainer.cfg.train.eval_batches,
+                                               trainer.device, trainer.eos_id))
+            except ValidationDataError as exc:
+                trainer.request_stop(EXIT_CONFIG, f"data error in the validation at step {step}: {exc}; stopped "
+                                                  f"with a checkpoint")

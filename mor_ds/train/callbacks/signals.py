@@ -10,20 +10,10 @@ import signal
 import torch
 
 from mor_ds import distributed
+from mor_ds.train import early_signals
 from mor_ds.train.callbacks.base import Callback
+from mor_ds.train.early_signals import SIGNALS
 from mor_ds.train.faults import EXIT_PREEMPTED
-
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-_early: list[int] = []  # signals that arrived before training started (imports, DeepSpeed init, data, resume)
-
-
-def install_early_handlers() -> None:
-    """Record SIGTERM/SIGUSR1 from process start, so a signal during start-up is not fatal: the first step
-    then ends with a checkpoint and EXIT_PREEMPTED like any other."""
-    for sig in SIGNALS:
-        signal.signal(sig, lambda signum, frame: _early.append(signum))
 
 
 class SignalHandler(Callback):
@@ -35,8 +25,8 @@ class SignalHandler(Callback):
         self.received = signum
 
     def on_train_start(self, trainer) -> None:
-        if _early:
-            self.received = _early[-1]
+        if early_signals.received:  # during start-up (imports, DeepSpeed init, data, resume)
+            self.received = early_signals.received[-1]
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
