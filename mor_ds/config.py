@@ -134,8 +134,8 @@ class OptimConfig:
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last 20% of steps
-    # ZeRO-1/2 bf16 step as one Triton pass (clip + AdamW on the fp32 master + bf16 write-back, mor_ds/train/
-    # fused_step.py) instead of DeepSpeed's; auto = on for CUDA where supported, DeepSpeed's step elsewhere
+    # ZeRO-1/2 bf16 step as one Triton pass (clip + AdamW on the fp32 master + bf16 write-back, the fused-zero-step
+    # patch of mor_ds/patches.py) instead of DeepSpeed's; auto = on for CUDA where supported, DeepSpeed's step elsewhere
     fused_step: Literal["auto", True, False] = "auto"
 
 
