@@ -12,10 +12,13 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from mor_ds.choices import AttentionBackend, KVMode, ModelFamily, RouterType, SharingStrategy
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -66,7 +69,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: Literal["vanilla", "recursive", "mor"] = "vanilla"
+    family: ModelFamily = ModelFamily.VANILLA
     vocab_size: int = 49152
     hidden_size: int = 576  # d
     num_layers: int = 30  # L, the unrolled depth (vanilla layers the model is compared with)
@@ -79,12 +82,12 @@ class ModelConfig:
     init_std: float = 0.02
     # Recursion (family recursive / mor). Nr = num_recursions.
     num_recursions: int = 1
-    sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
+    sharing: SharingStrategy = SharingStrategy.MIDDLE_CYCLE
     # KV strategy: "cache" = recursion-wise KV caching, "share" = recursive KV sharing (first recursion's KV)
-    kv_mode: Literal["cache", "share"] = "cache"
+    kv_mode: KVMode = KVMode.CACHE
     # attention inside packed sequences stays within a document (EOS-delimited) when true
     document_mask: bool = False
-    attention_backend: Literal["auto", "reference", "sdpa", "triton"] = "auto"
+    attention_backend: AttentionBackend = AttentionBackend.AUTO
     # LM head + cross-entropy (mor_ds/models/loss.py): chunked never materialises the (B·S, V) logits;
     # liger = Liger-Kernel's fused kernel (CUDA); auto = chunked on CUDA, plain elsewhere
     fused_loss: Literal["auto", "plain", "chunked", "liger"] = "auto"
@@ -99,7 +102,7 @@ class ModelConfig:
 class RouterConfig:
     """MoR router (family mor only). Symbols as in the paper: alpha (α), capacity schedule, Nr."""
 
-    type: Literal["expert_choice", "token_choice"] = "expert_choice"
+    type: RouterType = RouterType.EXPERT_CHOICE
     arch: Literal["linear", "mlp"] = "linear"
     activation: Literal["sigmoid", "softmax"] = "sigmoid"
     alpha: float = 0.1  # α: router weight g = α·act(router(h)) scales the block output
@@ -158,8 +161,8 @@ class OptimConfig:
     schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.2  # wsd: linear decay to min_lr over the last 20% of steps
-    # ZeRO-1/2 bf16 step as one Triton pass (clip + AdamW on the fp32 master + bf16 write-back, mor_ds/train/
-    # fused_step.py) instead of DeepSpeed's; auto = on for CUDA where supported, DeepSpeed's step elsewhere
+    # ZeRO-1/2 bf16 step as one Triton pass (clip + AdamW on the fp32 master + bf16 write-back, the fused-zero-step
+    # patch of mor_ds/patches.py) instead of DeepSpeed's; auto = on for CUDA where supported, DeepSpeed's step elsewhere
     fused_step: Literal["auto", True, False] = "auto"
 
 
@@ -215,10 +218,15 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain Python values (choices as their strings): for YAML, JSON, W&B and checkpoints."""
+        return dataclasses.asdict(self, dict_factory=_plain_dict)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +234,11 @@ class Config:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(m.value for m in tp)}") from None
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -385,17 +398,17 @@ def validate(cfg: Config) -> None:
     _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", m.loss_chunk_size, "must be >= 1")
     _check(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     _check(m.num_recursions >= 1, "model.num_recursions", m.num_recursions, "must be >= 1")
-    if m.family == "vanilla":
+    if m.family == ModelFamily.VANILLA:
         _check(m.num_recursions == 1, "model.num_recursions", m.num_recursions, "must be 1 for model.family=vanilla")
     else:
         from mor_ds.models.sharing import sharing_error
 
         err = sharing_error(m.num_layers, m.num_recursions, m.sharing)
         _check(err is None, "model.num_layers", m.num_layers, err or "")
-    if m.family == "mor":
-        _check(m.sharing in ("cycle", "middle_cycle"), "model.sharing", m.sharing,
+    if m.family == ModelFamily.MOR:
+        _check(m.sharing in (SharingStrategy.CYCLE, SharingStrategy.MIDDLE_CYCLE), "model.sharing", m.sharing,
                "MoR routes over contiguous recursion blocks: use cycle or middle_cycle")
-        if r.type == "token_choice":
+        if r.type == RouterType.TOKEN_CHOICE:
             _check(m.num_recursions >= 2, "model.num_recursions", m.num_recursions,
                    "token-choice routing needs at least 2 depths")
         caps = r.capacity

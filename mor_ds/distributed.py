@@ -1,5 +1,5 @@
-"""Process-group discovery and the DeepSpeed engine: the only module of mor_ds that imports DeepSpeed (besides
-`mor_ds.train.fused_step`, which replaces the ZeRO-1/2 optimizer step of the engine built here).
+"""Process-group discovery and the DeepSpeed engine. With `mor_ds.patches` (what mor-ds changes in DeepSpeed's
+own code), the only module of mor_ds that imports DeepSpeed.
 
 Launchers: `torchrun` / `deepspeed` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (the `deepspeed`
 launcher also passes `--local_rank`); Slurm's `srun` sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and
@@ -13,7 +13,6 @@ callbacks never touch DeepSpeed directly.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mor_ds import patches
 
 if TYPE_CHECKING:
     from mor_ds.config import Config
@@ -140,9 +141,7 @@ def _deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    # The shared-memory comm op JIT-compiles for ~27 s and aborts processes at exit now and then; gloo is enough.
-    # `import deepspeed.comm.torch as m` would give the torch package (re-exported name), hence importlib.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    patches.disable_shm_op()
     return deepspeed
 
 
@@ -480,70 +479,9 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
         optimizer = optimizer_factory(param_groups)
     ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, optimizer=optimizer,
                                          config=ds_config, dist_init_required=False)
-    fuse_zero_grad_checks(ds_engine.optimizer)
-    from mor_ds.train.fused_step import apply_fused_step  # one Triton pass for the ZeRO-1/2 bf16 AdamW step
-
-    apply_fused_step(ds_engine.optimizer, cfg.optim.fused_step, device_for(env))
+    patches.fuse_zero_grad_checks(ds_engine.optimizer)
+    patches.apply_fused_step(ds_engine.optimizer, cfg.optim.fused_step, device_for(env))
     return Engine(ds_engine, ds_config)
-
-
-def fuse_zero_grad_checks(optimizer: Any) -> bool:
-    """ZeRO-1/2: check gradients for NaN/Inf and take their global norm with multi-tensor kernels.
-
-    DeepSpeed's `DeepSpeedZeroOptimizer.step()` tests each gradient tensor for NaN/Inf on its own (`has_inf_or_nan`:
-    amax, amin, two isfinite, ... ~13 kernels a tensor) and then takes the global norm one tensor at a time (an fp64
-    copy and a norm each). At the ~290 tensors of vanilla-360m that is ~4,500 kernels the host launches one by one
-    at every optimizer step, most of engine.step()'s time on a GPU whatever the model size. `torch._foreach_norm`
-    does each pass in a few multi-tensor launches, with the same answers: per-tensor L2 norms accumulated in
-    DeepSpeed's norm dtype (fp64, where no finite bf16/fp32 gradient overflows), so a tensor's norm is non-finite
-    exactly when one of its elements is, and the global norm is the same sum of squared per-tensor norms,
-    all-reduced over the data-parallel group and masked to -1 when non-finite as DeepSpeed does. Everything else
-    (overflow all-reduce, skipping the step, clipping, checkpoints) stays DeepSpeed's.
-
-    Returns whether `optimizer` was changed: not for ZeRO-0/3 optimizers, nor with model parallelism (DeepSpeed
-    then counts only some tensors per rank; mor_ds never passes an mpu), nor with a DeepSpeed that lacks the
-    helpers used here (written against 0.19.8, whose NaN/Inf masking and fp64 norm dtype they follow).
-    """
-    from deepspeed import comm as ds_dist
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    try:
-        from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-        from deepspeed.runtime.zero.utils import get_norm_dtype
-    except ImportError:
-        return False
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.model_parallel_group is not None:
-        return False
-    serial_norm = optimizer.get_grad_norm_direct
-
-    def norms(grads: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=get_norm_dtype()))
-
-    def has_overflow_partitioned_grads_serial() -> torch.Tensor:
-        grads = [g for i in range(len(optimizer.bit16_groups)) for g in optimizer.averaged_gradients[i]
-                 if g is not None]
-        if not grads:
-            return torch.zeros(1, dtype=torch.bool, device=optimizer.device)
-        return norms(grads).isfinite().all().logical_not().reshape(1)
-
-    def get_grad_norm_direct(gradients: list[torch.Tensor], params: list[torch.Tensor],
-                             norm_type: float = 2) -> torch.Tensor:
-        if float(norm_type) != 2.0:
-            return serial_norm(gradients, params, norm_type)
-        unpadded = (g for g in gradients if not getattr(g, "_zero_padding", False))
-        grads = [g for g, _ in zip(unpadded, params)]  # DeepSpeed pairs gradients with params the same way
-        if grads:
-            total = norms(grads).pow(2).sum().float()
-        else:
-            total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
-        ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-        total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
-        return total
-
-    optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
-    optimizer.get_grad_norm_direct = get_grad_norm_direct
-    return True
 
 
 def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
@@ -563,6 +501,6 @@ __all__ = [
     "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
     "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
-    "fetch_blocks_whole", "fp32_grad_accumulation", "fuse_zero_grad_checks", "init_distributed", "is_cuda_oom",
+    "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom",
     "resolve_compile", "shutdown", "slurm_master_addr",
 ]

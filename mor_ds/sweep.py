@@ -46,9 +46,10 @@ from typing import Any
 
 import yaml
 
+from mor_ds.choices import KVMode, ModelFamily, RouterType, SharingStrategy
 from mor_ds.config import Config, ConfigError, from_dict, load_config, merge, yaml_error, yaml_load
 from mor_ds.flops import Plan, flops_per_token, param_counts, plan_budget
-from mor_ds.models.sharing import SHARING_STRATEGIES, paper_num_layers
+from mor_ds.models.sharing import paper_num_layers
 from mor_ds.presets import PAPER_SIZES, preset_dict
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -59,19 +60,19 @@ CONFIG_MARK = "# ---- configuration"
 END_CONFIG_MARK = "# ---- no edits needed below ----"
 
 SIZES = (*PAPER_SIZES, "tiny")
-FAMILIES = ("vanilla", "recursive", "mor")
-ROUTERS = ("expert_choice", "token_choice")
-KV_MODES = ("cache", "share")
+FAMILIES = tuple(ModelFamily)
+RECURSIVE = (ModelFamily.RECURSIVE, ModelFamily.MOR)
 # grid axes in naming order, and the families each applies to
 AXES: dict[str, tuple[str, ...]] = {
     "family": FAMILIES,
     "size": FAMILIES,
-    "num_recursions": ("recursive", "mor"),
-    "sharing": ("recursive", "mor"),
-    "router": ("mor",),
-    "kv_mode": ("recursive", "mor"),
+    "num_recursions": RECURSIVE,
+    "sharing": RECURSIVE,
+    "router": (ModelFamily.MOR,),
+    "kv_mode": RECURSIVE,
 }
-AXIS_DEFAULTS = {"num_recursions": 2, "sharing": "middle_cycle", "router": "expert_choice", "kv_mode": "cache"}
+AXIS_DEFAULTS = {"num_recursions": 2, "sharing": SharingStrategy.MIDDLE_CYCLE, "router": RouterType.EXPERT_CHOICE,
+                 "kv_mode": KVMode.CACHE}
 TOP_KEYS = ("name", "output_dir", "budget", "grid", "arms", "set", "slurm", "eval", "estimate")
 
 
@@ -262,8 +263,9 @@ def _parse_budget(data: Any, where: str) -> tuple[str, list[float], str | None]:
 def _grid_axes(data: Any, where: str) -> dict[str, list[Any]]:
     if not isinstance(data, dict):
         raise SweepError(f"{where}: expected a mapping of axes ({', '.join(AXES)}) to lists of values")
-    allowed: dict[str, tuple[Any, ...] | None] = {"family": FAMILIES, "size": SIZES, "sharing": SHARING_STRATEGIES,
-                                                  "router": ROUTERS, "kv_mode": KV_MODES, "num_recursions": None}
+    allowed: dict[str, tuple[Any, ...] | None] = {"family": FAMILIES, "size": SIZES, "sharing": tuple(SharingStrategy),
+                                                  "router": tuple(RouterType), "kv_mode": tuple(KVMode),
+                                                  "num_recursions": None}
     axes: dict[str, list[Any]] = {}
     for key, raw in data.items():
         if key not in AXES:
@@ -289,14 +291,14 @@ def _grid_point(point: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """(arm name, preset name, config overlay) of one grid point."""
     family, size = point["family"], point["size"]
     nr, sharing = point["num_recursions"], point["sharing"]
-    tc, kvshare = point["router"] == "token_choice", point["kv_mode"] == "share"
+    tc, kvshare = point["router"] == RouterType.TOKEN_CHOICE, point["kv_mode"] == KVMode.SHARE
     stem = f"tiny-{family}" if size == "tiny" else f"{family}-{size}"
-    if family == "vanilla":
+    if family == ModelFamily.VANILLA:
         return stem, stem, {}
     preset = stem + f"-nr{nr}" + ("-tc" if tc else "") + ("-kvshare" if kvshare else "")
     overlay: dict[str, Any] = {}
     name = preset
-    if sharing != "middle_cycle":
+    if sharing != SharingStrategy.MIDDLE_CYCLE:
         base_layers = preset_dict("tiny-vanilla" if size == "tiny" else f"vanilla-{size}")["model"]["num_layers"]
         overlay = {"model": {"sharing": sharing, "num_layers": paper_num_layers(base_layers, nr, sharing)}}
         name = f"{preset}-{sharing.replace('_', '')}"

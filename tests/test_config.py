@@ -145,3 +145,40 @@ def test_compile_is_auto_by_default_and_follows_the_device():
     for value in (True, False):
         setting = load_config("tiny-mor", [f"train.compile={str(value).lower()}"]).train.compile
         assert setting is value and resolve_compile(setting, torch.device("cpu")) is value
+
+
+def test_each_choice_is_one_enum_for_config_registry_presets_and_sweep():
+    """Families, sharing strategies, KV modes, router types, routing modes and attention backends: one StrEnum
+    each (mor_ds.choices), the config field's type, the registry's keys and the lists names are parsed from."""
+    import typing
+
+    import yaml
+
+    from mor_ds.attention import BACKENDS
+    from mor_ds.choices import AttentionBackend, KVMode, ModelFamily, RouterType, RoutingMode, SharingStrategy
+    from mor_ds.config import ModelConfig, RouterConfig
+    from mor_ds.evaluation.harness import ROUTING_CHOICES
+    from mor_ds.models.recursion import MOR_STACKS
+    from mor_ds.models.sharing import SHAPES
+    from mor_ds.presets import preset_dict
+    from mor_ds.sweep import AXES
+
+    model, router = typing.get_type_hints(ModelConfig), typing.get_type_hints(RouterConfig)
+    assert (model["family"], model["sharing"], model["kv_mode"], model["attention_backend"], router["type"]) == (
+        ModelFamily, SharingStrategy, KVMode, AttentionBackend, RouterType)
+    assert set(SHAPES) == set(SharingStrategy) and set(MOR_STACKS) == set(RouterType)
+    assert {AttentionBackend.REFERENCE, AttentionBackend.SDPA} <= set(BACKENDS) <= set(AttentionBackend) - {"auto"}
+    assert ROUTING_CHOICES == ("causal", "topk", "both") and tuple(RoutingMode) == ("causal", "topk")
+    assert AXES["family"] == tuple(ModelFamily)
+    for family in ModelFamily:  # the preset-name pattern is built from the enum
+        assert preset_dict(f"tiny-{family}")["model"]["family"] == family
+    cfg = load_config("tiny-mor-tc", ["model.attention_backend=sdpa"])
+    assert type(cfg.model.family) is ModelFamily and type(cfg.router.type) is RouterType
+    assert type(cfg.model.attention_backend) is AttentionBackend
+    saved = cfg.to_dict()  # plain strings for YAML, JSON, W&B and checkpoints
+    assert {type(saved["model"][k]) for k in ("family", "sharing", "kv_mode", "attention_backend")} == {str}
+    assert type(saved["router"]["type"]) is str and yaml.safe_load(cfg.to_yaml()) == saved
+    with pytest.raises(ConfigError, match=r"^model.family: 'moe' is not one of vanilla, recursive, mor$"):
+        load_config("tiny-mor", ["model.family=moe"])
+    with pytest.raises(ConfigError, match=r"^model.sharing='sequence': MoR routes over contiguous"):
+        load_config("tiny-mor", ["model.sharing=sequence"])

@@ -1,4 +1,4 @@
-"""The fused ZeRO-1/2 AdamW step (mor_ds.train.fused_adamw / fused_step) against torch AdamW and DeepSpeed's step.
+"""The fused ZeRO-1/2 AdamW step (mor_ds.train.fused_adamw, the fused-zero-step patch) against torch AdamW and DeepSpeed's step.
 
 CPU: the Triton kernel under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) against torch.optim.AdamW
 over several steps with weight decay and clipping; the same kernel compiled for sm_90a (no GPU needed); real
@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 from mor_ds import distributed  # noqa: E402
 from mor_ds.config import ConfigError, load_config  # noqa: E402
 from mor_ds.train.fused_adamw import adamw_step_  # noqa: E402
-from mor_ds.train.fused_step import FusedZeroStep, apply_fused_step  # noqa: E402
+from mor_ds.patches import FusedZeroStep, apply_fused_step  # noqa: E402
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 

@@ -142,7 +142,7 @@ def test_zero_step_clips_skips_nan_and_checks_gradients_in_a_few_kernels(zero_st
     """A real one-process DeepSpeed engine (gloo): the bf16 ZeRO-1/2 optimizer step reports the global norm of
     the reference gradients, hands AdamW exactly those gradients clipped to optim.grad_clip, skips a NaN step
     without touching the weights, and runs fewer ops than there are gradient tensors (DeepSpeed's own NaN/Inf
-    and norm checks take ~10 ops per tensor; distributed.fuse_zero_grad_checks replaces them).
+    and norm checks take ~10 ops per tensor; patches.fuse_zero_grad_checks replaces them).
 
     In a subprocess: DeepSpeed caches the world group, so a second engine after shutdown() in this process (the
     demo test builds one) would find it stale."""

@@ -15,11 +15,13 @@ from torch import Tensor
 
 from mor_ds.attention.reference import PAD_POS, reference_attention
 from mor_ds.attention.sdpa import sdpa_attention
+from mor_ds.choices import AttentionBackend
 
 __all__ = ["PAD_POS", "attention", "resolve_backend", "BACKENDS"]
 
 AttentionFn = Callable[..., Tensor]
-BACKENDS: dict[str, AttentionFn] = {"reference": reference_attention, "sdpa": sdpa_attention}
+BACKENDS: dict[AttentionBackend, AttentionFn] = {AttentionBackend.REFERENCE: reference_attention,
+                                                 AttentionBackend.SDPA: sdpa_attention}
 
 
 @torch.compiler.disable
@@ -32,25 +34,25 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
 
 
 if importlib.util.find_spec("triton") is not None:
-    BACKENDS["triton"] = _triton_attention
+    BACKENDS[AttentionBackend.TRITON] = _triton_attention
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device) -> AttentionBackend:
     """`auto`: the fastest correct backend for the device. CPU: reference. CUDA: triton when installed: it
     sends dense causal attention to SDPA's flash kernel and runs the active-token cases (which SDPA can only
     do with a dense mask) faster than SDPA in every measured case on an H100 (BENCHMARKS.md); else sdpa."""
-    if name != "auto":
+    if name != AttentionBackend.AUTO:
         return name
     if device.type != "cuda":
-        return "reference"
-    return "triton" if "triton" in BACKENDS else "sdpa"
+        return AttentionBackend.REFERENCE
+    return AttentionBackend.TRITON if AttentionBackend.TRITON in BACKENDS else AttentionBackend.SDPA
 
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *,
     q_pos: Tensor | None = None, kv_pos: Tensor | None = None,
     q_doc: Tensor | None = None, kv_doc: Tensor | None = None,
-    backend: str = "auto",
+    backend: str = AttentionBackend.AUTO,
 ) -> Tensor:
     backend = resolve_backend(backend, q.device)
     if backend not in BACKENDS:

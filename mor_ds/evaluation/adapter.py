@@ -23,9 +23,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 
+from mor_ds.choices import RoutingMode
 from mor_ds.models import CausalLM
 
-ROUTINGS = ("causal", "topk")
+ROUTINGS = tuple(RoutingMode)
 
 
 class MoRLM(TemplateLM):
@@ -73,7 +74,7 @@ class MoRLM(TemplateLM):
     def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
         """Indices of requests, longest first, in batches: any lengths under causal routing, equal under topk."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        groups = [order] if self.routing == "causal" else [list(g) for _, g in
+        groups = [order] if self.routing == RoutingMode.CAUSAL else [list(g) for _, g in
                                                            itertools.groupby(order, key=lambda i: lengths[i])]
         for group in groups:
             for start in range(0, len(group), self.batch_size):
@@ -148,7 +149,7 @@ class MoRLM(TemplateLM):
             prompts.append(self.tok_encode(context)[-(self.max_length - 1):] or [self.prefix_token_id])
             settings.append((until, max_new))
         # under topk every decoding step changes the whole row's routing: decode one request at a time
-        batches = (self._batches([len(p) for p in prompts]) if self.routing == "causal"
+        batches = (self._batches([len(p) for p in prompts]) if self.routing == RoutingMode.CAUSAL
                    else ([i] for i in range(len(prompts))))
         for batch in batches:
             for i, text in zip(batch, self._greedy([prompts[i] for i in batch], [settings[i] for i in batch])):

@@ -21,13 +21,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mor_ds.choices import ModelFamily, RouterType, RoutingMode
+
 if TYPE_CHECKING:
     import torch
 
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "mmlu")
 # the paper's headline metric per task (others: acc)
 PAPER_METRIC = {"hellaswag": "acc_norm", "piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm"}
-ROUTING_CHOICES = ("causal", "topk", "both")
+ROUTING_CHOICES = (*RoutingMode, "both")
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32"}  # --dtype → torch dtype name
 
 
@@ -148,9 +150,9 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | list[str], *, routi
     model, cfg = load_model(checkpoint)
     tok = checkpoint_tokenizer(cfg, tokenizer)
     kwargs.setdefault("max_length", cfg.train.seq_len)
-    routings = ("causal", "topk") if routing == "both" else (routing,)
-    if routing == "both" and not (cfg.model.family == "mor" and cfg.router.type == "expert_choice"):
-        routings = ("causal",)  # routing only changes expert-choice MoR
+    routings = tuple(RoutingMode) if routing == "both" else (routing,)
+    if routing == "both" and not (cfg.model.family == ModelFamily.MOR and cfg.router.type == RouterType.EXPERT_CHOICE):
+        routings = (RoutingMode.CAUSAL,)  # routing only changes expert-choice MoR
     return {r: run_fewshot(model, tok, names, routing=r, manager=manager, **kwargs) for r in routings}
 
 

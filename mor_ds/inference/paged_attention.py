@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
 
 if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":  # CPU tests run the kernel interpreted
-    from mor_ds.kernels.interpreter_compat import patch_interpreter
+    from mor_ds.patches import patch_interpreter
 
     patch_interpreter()
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from mor_ds.inference.slot_state import end_reasons
 from mor_ds.models.block import rope_rows
 from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
+from mor_ds.patches import raise_recompile_limit
 
 
 def compact_rows(idx: Tensor, groups: Tensor, cos: Tensor, sin: Tensor, pos: Tensor,
@@ -194,7 +195,7 @@ class TickGlue:
     def __init__(self, compiled: bool = False, backend: str = "inductor"):
         self.compiled = compiled
         if compiled:  # a function compiles again where a bucket's sizes are 1 or equal (0/1 and duck sizing)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            raise_recompile_limit(RECOMPILE_LIMIT)
         for name in GLUE:
             fn = globals()[name]
             setattr(self, name, torch.compile(fn, dynamic=True, fullgraph=True, backend=backend) if compiled else fn)

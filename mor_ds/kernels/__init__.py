@@ -2,7 +2,7 @@
 a recursion step, causal by original position, with GQA, document masks, fused gather/scatter and a packed
 varlen layout (forward and backward). Importing this package needs triton."""
 
-from mor_ds.kernels.interpreter_compat import interpreter_active, patch_interpreter
+from mor_ds.patches import interpreter_active, patch_interpreter
 
 if interpreter_active():  # before any kernel runs
     patch_interpreter()

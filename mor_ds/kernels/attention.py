@@ -26,7 +26,7 @@ from torch import Tensor
 from mor_ds.kernels.block_ranges import block_ranges
 from mor_ds.kernels.flash_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from mor_ds.kernels.flash_fwd import attention_fwd_kernel
-from mor_ds.kernels.interpreter_compat import interpreter_active
+from mor_ds.patches import interpreter_active
 
 LOG2_E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)

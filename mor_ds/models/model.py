@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 from torch import Tensor, nn
 
+from mor_ds.choices import ModelFamily, RoutingMode, SharingStrategy
 from mor_ds.config import ModelConfig, RouterConfig
 from mor_ds.models.block import DecoderBlock, RMSNorm
 from mor_ds.models.loss import LMHead
 from mor_ds.models.recursion import ExpertChoiceMoR, SequenceContext, TokenChoiceMoR, build_recursion
 from mor_ds.models.sharing import layer_plan
-
-Routing = Literal["topk", "causal"]
-
 
 @dataclass
 class ModelOutput:
@@ -33,8 +31,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router_cfg = router_cfg or RouterConfig()
-        num_recursions = cfg.num_recursions if cfg.family != "vanilla" else 1
-        self.plan = layer_plan(cfg.num_layers, num_recursions, cfg.sharing if cfg.family != "vanilla" else "cycle")
+        recursive = cfg.family != ModelFamily.VANILLA
+        num_recursions = cfg.num_recursions if recursive else 1
+        self.plan = layer_plan(cfg.num_layers, num_recursions, cfg.sharing if recursive else SharingStrategy.CYCLE)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(self.plan.num_unique_layers))
         self.recursion = build_recursion(cfg, self.router_cfg, self.plan)
@@ -49,8 +48,8 @@ class CausalLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, doc_ids: Tensor | None = None,
-                routing: Routing | None = None) -> ModelOutput:
-        routing = routing or ("topk" if self.training else "causal")
+                routing: RoutingMode | None = None) -> ModelOutput:
+        routing = routing or (RoutingMode.TOPK if self.training else RoutingMode.CAUSAL)
         h = self.embed(input_ids)
         ctx = SequenceContext(self.cfg, *input_ids.shape, input_ids.device, h.dtype, doc_ids)
         for layer_id in self.plan.prelude:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mor_ds.attention import PAD_POS
+from mor_ds.choices import ModelFamily, RouterType, RoutingMode
 from mor_ds.config import ModelConfig, RouterConfig
 from mor_ds.models.block import KV, TokenView, rope_cos_sin
 from mor_ds.models.mor_math import expert_choice_update, token_choice_exit
@@ -155,7 +156,7 @@ class ExpertChoiceMoR(MoRStack):
         self.router = ExpertChoiceRouter(cfg, router_cfg)
 
     def select(self, step: int, h: Tensor, prev: ActiveSet, length: int, routing: str) -> Selection:
-        return self.router.select(step, gather_rows(h, prev.idx), prev, length, causal=routing == "causal")
+        return self.router.select(step, gather_rows(h, prev.idx), prev, length, causal=routing == RoutingMode.CAUSAL)
 
     def combine(self, sel: Selection, stack_input: Tensor, h: Tensor, out: Tensor) -> Tensor:
         return expert_choice_update(h, out, sel.weight, self.rule)
@@ -191,9 +192,11 @@ class TokenChoiceMoR(MoRStack):
         self.router.update_bias(all_reduce)
 
 
+MOR_STACKS: dict[RouterType, type[nn.Module]] = {RouterType.EXPERT_CHOICE: ExpertChoiceMoR,
+                                                 RouterType.TOKEN_CHOICE: TokenChoiceMoR}
+
+
 def build_recursion(cfg: ModelConfig, router_cfg: RouterConfig, plan: LayerPlan) -> nn.Module:
-    if cfg.family != "mor":
+    if cfg.family != ModelFamily.MOR:
         return LayerStack(cfg, plan)
-    if router_cfg.type == "expert_choice":
-        return ExpertChoiceMoR(cfg, router_cfg, plan)
-    return TokenChoiceMoR(cfg, router_cfg, plan)
+    return MOR_STACKS[router_cfg.type](cfg, router_cfg, plan)

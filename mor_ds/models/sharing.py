@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SHARING_STRATEGIES = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+from mor_ds.choices import SharingStrategy
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,28 @@ class LayerPlan:
         return steps == sorted(steps)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    middle: bool  # layers 0 and L−1 unique
+    cycle: bool  # recursion r runs the whole shared block (cycle) rather than each layer Nr times in a row
+
+
+SHAPES: dict[SharingStrategy, _Shape] = {
+    SharingStrategy.CYCLE: _Shape(middle=False, cycle=True),
+    SharingStrategy.SEQUENCE: _Shape(middle=False, cycle=False),
+    SharingStrategy.MIDDLE_CYCLE: _Shape(middle=True, cycle=True),
+    SharingStrategy.MIDDLE_SEQUENCE: _Shape(middle=True, cycle=False),
+}
+
+
 def _middle(strategy: str) -> bool:
-    return strategy.startswith("middle_")
+    return SHAPES[strategy].middle
 
 
 def sharing_error(num_layers: int, num_recursions: int, strategy: str) -> str | None:
     """Why (L, Nr, strategy) is not a valid plan, or None."""
-    if strategy not in SHARING_STRATEGIES:
-        return f"unknown sharing strategy {strategy!r} (one of {', '.join(SHARING_STRATEGIES)})"
+    if strategy not in SHAPES:
+        return f"unknown sharing strategy {strategy!r} (one of {', '.join(SharingStrategy)})"
     shared = num_layers - 2 if _middle(strategy) else num_layers
     if shared < num_recursions:
         return f"{strategy} sharing with Nr={num_recursions} needs at least {num_recursions + 2 * _middle(strategy)} layers"
@@ -57,7 +71,7 @@ def sharing_error(num_layers: int, num_recursions: int, strategy: str) -> str | 
     return None
 
 
-def layer_plan(num_layers: int, num_recursions: int, strategy: str = "middle_cycle") -> LayerPlan:
+def layer_plan(num_layers: int, num_recursions: int, strategy: str = SharingStrategy.MIDDLE_CYCLE) -> LayerPlan:
     err = sharing_error(num_layers, num_recursions, strategy)
     if err:
         raise ValueError(err)
@@ -65,7 +79,7 @@ def layer_plan(num_layers: int, num_recursions: int, strategy: str = "middle_cyc
     shared = num_layers - 2 if middle else num_layers
     base = shared // num_recursions  # B, shared layers per recursion
     first = 1 if middle else 0
-    if strategy.endswith("cycle"):
+    if SHAPES[strategy].cycle:
         part = tuple((first + i, r) for r in range(num_recursions) for i in range(base))
     else:
         part = tuple((first + i, r) for i in range(base) for r in range(num_recursions))
@@ -79,7 +93,7 @@ def layer_plan(num_layers: int, num_recursions: int, strategy: str = "middle_cyc
     )
 
 
-def paper_num_layers(num_layers: int, num_recursions: int, strategy: str = "middle_cycle") -> int:
+def paper_num_layers(num_layers: int, num_recursions: int, strategy: str = SharingStrategy.MIDDLE_CYCLE) -> int:
     """The paper's depth adjustment: the smallest L' >= L with a valid plan (e.g. 360M Nr=4: 32 -> 34)."""
     depth = num_layers
     while sharing_error(depth, num_recursions, strategy):

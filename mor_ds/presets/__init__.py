@@ -15,17 +15,23 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from mor_ds.choices import KVMode, ModelFamily, RouterType, SharingStrategy
 from mor_ds.config import ConfigError, merge, yaml_load
 from mor_ds.models.sharing import paper_num_layers
 
 PRESET_DIR = Path(__file__).parent
-PAPER_SIZES = ("135m", "360m", "730m", "1.7b")
-FAMILIES = ("vanilla", "recursive", "mor")
+PAPER_SIZES = ("135m", "360m", "730m", "1.7b")  # one YAML each beside this file
 NUM_RECURSIONS = (2, 3, 4)
 TINY_DEFAULT_NR = 2
 
+
+def _alternatives(values) -> str:
+    return "|".join(re.escape(str(v)) for v in values)
+
+
 _NAME = re.compile(
-    r"^(?:(?P<family>vanilla|recursive|mor)-(?P<size>135m|360m|730m|1\.7b)|tiny-(?P<tiny_family>vanilla|recursive|mor))"
+    rf"^(?:(?P<family>{_alternatives(ModelFamily)})-(?P<size>{_alternatives(PAPER_SIZES)})"
+    rf"|tiny-(?P<tiny_family>{_alternatives(ModelFamily)}))"
     r"(?:-nr(?P<nr>\d+))?(?P<tc>-tc)?(?P<kvshare>-kvshare)?$"
 )
 
@@ -41,32 +47,33 @@ def preset_dict(name: str) -> dict[str, Any]:
     if not match:
         raise ConfigError(f"preset {name!r}: unknown (see `mor-ds plan --list`; scheme <family>-<size>[-nr<N>][-tc][-kvshare])")
     tiny = match["tiny_family"] is not None
-    family = match["tiny_family"] or match["family"]
+    family = ModelFamily(match["tiny_family"] or match["family"])
     nr = int(match["nr"]) if match["nr"] else None
-    if family == "vanilla" and (nr or match["tc"] or match["kvshare"]):
+    if family == ModelFamily.VANILLA and (nr or match["tc"] or match["kvshare"]):
         raise ConfigError(f"preset {name!r}: vanilla presets take no -nr/-tc/-kvshare suffix")
-    if family != "vanilla" and nr is None:
+    if family != ModelFamily.VANILLA and nr is None:
         if not tiny:
             raise ConfigError(f"preset {name!r}: {family} presets need -nr<N> (N in 2, 3, 4)")
         nr = TINY_DEFAULT_NR
-    if match["tc"] and family != "mor":
+    if match["tc"] and family != ModelFamily.MOR:
         raise ConfigError(f"preset {name!r}: -tc (token-choice routing) is for mor presets")
     if nr is not None and nr < 1:
         raise ConfigError(f"preset {name!r}: -nr must be >= 1")
 
     data = _yaml("tiny") if tiny else merge(_yaml("_paper_recipe"), _yaml(match["size"]))
-    model: dict[str, Any] = {"family": family}
-    if family != "vanilla":
+    model: dict[str, Any] = {"family": family.value}
+    if family != ModelFamily.VANILLA:
+        sharing = SharingStrategy.MIDDLE_CYCLE
         model["num_recursions"] = nr
-        model["sharing"] = "middle_cycle"
-        model["num_layers"] = paper_num_layers(data["model"]["num_layers"], nr, "middle_cycle")
+        model["sharing"] = sharing.value
+        model["num_layers"] = paper_num_layers(data["model"]["num_layers"], nr, sharing)
     if match["kvshare"]:
-        model["kv_mode"] = "share"
+        model["kv_mode"] = KVMode.SHARE.value
     overlay: dict[str, Any] = {"name": name, "model": model}
     if match["tc"]:
         # token-choice as in the released paper configs: linear router, softmax over Nr depths, α = 1, balancing
         # loss 0.1, z-loss 1e-5
-        overlay["router"] = {"type": "token_choice", "activation": "softmax", "arch": "linear", "alpha": 1.0,
+        overlay["router"] = {"type": RouterType.TOKEN_CHOICE.value, "activation": "softmax", "arch": "linear", "alpha": 1.0,
                              "z_loss_coef": 1e-5}
     return merge(data, overlay)
 
