@@ -10,4 +10,12 @@ class ShardError(DataError):
 
 
 class VocabSizeError(DataError):
-    """A tokenizer cannot be trained with the requested vocabulary size on this text (too large or too small)."""
+    """A tokenizer cannot be trained with the requested vocabulary size on this text (too large or too small).
+    `reason` says why without the file, for callers that name the setting instead."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # broadcast between ranks by pickling
+        return type(self), (str(self), self.reason)

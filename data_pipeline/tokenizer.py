@@ -222,7 +222,8 @@ def train_sentencepiece(documents: Iterable[str], out_prefix: str, vocab_size: i
     except RuntimeError as e:
         reason = str(e).splitlines()[-1]
         if "Vocabulary size" in reason:  # e.g. "… Vocabulary size too high (100000). Please set it to …"
-            raise VocabSizeError(f"vocab size {vocab_size}: {reason.split('] ', 1)[-1]}") from None
+            why = f"vocab size {vocab_size}: {reason.split('] ', 1)[-1]}"
+            raise VocabSizeError(f"SentencePiece training for {out_prefix}.model failed: {why}", why) from None
         raise DataError(f"SentencePiece training for {out_prefix}.model failed: {reason}") from None
     path = f"{out_prefix}.model"
     atomic_write_bytes(path, model.getvalue())

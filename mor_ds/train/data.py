@@ -43,7 +43,7 @@ def _embedded(cfg: Config, env: distributed.DistEnv) -> tuple[str, str]:
     error = distributed.broadcast_object(error)
     if isinstance(error, VocabSizeError):  # the tokenizer is trained with model.vocab_size pieces
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: the embedded corpus's tokenizer cannot have "
-                          f"that many pieces ({error})") from None
+                          f"that many pieces ({error.reason})") from None
     if error is not None:
         raise error
     if not env.is_main:
