@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -230,10 +231,24 @@ def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# dict -> dataclass with type checks
+# dict -> dataclass with type checks (also the sweep file's tree, mor_ds.sweep)
+#
+# Field types: bool, int, float, str, a Literal, a StrEnum (mor_ds.choices), list[T], dict[str, T], T | None, Any,
+# a dataclass (a nested section), or Annotated[T, parse] where parse(value, key) reads values of a shape the rest
+# cannot say (e.g. a number or a list of numbers). A field without a default is required. A section may set
+# `KEY_NOUN: ClassVar[str]` to name its keys in messages ("unknown axis").
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if typing.get_origin(tp) is typing.Annotated:
+        return typing.get_args(tp)[1](value, key)
+    if tp is Any:
+        return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if len(args) != 2 or type(None) not in args:
+            raise TypeError(f"unsupported config type {tp} at {key}: only T | None")
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)), key)
     if isinstance(tp, type) and issubclass(tp, Enum):
         try:
             return tp(value)
@@ -250,10 +265,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a list")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _from_dict(tp, value, key)
+        return from_mapping(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: {value!r} is not a bool (true/false)")
@@ -275,15 +295,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+def from_mapping(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """The dataclass `cls` from a mapping, every value type-checked; a ConfigError names the key (`prefix.key`)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        if key not in fields:
+            noun = getattr(cls, "KEY_NOUN", "key")
+            raise ConfigError(f"{full}: unknown {noun} (known: {', '.join(sorted(fields))})")
         kwargs[key] = _coerce(value, hints[key], full)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}.{name}: missing" if prefix else f"{name}: missing")
     return cls(**kwargs)
 
 
@@ -317,7 +342,7 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    cfg = _from_dict(Config, data)
+    cfg = from_mapping(Config, data)
     validate(cfg)
     return cfg
 

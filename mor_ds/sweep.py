@@ -1,6 +1,7 @@
 """Compute-matched sweeps: a YAML grid of arms -> one resolved config and one sbatch job per arm.
 
-A sweep file (see slurm/sweeps/*.yaml and docs/slurm.md):
+A sweep file (see slurm/sweeps/*.yaml and docs/slurm.md) is read into `SweepFile`, a tree of dataclasses, by the
+config system's own loader (`mor_ds.config.from_mapping`: type checks and one-line errors naming the key):
 
     name: isoflop-360m                  # W&B group, output directory name, job-name prefix
     output_dir: runs/sweeps/isoflop-360m   # optional; default runs/sweeps/<name>
@@ -39,15 +40,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
 from mor_ds.choices import KVMode, ModelFamily, RouterType, SharingStrategy
-from mor_ds.config import Config, ConfigError, from_dict, load_config, merge, yaml_error, yaml_load
+from mor_ds.config import Config, ConfigError, from_dict, from_mapping, load_config, merge, yaml_error, yaml_load
 from mor_ds.flops import Plan, flops_per_token, param_counts, plan_budget
 from mor_ds.models.sharing import paper_num_layers
 from mor_ds.presets import PAPER_SIZES, preset_dict
@@ -58,22 +60,10 @@ EVAL_TEMPLATE = SLURM_DIR / "eval.sbatch"
 STATE_FILE = "sweep-state.json"
 CONFIG_MARK = "# ---- configuration"
 END_CONFIG_MARK = "# ---- no edits needed below ----"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # sweep and arm names: directory and job names
 
 SIZES = (*PAPER_SIZES, "tiny")
-FAMILIES = tuple(ModelFamily)
-RECURSIVE = (ModelFamily.RECURSIVE, ModelFamily.MOR)
-# grid axes in naming order, and the families each applies to
-AXES: dict[str, tuple[str, ...]] = {
-    "family": FAMILIES,
-    "size": FAMILIES,
-    "num_recursions": RECURSIVE,
-    "sharing": RECURSIVE,
-    "router": (ModelFamily.MOR,),
-    "kv_mode": RECURSIVE,
-}
-AXIS_DEFAULTS = {"num_recursions": 2, "sharing": SharingStrategy.MIDDLE_CYCLE, "router": RouterType.EXPERT_CHOICE,
-                 "kv_mode": KVMode.CACHE}
-TOP_KEYS = ("name", "output_dir", "budget", "grid", "arms", "set", "slurm", "eval", "estimate")
+RECURSIVE_FAMILIES = (ModelFamily.RECURSIVE, ModelFamily.MOR)
 
 
 class SweepError(ValueError):
@@ -81,7 +71,96 @@ class SweepError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# resources
+# readers of the values whose shape a type alone cannot say (Annotated[T, reader] fields)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _one_of(choices: tuple[Any, ...]) -> Callable[[Any, str], list[Any]]:
+    """A value or a non-empty list of values, each one of `choices` (read as the choice itself)."""
+
+    def read(value: Any, key: str) -> list[Any]:
+        values = _as_list(value)
+        if not values:
+            raise ConfigError(f"{key}: empty list")
+        for v in values:
+            if v not in choices:
+                raise ConfigError(f"{key}: unknown value {v!r} (one of {', '.join(map(str, choices))})")
+        return [next(c for c in choices if c == v) for v in values]
+
+    return read
+
+
+def _counts(value: Any, key: str) -> list[int]:
+    values = _as_list(value)
+    if not values:
+        raise ConfigError(f"{key}: empty list")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}: {v!r} is not an integer >= 1")
+    return values
+
+
+def _positive_numbers(value: Any, key: str) -> list[float]:
+    out = []
+    for raw in _as_list(value):
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={raw!r}: not a number") from None
+        if not number > 0 or not math.isfinite(number):
+            raise ConfigError(f"{key}={raw!r}: must be a positive number")
+        out.append(number)
+    return out
+
+
+def _words(value: Any, key: str) -> list[str]:
+    words = [str(a) for a in _as_list(value if value is not None else [])]
+    if any(not a or any(c.isspace() for c in a) for a in words):
+        raise ConfigError(f"{key}: one word per list item (no spaces), e.g. [--tasks, paper]")
+    return words
+
+
+def _sbatch_flags(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("-") for v in value):
+        raise ConfigError(f"{key}: expected a list of sbatch flags like \"--qos=high\"")
+    return list(value)
+
+
+def _environment(value: Any, key: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping NAME: value, got {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _nested(key: str, value: Any, where: str) -> dict[str, Any]:
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{where}: bad key {key!r} (dotted config keys, e.g. train.micro_batch_size)")
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _overrides(value: Any, key: str) -> dict[str, Any]:
+    """A `set:` mapping (dotted keys, or nested mappings) as one nested dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of config keys to values, got {value!r}")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out = merge(out, _nested(str(k), v, f"{key}.{k}"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep file
 
 
 @dataclass(frozen=True)
@@ -97,8 +176,8 @@ class SlurmSpec:
     account: str = ""
     qos: str = ""
     signal_seconds: int = 600  # SIGUSR1 this long before the time limit: checkpoint and requeue
-    sbatch_args: tuple[str, ...] = ()  # more directives, e.g. ("--constraint=h100", "--exclusive")
-    env: tuple[tuple[str, str], ...] = ()  # exported in the job, e.g. (("NCCL_SOCKET_IFNAME", "ib0"),)
+    sbatch_args: Annotated[list[str], _sbatch_flags] = field(default_factory=list)  # e.g. ["--exclusive"]
+    env: Annotated[dict[str, str], _environment] = field(default_factory=dict)  # exported in the job
     command: str = ""  # the mor-ds command in the job; empty = this installation's
 
     @property
@@ -109,38 +188,19 @@ class SlurmSpec:
     def world_size(self) -> int:
         return self.nodes * self.ntasks_per_node
 
-    @classmethod
-    def parse(cls, data: Any, where: str, base: SlurmSpec | None = None) -> SlurmSpec:
-        if data is None:
-            return base or cls()
-        if not isinstance(data, dict):
-            raise SweepError(f"{where}: expected a mapping of sbatch settings, got {data!r}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = dataclasses.asdict(base or cls())
-        for key, value in data.items():
-            if key not in known:
-                raise SweepError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
-            default = getattr(cls(), key)
-            if key == "env":
-                if not isinstance(value, dict):
-                    raise SweepError(f"{where}.env: expected a mapping NAME: value, got {value!r}")
-                value = tuple((str(k), str(v)) for k, v in {**dict(values["env"]), **value}.items())
-            elif key == "sbatch_args":
-                if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("-") for v in value):
-                    raise SweepError(f"{where}.sbatch_args: expected a list of sbatch flags like \"--qos=high\"")
-                value = tuple(value)
-            elif isinstance(default, int) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise SweepError(f"{where}.{key}={value!r}: expected an integer >= 0")
-            elif not isinstance(value, str):
-                raise SweepError(f"{where}.{key}={value!r}: expected a string")
-            values[key] = value
-        spec = cls(**values)
-        if spec.nodes < 1:
-            raise SweepError(f"{where}.nodes={spec.nodes}: must be >= 1")
-        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+", spec.time):
-            raise SweepError(f"{where}.time={spec.time!r}: expected minutes, [D-]HH:MM:SS or MM:SS")
-        return spec
+    def check(self, where: str) -> SlurmSpec:
+        for key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_seconds"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}={getattr(self, key)!r}: expected an integer >= 0")
+        if self.nodes < 1:
+            raise ConfigError(f"{where}.nodes={self.nodes}: must be >= 1")
+        if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|\d+", self.time):
+            raise ConfigError(f"{where}.time={self.time!r}: expected minutes, [D-]HH:MM:SS or MM:SS")
+        return self
+
+    def override(self, data: dict[str, Any], where: str) -> SlurmSpec:
+        """These settings with the keys of `data` replaced (`env` merged name by name), checked."""
+        return from_mapping(SlurmSpec, merge(dataclasses.asdict(self), data), where).check(where)
 
     def directives(self, job_name: str, output: Path | None) -> list[str]:
         lines = [f"--job-name={job_name}", f"--nodes={self.nodes}", f"--ntasks-per-node={self.ntasks_per_node}",
@@ -166,6 +226,137 @@ def time_limit_seconds(text: str) -> int:
     return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
+@dataclass
+class BudgetSpec:
+    """The training budget of every arm: FLOPs or tokens, one value or a list (one more grid axis)."""
+
+    flops: Annotated[list[float], _positive_numbers] = field(default_factory=list)
+    tokens: Annotated[list[float], _positive_numbers] = field(default_factory=list)
+    convention: Literal["exact", "paper"] | None = None  # FLOPs counting; None = each config's train.flops_convention
+
+    @property
+    def kind(self) -> str:
+        return "flops" if self.flops else "tokens"
+
+    @property
+    def values(self) -> list[float]:
+        return self.flops or self.tokens
+
+    def check(self, where: str) -> None:
+        if bool(self.flops) == bool(self.tokens):
+            raise ConfigError(f"{where}: give exactly one of flops or tokens")
+
+
+@dataclass
+class GridSpec:
+    """The cartesian product of the axes, in this order (arm names follow it). Axes that do not apply to a
+    family (APPLIES_TO) take their default there, so their values collapse into one arm."""
+
+    KEY_NOUN: ClassVar[str] = "axis"
+    APPLIES_TO: ClassVar[dict[str, tuple[ModelFamily, ...]]] = {
+        "num_recursions": RECURSIVE_FAMILIES, "sharing": RECURSIVE_FAMILIES, "router": (ModelFamily.MOR,),
+        "kv_mode": RECURSIVE_FAMILIES}
+
+    family: Annotated[list[ModelFamily], _one_of(tuple(ModelFamily))] = field(default_factory=list)
+    size: Annotated[list[str], _one_of(SIZES)] = field(default_factory=list)
+    num_recursions: Annotated[list[int], _counts] = field(default_factory=lambda: [2])
+    sharing: Annotated[list[SharingStrategy], _one_of(tuple(SharingStrategy))] = field(
+        default_factory=lambda: [SharingStrategy.MIDDLE_CYCLE])
+    router: Annotated[list[RouterType], _one_of(tuple(RouterType))] = field(
+        default_factory=lambda: [RouterType.EXPERT_CHOICE])
+    kv_mode: Annotated[list[KVMode], _one_of(tuple(KVMode))] = field(default_factory=lambda: [KVMode.CACHE])
+
+    def check(self, where: str) -> None:
+        for key in ("family", "size"):
+            if not getattr(self, key):
+                raise ConfigError(f"{where}: the grid needs a {key} axis")
+
+    def points(self) -> list[dict[str, Any]]:
+        """The distinct grid points, each {axis: value}, in product order."""
+        axes = [f.name for f in dataclasses.fields(self)]
+        defaults = GridSpec()
+        points, seen = [], set()
+        for combo in itertools.product(*(getattr(self, a) for a in axes)):
+            point = dict(zip(axes, combo))
+            point = {a: v if point["family"] in self.APPLIES_TO.get(a, (point["family"],)) else getattr(defaults, a)[0]
+                     for a, v in point.items()}
+            key = tuple(point.values())
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
+        return points
+
+
+@dataclass
+class ArmSpec:
+    """An explicit arm: a preset name or a YAML file (relative to the sweep file), its overrides and resources."""
+
+    config: str
+    name: str = ""  # default: the config's name
+    set: Annotated[dict[str, Any], _overrides] = field(default_factory=dict)
+    slurm: dict[str, Any] = field(default_factory=dict)  # keys of the sweep's slurm settings to change
+
+
+@dataclass
+class EvalSpec:
+    """A few-shot eval job after each arm's training job (afterok): `mor-ds eval` arguments and resources."""
+
+    args: Annotated[list[str], _words] = field(default_factory=list)
+    slurm: dict[str, Any] = field(default_factory=dict)  # default: one task on at most one GPU for 4 hours
+
+
+@dataclass
+class EstimateSpec:
+    """For the estimated-hours column: exact training FLOPs at `mfu` of `peak_tflops` per GPU."""
+
+    peak_tflops: float = 989.0
+    mfu: float = 0.4
+
+    def check(self, where: str) -> None:
+        if not (self.peak_tflops > 0 and 0 < self.mfu <= 1):
+            raise ConfigError(f"{where}: peak_tflops must be > 0 and mfu in (0, 1]")
+
+
+@dataclass
+class SweepFile:
+    budget: BudgetSpec
+    name: str = ""  # default: the file's stem
+    output_dir: str = ""  # default: runs/sweeps/<name>
+    grid: GridSpec | None = None
+    arms: list[ArmSpec] | None = None
+    set: Annotated[dict[str, Any], _overrides] = field(default_factory=dict)  # for every arm
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    eval: EvalSpec | None = None
+    estimate: EstimateSpec = field(default_factory=EstimateSpec)
+
+    def check(self) -> None:
+        if self.name and not NAME.fullmatch(self.name):
+            raise ConfigError(f"name={self.name!r}: letters, digits, '.', '_' and '-' only")
+        self.budget.check("budget")
+        if self.grid is not None:
+            self.grid.check("grid")
+        self.slurm.check("slurm")
+        self.estimate.check("estimate")
+
+
+def read_sweep_file(path: Path) -> SweepFile:
+    """The sweep file as a SweepFile; SweepError naming the file and the key."""
+    if not path.is_file():
+        raise SweepError(f"sweep file {path}: not found")
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep file {path}: invalid YAML at {yaml_error(exc)}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"sweep file {path}: expected a mapping at the top level")
+    try:
+        spec = from_mapping(SweepFile, data)
+        spec.check()
+    except ConfigError as exc:
+        raise SweepError(f"{path}: {exc}") from None
+    return spec
+
+
 # --------------------------------------------------------------------------------------------
 # the sweep
 
@@ -177,6 +368,7 @@ class Arm:
     plan: Plan
     slurm: SlurmSpec
     source: str  # preset name or config file it was built from
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value where cfg differs from source
 
     @property
     def gpus(self) -> int:
@@ -207,87 +399,7 @@ class Sweep:
         return total / (arm.gpus * self.peak_tflops * 1e12 * self.mfu) / 3600
 
 
-def _nested(key: str, value: Any, where: str) -> dict[str, Any]:
-    if not key or any(not part for part in key.split(".")):
-        raise SweepError(f"{where}: bad key {key!r} (dotted config keys, e.g. train.micro_batch_size)")
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _overrides(data: Any, where: str) -> dict[str, Any]:
-    """A `set:` mapping (dotted keys, or nested mappings) as one nested dict."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SweepError(f"{where}: expected a mapping of config keys to values, got {data!r}")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out = merge(out, _nested(str(key), value, f"{where}.{key}"))
-    return out
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _parse_budget(data: Any, where: str) -> tuple[str, list[float], str | None]:
-    if not isinstance(data, dict):
-        raise SweepError(f"{where}: expected a mapping like {{flops: 16.5e18}} or {{tokens: 20e9}}")
-    unknown = set(data) - {"flops", "tokens", "convention"}
-    if unknown:
-        raise SweepError(f"{where}.{sorted(unknown)[0]}: unknown key (known: flops, tokens, convention)")
-    kinds = [k for k in ("flops", "tokens") if k in data]
-    if len(kinds) != 1:
-        raise SweepError(f"{where}: give exactly one of flops or tokens")
-    kind = kinds[0]
-    values = []
-    for raw in _as_list(data[kind]):
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise SweepError(f"{where}.{kind}={raw!r}: not a number") from None
-        if not value > 0 or not math.isfinite(value):
-            raise SweepError(f"{where}.{kind}={raw!r}: must be a positive number")
-        values.append(value)
-    convention = data.get("convention")
-    if convention not in (None, "exact", "paper"):
-        raise SweepError(f"{where}.convention={convention!r}: one of exact, paper")
-    return kind, values, convention
-
-
-def _grid_axes(data: Any, where: str) -> dict[str, list[Any]]:
-    if not isinstance(data, dict):
-        raise SweepError(f"{where}: expected a mapping of axes ({', '.join(AXES)}) to lists of values")
-    allowed: dict[str, tuple[Any, ...] | None] = {"family": FAMILIES, "size": SIZES, "sharing": tuple(SharingStrategy),
-                                                  "router": tuple(RouterType), "kv_mode": tuple(KVMode),
-                                                  "num_recursions": None}
-    axes: dict[str, list[Any]] = {}
-    for key, raw in data.items():
-        if key not in AXES:
-            raise SweepError(f"{where}.{key}: unknown axis (known: {', '.join(AXES)})")
-        values = _as_list(raw)
-        if not values:
-            raise SweepError(f"{where}.{key}: empty list")
-        for value in values:
-            choices = allowed[key]
-            if choices is None:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise SweepError(f"{where}.{key}: {value!r} is not an integer >= 1")
-            elif value not in choices:
-                raise SweepError(f"{where}.{key}: unknown value {value!r} (one of {', '.join(map(str, choices))})")
-        axes[key] = values
-    for key in ("family", "size"):
-        if key not in axes:
-            raise SweepError(f"{where}: the grid needs a {key} axis")
-    return axes
-
-
-def _grid_point(point: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+def _grid_arm(point: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """(arm name, preset name, config overlay) of one grid point."""
     family, size = point["family"], point["size"]
     nr, sharing = point["num_recursions"], point["sharing"]
@@ -300,126 +412,120 @@ def _grid_point(point: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     name = preset
     if sharing != SharingStrategy.MIDDLE_CYCLE:
         base_layers = preset_dict("tiny-vanilla" if size == "tiny" else f"vanilla-{size}")["model"]["num_layers"]
-        overlay = {"model": {"sharing": sharing, "num_layers": paper_num_layers(base_layers, nr, sharing)}}
+        overlay = {"model": {"sharing": sharing.value, "num_layers": paper_num_layers(base_layers, nr, sharing)}}
         name = f"{preset}-{sharing.replace('_', '')}"
     return name, preset, overlay
-
-
-def _expand_grid(axes: dict[str, list[Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-    points, seen = [], set()
-    names = list(AXES)
-    for combo in itertools.product(*(axes.get(a, [AXIS_DEFAULTS.get(a)]) for a in names)):
-        point = dict(zip(names, combo))
-        # axes that do not apply to the family take their default, so duplicates collapse
-        point = {a: (v if point["family"] in AXES[a] else AXIS_DEFAULTS[a]) for a, v in point.items()}
-        key = tuple(point[a] for a in names)
-        if key not in seen:
-            seen.add(key)
-            points.append(_grid_point(point))
-    return points
 
 
 def _budget_suffix(value: float, kind: str) -> str:
     return f"{kind[0]}{value:.3g}".replace("+", "")
 
 
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Parse, expand and budget-match a sweep file; SweepError/ConfigError name the key or arm at fault."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path}: not found")
-    try:
-        data = yaml_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {path}: invalid YAML at {yaml_error(exc)}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"sweep file {path}: expected a mapping at the top level")
-    for key in data:
-        if key not in TOP_KEYS:
-            raise SweepError(f"{path}: {key}: unknown key (known: {', '.join(TOP_KEYS)})")
-    name = data.get("name") or path.stem
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise SweepError(f"{path}: name={name!r}: letters, digits, '.', '_' and '-' only")
-    if "budget" not in data:
-        raise SweepError(f"{path}: budget: missing (e.g. budget: {{flops: 16.5e18}})")
-    kind, budgets, convention = _parse_budget(data["budget"], f"{path}: budget")
-    common = _overrides(data.get("set"), f"{path}: set")
-    slurm = SlurmSpec.parse(data.get("slurm"), f"{path}: slurm")
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    # (arm name, source, config dict before budget, slurm spec)
-    candidates: list[tuple[str, str, dict[str, Any], SlurmSpec]] = []
-    skipped: list[tuple[str, str]] = []
-    if data.get("grid") is not None:
-        for arm_name, preset, overlay in _expand_grid(_grid_axes(data["grid"], f"{path}: grid")):
-            base = merge(preset_dict(preset), overlay)
-            try:
-                from_dict(base)
-            except ConfigError as exc:  # a combination the config rules forbid: skip it, say why
-                skipped.append((arm_name, str(exc)))
-                continue
-            candidates.append((arm_name, preset, base, slurm))
-    for i, arm in enumerate(data.get("arms") or []):
-        where = f"{path}: arms[{i}]"
-        if not isinstance(arm, dict):
-            raise SweepError(f"{where}: expected a mapping with name, config, set, slurm")
-        unknown = set(arm) - {"name", "config", "set", "slurm"}
-        if unknown:
-            raise SweepError(f"{where}.{sorted(unknown)[0]}: unknown key (known: name, config, set, slurm)")
-        if not arm.get("config"):
-            raise SweepError(f"{where}: config: missing (a preset name or a YAML file)")
-        source = str(arm["config"])
-        config_path = path.parent / source
-        spec = str(config_path) if source.endswith((".yaml", ".yml")) else source
+
+def config_overrides(cfg: Config, source: dict[str, Any]) -> dict[str, Any]:
+    """`--set` keys and values that turn the config `source` (a to_dict()) into `cfg`."""
+    before = _flat(source)
+    return {k: v for k, v in _flat(cfg.to_dict()).items() if k not in before or before[k] != v}
+
+
+@dataclass
+class _Candidate:
+    name: str
+    source: str
+    base: dict[str, Any]  # config dict before the common overrides and the budget
+    source_config: dict[str, Any]  # the source's resolved config (to_dict)
+    slurm: SlurmSpec
+
+
+def _grid_candidates(grid: GridSpec, slurm: SlurmSpec) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    candidates, skipped = [], []
+    for point in grid.points():
+        arm_name, preset, overlay = _grid_arm(point)
+        source = preset_dict(preset)
+        base = merge(source, overlay)
         try:
-            base = load_config(spec).to_dict()
+            from_dict(base)
+        except ConfigError as exc:  # a combination the config rules forbid: skip it, say why
+            skipped.append((arm_name, str(exc)))
+            continue
+        candidates.append(_Candidate(arm_name, preset, base, from_dict(source).to_dict(), slurm))
+    return candidates, skipped
+
+
+def _explicit_candidates(spec: SweepFile, path: Path) -> list[_Candidate]:
+    candidates = []
+    for i, arm in enumerate(spec.arms or []):
+        where = f"arms[{i}]"
+        source = arm.config
+        config = str(path.parent / source) if source.endswith((".yaml", ".yml")) else source
+        try:
+            resolved = load_config(config).to_dict()
         except ConfigError as exc:
-            raise SweepError(f"{where}: {exc}") from None
-        base = merge(base, _overrides(arm.get("set"), f"{where}.set"))
-        arm_name = str(arm.get("name") or Path(source).stem)
-        candidates.append((arm_name, source, base, SlurmSpec.parse(arm.get("slurm"), f"{where}.slurm", slurm)))
+            raise SweepError(f"{path}: {where}: {exc}") from None
+        try:
+            slurm = spec.slurm.override(arm.slurm, f"{where}.slurm")
+        except ConfigError as exc:
+            raise SweepError(f"{path}: {exc}") from None
+        candidates.append(_Candidate(arm.name or Path(source).stem, source, merge(resolved, arm.set), resolved,
+                                     slurm))
+    return candidates
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Read, expand and budget-match a sweep file; SweepError names the file and the key or arm at fault."""
+    path = Path(path)
+    spec = read_sweep_file(path)
+    name = spec.name or path.stem
+    if not NAME.fullmatch(name):
+        raise SweepError(f"{path}: name={name!r}: letters, digits, '.', '_' and '-' only")
+    candidates, skipped = _grid_candidates(spec.grid, spec.slurm) if spec.grid is not None else ([], [])
+    candidates += _explicit_candidates(spec, path)
     if not candidates:
         reasons = "; ".join(f"{n}: {why}" for n, why in skipped[:3])
         raise SweepError(f"{path}: no arms (give grid: or arms:)" + (f"; all grid points invalid: {reasons}"
                                                                       if skipped else ""))
 
+    budget = spec.budget
     arms: list[Arm] = []
-    for arm_name, source, base, spec in candidates:
-        for budget in budgets:
-            full_name = arm_name + (f"-{_budget_suffix(budget, kind)}" if len(budgets) > 1 else "")
-            arms.append(_budgeted_arm(full_name, source, base, common, spec, kind, budget, convention, name))
+    for c in candidates:
+        for value in budget.values:
+            full_name = c.name + (f"-{_budget_suffix(value, budget.kind)}" if len(budget.values) > 1 else "")
+            arms.append(_budgeted_arm(full_name, c, spec.set, budget.kind, value, budget.convention, name))
     names = [a.name for a in arms]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SweepError(f"{path}: arm name {dupes[0]!r} appears twice (give explicit arms distinct names)")
     for arm in arms:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", arm.name):
+        if not NAME.fullmatch(arm.name):
             raise SweepError(f"{path}: arm name {arm.name!r}: letters, digits, '.', '_' and '-' only")
 
     eval_args, eval_slurm = None, None
-    if data.get("eval") is not None:
-        ev = data["eval"]
-        if not isinstance(ev, dict) or set(ev) - {"args", "slurm"}:
-            raise SweepError(f"{path}: eval: expected a mapping with args (list) and slurm")
-        eval_args = [str(a) for a in _as_list(ev.get("args") or [])]
-        if any(not a or any(c.isspace() for c in a) for a in eval_args):
-            raise SweepError(f"{path}: eval.args: one word per list item (no spaces), e.g. [--tasks, paper]")
-        eval_slurm = SlurmSpec.parse(ev.get("slurm"), f"{path}: eval.slurm",
-                                     dataclasses.replace(slurm, nodes=1, gpus_per_node=min(slurm.gpus_per_node, 1),
-                                                         tasks_per_node=1, time="04:00:00"))
-    estimate = data.get("estimate") or {}
-    if not isinstance(estimate, dict) or set(estimate) - {"peak_tflops", "mfu"}:
-        raise SweepError(f"{path}: estimate: expected a mapping with peak_tflops and mfu")
-    peak, mfu = estimate.get("peak_tflops", 989.0), estimate.get("mfu", 0.4)
-    if not (isinstance(peak, (int, float)) and peak > 0 and isinstance(mfu, (int, float)) and 0 < mfu <= 1):
-        raise SweepError(f"{path}: estimate: peak_tflops must be > 0 and mfu in (0, 1]")
-    output_dir = Path(data.get("output_dir") or Path("runs") / "sweeps" / name).absolute()
-    return Sweep(name=name, path=path, output_dir=output_dir, budget_kind=kind, arms=arms, skipped=skipped,
-                 eval_args=eval_args, eval_slurm=eval_slurm, peak_tflops=float(peak), mfu=float(mfu))
+    if spec.eval is not None:
+        eval_args = spec.eval.args
+        base = dataclasses.replace(spec.slurm, nodes=1, gpus_per_node=min(spec.slurm.gpus_per_node, 1),
+                                   tasks_per_node=1, time="04:00:00")
+        try:
+            eval_slurm = base.override(spec.eval.slurm, "eval.slurm")
+        except ConfigError as exc:
+            raise SweepError(f"{path}: {exc}") from None
+    output_dir = Path(spec.output_dir or Path("runs") / "sweeps" / name).absolute()
+    return Sweep(name=name, path=path, output_dir=output_dir, budget_kind=budget.kind, arms=arms, skipped=skipped,
+                 eval_args=eval_args, eval_slurm=eval_slurm, peak_tflops=spec.estimate.peak_tflops,
+                 mfu=spec.estimate.mfu)
 
 
-def _budgeted_arm(name: str, source: str, base: dict[str, Any], common: dict[str, Any], spec: SlurmSpec,
-                  kind: str, budget: float, convention: str | None, group: str) -> Arm:
-    data = merge(base, common)
+def _budgeted_arm(name: str, candidate: _Candidate, common: dict[str, Any], kind: str, budget: float,
+                  convention: str | None, group: str) -> Arm:
+    data = merge(candidate.base, common)
     data = merge(data, {"name": name, "wandb": {"group": group, "name": name}})
     try:
         cfg = from_dict(data)
@@ -429,6 +535,7 @@ def _budgeted_arm(name: str, source: str, base: dict[str, Any], common: dict[str
         plan = plan_budget(cfg, **{kind: budget}, convention=convention)
     except ConfigError as exc:
         raise SweepError(f"arm {name}: {exc}") from None
+    spec = candidate.slurm
     if spec.signal_seconds >= time_limit_seconds(spec.time):
         raise SweepError(f"arm {name}: slurm.signal_seconds={spec.signal_seconds} is not below slurm.time="
                          f"{spec.time}: the checkpoint-and-requeue signal would come at once")
@@ -441,7 +548,8 @@ def _budgeted_arm(name: str, source: str, base: dict[str, Any], common: dict[str
     # the planned steps decide the run; the trainer then needs no planner of its own to agree with this table
     cfg.train.max_steps, cfg.train.max_tokens, cfg.train.max_flops = plan.steps, 0, 0.0
     cfg.train.flops_convention = plan.convention
-    return Arm(name=name, cfg=cfg, plan=plan, slurm=spec, source=source)
+    return Arm(name=name, cfg=cfg, plan=plan, slurm=spec, source=candidate.source,
+               overrides=config_overrides(cfg, candidate.source_config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,6 +649,22 @@ def table(sweep: Sweep) -> str:
     for name, why in sweep.skipped:
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
+
+
+def to_json(sweep: Sweep) -> dict[str, Any]:
+    """The dry run for scripts (`mor-ds sweep --dry-run --json`): per arm its source config and the overrides that
+    make its resolved config (`mor-ds train --config SOURCE --set KEY=VALUE …` reproduces it), its budget and
+    resources."""
+    arms = []
+    for arm in sweep.arms:
+        arms.append({"name": arm.name, "source": arm.source, "overrides": arm.overrides, "flops": arm.plan.flops,
+                     "tokens": arm.plan.tokens, "steps": arm.plan.steps, "convention": arm.plan.convention,
+                     "nodes": arm.slurm.nodes, "gpus_per_node": arm.slurm.gpus_per_node,
+                     "world_size": arm.slurm.world_size, "run_dir": str(sweep.arm_dir(arm)),
+                     "estimated_hours": sweep.estimated_hours(arm)})
+    return {"sweep": sweep.name, "file": str(sweep.path), "output_dir": str(sweep.output_dir),
+            "budget": sweep.budget_kind, "arms": arms,
+            "skipped": [{"name": name, "reason": why} for name, why in sweep.skipped]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,7 +161,8 @@ def test_each_choice_is_one_enum_for_config_registry_presets_and_sweep():
     from mor_ds.models.recursion import MOR_STACKS
     from mor_ds.models.sharing import SHAPES
     from mor_ds.presets import preset_dict
-    from mor_ds.sweep import AXES
+    from mor_ds.config import from_mapping
+    from mor_ds.sweep import GridSpec
 
     model, router = typing.get_type_hints(ModelConfig), typing.get_type_hints(RouterConfig)
     assert (model["family"], model["sharing"], model["kv_mode"], model["attention_backend"], router["type"]) == (
@@ -169,7 +170,8 @@ def test_each_choice_is_one_enum_for_config_registry_presets_and_sweep():
     assert set(SHAPES) == set(SharingStrategy) and set(MOR_STACKS) == set(RouterType)
     assert {AttentionBackend.REFERENCE, AttentionBackend.SDPA} <= set(BACKENDS) <= set(AttentionBackend) - {"auto"}
     assert ROUTING_CHOICES == ("causal", "topk", "both") and tuple(RoutingMode) == ("causal", "topk")
-    assert AXES["family"] == tuple(ModelFamily)
+    grid = from_mapping(GridSpec, {"family": list(ModelFamily), "size": "tiny", "sharing": "cycle"}, "grid")
+    assert grid.family == list(ModelFamily) and type(grid.sharing[0]) is SharingStrategy
     for family in ModelFamily:  # the preset-name pattern is built from the enum
         assert preset_dict(f"tiny-{family}")["model"]["family"] == family
     cfg = load_config("tiny-mor-tc", ["model.attention_backend=sdpa"])

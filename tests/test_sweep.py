@@ -3,6 +3,7 @@ Submission to a real Slurm is in tests/integration/test_slurm.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -216,6 +217,41 @@ def test_dry_run_prints_table_and_scripts_and_writes_nothing(tmp_path, monkeypat
     assert not (tmp_path / "runs").exists()
 
 
+def test_dry_run_json_gives_each_arm_its_source_overrides_budget_and_resources(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(SWEEPS / "tiny.yaml"), "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    sweep = load_sweep(SWEEPS / "tiny.yaml")
+    assert (out["sweep"], out["budget"], out["skipped"]) == ("tiny", "flops", [])
+    assert [a["name"] for a in out["arms"]] == ["tiny-vanilla", "tiny-mor-nr2"]
+    for row, arm in zip(out["arms"], sweep.arms):
+        assert (row["source"], row["steps"], row["tokens"], row["flops"]) == (
+            arm.name, arm.plan.steps, arm.plan.tokens, arm.plan.flops)
+        assert (row["nodes"], row["gpus_per_node"], row["world_size"], row["estimated_hours"]) == (1, 0, 1, None)
+        assert row["run_dir"] == str(tmp_path / "runs" / "sweeps" / "tiny" / arm.name)
+        # the overrides turn the source preset into the arm's config
+        assert row["overrides"]["train.max_steps"] == arm.plan.steps and row["overrides"]["train.seq_len"] == 64
+        assert row["overrides"]["wandb.group"] == "tiny" and "model.hidden_size" not in row["overrides"]
+        rebuilt = load_config(row["source"], [f"{k}={json.dumps(v)}" for k, v in row["overrides"].items()])
+        assert rebuilt == arm.cfg
+    assert row["steps"] == 24 and out["arms"][0]["steps"] == 20
+    assert not (tmp_path / "runs").exists()
+    assert main(["sweep", str(SWEEPS / "tiny.yaml"), "--json"]) == 2
+    assert capsys.readouterr().err == "mor-ds sweep: --json needs --dry-run (it prints the arms instead of submitting them)\n"
+
+
+def test_arm_and_eval_resources_change_the_sweeps_key_by_key(tmp_path):
+    path = write_sweep(tmp_path, budget={"tokens": 4096},
+                       arms=[{"config": "tiny-vanilla", "slurm": {"env": {"B": 2}, "time": "02:00:00"}}],
+                       slurm={"env": {"A": "1"}, "sbatch_args": ["--exclusive"]}, eval={"args": ["--limit", 100]})
+    sweep = load_sweep(path)
+    (arm,) = sweep.arms
+    assert (arm.slurm.env, arm.slurm.time, arm.slurm.sbatch_args) == ({"A": "1", "B": "2"}, "02:00:00", ["--exclusive"])
+    assert sweep.eval_args == ["--limit", "100"]
+    ev = sweep.eval_slurm
+    assert (ev.nodes, ev.tasks_per_node, ev.gpus_per_node, ev.time, ev.env) == (1, 1, 0, "04:00:00", {"A": "1"})
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: one line naming the file, key or arm
 
@@ -244,6 +280,15 @@ def test_dry_run_prints_table_and_scripts_and_writes_nothing(tmp_path, monkeypat
     ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"time": "soon"}}, "slurm.time='soon'"),
     ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "priority": 1}, "priority: unknown key"),
     ({"budget": {"flops": 1e12}}, "no arms"),
+    ({"budget": {"flops": 1e12}, "grid": {**TINY_GRID, "router": ["expert"]}},
+     "grid.router: unknown value 'expert' (one of expert_choice, token_choice)"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"env": ["A=1"]}}, "slurm.env: expected a mapping"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "slurm": {"nodes": "two"}}, "slurm.nodes: 'two' is not an int"),
+    ({"budget": {"flops": 1e12}, "arms": [{"name": "x"}]}, "arms[0].config: missing"),
+    ({"budget": {"flops": 1e12}, "arms": [{"config": "tiny-mor", "slurm": {"gpu": 1}}]},
+     "arms[0].slurm.gpu: unknown key"),
+    ({"budget": {"flops": 1e12}, "grid": TINY_GRID, "eval": {"args": ["--tasks paper"]}},
+     "eval.args: one word per list item"),
 ])
 def test_bad_sweep_files(tmp_path, data, message):
     with pytest.raises(SweepError) as info:

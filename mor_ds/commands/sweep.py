@@ -1,6 +1,7 @@
-"""`mor-ds sweep SWEEP.yaml [--dry-run]`: compute-matched arms -> resolved configs -> one sbatch job each.
+"""`mor-ds sweep SWEEP.yaml [--dry-run [--json]]`: compute-matched arms -> resolved configs -> one sbatch job each.
 
     mor-ds sweep slurm/sweeps/isoflop-360m.yaml --dry-run    # table of arms + the rendered job scripts
+    mor-ds sweep slurm/sweeps/isoflop-360m.yaml --dry-run --json   # the arms as JSON, for scripts
     mor-ds sweep slurm/sweeps/isoflop-360m.yaml              # submit (re-run: only arms not yet submitted)
     mor-ds sweep slurm/sweeps/isoflop-360m.yaml --resubmit mor-360m-nr3   # forget an arm's job, submit it again
 
@@ -10,9 +11,10 @@ Exit codes: 0 done; 1 an sbatch failed (the arms submitted so far are recorded);
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from mor_ds.sweep import SweepError, load_sweep, render_eval, render_train, submit, table
+from mor_ds.sweep import SweepError, load_sweep, render_eval, render_train, submit, table, to_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,17 +22,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML (see slurm/sweeps/ and docs/slurm.md)")
     p.add_argument("--dry-run", action="store_true", help="print the arms and their job scripts; submit nothing")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the arms as JSON (name, source config, overrides, FLOPs, tokens, "
+                        "steps, nodes x GPUs) instead of the table and scripts")
     p.add_argument("--resubmit", action="append", default=[], metavar="ARM",
                    help="submit ARM again even if the state file records it (repeatable)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json and not args.dry_run:
+        print("mor-ds sweep: --json needs --dry-run (it prints the arms instead of submitting them)", file=sys.stderr)
+        return 2
     try:
         sweep = load_sweep(args.sweep)
     except SweepError as exc:
         print(f"mor-ds sweep: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(to_json(sweep), indent=2))
+        return 0
     print(table(sweep), flush=True)
     if args.dry_run:
         for arm in sweep.arms:
