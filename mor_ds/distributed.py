@@ -191,7 +191,7 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over data-parallel ranks (the callable passed to `model.update_router_bias`)."""
+    """In-place sum over data-parallel ranks (the callable passed to `model.update_router_state`)."""
     if is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -12,7 +12,7 @@ exact  (MFU, throughput): forward FLOPs of every matmul the model runs, per toke
        fractions are given. kv_mode "share": K/V projections skipped at steps r ≥ 1, whose active queries
        attend over the keys of step 0. Embedding lookup, norms, RoPE, softmax, activations and the loss
        are not matmuls and are not counted (a few % of the total at the paper's sizes).
-paper  the accounting Bae et al. 2025 used to match compute (docs/mor-reference.md): forward only (no ×3),
+paper  the accounting Bae et al. 2025 used to match compute (their Sec. 3 and released configs): forward only (no ×3),
        embeddings / LM head / norms / routers excluded, K and V projections counted as d×d (GQA ignored),
        per unrolled layer cap·2·(4d² + 3·d·ffn) + cap²·2·d·S, and under KV sharing at steps r ≥ 1
        cap·2·(2d² + 3·d·ffn) + cap·2·d·S; cap = capacity_r as a real number (unique prelude/coda layers and

@@ -498,7 +498,7 @@ def test_calibrated_thresholds_give_causal_routing_the_capacity_schedule(causal_
         model(x[:, :-1], labels=x[:, 1:]).total_loss.backward()
         opt.step()
         opt.zero_grad()
-        model.update_router_bias()  # τ moves once per optimizer step
+        model.update_router_state()  # τ moves once per optimizer step
     assert router.threshold_updates.tolist() == [0, steps, steps]  # step 0 keeps everyone: no cut to track
     assert router.causal_threshold[0] == -math.inf
     model.eval()
@@ -526,7 +526,7 @@ def _rank_thresholds(rank: int, world: int, init_file: str, batches: torch.Tenso
     try:
         model = _threshold_model()
         model(batches[rank])
-        model.update_router_bias(distributed.all_reduce_sum)
+        model.update_router_state(distributed.all_reduce_sum)
         torch.save(model.recursion.router.causal_threshold, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -550,7 +550,7 @@ def test_calibrated_thresholds_are_the_same_on_every_data_parallel_rank(tmp_path
     single = _threshold_model()
     for batch in batches:  # two micro-batches, one step
         single(batch)
-    single.update_router_bias()
+    single.update_router_state()
     assert torch.equal(ranks[0], ranks[1])
     assert torch.equal(ranks[0], single.recursion.router.causal_threshold)
     assert ranks[0][0] == -math.inf and torch.all(ranks[0][1:].isfinite())

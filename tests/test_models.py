@@ -192,7 +192,7 @@ def test_loss_free_balancing_moves_bias_toward_underloaded_depths():
     load = model.recursion.router.load.clone()
     assert load.sum() == 2 * SEQ
     summed = []
-    model.update_router_bias(all_reduce=lambda t: summed.append(t) or t * 2)  # as if two ranks saw the same
+    model.update_router_state(all_reduce=lambda t: summed.append(t) or t * 2)  # as if two ranks saw the same
     bias = model.recursion.router.balance_bias
     assert summed and torch.equal(bias, 0.5 * torch.sign(load.mean() - load))
     assert model.recursion.router.load.sum() == 0

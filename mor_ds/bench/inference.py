@@ -175,7 +175,7 @@ def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_router_bias()
+        model.update_router_state()
         if step == 0 or step == args.train_steps - 1:
             losses.append(round(float(out.loss.detach()), 3))
     router = getattr(model.recursion, "router", None)
@@ -186,7 +186,7 @@ def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict
             with torch.no_grad(), autocast:
                 for _ in range(args.calibration_batches):  # one "step" of several micro-batches
                     model(torch.from_numpy(tokens[windows()][:, :-1]).to(device))
-            model.update_router_bias()
+            model.update_router_state()
         result["causal_thresholds"] = [round(t, 5) for t in router.causal_threshold.tolist()]
     model.eval()
     return {**result, "steps": args.train_steps, "tokens_per_step": seq * batch, "lm_loss_first_last": losses,

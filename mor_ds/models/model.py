@@ -62,12 +62,13 @@ class CausalLM(nn.Module):
             return ModelOutput(None, self.lm_head(h), aux_losses, stats)
         return ModelOutput(self.lm_head(h, labels), None, aux_losses, stats)  # never (B, S, V) logits when fused
 
-    def update_router_bias(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Router state moved once per optimizer step (call after every one; `all_reduce` sums over ranks):
-        token-choice loss-free balancing bias, expert-choice calibrated causal thresholds; no-op otherwise."""
+    def update_router_state(self, all_reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """The routers' running state, moved once per optimizer step (call after every applied one; `all_reduce`
+        sums over data-parallel ranks so every rank moves it alike): token-choice's loss-free balancing bias and
+        expert-choice's calibrated causal thresholds τ_r (EMA of where training's top-k cut); no-op otherwise."""
         if (isinstance(self.recursion, TokenChoiceMoR) and self.router_cfg.balancing == "loss_free"
                 or isinstance(self.recursion, ExpertChoiceMoR) and self.router_cfg.causal_threshold == "calibrated"):
-            self.recursion.update_bias(all_reduce)
+            self.recursion.update_router_state(all_reduce)
 
     def num_params(self, unique: bool = True, embedding: bool = True) -> int:
         """Parameters of the model (unique=True) or of the vanilla model it unrolls to (unique=False)."""

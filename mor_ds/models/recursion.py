@@ -161,7 +161,7 @@ class ExpertChoiceMoR(MoRStack):
     def combine(self, sel: Selection, stack_input: Tensor, h: Tensor, out: Tensor) -> Tensor:
         return expert_choice_update(h, out, sel.weight, self.rule)
 
-    def update_bias(self, all_reduce=None) -> None:
+    def update_router_state(self, all_reduce=None) -> None:
         self.router.update_thresholds(all_reduce)
 
 
@@ -188,7 +188,7 @@ class TokenChoiceMoR(MoRStack):
         x = gather_rows(stack_input, sel.active.idx) if self.rule == "paper" else None
         return torch.where(sel.finishing[..., None], token_choice_exit(x, h, out, sel.weight, self.rule), out)
 
-    def update_bias(self, all_reduce=None) -> None:
+    def update_router_state(self, all_reduce=None) -> None:
         self.router.update_bias(all_reduce)
 
 

@@ -119,7 +119,7 @@ class ExpertChoiceRouter(nn.Module):
     r, as training did; −inf at steps whose capacity keeps everyone. Before its first update (buffer
     `threshold_updates` = 0), or with router.causal_threshold=zero, τ_r = 0: sigmoid(logit) > 0.5, the BCE's
     decision boundary. Forward passes in training only collect the cuts; `update_thresholds` (through
-    `CausalLM.update_router_bias`, after every optimizer step) moves τ."""
+    `CausalLM.update_router_state`, after every optimizer step) moves τ."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: RouterConfig):
         super().__init__()

@@ -98,7 +98,7 @@ def adamw_step_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     beta1, beta2 = betas
     if n == 0:
         return
-    # the interpreter's fp32 -> bf16 conversion truncates (docs/cpu-stack-notes: its bf16 is wrong): round by hand
+    # the Triton interpreter's fp32 -> bf16 conversion truncates instead of rounding to nearest even: round by hand
     bf16_bits = out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     grid = (triton.cdiv(n, block_size),)
     _adamw_kernel[grid](

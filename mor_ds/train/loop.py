@@ -152,8 +152,8 @@ class Trainer:
                 self.faults.poison_weights(self.state.step, self.is_main, self.model)
                 self.state.tokens += self.tokens_per_step
                 self.state.flops += self.flops_per_token * self.tokens_per_step
-                if result.applied:  # token-choice loss-free balancing: bias from loads summed over ranks
-                    self.model.update_router_bias(distributed.all_reduce_sum)
+                if result.applied:  # balancing bias / causal thresholds from statistics summed over ranks
+                    self.model.update_router_state(distributed.all_reduce_sum)
                 self.record = {}
                 for callback in self.callbacks:
                     callback.on_step_end(self, result)
