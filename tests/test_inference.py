@@ -571,6 +571,32 @@ def test_bench_compares_each_model_with_the_vanilla_of_its_depth():
     assert base[(None, "batch_max")]["tokens_per_s"] == 1.0 and (30, "batch_max") not in base
 
 
+def test_bench_trains_routers_with_the_trainers_groups_and_schedule():
+    """The benchmark's short router training is the trainer's recipe: its parameter groups (no decay on norm gains)
+    and WSD schedule (10% warmup, decay to 0 over the last 20%), at --train-lr; it trains (loss falls) and
+    calibrates the causal thresholds."""
+    from types import SimpleNamespace
+
+    from mor_ds.bench.inference import router_training_recipe, train_briefly
+    from mor_ds.train.optim import param_groups
+    from mor_ds.train.schedules import lr_at
+
+    cfg = load_config("tiny-mor", [f"model.vocab_size={VOCAB}", "model.hidden_size=32", "model.num_heads=2",
+                                   "model.num_kv_heads=1", "model.intermediate_size=48"])
+    args = SimpleNamespace(train_lr=1e-3, train_steps=10, train_seq=16, train_batch=4, calibration_batches=1)
+    recipe = router_training_recipe(cfg, args)
+    assert (recipe.betas, recipe.weight_decay, recipe.grad_clip) == (cfg.optim.betas, 0.1, 1.0)
+    assert [round(lr_at(s, 10, recipe), 9) for s in range(10)] == [1e-3] * 8 + [5e-4, 0.0]
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.router)
+    groups = param_groups(model, recipe)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and all(p.ndim == 1 for p in groups[1]["params"])
+    tokens = np.tile(np.arange(64) % 7, 200)  # a learnable periodic text
+    result = train_briefly(model, cfg, tokens, args, torch.device("cpu"))
+    first, last = result["lm_loss_first_last"]
+    assert result["steps"] == 10 and last < first and len(result["causal_thresholds"]) == 2
+
+
 def test_bench_sizes_mor_pools_by_the_steps_tokens_run():
     """The max batch's KV per sequence counts, per shared layer, the steps a token runs (the prompt at held-out
     routing, the generation at generated text's once a row measured it); with no estimate every step."""

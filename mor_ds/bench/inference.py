@@ -15,6 +15,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -25,9 +26,12 @@ import numpy as np
 import torch
 
 from mor_ds.bench.timing import environment
-from mor_ds.config import load_config
+from mor_ds.choices import ModelFamily, RoutingMode
+from mor_ds.config import Config, OptimConfig, load_config
 from mor_ds.inference.engine import SLOT_BUCKETS, TICKS_PER_REPLAY
 from mor_ds.models.mor_math import capacity_schedule
+from mor_ds.train.optim import build_optimizer, param_groups
+from mor_ds.train.schedules import lr_at
 
 DEFAULT_MODELS = ["vanilla-360m", "mor-360m-nr3", "mor-360m-nr2", "recursive-360m-nr3", "mor-360m-nr3-kvshare",
                   "mor-360m-nr4", "vanilla-360m-L34"]
@@ -148,12 +152,20 @@ def load_tokens(path: str, vocab: int, seed: int = 0) -> tuple[np.ndarray, str]:
     return tokens, "synthetic Markov chain (no --data file)"
 
 
-def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict:
-    """Short training run of the whole model (LM + router losses) so routing is trained, not random; the
-    learning rate warms up over the first 10% and decays linearly to 0 over the last 20% (as a WSD run ends),
-    while the routers track their causal thresholds τ_r."""
+def router_training_recipe(cfg: Config, args) -> OptimConfig:
+    """The trainer's optimizer settings at --train-lr on its WSD schedule, warming up over the first 10% of the
+    short run and decaying to 0 over the last 20% (as a full run ends)."""
+    return dataclasses.replace(cfg.optim, lr=args.train_lr, schedule="wsd", warmup_fraction=0.1, decay_fraction=0.2,
+                               min_lr_ratio=0.0)
+
+
+def train_briefly(model, cfg: Config, tokens: np.ndarray, args, device: torch.device) -> dict:
+    """Short training run of the whole model (LM + router losses) so routing is trained, not random: the
+    trainer's parameter groups, AdamW, clipping and schedule (`router_training_recipe`), while the routers
+    track their causal thresholds τ_r."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.train_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    recipe = router_training_recipe(cfg, args)
+    opt = build_optimizer(param_groups(model, recipe), recipe, device)
     rng = np.random.default_rng(1)
     seq, batch = args.train_seq, args.train_batch
 
@@ -165,14 +177,12 @@ def train_briefly(model, tokens: np.ndarray, args, device: torch.device) -> dict
     start = time.perf_counter()
     for step in range(args.train_steps):
         for group in opt.param_groups:
-            warm = (step + 1) / max(1, args.train_steps // 10)
-            decay = (args.train_steps - step) / max(1, args.train_steps // 5)
-            group["lr"] = args.train_lr * min(1.0, warm, decay)
+            group["lr"] = lr_at(step, args.train_steps, recipe)
         x = torch.from_numpy(tokens[windows()]).to(device)
         with autocast:
             out = model(x[:, :-1], labels=x[:, 1:])
         out.total_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.update_router_state()
@@ -201,7 +211,7 @@ def held_out_depth(model, tokens: np.ndarray, args, device: torch.device) -> lis
     seq = min(args.train_seq, len(held) // 16)
     x = torch.from_numpy(held[:16 * seq].reshape(16, seq)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        stats = model.eval()(x, routing="causal").stats
+        stats = model.eval()(x, routing=RoutingMode.CAUSAL).stats
     return [round(float(stats[f"depth_frac/{r}"]), 4) for r in range(model.cfg.num_recursions)]
 
 
@@ -316,7 +326,7 @@ def engine_check(device: torch.device, compile_glue: bool) -> dict:
 # --kernel-timing cases: (name, (query heads, KV heads, head dim), rows, mean cached length, recursion steps Nr);
 # Nr = 0: every row at ~the mean (a vanilla tick's layer call); Nr > 0: a MoR block layer's call, each row at its
 # own depth r (drawn at the capacity schedule) reading a depth-r cache of ~(Nr − r)/Nr of the mean, 5% of rows
-# outside the recursion (length 0). Rows and lengths as the max-batch ticks of session 6/7 at prompt 512.
+# outside the recursion (length 0). Rows and lengths as a max batch's ticks at prompt 512 on an H100 (80 GB).
 KERNEL_TIMING_CASES = [("360m vanilla", (15, 5, 64), 1500, 640, 0), ("360m MoR-4 block", (15, 5, 64), 2230, 640, 4),
                        ("1.7b vanilla", (32, 32, 64), 253, 640, 0), ("1.7b MoR-4 block", (32, 32, 64), 419, 640, 4)]
 
@@ -408,28 +418,35 @@ def make_requests(n: int, tokens: np.ndarray, args, seed: int):
     return [Request(held_out[s:s + args.prompt_len].tolist(), int(g), sampling) for s, g in zip(starts, lengths)]
 
 
-def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
-            width_fraction: float | None = None, slot_buckets: int | None = None,
-            prefill_rows: int | None = None, requests_per_slot: float | None = None,
-            page_size: int | None = None, ticks_per_replay: int | None = None,
-            compile_glue: bool | None = None) -> dict:
-    from mor_ds.inference import Engine, Request
-
-    max_len = args.prompt_len + args.gen_max + 1
+def engine_settings(slots: int, num_pages: int | None, args, device: torch.device,
+                    width_fraction: float | None = None, slot_buckets: int | None = None,
+                    prefill_rows: int | None = None, page_size: int | None = None,
+                    ticks_per_replay: int | None = None, compile_glue: bool | None = None) -> tuple[dict, bool]:
+    """(Engine keyword arguments, whether to capture CUDA graphs) for `slots` slots and a pool of `num_pages`
+    pages (None: the engine's default), from the command line unless a variant's keyword says otherwise."""
     graph = device.type == "cuda" and not args.no_graph
     fraction = args.width_fraction if width_fraction is None else width_fraction
     width = math.ceil(fraction * slots) if fraction else None
     if page_size and num_pages:  # the same pool bytes in pages of another size
         num_pages = num_pages * args.page_size // page_size
-    kwargs = dict(max_slots=slots, max_len=max_len, num_pages=num_pages, page_size=page_size or args.page_size,
-                  count_kv_reads=True, decode_backend=args.decode_backend, admit_batch=args.admit_batch,
-                  prelude_width=width, coda_width=width, slot_buckets=slot_buckets or args.slot_buckets,
+    kwargs = dict(max_slots=slots, max_len=args.prompt_len + args.gen_max + 1, num_pages=num_pages,
+                  page_size=page_size or args.page_size, count_kv_reads=True, decode_backend=args.decode_backend,
+                  admit_batch=args.admit_batch, prelude_width=width, coda_width=width,
+                  slot_buckets=slot_buckets or args.slot_buckets,
                   ticks_per_replay=ticks_per_replay or args.ticks_per_replay,
                   compile_glue=(graph and not args.eager_glue) if compile_glue is None else compile_glue)
     if prefill_rows or args.prefill_rows:
         kwargs["prefill_rows"] = prefill_rows or args.prefill_rows
+    return kwargs, graph
+
+
+def start_engine(model, graph: bool, kwargs: dict):
+    """(engine, CUDA graphs captured, why not if they failed, seconds to build: KV pool, capture, the glue's
+    compilation); a failed capture falls back to eager steps and says so."""
+    from mor_ds.inference import Engine
+
     graph_error = None
-    build_start = time.perf_counter()
+    start = time.perf_counter()
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
     except Exception as exc:  # noqa: BLE001 - fall back to eager steps and say so
@@ -440,12 +457,16 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         gc.collect()
         torch.cuda.empty_cache()
         engine = Engine(model, cuda_graph=False, **kwargs)
-    im = engine.im
-    build_s = time.perf_counter() - build_start  # KV pool, graph capture (the glue's compilation included)
-    # warm-up: prefill and decode paths, allocator; then reset the counters
+    return engine, graph, graph_error, time.perf_counter() - start
+
+
+def timed_run(engine, tokens: np.ndarray, slots: int, per_slot: float, args, device: torch.device) -> tuple[list, float]:
+    """A warm-up (prefill and decode paths, allocator; counters reset after it), then slots × per_slot requests
+    timed end to end: (requests, wall seconds)."""
+    from mor_ds.inference import Request
+
     engine.run([Request(r.prompt, 4) for r in make_requests(min(slots, 64), tokens, args, seed=99)])
     engine.reset_stats()
-    per_slot = requests_per_slot or (args.requests_per_slot if num_pages is None else args.max_requests_per_slot)
     requests = make_requests(max(slots, int(slots * per_slot)), tokens, args, seed=slots)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -453,16 +474,21 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
     engine.run(requests)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    st = engine.stats
+    return requests, time.perf_counter() - start
+
+
+def run_row(engine, requests: list, wall: float, bandwidth: float, device: torch.device) -> dict:
+    """A timed run's figures: throughput, prefill and tick times against the tick's bandwidth floor (weights and
+    the KV it read, over the copy bandwidth), routing, widths and waits, engine settings."""
+    im, st, cfg = engine.im, engine.stats, engine.im.model.cfg
     decode_tokens = st.tokens - len(requests) - st.preemptions  # the first token of each admission is prefill's
-    kv_bytes_tick = float(im.kv_tokens_read) / max(1, st.ticks) * 2 * model.cfg.num_kv_heads * model.cfg.head_dim * 2
+    kv_bytes_tick = float(im.kv_tokens_read) / max(1, st.ticks) * 2 * cfg.num_kv_heads * cfg.head_dim * 2
     weight_bytes = tick_weight_bytes(im)
     tick_ms = st.decode_s / max(1, st.ticks) * 1e3
     floor_ms = (weight_bytes + kv_bytes_tick) / bandwidth * 1e3
-    out = {
-        "slots": slots, "requests": len(requests), "generated_tokens": st.tokens, "wall_s": round(wall, 3),
-        "tokens_per_s": round(st.tokens / wall, 1),
+    return {
+        "slots": engine.max_slots, "requests": len(requests), "generated_tokens": st.tokens,
+        "wall_s": round(wall, 3), "tokens_per_s": round(st.tokens / wall, 1),
         "decode_tokens_per_s": round(decode_tokens / st.decode_s, 1) if st.decode_s else None,
         "prefill_s": round(st.prefill_s, 3), "decode_s": round(st.decode_s, 3), "ticks": st.ticks,
         "prefills": st.prefills, "prefill_ms_per_call": round(st.prefill_s / max(1, st.prefills) * 1e3, 2),
@@ -480,14 +506,16 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
         "prelude_width": engine.prelude_width, "coda_width": engine.coda_width,
         "prelude_waits": st.prelude_waits, "coda_waits": st.coda_waits, "wait_ticks": st.wait_ticks,
         "waits_per_token": round((st.prelude_waits + st.coda_waits) / max(1, decode_tokens), 4),
-        "kv_pool_pages": engine.cache.num_pages, "cuda_graph": graph, "compile_glue": engine.glue.compiled,
-        "engine_build_s": round(build_s, 1),
+        "kv_pool_pages": engine.cache.num_pages, "compile_glue": engine.glue.compiled,
         # occupancy buckets: slots the ticks ran on average, slots moved to keep the live ones packed
         "slot_buckets": len(engine.buckets), "slots_per_tick": round(st.slot_rows / max(1, st.ticks), 1),
         "slot_moves": st.slot_moves,
     }
-    if graph_error:
-        out["cuda_graph_error"] = graph_error
+
+
+def profiles(engine, tokens: np.ndarray, slots: int, args, device: torch.device) -> dict:
+    """--profile-prefill / --profile-ticks on the engine after its timed run; a failure is reported, not raised."""
+    out = {}
     if args.profile_prefill:  # on the idle engine, before the tick profile leaves requests in flight
         try:
             out["prefill_profile"] = profile_prefills(engine, tokens, args, args.profile_prefill)
@@ -498,6 +526,22 @@ def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, 
             out["profile"] = profile_ticks(engine, make_requests(slots, tokens, args, seed=slots + 1), args.profile_ticks)
         except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the row
             out["profile"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def measure(model, tokens: np.ndarray, slots: int, num_pages: int | None, args, device, bandwidth: float,
+            requests_per_slot: float | None = None, **variant) -> dict:
+    """One row: an engine of `slots` slots (`variant`: engine settings other than the command line's, see
+    `engine_settings`) serving slots × requests per slot held-out prompts."""
+    kwargs, graph = engine_settings(slots, num_pages, args, device, **variant)
+    engine, graph, graph_error, build_s = start_engine(model, graph, kwargs)
+    per_slot = requests_per_slot or (args.requests_per_slot if num_pages is None else args.max_requests_per_slot)
+    requests, wall = timed_run(engine, tokens, slots, per_slot, args, device)
+    out = {**run_row(engine, requests, wall, bandwidth, device), "cuda_graph": graph,
+           "engine_build_s": round(build_s, 1)}
+    if graph_error:
+        out["cuda_graph_error"] = graph_error
+    out.update(profiles(engine, tokens, slots, args, device))
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -583,7 +627,7 @@ def kv_tokens_per_sequence(im, prompt_reach: list[float], gen_reach: list[float]
     """Cached tokens (summed over caches) a sequence holds at the expected length: its prompt's at the
     routing of prompt text (held-out), its generation's at the routing of generated text once a row
     measured it (the two differ: token-choice routed generated text 0 / 0.49 / 0.51 / 0 over 0…3 steps
-    against held-out 1 / 0.70 / 0.31 reaching steps 0…2, session 7); half a page of slack per cache."""
+    against held-out 1 / 0.70 / 0.31 reaching steps 0…2 at 360M); half a page of slack per cache."""
     return (expected_groups_per_token(im, prompt_reach) * args.prompt_len
             + expected_groups_per_token(im, gen_reach) * args.gen_mean + im.layout.num_groups * args.page_size / 2)
 
@@ -615,17 +659,20 @@ def batch_order(batch: str) -> tuple[float, int]:
     return int(batch), 0
 
 
-def run(args: argparse.Namespace) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+def device_checks(device: torch.device, args) -> tuple[dict, float]:
+    """The run's environment and its device checks (kernels against PyTorch, the engine against generate,
+    the decode kernel's timing), and the copy bandwidth the floors are computed with."""
     env = environment()
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else 1e11
     env["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
-    if device.type == "cuda" and args.decode_backend != "torch":
+    if device.type != "cuda":
+        return env, bandwidth
+    if args.decode_backend != "torch":
         env["kernel_errors"] = kernel_check(device)  # decode attention, fused RoPE + K/V write, SiLU·up
         if not kernels_ok(env["kernel_errors"]):
             args.decode_backend = "torch"
             env["decode_backend"] = "torch (kernel check failed)"
-    if device.type == "cuda" and args.check:
+    if args.check:
         try:
             compiled = not args.eager_glue
             env["engine_vs_generate_token_agreement"] = engine_check(device, compiled)
@@ -634,11 +681,72 @@ def run(args: argparse.Namespace) -> int:
                 env[f"engine_vs_generate_token_agreement_{other}_glue"] = engine_check(device, not compiled)
         except Exception as exc:  # noqa: BLE001
             env["engine_vs_generate_token_agreement"] = f"{type(exc).__name__}: {exc}"
-    if device.type == "cuda" and args.kernel_timing:
+    if args.kernel_timing:
         try:
             env["decode_kernel_timing"] = kernel_timing(device, bandwidth)
         except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the run
             env["decode_kernel_timing"] = f"{type(exc).__name__}: {exc}"
+    return env, bandwidth
+
+
+def batch_variants(batch: str, family: str, compiled_glue: bool, args) -> list[tuple[str, dict]]:
+    """(row-key suffix, `measure` keywords) of the extra rows at one batch: the --sweep-* settings at the
+    memory-bound batches (prelude / coda widths: MoR only), the glue the other way with --sweep-compile-glue."""
+    variants = []
+    if batch.startswith("max"):
+        widths = args.sweep_widths if family == ModelFamily.MOR else []
+        variants += [(f"w{f}", {"width_fraction": f}) for f in widths]
+        variants += [(f"b{b}", {"slot_buckets": b}) for b in args.sweep_buckets]
+        variants += [(f"p{r}", {"prefill_rows": r}) for r in args.sweep_prefill_rows]
+        variants += [(f"r{r:g}", {"requests_per_slot": r}) for r in args.sweep_requests_per_slot]
+        variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
+        variants += [(f"k{k}", {"ticks_per_replay": k}) for k in args.sweep_ticks_per_replay]
+    if args.sweep_compile_glue:
+        variants.append(("eg" if compiled_glue else "cg", {"compile_glue": not compiled_glue}))
+    return variants
+
+
+def bench_model(name: str, entry: dict, args, device: torch.device, bandwidth: float, over_budget) -> None:
+    """Every batch of one model into `entry`: MoR routers trained first, the held-out depth distribution, then a
+    row per batch and variant (each printed as it lands)."""
+    model, cfg = build(name, args.smoke, device, args.threshold_momentum)
+    family = cfg.model.family
+    tokens, source = load_tokens(args.data, cfg.model.vocab_size)
+    entry.update(data=source, unique_params=model.num_params(), layers=cfg.model.num_layers)
+    if family == ModelFamily.MOR and args.train_steps:
+        entry["router_training"] = train_briefly(model, cfg, tokens[:int(len(tokens) * 0.9)], args, device)
+    if family == ModelFamily.MOR:
+        entry["causal_depth_held_out"] = held_out_depth(model, tokens, args, device)
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    # steps a token runs, for the KV a max batch's sequence holds: prompts at held-out text's, generated tokens at
+    # generated text's once a row measured it (held-out's before; a uniform guess undersizes MoR pools)
+    prompt_reach: list[float] = entry.get("causal_depth_held_out", [])
+    reach = prompt_reach
+    batches = list(args.batches) + (list(args.vanilla_batches) if family == ModelFamily.VANILLA else [])
+    for batch in sorted(batches, key=batch_order):
+        if over_budget():
+            entry[f"batch_{batch}"] = {"skipped": "time budget"}
+            continue
+        if batch.startswith("max"):
+            cap = int(batch[3:]) if batch[3:] else args.max_batch_cap
+            slots, pages = max_slots_for(model, prompt_reach, reach, args, device, cap)
+        else:
+            slots, pages = int(batch), None
+        row = measure(model, tokens, slots, pages, args, device, bandwidth)
+        reach = step_reach(row["depth_fractions"]) if row["depth_fractions"] else reach
+        entry[f"batch_{batch}"] = row
+        print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
+        for suffix, variant in batch_variants(batch, family, row["compile_glue"], args):
+            if over_budget():
+                break
+            row = measure(model, tokens, slots, pages, args, device, bandwidth, **variant)
+            entry[f"batch_{batch}_{suffix}"] = row
+            print(json.dumps({"model": name, "batch": f"{batch}_{suffix}", **row}), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    env, bandwidth = device_checks(device, args)
     print(json.dumps(env), flush=True)
     results = {"environment": env, "args": {k: v for k, v in vars(args).items() if not callable(v)}, "models": []}
     begin = time.perf_counter()
@@ -653,53 +761,7 @@ def run(args: argparse.Namespace) -> int:
         entry: dict = {"model": name}
         results["models"].append(entry)
         try:
-            model, cfg = build(name, args.smoke, device, args.threshold_momentum)
-            tokens, source = load_tokens(args.data, cfg.model.vocab_size)
-            entry.update(data=source, unique_params=model.num_params(), layers=cfg.model.num_layers)
-            if cfg.model.family == "mor" and args.train_steps:
-                entry["router_training"] = train_briefly(model, tokens[:int(len(tokens) * 0.9)], args, device)
-            if cfg.model.family == "mor":
-                entry["causal_depth_held_out"] = held_out_depth(model, tokens, args, device)
-            model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-            # steps a token runs, for the KV a max batch's sequence holds: prompts at held-out text's, generated
-            # tokens at generated text's once a row measured it (held-out's before; not a uniform guess: it
-            # undersized MoR pools, session 5)
-            prompt_reach: list[float] = entry.get("causal_depth_held_out", [])
-            reach = prompt_reach
-            batches = list(args.batches) + (list(args.vanilla_batches) if cfg.model.family == "vanilla" else [])
-            for batch in sorted(batches, key=batch_order):
-                if over_budget():
-                    entry[f"batch_{batch}"] = {"skipped": "time budget"}
-                    continue
-                if batch.startswith("max"):
-                    cap = int(batch[3:]) if batch[3:] else args.max_batch_cap
-                    slots, pages = max_slots_for(model, prompt_reach, reach, args, device, cap)
-                else:
-                    slots, pages = int(batch), None
-                row = measure(model, tokens, slots, pages, args, device, bandwidth)
-                reach = step_reach(row["depth_fractions"]) if row["depth_fractions"] else reach
-                entry[f"batch_{batch}"] = row
-                print(json.dumps({"model": name, "batch": batch, **row}), flush=True)
-                # the same slots at other engine settings (prelude / coda widths: MoR only)
-                variants = []
-                if batch.startswith("max"):
-                    widths = args.sweep_widths if cfg.model.family == "mor" else []
-                    variants += [(f"w{f}", {"width_fraction": f}) for f in widths]
-                    variants += [(f"b{b}", {"slot_buckets": b}) for b in args.sweep_buckets]
-                    variants += [(f"p{r}", {"prefill_rows": r}) for r in args.sweep_prefill_rows]
-                    variants += [(f"r{r:g}", {"requests_per_slot": r}) for r in args.sweep_requests_per_slot]
-                    variants += [(f"g{g}", {"page_size": g}) for g in args.sweep_page_size]
-                    variants += [(f"k{k}", {"ticks_per_replay": k}) for k in args.sweep_ticks_per_replay]
-                if args.sweep_compile_glue:
-                    compiled = row["compile_glue"]
-                    variants.append(("eg" if compiled else "cg", {"compile_glue": not compiled}))
-                for suffix, variant in variants:
-                    if over_budget():
-                        break
-                    row = measure(model, tokens, slots, pages, args, device, bandwidth, **variant)
-                    entry[f"batch_{batch}_{suffix}"] = row
-                    print(json.dumps({"model": name, "batch": f"{batch}_{suffix}", **row}), flush=True)
-            del model
+            bench_model(name, entry, args, device, bandwidth, over_budget)
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
             entry["error"] = f"{type(exc).__name__}: {exc}"
             print(json.dumps(entry), flush=True)
