@@ -6,7 +6,7 @@ launcher also passes `--local_rank`); Slurm's `srun` sets SLURM_PROCID, SLURM_NT
 SLURM_NODELIST. `discover()` maps either onto one `DistEnv`, and `init_distributed()` exports it as the standard
 variables so DeepSpeed never falls back to MPI discovery. One process per GPU; gloo on CPU, nccl on CUDA.
 
-`build_engine()` wraps a plain single-device model into an `Engine`: a small facade over DeepSpeed's engine
+`build_engine()` wraps a plain single-device model into a `TrainEngine`: a small facade over DeepSpeed's engine
 (forward, backward, step, learning rate, grad norm, checkpoint save/load) so the training loop and its
 callbacks never touch DeepSpeed directly.
 """
@@ -362,7 +362,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
 # the engine facade
 
 
-class Engine:
+class TrainEngine:
     """What the training loop needs from DeepSpeed, and nothing else."""
 
     def __init__(self, ds_engine: Any, ds_config: dict[str, Any]):
@@ -430,7 +430,7 @@ class Engine:
 
     def load(self, load_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
         """Collective. A checkpoint that does not fit this model or engine is a one-line CheckpointError."""
-        from mor_ds.train.checkpoint import CheckpointError
+        from mor_ds.train.checkpoint_dir import CheckpointError
 
         path = Path(load_dir) / tag
         try:
@@ -456,7 +456,7 @@ def load_failure(exc: BaseException) -> str:
 
 def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
                  param_groups: list[dict[str, Any]], optimizer_factory: Callable[[list[dict[str, Any]]], Any]
-                 ) -> Engine:
+                 ) -> TrainEngine:
     """`deepspeed.initialize` on `model` (activation checkpointing / compile applied first, as configured).
 
     `optimizer_factory(param_groups)` builds the client optimizer; with optimizer offload DeepSpeed builds its own
@@ -481,7 +481,7 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
                                          config=ds_config, dist_init_required=False)
     patches.fuse_zero_grad_checks(ds_engine.optimizer)
     patches.apply_fused_step(ds_engine.optimizer, cfg.optim.fused_step, device_for(env))
-    return Engine(ds_engine, ds_config)
+    return TrainEngine(ds_engine, ds_config)
 
 
 def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
@@ -498,7 +498,7 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 
 __all__ = [
-    "DistEnv", "DistributedError", "Engine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
+    "DistEnv", "DistributedError", "TrainEngine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
     "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
     "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom",

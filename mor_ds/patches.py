@@ -178,7 +178,7 @@ def fuse_zero_grad_checks(optimizer: Any) -> bool:
 # the fp32 partition's `.grad`, multiply it by the clip coefficient, run the optimizer (torch's fused AdamW), copy
 # the fp32 partition into the bf16 one, and finally all-gather the bf16 partitions over the data-parallel group.
 # `install_fused_zero_step` replaces that step on one optimizer instance by the same flow with the middle part done
-# in one kernel (`mor_ds.train.fused_adamw`): flatten (a bf16 copy; a ZeRO-2 fp32 accumulation buffer is already
+# in one kernel (`mor_ds.kernels.fused_adamw`): flatten (a bf16 copy; a ZeRO-2 fp32 accumulation buffer is already
 # flat and is read in place) → clip + AdamW + bf16 write-back in one pass. The overflow check, global norm
 # (zero-grad-checks), loss scaler, skipped-step handling, gradient release, timers and the all-gather are
 # DeepSpeed's, called as its own step calls them.
@@ -262,7 +262,7 @@ class FusedZeroStep:
     """`DeepSpeedZeroOptimizer.step` for the covered case (see above); bound to one optimizer."""
 
     def __init__(self, optimizer: Any):
-        from mor_ds.train.fused_adamw import adamw_step_  # Triton: imported only where the fused step runs
+        from mor_ds.kernels.fused_adamw import adamw_step_  # Triton: imported only where the fused step runs
 
         self.kernel = adamw_step_
         self.opt = optimizer

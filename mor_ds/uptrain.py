@@ -96,7 +96,7 @@ def init_from_vanilla(target: CausalLM, vanilla: CausalLM, mode: str = "average"
 
 def load_vanilla(source: str | Path) -> tuple[CausalLM, Config]:
     """A vanilla model from a mor-ds checkpoint / export, or from a local Hugging Face Llama directory."""
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
     from mor_ds.interop import import_hf
 
     path = Path(source).expanduser()

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from mor_ds.bench.train import (HF_BASELINES, ISSUE_PEAK_FLOPS, Arm, CompileCounter, add_arguments,
-                                issue_flops_per_token, parse_arm, plan_arms, run_hf)
+from mor_ds.bench.train import (HF_BASELINES, H100_DENSE_BF16_FLOPS, Arm, CompileCounter, add_arguments,
+                                flops_6n_per_token, parse_arm, plan_arms, run_hf)
 from mor_ds.config import load_config
 from mor_ds.models import build_model
 
@@ -34,9 +34,9 @@ def test_smoke_end_to_end(tmp_path):
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["optimizer_ms"] > 0
         assert row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"] <= row["step_ms"] + 1e-6
         assert 0 < row["final_loss"] < 10  # random ids over a 512 vocab: ln 512 ≈ 6.2
-        expect = issue_flops_per_token(row["params"], 8, 64, 32)  # smoke shapes: 8 layers, d 64, seq 32
-        assert row["issue_flops_per_token"] == expect
-        assert row["mfu_issue"] == pytest.approx(row["tokens_per_s_per_gpu"] * expect / ISSUE_PEAK_FLOPS, abs=1e-4)
+        expect = flops_6n_per_token(row["params"], 8, 64, 32)  # smoke shapes: 8 layers, d 64, seq 32
+        assert row["flops_6n_per_token"] == expect
+        assert row["mfu_6n"] == pytest.approx(row["tokens_per_s_per_gpu"] * expect / H100_DENSE_BF16_FLOPS, abs=1e-4)
         assert row["mfu"] is None and "peak_rss_gib" in row  # no peak FLOP/s on CPU
         assert any(op["op"] == "aten::mm" for op in row["profile_top"])  # the profiled step after the timed ones
         assert row["triton_jit_in_timed_steps"] == 0 and row["compiled_graphs_in_timed_steps"] == 0

@@ -25,3 +25,13 @@ def test_every_cited_repository_file_exists():
             if not (REPO / cited).exists():
                 missing.setdefault(cited, path.relative_to(REPO).as_posix())
     assert not missing, missing
+
+
+def test_the_module_map_names_every_module():
+    """docs/architecture.md's module map lists every module of mor_ds (by file name) and every kernel's home."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    modules = [p for p in (REPO / "mor_ds").rglob("*.py") if p.name != "__init__.py"]
+    assert not [p.relative_to(REPO).as_posix() for p in modules if p.name not in text]
+    kernels = text[text.index("## Triton kernels"):]
+    homes = {p.relative_to(REPO).as_posix() for p in modules if "@triton.jit" in p.read_text()}
+    assert homes and not [h for h in homes if f"`{h}`" not in kernels]

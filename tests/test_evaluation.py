@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from safetensors.torch import save_model
 
 from fixtures.tiny_lm import TASKS_DIR, tiny_config, tiny_model, tiny_tokenizer
-from mor_ds.checkpoint import CONFIG_KEY
+from mor_ds.weights import CONFIG_KEY
 from mor_ds.evaluation.adapter import MoRLM
 from mor_ds.cli import main as cli_main
 from mor_ds.evaluation.harness import EvalError, format_table, run_fewshot

@@ -1,4 +1,4 @@
-"""The fused ZeRO-1/2 AdamW step (mor_ds.train.fused_adamw, the fused-zero-step patch) against torch AdamW and DeepSpeed's step.
+"""The fused ZeRO-1/2 AdamW step (mor_ds.kernels.fused_adamw; the fused-zero-step patch) vs torch AdamW and DeepSpeed.
 
 CPU: the Triton kernel under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) against torch.optim.AdamW
 over several steps with weight decay and clipping; the same kernel compiled for sm_90a (no GPU needed); real
@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from mor_ds import distributed  # noqa: E402
 from mor_ds.config import ConfigError, load_config  # noqa: E402
-from mor_ds.train.fused_adamw import adamw_step_  # noqa: E402
+from mor_ds.kernels.fused_adamw import adamw_step_  # noqa: E402
 from mor_ds.patches import FusedZeroStep, apply_fused_step  # noqa: E402
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -56,7 +56,7 @@ def check_against_torch_adamw(n: int, grad_dtype: torch.dtype, clip: float, devi
     assert torch.equal(out, master.bfloat16())
 
 
-@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_kernel_matches_torch_adamw(grad_dtype):
     check_against_torch_adamw(3 * 4096 + 17, grad_dtype, clip=0.5, device="cpu")  # a partial last block
 
@@ -92,7 +92,7 @@ def _hopper_report() -> None:
     from triton.compiler import ASTSource
 
     from mor_ds.kernels.aot import ptxas_report
-    from mor_ds.train.fused_adamw import BLOCK_SIZE, NUM_WARPS, _adamw_kernel
+    from mor_ds.kernels.fused_adamw import BLOCK_SIZE, NUM_WARPS, _adamw_kernel
 
     report = {}
     for grad_type in ("*bf16", "*fp32"):
@@ -160,7 +160,7 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
     batches = torch.randint(0, 64, (steps, accumulation, env.world_size, micro, 17),
                             generator=torch.Generator().manual_seed(1))[:, :, env.rank].to(device)
 
-    def engine_for(fused: bool) -> distributed.Engine:
+    def engine_for(fused: bool) -> distributed.TrainEngine:
         cfg = load_config("tiny-vanilla", [
             "model.vocab_size=64", "model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
             "model.intermediate_size=48", "model.num_layers=3", "model.fused_loss=plain",
@@ -174,7 +174,7 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
         assert isinstance(vars(engine._ds.optimizer).get("step"), FusedZeroStep) == fused
         return engine
 
-    def train(engine: distributed.Engine, window: range) -> list[float]:
+    def train(engine: distributed.TrainEngine, window: range) -> list[float]:
         losses = []
         for k in window:
             for batch in batches[k]:
@@ -185,7 +185,7 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
             assert engine.step_applied()
         return losses
 
-    def snapshot(engine: distributed.Engine, done: int = steps) -> list[torch.Tensor]:
+    def snapshot(engine: distributed.TrainEngine, done: int = steps) -> list[torch.Tensor]:
         """bf16 weights, then per group the fp32 master partition and both moments, after `done` steps."""
         opt = engine._ds.optimizer
         out = [p.detach().clone() for p in engine.module.parameters()]
@@ -218,7 +218,7 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
         else:  # a GPU's forward/backward need not be bitwise reproducible
             assert_near(losses, state, ref_losses, ref_state)
 
-    def use_fused_step(engine: distributed.Engine, fused: bool) -> None:
+    def use_fused_step(engine: distributed.TrainEngine, fused: bool) -> None:
         """Switch the step implementation of a live engine (a fresh host step count)."""
         opt = engine._ds.optimizer
         if fused:
@@ -226,7 +226,7 @@ def _engine_checks(zero_stage: int, accumulation: int, ckpt: str) -> None:
         else:
             vars(opt).pop("step", None)  # DeepSpeedZeroOptimizer.step
 
-    def run(engine: distributed.Engine) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
+    def run(engine: distributed.TrainEngine) -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
         losses = train(engine, range(1))
         after_one = snapshot(engine, 1)
         return losses + train(engine, range(1, steps)), after_one, snapshot(engine)
@@ -280,7 +280,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITO
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_kernel_matches_torch_adamw_cuda(grad_dtype):
     check_against_torch_adamw(4 * 2**20 + 123, grad_dtype, clip=0.5, device="cuda", steps=5)
 

@@ -50,24 +50,30 @@ def recompute(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.
     return tokens, logits
 
 
-FAMILIES = [
-    ("tiny-vanilla", ()),
-    ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6")),
-    ("tiny-recursive", ()),  # middle_cycle
-    ("tiny-recursive", ("model.kv_mode=share",)),
-    ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6", "model.kv_mode=share")),
-    ("tiny-mor", ()),  # expert-choice, aux_loss (thresholded router), recursion-wise caching
-    ("tiny-mor-kvshare", ()),
-    ("tiny-mor", ("router.causal_mode=aux_router", "model.num_recursions=3", "model.num_layers=8")),
-    ("tiny-mor", ("router.causal_mode=aux_router", "model.kv_mode=share")),
-    ("tiny-mor-tc", ()),
-    ("tiny-mor-tc", ("model.kv_mode=share", "router.balancing=loss_free")),
-    ("tiny-mor", ("router.combine=delta",)),  # the ablation's rule, expert and token choice
-    ("tiny-mor-tc", ("router.combine=delta", "model.kv_mode=share")),
-]
+FAMILIES = {
+    "vanilla": ("tiny-vanilla", ()),
+    "recursive-cycle": ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6")),
+    "recursive": ("tiny-recursive", ()),  # middle_cycle
+    "recursive-kvshare": ("tiny-recursive", ("model.kv_mode=share",)),
+    "recursive-cycle-kvshare": ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6", "model.kv_mode=share")),
+    "mor": ("tiny-mor", ()),  # expert-choice, aux_loss (thresholded router), recursion-wise caching
+    "mor-kvshare": ("tiny-mor-kvshare", ()),
+    "mor-nr3-aux-router": ("tiny-mor", ("router.causal_mode=aux_router", "model.num_recursions=3",
+                                        "model.num_layers=8")),
+    "mor-aux-router-kvshare": ("tiny-mor", ("router.causal_mode=aux_router", "model.kv_mode=share")),
+    "mor-tc": ("tiny-mor-tc", ()),
+    "mor-tc-kvshare-loss-free": ("tiny-mor-tc", ("model.kv_mode=share", "router.balancing=loss_free")),
+    "mor-delta": ("tiny-mor", ("router.combine=delta",)),  # the ablation's rule, expert and token choice
+    "mor-tc-delta-kvshare": ("tiny-mor-tc", ("router.combine=delta", "model.kv_mode=share")),
+}
 
 
-@pytest.mark.parametrize("name,overrides", FAMILIES)
+def families(*names: str) -> list:
+    """(preset, overrides) of the named FAMILIES (all of them by default), each with its name as the test id."""
+    return [pytest.param(*FAMILIES[n], id=n) for n in names or FAMILIES]
+
+
+@pytest.mark.parametrize("name,overrides", families())
 def test_cached_generation_equals_full_recomputation(name, overrides):
     model = tiny(name, *overrides)
     prompts = [prompt(7, 1), prompt(12, 2)]
@@ -84,7 +90,8 @@ def test_cached_generation_equals_full_recomputation(name, overrides):
 REQUESTS = [(5, 9), (11, 4), (3, 12), (8, 1), (14, 7), (6, 10)]  # (prompt length, new tokens)
 
 
-@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[7], FAMILIES[8], FAMILIES[10]])
+@pytest.mark.parametrize("name,overrides", families("vanilla", "mor-nr3-aux-router", "mor-aux-router-kvshare",
+                                                    "mor-tc-kvshare-loss-free"))
 def test_engine_moves_live_slots_into_the_smallest_bucket_without_changing_output(name, overrides):
     """Eight slots, sixteen requests of mixed lengths, 2-row prelude/coda widths: as the queue drains,
     live slots (tokens mid-recursion, waiting to enter or to leave) move down so the tick runs 1…8 slots;
@@ -105,7 +112,7 @@ def test_engine_moves_live_slots_into_the_smallest_bucket_without_changing_outpu
     assert stats[8].slot_rows < 0.9 * stats[1].slot_rows  # the drain runs smaller ticks
 
 
-@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[7], FAMILIES[10]])
+@pytest.mark.parametrize("name,overrides", families("vanilla", "mor-nr3-aux-router", "mor-tc-kvshare-loss-free"))
 def test_compiled_tick_glue_traces_whole_and_changes_no_output(name, overrides):
     """The tick's bookkeeping through torch.compile (fullgraph, dynamic shapes; the aot_eager backend traces
     it as Inductor would, without a compiler): slot buckets and narrow widths vary the shapes, and the output
@@ -127,8 +134,8 @@ def test_compiled_tick_glue_traces_whole_and_changes_no_output(name, overrides):
     assert stats[0] == stats[1] and stats[1][5] < 6 * stats[1][0]  # ticks ran at both bucket sizes
 
 
-@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[3], FAMILIES[5], FAMILIES[6], FAMILIES[7],
-                                            FAMILIES[9], FAMILIES[10]])
+@pytest.mark.parametrize("name,overrides", families("vanilla", "recursive-kvshare", "mor", "mor-kvshare",
+                                                    "mor-nr3-aux-router", "mor-tc", "mor-tc-kvshare-loss-free"))
 def test_engine_equals_each_request_alone(name, overrides):
     """Three slots for six requests: requests join and leave while others are mid-recursion."""
     model = tiny(name, *overrides)
@@ -157,7 +164,7 @@ def assert_phase_layers_agree(engine: Engine) -> None:
             assert (held == held[0]).all(), keys
 
 
-@pytest.mark.parametrize("name,overrides", [FAMILIES[7], FAMILIES[10]])
+@pytest.mark.parametrize("name,overrides", families("mor-nr3-aux-router", "mor-tc-kvshare-loss-free"))
 def test_narrow_prelude_and_coda_widths_make_tokens_wait_and_change_no_output(name, overrides):
     """W_in / W_out of 1–2 rows for 3 slots: tokens wait to enter and to leave, output is unchanged, and
     the wait counts close the books: slot-ticks of live slots = Σ over tokens of (ticks waiting to enter
@@ -245,7 +252,7 @@ def test_engine_ends_sampled_requests_on_the_sampled_token():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs CUDA and compiled Triton (CUDA graph of the tick)")
-@pytest.mark.parametrize("name,overrides", [FAMILIES[0], FAMILIES[7], FAMILIES[10]])
+@pytest.mark.parametrize("name,overrides", families("vanilla", "mor-nr3-aux-router", "mor-tc-kvshare-loss-free"))
 def test_cuda_graph_engine_equals_each_request_alone(name, overrides):
     """The captured tick (compacted prelude / coda, head and greedy choice inside the graph), default and
     1-row widths, against generate of each request alone on the same device."""
@@ -433,7 +440,7 @@ def test_generate_command_on_an_export_and_a_config_dir(tmp_path, capsys):
 
     from safetensors.torch import save_model
 
-    from mor_ds.checkpoint import CONFIG_KEY
+    from mor_ds.weights import CONFIG_KEY
     from mor_ds.cli import main
 
     cfg = load_config("tiny-mor", ["model.vocab_size=256", "model.hidden_size=64", "model.num_heads=4",

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from fixtures.tiny_lm import VOCAB, tiny_config, tiny_model, tiny_tokenizer
-from mor_ds.checkpoint import load_model
+from mor_ds.weights import load_model
 from mor_ds.cli import main as cli_main
 from mor_ds.interop import InteropError, export_hf, import_hf, write_export
 from mor_ds.interop.hf_export import export_tokenizer
@@ -179,7 +179,7 @@ def test_import_hf_command_writes_a_loadable_export(tokenizer, tmp_path, capsys)
     ({"attention_bias": True}, "import-hf: config.json attention_bias=True is not supported (need False)"),
     ({"hidden_act": "gelu"}, "import-hf: config.json hidden_act='gelu' is not supported (need 'silu')"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "import-hf: rope scaling"),
-])
+], ids=["attention_bias", "hidden_act", "rope_scaling"])
 def test_import_rejects_what_our_block_does_not_compute(tokenizer, tmp_path, overrides, message):
     _, path = tiny_llama(tmp_path, tokenizer, **overrides)
     with pytest.raises(InteropError) as info:

@@ -68,7 +68,7 @@ def check_against_reference(q, k, v, *, row_valid=None, tol=None, **kwargs):
         assert (out * ~valid).abs().max() == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_mode1_recursion_wise_cache(dtype):
     gen = torch.Generator().manual_seed(0)
     idx = sorted_active(2, 96, [40, 40], gen)

@@ -32,24 +32,29 @@ def sharpen_routers(model) -> None:
                 p.normal_(0, 1.0)
 
 
-FAMILIES = [
-    ("tiny-vanilla", ()),
-    ("tiny-recursive", ()),
-    ("tiny-recursive", ("model.kv_mode=share",)),
-    ("tiny-recursive", ("model.sharing=sequence", "model.num_layers=6")),
-    ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6")),
-    ("tiny-recursive", ("model.sharing=middle_sequence",)),
-    ("tiny-mor", ()),
-    ("tiny-mor-kvshare", ()),
-    ("tiny-mor", ("router.causal_mode=aux_router",)),
-    ("tiny-mor", ("model.num_recursions=3", "model.num_layers=8")),
-    ("tiny-mor-tc", ()),
-    ("tiny-mor-tc", ("model.kv_mode=share",)),
-    ("tiny-mor-tc", ("router.balancing=loss_free",)),
-]
+FAMILIES = {
+    "vanilla": ("tiny-vanilla", ()),
+    "recursive": ("tiny-recursive", ()),
+    "recursive-kvshare": ("tiny-recursive", ("model.kv_mode=share",)),
+    "recursive-sequence": ("tiny-recursive", ("model.sharing=sequence", "model.num_layers=6")),
+    "recursive-cycle": ("tiny-recursive", ("model.sharing=cycle", "model.num_layers=6")),
+    "recursive-middle-sequence": ("tiny-recursive", ("model.sharing=middle_sequence",)),
+    "mor": ("tiny-mor", ()),
+    "mor-kvshare": ("tiny-mor-kvshare", ()),
+    "mor-aux-router": ("tiny-mor", ("router.causal_mode=aux_router",)),
+    "mor-nr3": ("tiny-mor", ("model.num_recursions=3", "model.num_layers=8")),
+    "mor-tc": ("tiny-mor-tc", ()),
+    "mor-tc-kvshare": ("tiny-mor-tc", ("model.kv_mode=share",)),
+    "mor-tc-loss-free": ("tiny-mor-tc", ("router.balancing=loss_free",)),
+}
 
 
-@pytest.mark.parametrize("name,overrides", FAMILIES)
+def families(*names: str) -> list:
+    """(preset, overrides) of the named FAMILIES (all of them by default), each with its name as the test id."""
+    return [pytest.param(*FAMILIES[n], id=n) for n in names or FAMILIES]
+
+
+@pytest.mark.parametrize("name,overrides", families())
 def test_future_tokens_never_change_earlier_logits(name, overrides):
     model, _ = tiny(name, *overrides)
     sharpen_routers(model)
@@ -64,7 +69,7 @@ def test_future_tokens_never_change_earlier_logits(name, overrides):
     assert not torch.allclose(a[:, cut:], b[:, cut:])
 
 
-@pytest.mark.parametrize("name,overrides", [f for f in FAMILIES if "mor" in f[0]])
+@pytest.mark.parametrize("name,overrides", families(*(n for n in FAMILIES if n.startswith("mor"))))
 def test_batched_equals_each_sequence_alone(name, overrides):
     """Padding of uneven active counts (token-choice, causal expert-choice) never leaks across rows."""
     model, _ = tiny(name, *overrides)
@@ -164,7 +169,8 @@ def test_unselected_tokens_pass_through_unchanged():
 
 
 @pytest.mark.parametrize("name,overrides", [("tiny-mor", ()), ("tiny-mor", ("router.causal_mode=aux_router",)),
-                                            ("tiny-mor", ("router.arch=mlp",)), ("tiny-mor-tc", ())])
+                                            ("tiny-mor", ("router.arch=mlp",)), ("tiny-mor-tc", ())],
+                         ids=["mor", "mor-aux-router", "mor-mlp-router", "mor-tc"])
 def test_gradients_reach_router_parameters(name, overrides):
     model, _ = tiny(name, *overrides)
     model.train()
@@ -236,8 +242,7 @@ def test_expert_choice_softmax_refuses_causal_routing():
     assert model(tokens(), routing="topk").logits.shape == (2, SEQ, VOCAB)
 
 
-@pytest.mark.parametrize("name,overrides", [("tiny-mor", ()), ("tiny-mor", ("model.num_recursions=3", "model.num_layers=8")),
-                                            ("tiny-mor-kvshare", ())])
+@pytest.mark.parametrize("name,overrides", families("mor", "mor-nr3", "mor-kvshare"))
 def test_compact_causal_shortcut_equals_attention_by_original_positions(name, overrides, monkeypatch):
     """Top-k rows are ascending and unpadded, so plain causal attention on the compact tensors (what FlashAttention
     runs) must equal attention masked by original positions."""

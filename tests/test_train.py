@@ -18,7 +18,7 @@ import torch
 
 from mor_ds import distributed
 from mor_ds.config import ConfigError, OptimConfig, load_config
-from mor_ds.train import checkpoint as ckpt
+from mor_ds.train import checkpoint_dir as ckpt
 from mor_ds.train.callbacks.metrics import read_metrics, truncate_metrics
 from mor_ds.train.callbacks.wandb_logger import resolve_mode
 from mor_ds.train.faults import EXIT_PREEMPTED, FaultPlan, oom_message

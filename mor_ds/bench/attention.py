@@ -8,7 +8,7 @@ full-length output, so gathers and scatters are timed too. Modes:
 - share (recursive KV sharing): active queries attend to every token's K/V (first recursion's).
 Times are medians (ms) of forward and forward+backward; useful TFLOP/s counts only visible (query, key)
 pairs: 4·D per pair and head forward, 14·D forward+backward. "ideal" = full causal SDPA time × the share of
-visible pairs (≈ f² for cache, ≈ f for share), as in issue 7.
+visible pairs (≈ f² for cache, ≈ f for share): what a kernel that skips every invisible pair could reach.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def run_workload(w: Workload, flex: bool, rep_ms: int, repeats: int = 1, graphs:
 
 
 def summarize(r: dict) -> dict:
-    """Ideal times, speedups and the issue's goals for one workload result."""
+    """Ideal times, speedups and the kernels' targets (the table's goals column) for one workload result."""
     t = r["times"]
     frac_pairs = r["pairs"] / r["full_pairs"]
     full = t["full causal SDPA"]

@@ -16,7 +16,7 @@ pick, so the hardest bar; `amp` = fp32 weights under bf16 autocast (Hugging Face
 
 Reported per arm: tokens/s (all GPUs and per GPU), TFLOP/s per GPU and MFU by the planner's exact FLOPs
 (`mor_ds.flops`, forward + backward of every matmul executed; MoR counts only active tokens) against the device's
-dense bf16 peak, MFU by the issue's formula tokens/s × (6·params + 6·layers·d·seq) / 989 TFLOP/s, peak memory
+dense bf16 peak, MFU by one formula for every row (mfu_6n): tokens/s × (6·params + 6·layers·d·seq) / 989 TFLOP/s, peak memory
 (after warm-up), and the step time split into forward / backward / optimizer step (CUDA events on CUDA; "other" is
 what the step spends outside the three: batch copy, learning rate, callbacks).
 
@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 import torch
 
-ISSUE_PEAK_FLOPS = 989e12  # H100 SXM dense bf16: the issue's MFU denominator for every row
+H100_DENSE_BF16_FLOPS = 989e12  # H100 SXM dense bf16: mfu_6n's denominator for every row, whatever the device
 DEFAULT_CONFIGS = ["vanilla-135m", "vanilla-360m", "mor-360m-nr3", "mor-360m-nr2"]
 HF_BASELINES = ("hf-eager", "hf-compile", "hf-liger")
 # `+name` suffixes of a config arm: config overrides, so the fast paths can be compared with the plain ones
@@ -227,7 +227,7 @@ def synchronize(device: torch.device) -> None:
 
 
 class TimedEngine:
-    """The trainer's Engine facade with forward / backward / optimizer-step phases timed; all else delegates."""
+    """The trainer's TrainEngine facade with forward / backward / optimizer-step phases timed; all else delegates."""
 
     def __init__(self, engine: Any, timer: PhaseTimer):
         self._engine, self._timer = engine, timer
@@ -359,7 +359,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def summarize(clock: Clock, tokens_per_step_per_gpu: int, steps: int, world: int, exact_flops_per_token: float,
-              issue_flops_per_token: float, peak_tflops: float | None) -> dict[str, Any]:
+              flops_6n_per_token: float, peak_tflops: float | None) -> dict[str, Any]:
     elapsed = clock.end - clock.start
     per_gpu = tokens_per_step_per_gpu * steps / elapsed
     tflops = exact_flops_per_token * per_gpu / 1e12
@@ -371,14 +371,16 @@ def summarize(clock: Clock, tokens_per_step_per_gpu: int, steps: int, world: int
         "tokens_per_s": round(per_gpu * world, 1), "tokens_per_s_per_gpu": round(per_gpu, 1),
         "step_ms": round(step_ms, 2), **breakdown,
         "tflops_per_gpu": round(tflops, 2), "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None,
-        "mfu_issue": round(per_gpu * issue_flops_per_token / ISSUE_PEAK_FLOPS, 4),
-        "exact_flops_per_token": exact_flops_per_token, "issue_flops_per_token": issue_flops_per_token,
+        "mfu_6n": round(per_gpu * flops_6n_per_token / H100_DENSE_BF16_FLOPS, 4),
+        "exact_flops_per_token": exact_flops_per_token, "flops_6n_per_token": flops_6n_per_token,
         "final_loss": round(clock.last_loss, 4), **clock.compiles.report(),
     }
 
 
-def issue_flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
-    """The issue's one formula for every row: 6·params + 6·layers·d·seq."""
+def flops_6n_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """FLOPs per token by one formula for every row, whatever the family: 6·params (forward + backward of every
+    weight once) + 6·layers·d·seq (attention scores and values, causal half). Comparable across our arms and the
+    Hugging Face baselines; for recursive / MoR arms it is not the FLOPs they execute (the planner's MFU is)."""
     return 6.0 * params + 6.0 * layers * hidden * seq_len
 
 
@@ -435,7 +437,7 @@ def run_mor_ds(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
         "fused_loss": resolve_fused_loss(m.fused_loss, device), "compile": distributed.resolve_compile(t.compile, device),
         "activation_checkpointing": t.activation_checkpointing, "attention_backend": m.attention_backend,
         **summarize(clock, t.micro_batch_size * t.seq_len, args.steps, env.world_size, exact,
-                    issue_flops_per_token(num_params, m.num_layers, m.hidden_size, t.seq_len),
+                    flops_6n_per_token(num_params, m.num_layers, m.hidden_size, t.seq_len),
                     _peak_tflops(cfg, device)),
         **peak_memory(device),
     }
@@ -525,7 +527,7 @@ def run_hf(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
         "family": "hf-llama", "params": params, "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
         "world_size": 1, "precision": args.hf_precision,
         **summarize(clock, t.micro_batch_size * t.seq_len, args.steps, 1, flops_per_token(cfg, "exact"),
-                    issue_flops_per_token(params, m.num_layers, m.hidden_size, t.seq_len),
+                    flops_6n_per_token(params, m.num_layers, m.hidden_size, t.seq_len),
                     _peak_tflops(cfg, device)),
         **peak_memory(device),
         **({"profile_top": profiler.top} if profiler else {}),
@@ -635,7 +637,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"\n{'arm':34} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(issue)':>10} {'step ms':>8} "
+    print(f"\n{'arm':34} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(6N)':>10} {'step ms':>8} "
           f"{'fwd':>7} {'bwd':>7} {'opt':>7} {'other':>7} {'peak GiB':>8}")
     for row in results["arms"]:
         if "tokens_per_s" not in row:
@@ -644,7 +646,7 @@ def print_table(results: dict[str, Any]) -> None:
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
         mem = row.get("peak_mem_gib", row.get("peak_rss_gib"))
         print(f"{row['arm']:34} {row['tokens_per_s_per_gpu']:>10.0f} {row['tflops_per_gpu']:>8.1f} {mfu:>6} "
-              f"{row['mfu_issue']:>10.1%} {row['step_ms']:>8.1f} {row.get('forward_ms', 0):>7.1f} "
+              f"{row['mfu_6n']:>10.1%} {row['step_ms']:>8.1f} {row.get('forward_ms', 0):>7.1f} "
               f"{row.get('backward_ms', 0):>7.1f} {row.get('optimizer_ms', 0):>7.1f} {row['other_ms']:>7.1f} "
               f"{mem:>8}")
         if row.get("triton_jit_in_timed_steps") or row.get("compiled_graphs_in_timed_steps"):

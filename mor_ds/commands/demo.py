@@ -53,7 +53,7 @@ def plot_losses(metrics_path: Path, out: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mor_ds import distributed
-    from mor_ds.checkpoint import export_checkpoint
+    from mor_ds.weights import export_checkpoint
     from mor_ds.commands.eval import evaluate_checkpoint
     from mor_ds.config import load_config
     from mor_ds.train.callbacks.metrics import METRICS_FILE, read_metrics

@@ -30,7 +30,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
     import torch
 
     from mor_ds import distributed
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
     from mor_ds.config import ConfigError
     from mor_ds.train.callbacks.evaluate import evaluate
     from mor_ds.train.data import resolve_data, shard_loader
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
         return fewshot_main(args)
     from data_pipeline.errors import DataError
-    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.train.checkpoint_dir import CheckpointError
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.val_shards, args.batches)

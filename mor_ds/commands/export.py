@@ -11,7 +11,7 @@ from mor_ds.interop.hf_export import add_hf_export_args
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="checkpoint → single safetensors state dict (+ config metadata)",
                               description="Consolidate ZeRO shards (DeepSpeed's zero_to_fp32) into one fp32 "
-                                          "safetensors file that mor_ds.checkpoint.load_model() reads.")
+                                          "safetensors file that mor_ds.weights.load_model() reads.")
     p.add_argument("--checkpoint", required=True,
                    help="a run dir, its checkpoints/ dir (latest complete checkpoint) or a step_* directory")
     p.add_argument("--out", required=True, help="output .safetensors file (--format hf: a directory)")
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
         from mor_ds.interop.hf_export import hf_export_main
 
         return hf_export_main(args)
-    from mor_ds.checkpoint import export_checkpoint
-    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.weights import export_checkpoint
+    from mor_ds.train.checkpoint_dir import CheckpointError
 
     try:
         meta = export_checkpoint(args.checkpoint, args.out)

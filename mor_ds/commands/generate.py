@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_for_inference(path: str, device: torch.device):
     """(model, Config) from any checkpoint form `mor-ds generate` accepts."""
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
     from mor_ds.config import load_config
     from mor_ds.models import build_model
 

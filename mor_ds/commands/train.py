@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.errors import DataError
     from mor_ds import distributed
-    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.train.checkpoint_dir import CheckpointError
     from mor_ds.train.faults import TrainingAborted
     from mor_ds.train.run import train
 

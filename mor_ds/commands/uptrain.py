@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.errors import DataError
     from mor_ds import distributed
     from mor_ds.config import ConfigError, load_config
-    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.train.checkpoint_dir import CheckpointError
     from mor_ds.train.faults import EXIT_CONFIG, TrainingAborted
     from mor_ds.train.run import train
     from mor_ds.uptrain import UptrainError, init_from_vanilla, load_vanilla, uptrain_config

@@ -8,7 +8,7 @@ accuracy, normalised accuracy (acc_norm) for HellaSwag, PIQA and ARC. Task data 
 Face hub, or its cache); `--include-path DIR` adds local task YAMLs (lm-eval's format).
 
 Python API: `run_fewshot(model, tokenizer, tasks, …)` on an in-memory model, `evaluate_checkpoint(path, tasks, …)`
-on anything `mor_ds.checkpoint.load_model` reads (run dir, step_* dir, export file), and `fewshot_main(args)` for
+on anything `mor_ds.weights.load_model` reads (run dir, step_* dir, export file), and `fewshot_main(args)` for
 the `mor-ds eval` command (flags from `add_fewshot_args`).
 """
 
@@ -140,7 +140,7 @@ def format_table(by_routing: dict[str, dict[str, Any]]) -> str:
 def evaluate_checkpoint(checkpoint: str | Path, tasks: str | list[str], *, routing: str = "causal",
                         tokenizer: str | None = None, **kwargs) -> dict[str, dict[str, Any]]:
     """Load a checkpoint and evaluate it under one routing or both; returns {routing: lm-eval results}."""
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
     from mor_ds.interop.tokenizer import checkpoint_tokenizer
 
     if routing not in ROUTING_CHOICES:
@@ -185,7 +185,7 @@ def fewshot_main(args: argparse.Namespace) -> int:
     """Run `mor-ds eval --checkpoint … --tasks …`; prints the table, writes --json; returns the exit code."""
     import torch
 
-    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.train.checkpoint_dir import CheckpointError
 
     limit = args.limit
     if limit is not None and limit >= 1:

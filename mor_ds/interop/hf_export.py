@@ -147,9 +147,9 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
 
 def export_checkpoint_hf(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None,
                          dtype: str = "float32") -> Path:
-    """`mor-ds export --format hf`: anything mor_ds.checkpoint.load_model reads (run dir, step_* dir, export file)
+    """`mor-ds export --format hf`: anything mor_ds.weights.load_model reads (run dir, step_* dir, export file)
     → a Hugging Face directory. The tokenizer is --tokenizer, else the one the checkpoint's config trained with."""
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
     from mor_ds.interop.tokenizer import checkpoint_tokenizer
 
     model, cfg = load_model(checkpoint)
@@ -167,7 +167,7 @@ def hf_export_main(args) -> int:
     """`mor-ds export --checkpoint … --format hf --out DIR`; one-line errors, exit code 2."""
     import sys
 
-    from mor_ds.train.checkpoint import CheckpointError
+    from mor_ds.train.checkpoint_dir import CheckpointError
 
     try:
         out = export_checkpoint_hf(args.checkpoint, args.out, args.tokenizer, args.dtype)

@@ -58,12 +58,12 @@ def find_tokenizer(path: Path) -> str:
 
 
 def write_export(model: CausalLM, cfg: Config, out: str | Path, source: str) -> Path:
-    """Save `model` as a mor-ds export (the single-safetensors format mor_ds.checkpoint.load_model reads)."""
+    """Save `model` as a mor-ds export (the single-safetensors format mor_ds.weights.load_model reads)."""
     import json
 
     from safetensors.torch import save_model
 
-    from mor_ds.checkpoint import CONFIG_KEY
+    from mor_ds.weights import CONFIG_KEY
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

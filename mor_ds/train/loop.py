@@ -53,7 +53,7 @@ class Trainer:
     run_dir: Path
     env: distributed.DistEnv
     device: torch.device
-    engine: distributed.Engine
+    engine: distributed.TrainEngine
     train_loader: Any  # iterable of (B, S+1) int64 windows with state_dict() / load_state_dict()
     make_val_batches: Callable[[], Iterable[Tensor]] | None  # a fresh pass over held-out windows, or None
     total_steps: int

@@ -16,7 +16,7 @@ from mor_ds.flops import plan_budget
 from mor_ds.models import build_model
 from mor_ds.train.callbacks import (CheckpointCallback, EvalCallback, MetricsLogger, NonFiniteGuard, ShardAudit,
                                     SignalHandler, Throughput, WandbLogger)
-from mor_ds.train.checkpoint import (CheckpointManager, CheckpointRef, complete_checkpoints, newest_first,
+from mor_ds.train.checkpoint_dir import (CheckpointManager, CheckpointRef, complete_checkpoints, newest_first,
                                      resolve_checkpoint)
 from mor_ds.train.data import build_data
 from mor_ds.train.faults import EXIT_CONFIG, FaultPlan, TrainingAborted

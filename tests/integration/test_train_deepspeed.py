@@ -21,7 +21,7 @@ import torch
 
 from mor_ds.distributed import free_port
 from mor_ds.train.callbacks.metrics import read_metrics
-from mor_ds.train.checkpoint import COMPLETE, latest_checkpoint, step_tag
+from mor_ds.train.checkpoint_dir import COMPLETE, latest_checkpoint, step_tag
 from mor_ds.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FAULT_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -198,7 +198,7 @@ def two_rank_val_loss(model: torch.nn.Module, cache: Path) -> float:
 
 
 def test_export_loads_and_matches_the_live_eval_loss(reference, cache, tmp_path):
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
     from mor_ds.cli import main
 
     out = tmp_path / "model.safetensors"
@@ -251,7 +251,7 @@ def test_zero3_torn_checkpoint_is_never_latest(cache, tmp_path):
     resumed = losses(tmp_path)
     assert all(resumed[s] == first_attempt[s] for s in (4, 5, 6))  # ZeRO-3 resume is exact too
     # ZeRO-3 shards of an activation-checkpointed model consolidate into the plain model's names and weights
-    from mor_ds.checkpoint import load_model
+    from mor_ds.weights import load_model
 
     model, cfg = load_model(tmp_path)
     assert cfg.train.zero_stage == 3 and cfg.train.activation_checkpointing

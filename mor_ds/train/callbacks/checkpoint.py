@@ -9,7 +9,7 @@ nothing) and prunes nothing, so the checkpoints from before the streak survive w
 from __future__ import annotations
 
 from mor_ds.train.callbacks.base import Callback
-from mor_ds.train.checkpoint import CheckpointManager
+from mor_ds.train.checkpoint_dir import CheckpointManager
 from mor_ds.train.faults import EXIT_NONFINITE, TrainingAborted
 
 

@@ -193,7 +193,7 @@ class CheckpointManager:
     def latest(self) -> CheckpointRef | None:
         return latest_checkpoint(self.root)
 
-    def save(self, engine: distributed.Engine, step: int, client_state: dict[str, Any],
+    def save(self, engine: distributed.TrainEngine, step: int, client_state: dict[str, Any],
              meta: dict[str, Any] | None = None, prune: bool = True) -> CheckpointRef:
         """Collective. Returns once the checkpoint is complete and `latest` points at it. `meta` (JSON: the run's
         config, counters) goes into COMPLETE, so readers need neither DeepSpeed nor the run directory. `prune`:

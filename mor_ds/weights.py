@@ -33,7 +33,7 @@ def _build(cfg: Config) -> torch.nn.Module:
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Consolidate a (ZeRO-sharded) checkpoint into one safetensors file; returns the metadata written."""
     from mor_ds.distributed import consolidate_checkpoint
-    from mor_ds.train.checkpoint import checkpoint_meta, intact_checkpoint
+    from mor_ds.train.checkpoint_dir import checkpoint_meta, intact_checkpoint
 
     ref = intact_checkpoint(checkpoint)
     meta = checkpoint_meta(ref)
@@ -66,7 +66,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
         _load_safetensors_model(model, str(path), strict=True)
     else:
         from mor_ds.distributed import consolidate_checkpoint
-        from mor_ds.train.checkpoint import checkpoint_meta, intact_checkpoint
+        from mor_ds.train.checkpoint_dir import checkpoint_meta, intact_checkpoint
 
         ref = intact_checkpoint(path)
         cfg = from_saved(checkpoint_meta(ref)["config"])
