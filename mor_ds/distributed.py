@@ -256,7 +256,7 @@ def fetch_blocks_whole(model: nn.Module) -> int:
     """ZeRO-3: gather a decoder block's parameters with one all-gather at its pre-forward hook (DeepSpeed "z3 leaf
     modules") instead of one fetch per sub-module. A 360M block is ~10M parameters in ~12 sub-modules whose
     separate Python hooks and small collectives cost more than the compute they overlap with at these sizes
-    (BENCHMARKS.md, Multi-GPU). Only blocks that run once per forward: DeepSpeed reduces a leaf module's
+    (benchmarks/multi-gpu_2xh100_2026-11-25.md). Only blocks that run once per forward: DeepSpeed reduces a leaf module's
     gradients at its backward hook, which a shared block (recursion) would fire Nr times. Returns how many."""
     from deepspeed.utils import set_z3_leaf_module
 
@@ -269,7 +269,7 @@ def fetch_blocks_whole(model: nn.Module) -> int:
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """`train.compile`: auto compiles on CUDA (fused RMSNorm / RoPE / SwiGLU / casts: 107k → 129k tokens/s at 360M
-    on an H100, BENCHMARKS.md) and stays eager on CPU, where Inductor takes minutes for a speed nobody needs."""
+    on an H100, benchmarks/training_h100_2026-11-25.md) and stays eager on CPU, where Inductor takes minutes for a speed nobody needs."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 

@@ -35,3 +35,15 @@ def test_the_module_map_names_every_module():
     kernels = text[text.index("## Triton kernels"):]
     homes = {p.relative_to(REPO).as_posix() for p in modules if "@triton.jit" in p.read_text()}
     assert homes and not [h for h in homes if f"`{h}`" not in kernels]
+
+
+def test_benchmarks_are_dated_campaigns_and_nothing_cites_a_session():
+    """benchmarks/ holds one file per topic, hardware and date; code and docs give dates and reasons, not a
+    work session's number."""
+    names = [p.name for p in (REPO / "benchmarks").glob("*")]
+    assert names and all(re.fullmatch(r"[a-z0-9-]+_[a-z0-9-]+_\d{4}-\d{2}-\d{2}\.md", n) for n in names), names
+    current = (REPO / "BENCHMARKS.md").read_text()
+    assert all(f"benchmarks/{n}" in current for n in names)  # every campaign is listed
+    cited = [f"{p.relative_to(REPO)}: {m}" for p in tracked(".py", ".md", ".sh", ".sbatch", ".yaml")
+             for m in re.findall(r".{0,30}\b[Ss]essions? \d+.{0,30}", p.read_text())]
+    assert not cited, cited

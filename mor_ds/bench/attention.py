@@ -38,7 +38,8 @@ MODES = ("cache", "share", "tc-cache", "tc-share")
 def _named_configs() -> dict:
     from mor_ds.kernels import KernelConfigs, TileConfig
 
-    # s1: the kernels as session 1 measured them (memset zero-fill, a dK/dV loop per head and run)
+    # s1: the kernels as first measured, benchmarks/attention_h100_2026-11-25.md (memset zero-fill, a dK/dV loop per
+    # head and run)
     return {"s1": KernelConfigs(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3),
                                 fused_zero_fill=False, dkdv_single_loop=False)}
 
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-dims", nargs="+", type=int, default=[64], choices=[64, 128],
                         help="head dims to sweep (D=128: 8 query / 4 KV heads, same tokens)")
     parser.add_argument("--triton-configs", nargs="*", default=[], choices=sorted(NAMED_CONFIGS),
-                        help="also time the Triton kernels under these named configs (e.g. s1: session 1's)")
+                        help="also time the Triton kernels under these named configs (e.g. s1: the first measured kernels)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the Triton path instead")
     parser.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement")
     parser.add_argument("--graphs", action="store_true",
@@ -450,7 +451,7 @@ def _sweep_trials(head_dim: int) -> list[tuple[str, KernelConfigs]]:
     base = default_configs(head_dim, torch.device("cuda"))
     trials = [("default", base), ("memset zero-fill", replace(base, fused_zero_fill=False)),
               ("dkdv loop per head", replace(base, dkdv_single_loop=False))]
-    if head_dim == 64:  # the former defaults (fwd/dQ 128x64, dQ 8 warps) and session 3's runners-up
+    if head_dim == 64:  # the former defaults (fwd/dQ 128x64, dQ 8 warps) and the H100 sweep's runners-up
         fwd_dq = [(T(128, 64, 4, 3), T(128, 64, 8, 3)), (T(128, 32, 4, 3), T(128, 32, 4, 3)),
                   (T(64, 64, 4, 4), T(64, 64, 4, 4))]
         dq_only = [T(64, 64, 8, 3)]

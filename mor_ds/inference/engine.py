@@ -107,10 +107,10 @@ WIDTH_HEADROOM = 1.25
 # the tick is built for slot counts S·i/SLOT_BUCKETS, i = 1…SLOT_BUCKETS (occupancy buckets)
 SLOT_BUCKETS = 16
 # rows per eager prefill call: a call costs ~20 ms of host time (launches) whatever its size at the 360M shape,
-# so calls of 8K rows were host-bound on an H100; 32K rows make them device-bound (BENCHMARKS.md, session 5)
+# so calls of 8K rows were host-bound on an H100; 32K rows make them device-bound
 PREFILL_ROWS = 32768
 # ticks per graph replay (at most the page size): the host's work between replays (~1–1.5 ms on an H100 host) is
-# paid once per K ticks; MoR-4 decode +7% at 8 against 1 (BENCHMARKS.md, session 6)
+# paid once per K ticks; MoR-4 decode +7% at 8 against 1 on an H100
 TICKS_PER_REPLAY = 8
 
 
@@ -130,7 +130,7 @@ class Engine:
         run back to back between two visits of the host (one graph replay); a request that ends mid-replay
         leaves its slot idle for the rest of it. compile_glue: the tick's bookkeeping between its layers
         (`tick_glue`) compiled with torch.compile, a few fused kernels per function instead of tens (default:
-        with cuda_graph; MoR-4 decode +4% at the max batch, +14% at batch 32, BENCHMARKS.md session 7)."""
+        with cuda_graph; MoR-4 decode +4% at the max batch, +14% at batch 32 on an H100)."""
         self.im = im = InferenceModel(model, decode_backend)
         self.glue = TickGlue(compiled=cuda_graph if compile_glue is None else compile_glue)
         if count_kv_reads:  # cached tokens attended by the decode steps (benchmark's bandwidth floor)

@@ -1,12 +1,12 @@
 """The decode tick's bookkeeping between its layers, as free functions of tensors: RoPE factors, the circular
 scans that compact the prelude / coda rows, the cache appends of a phase, the routing around the shared
 block's pass, the tick's report and the end rule. Eagerly each is tens of tiny kernels (~240 of a MoR-4
-tick's ~360 at the 360M shape, BENCHMARKS.md session 7), which bound the tick at small batches; on CUDA
+tick's ~360 at the 360M shape on an H100, benchmarks/inference_h100_2026-11-26.md), which bound the tick at small batches; on CUDA
 `TickGlue(compiled=True)` runs the elementwise ones through torch.compile (Inductor), a few fused kernels
 apiece; the scan, the appends' commit and the counters stay eager (see below).
 
 Free functions, not methods: a compiled bound method would keep its object (an engine and its KV pool) alive
-in Dynamo's cache (session 6). Shapes vary with the occupancy bucket, so they compile with dynamic shapes;
+in Dynamo's cache. Shapes vary with the occupancy bucket, so they compile with dynamic shapes;
 every function is shape-static within a call and sync-free (the tick runs inside a CUDA graph)."""
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def advance(pos: Tensor, out_len: Tensor, token: Tensor, stop: Tensor, budget: T
     state_entering.copy_(entering | (served & ~ended))
 
 
-# Always eager (Inductor's versions were slower at the max batch, BENCHMARKS.md session 7: its scans and
+# Always eager (Inductor's versions were slower at an H100's max batch of ~2,350 slots: its scans and
 # reductions over the n slots ran 40–300 µs apiece, and an index_copy_ into the cache's position pool copied
 # the whole pool): the circular scan, the commit of a phase's appends, the tick's counters.
 

@@ -58,7 +58,7 @@ class KernelConfigs:
 
 
 # Tiles chosen on an H100 (triton 3.6) with `mor-ds bench attention --sweep --sweep-dims 64 128` (360M shape,
-# S=2048; BENCHMARKS.md, session 3): D=64 forward/dQ at 64x64 (0.85-0.92x the fwd+bwd time of 128x64),
+# S=2048; benchmarks/attention_h100_2026-11-25.md): D=64 forward/dQ at 64x64 (0.85-0.92x the fwd+bwd time of 128x64),
 # D=128 dK/dV at 32x128, 8 warps (0.72-0.89x of 64x64, 8 warps; 32x64 at 4 warps measured 0.71-0.82x but
 # spills 40 bytes to local memory). None spills (`python -m mor_ds.kernels.aot`).
 _GPU_CONFIGS = {
