@@ -1,4 +1,5 @@
-# mor-ds: two set-up commands, `make demo` and `make test`, both fine on a fresh CPU-only machine.
+# mor-ds: two set-up commands, `make demo` and `make test` (ruff first: `make lint`), both fine on a fresh CPU-only
+# machine.
 #
 # Torch: if the Python that creates the venv already has a CUDA torch, the venv sees it
 # (--system-site-packages) and keeps it; otherwise $(TORCH_SPEC) is installed first, which on a
@@ -14,7 +15,7 @@ DEMO_DIR ?= runs/demo
 export DS_BUILD_OPS ?= 0
 export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +32,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/mor-ds demo --run-dir $(DEMO_DIR)
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:
