@@ -106,11 +106,12 @@ def _print_bench(results: dict, console: Console) -> None:
     from rich.table import Table
 
     env, tok = results["environment"], results["tokenization"]
-    console.print(f"{env['date']} | {env['processor']} | {env['cpus']} CPUs | load average {env['load_average_1min']:.1f}"
-                  f" | {env['versions']}", markup=False)
+    console.print(f"{env['date']} | {env['processor']} | {env['cpus']} CPUs | load average "
+                  f"{env['load_average_1min']:.1f} | {env['versions']}", markup=False)
     console.print(f"tokenization of {tok['sample_mb']:.1f} MB ({tok['tokens']:,} tokens) from {results['source']}, "
                   f"best of {tok['repeats']}, in MB per CPU-second of one thread: reading it as .jsonl.zst "
-                  f"{tok['read_jsonl_zst_mb_per_cpu_s']:.1f}, tokenizer library alone {tok['library_mb_per_cpu_s']:.2f}, "
+                  f"{tok['read_jsonl_zst_mb_per_cpu_s']:.1f}, tokenizer library alone "
+                  f"{tok['library_mb_per_cpu_s']:.2f}, "
                   f"our encode+pack {tok['pipeline_mb_per_cpu_s']:.2f}", markup=False)
     table = Table(title="tokenization with N worker processes (wall clock)")
     for column in ("workers", "MB/s", "MB/s per worker", "tokens/s", "scaling"):

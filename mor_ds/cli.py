@@ -9,11 +9,13 @@ import sys
 from mor_ds.config import ConfigError
 
 # one module per subcommand; each defines register(subparsers) which sets `func(args) -> int`
-COMMANDS: tuple[str, ...] = ("plan", "train", "eval", "export", "demo", "bench", "import_hf", "uptrain", "generate", "sweep")
+COMMANDS: tuple[str, ...] = ("plan", "train", "eval", "export", "demo", "bench", "import_hf", "uptrain", "generate",
+                             "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mor-ds", description="Mixture-of-Recursions pretraining on PyTorch + DeepSpeed")
+    parser = argparse.ArgumentParser(prog="mor-ds",
+                                     description="Mixture-of-Recursions pretraining on PyTorch + DeepSpeed")
     # the `deepspeed` launcher puts --local_rank=N before the subcommand (it also sets LOCAL_RANK)
     parser.add_argument("--local_rank", "--local-rank", dest="top_local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -101,7 +101,8 @@ def discover(environ: Mapping[str, str] | None = None, local_rank_arg: int | Non
         if world is None:
             raise DistributedError("SLURM_PROCID is set but SLURM_NTASKS is not (launch with srun -n N)")
     if (rank is None) != (world is None):
-        raise DistributedError(f"RANK={env.get('RANK')!r} and WORLD_SIZE={env.get('WORLD_SIZE')!r}: set both or neither")
+        raise DistributedError(f"RANK={env.get('RANK')!r} and WORLD_SIZE={env.get('WORLD_SIZE')!r}: "
+                               "set both or neither")
     if rank is None:
         rank, world = 0, 1
     if local_rank is None:
@@ -256,8 +257,9 @@ def fetch_blocks_whole(model: nn.Module) -> int:
     """ZeRO-3: gather a decoder block's parameters with one all-gather at its pre-forward hook (DeepSpeed "z3 leaf
     modules") instead of one fetch per sub-module. A 360M block is ~10M parameters in ~12 sub-modules whose
     separate Python hooks and small collectives cost more than the compute they overlap with at these sizes
-    (benchmarks/multi-gpu_2xh100_2026-11-25.md). Only blocks that run once per forward: DeepSpeed reduces a leaf module's
-    gradients at its backward hook, which a shared block (recursion) would fire Nr times. Returns how many."""
+    (benchmarks/multi-gpu_2xh100_2026-11-25.md). Only blocks that run once per forward: DeepSpeed reduces a leaf
+    module's gradients at its backward hook, which a shared block (recursion) would fire Nr times. Returns how
+    many."""
     from deepspeed.utils import set_z3_leaf_module
 
     uses = Counter(layer_id for layer_id, _ in model.plan.unrolled)
@@ -269,7 +271,8 @@ def fetch_blocks_whole(model: nn.Module) -> int:
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """`train.compile`: auto compiles on CUDA (fused RMSNorm / RoPE / SwiGLU / casts: 107k → 129k tokens/s at 360M
-    on an H100, benchmarks/training_h100_2026-11-25.md) and stays eager on CPU, where Inductor takes minutes for a speed nobody needs."""
+    on an H100, benchmarks/training_h100_2026-11-25.md) and stays eager on CPU, where Inductor takes minutes for a
+    speed nobody needs."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -498,9 +501,9 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 
 __all__ = [
-    "DistEnv", "DistributedError", "TrainEngine", "all_gather_object", "all_reduce_max", "all_reduce_mean", "all_reduce_min",
-    "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object", "build_ds_config",
-    "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for", "discover",
-    "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom",
-    "resolve_compile", "shutdown", "slurm_master_addr",
+    "DistEnv", "DistributedError", "TrainEngine", "all_gather_object", "all_reduce_max", "all_reduce_mean",
+    "all_reduce_min", "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object",
+    "build_ds_config", "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for",
+    "discover", "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom", "resolve_compile",
+    "shutdown", "slurm_master_addr",
 ]

@@ -570,7 +570,7 @@ def render_script(template: str, directives: list[str], settings: dict[str, str]
     lines = template.splitlines()
     sbatch = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
     try:
-        start, end = lines.index(next(l for l in lines if l.startswith(CONFIG_MARK))), lines.index(END_CONFIG_MARK)
+        start, end = lines.index(next(x for x in lines if x.startswith(CONFIG_MARK))), lines.index(END_CONFIG_MARK)
     except (StopIteration, ValueError):
         raise SweepError(f"sbatch template: no '{CONFIG_MARK} …' / '{END_CONFIG_MARK}' section") from None
     if not sbatch:
@@ -588,7 +588,7 @@ def render_script(template: str, directives: list[str], settings: dict[str, str]
     if banner and lines[0].startswith("#!"):
         lines[1:1] = [f"# {banner}"]
         sbatch = [i + 1 for i in sbatch]
-    out = lines[:sbatch[0]] + header + [l for i, l in enumerate(lines) if i > sbatch[0] and i not in sbatch]
+    out = lines[:sbatch[0]] + header + [x for i, x in enumerate(lines) if i > sbatch[0] and i not in sbatch]
     return "\n".join(out) + "\n"
 
 
@@ -640,7 +640,10 @@ def table(sweep: Sweep) -> str:
                      _si(arm.plan.tokens), f"{arm.plan.flops:.3g}",
                      f"{arm.slurm.nodes} x {arm.slurm.gpus_per_node}", "-" if hours is None else f"{hours:.1f}"))
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     convention = sweep.arms[0].plan.convention
     lines = [f"sweep {sweep.name}: {len(sweep.arms)} arms, budget {sweep.budget_kind} "
              f"({convention} convention), W&B group {sweep.name}, output {sweep.output_dir}",

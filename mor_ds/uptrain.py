@@ -48,7 +48,8 @@ class UptrainPlan:
 def check_compatible(source_cfg: Config, target_cfg: Config) -> None:
     src, dst = source_cfg.model, target_cfg.model
     if src.family != "vanilla":
-        raise UptrainError(f"uptrain: the source model is family {src.family!r}; uptraining starts from a vanilla model")
+        raise UptrainError(f"uptrain: the source model is family {src.family!r}; uptraining starts from a vanilla "
+                           "model")
     if dst.family == "vanilla":
         raise UptrainError("uptrain: the target config is family 'vanilla'; use a recursive-… or mor-… config")
     for key in _MATCHING_KEYS:

@@ -1,5 +1,6 @@
 """Loaders: window coverage, rank sharding, determinism, bit-exact resume, val split, refusal of bad shards."""
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def test_order_is_seeded_and_changes_per_epoch(shard_dir):
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_resume_is_bit_exact(shard_dir, prefetch, world_size):
     for rank in range(world_size):
-        make = lambda: ShardLoader(shard_dir, L, 3, rank=rank, world_size=world_size, seed=7, prefetch=prefetch)
+        make = functools.partial(ShardLoader, shard_dir, L, 3, rank=rank, world_size=world_size, seed=7,
+                                 prefetch=prefetch)
         full = list(itertools.islice(make(), 70))
         first = make()
         head = list(itertools.islice(first, 23))
@@ -188,8 +190,10 @@ def test_stream_loader_shuffles_within_blocks(source, tokenizer_path):
 
 
 def test_stream_loader_resume_is_bit_exact_across_epochs(source, tokenizer_path):
-    make = lambda workers: StreamLoader(source, tokenizer_path, L, 3, rank=1, world_size=2, seed=4,
-                                        num_workers=workers, shuffle_windows=7, prefetch=2)
+    def make(workers: int) -> StreamLoader:
+        return StreamLoader(source, tokenizer_path, L, 3, rank=1, world_size=2, seed=4, num_workers=workers,
+                            shuffle_windows=7, prefetch=2)
+
     epoch_windows = len(_packed(tokenizer_path, list(DocumentStream(source, rank=1, world_size=2)))) // L
     total = 2 * epoch_windows // 3 + 5  # runs through two epochs
     full = list(itertools.islice(make(0), total))

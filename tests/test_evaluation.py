@@ -36,7 +36,9 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
 @torch.no_grad()
 def reference_loglikelihood(model, tokenizer, context: str, continuation: str, routing: str, max_length: int = 64):
     """Σ log p(continuation | context) from one unpadded forward pass, tokenized as lm-eval's HF model does."""
-    encode = lambda s: tokenizer.encode_batch([s])[0]  # noqa: E731
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode_batch([text])[0]
+
     if context:
         spaces = len(context) - len(context.rstrip())
         context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation

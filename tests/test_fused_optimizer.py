@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from mor_ds import distributed  # noqa: E402
-from mor_ds.config import ConfigError, load_config  # noqa: E402
-from mor_ds.kernels.fused_adamw import adamw_step_  # noqa: E402
-from mor_ds.patches import FusedZeroStep, apply_fused_step  # noqa: E402
+from mor_ds import distributed
+from mor_ds.config import ConfigError, load_config
+from mor_ds.kernels.fused_adamw import adamw_step_
+from mor_ds.patches import FusedZeroStep, apply_fused_step
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 

@@ -156,10 +156,10 @@ def assert_phase_layers_agree(engine: Engine) -> None:
     in as many pages (the engine reserves pages per phase on that), and the host mirrors the lengths."""
     im, cache, S = engine.im, engine.cache, engine.max_slots
     assert np.array_equal(cache.host_lengths, cache.lengths.numpy())
-    phases = [[(l, 0) for l in im.plan.prelude], [(l, 0) for l in im.plan.coda]]
-    phases += [[(l, r) for l in im.block] for r in ([0] if im.kv_share else range(im.num_recursions))]
+    phases = [[(layer, 0) for layer in im.plan.prelude], [(layer, 0) for layer in im.plan.coda]]
+    phases += [[(layer, r) for layer in im.block] for r in ([0] if im.kv_share else range(im.num_recursions))]
     for keys in filter(None, phases):
-        rows = np.array([im.layout.read_group(l, r) for l, r in keys])[:, None] * S + np.arange(S)
+        rows = np.array([im.layout.read_group(layer, r) for layer, r in keys])[:, None] * S + np.arange(S)
         for held in (cache.host_lengths[rows], cache.page_count(rows)):
             assert (held == held[0]).all(), keys
 
@@ -236,7 +236,8 @@ def test_engine_ends_sampled_requests_on_the_sampled_token():
         stop = int(np.bincount(sum((r.output for r in free), [])).argmax())  # a token hot sampling draws
         engine = Engine(model, max_slots=4, max_len=40, page_size=4, seed=seed)
         greedy = [engine.add(Request(prompt(n, 10 + i), m)) for i, (n, m) in enumerate(REQUESTS)]
-        sampled = [engine.add(Request(prompt(n, 10 + i), 20, hot, stop_token=stop)) for i, (n, _) in enumerate(REQUESTS)]
+        sampled = [engine.add(Request(prompt(n, 10 + i), 20, hot, stop_token=stop))
+                   for i, (n, _) in enumerate(REQUESTS)]
         while engine.has_work():
             engine.step()
             assert_device_state_agrees(engine)
@@ -410,7 +411,8 @@ def test_sampling_parameters():
     free = sample(logits, torch.full((400,), 1.0), torch.ones(400), gen)
     assert set(free.tolist()) == {0, 1, 2, 3}
     again = sample(logits, torch.ones(400), torch.full((400,), 0.7), torch.Generator().manual_seed(0))
-    assert torch.equal(again, sample(logits, torch.ones(400), torch.full((400,), 0.7), torch.Generator().manual_seed(0)))
+    assert torch.equal(again, sample(logits, torch.ones(400), torch.full((400,), 0.7),
+                                     torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
 

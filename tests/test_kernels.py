@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from mor_ds.attention import PAD_POS, attention  # noqa: E402
-from mor_ds.attention.reference import reference_attention  # noqa: E402
-from mor_ds.kernels import active_attention, active_attention_varlen  # noqa: E402
-from mor_ds.kernels.attention import interpreter_active  # noqa: E402
+from mor_ds.attention import PAD_POS, attention
+from mor_ds.attention.reference import reference_attention
+from mor_ds.kernels import active_attention, active_attention_varlen
+from mor_ds.kernels.attention import interpreter_active
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
@@ -259,7 +259,7 @@ def test_fused_gather_with_padded_slots(mode, monkeypatch):
     for b, count in enumerate([25, 11]):
         sel = idx[b, :count]
         qb, kb, vb = (x[b:b + 1].detach().requires_grad_() for x in (q, k, v))
-        kv_sel = (lambda x: x[:, :, sel]) if mode == "cache" else (lambda x: x)
+        kv_sel = (lambda x, sel=sel: x[:, :, sel]) if mode == "cache" else (lambda x: x)
         ref = reference_attention(qb[:, :, sel], kv_sel(kb), kv_sel(vb), q_pos=sel[None],
                                   kv_pos=sel[None] if mode == "cache" else None)
         ref_grads = torch.autograd.grad(ref, (qb, kb, vb), grad_out[b:b + 1, :, sel])

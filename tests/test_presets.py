@@ -68,7 +68,8 @@ def test_paper_depth_adjustments():
 ])
 def test_unique_non_embedding_params_match_the_paper_at_360m(name, paper_millions):
     cfg = load_config(name)
-    assert count_params(cfg.model, cfg.router, unique=True, embedding=False) == pytest.approx(paper_millions * 1e6, rel=0.03)
+    assert count_params(cfg.model, cfg.router, unique=True, embedding=False) == pytest.approx(paper_millions * 1e6,
+                                                                                             rel=0.03)
 
 
 @pytest.mark.parametrize("size", PAPER_SIZES)

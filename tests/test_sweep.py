@@ -237,7 +237,8 @@ def test_dry_run_json_gives_each_arm_its_source_overrides_budget_and_resources(t
     assert row["steps"] == 24 and out["arms"][0]["steps"] == 20
     assert not (tmp_path / "runs").exists()
     assert main(["sweep", str(SWEEPS / "tiny.yaml"), "--json"]) == 2
-    assert capsys.readouterr().err == "mor-ds sweep: --json needs --dry-run (it prints the arms instead of submitting them)\n"
+    assert capsys.readouterr().err == ("mor-ds sweep: --json needs --dry-run (it prints the arms instead of submitting "
+                                       "them)\n")
 
 
 def test_arm_and_eval_resources_change_the_sweeps_key_by_key(tmp_path):

@@ -105,7 +105,8 @@ def test_ds_config_is_filled_from_the_config():
                                    "train.micro_batch_size=4", "optim.grad_clip=0.5"])
     ds = distributed.build_ds_config(cfg, world_size=4)
     assert ds["zero_optimization"]["stage"] == 3
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+            ds["gradient_accumulation_steps"]) == (64, 4, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and ds["bf16"]["check_grad_overflow"]
     offload = distributed.build_ds_config(load_config("tiny-mor", ["train.offload_optimizer=true"]), 2)
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -347,7 +348,8 @@ def test_torn_checkpoint_is_never_latest(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     _fake_checkpoint(root, 3)
     torn = _fake_checkpoint(root, 6, complete=False)
-    (root / ckpt.LATEST).write_text(ckpt.step_tag(6))  # e.g. DeepSpeed's own `latest`, written before all ranks finished
+    # e.g. DeepSpeed's own `latest`, written before all ranks finished
+    (root / ckpt.LATEST).write_text(ckpt.step_tag(6))
     assert ckpt.latest_checkpoint(root).step == 3
     assert ckpt.resolve_checkpoint(tmp_path / "run").step == 3  # a run dir resolves to its checkpoints
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
@@ -512,7 +514,7 @@ def test_wandb_mode(monkeypatch, tmp_path):
     assert resolve_mode(load_config("tiny-mor", ["wandb.enabled=false"]).wandb) == "disabled"
 
 
-# ------------------------------------------------------------------------------------------------ batches, model wrapping
+# ----------------------------------------------------------------------------------------- batches, model wrapping
 
 
 def test_split_batch_targets_and_document_ids():
@@ -590,7 +592,8 @@ def test_signal_during_start_up_is_kept_for_the_first_step():
         lone = SimpleNamespace(env=distributed.DistEnv(0, 1, 0, "127.0.0.1", 0), device=torch.device("cpu"),
                                state=SimpleNamespace(step=1), request_stop=lambda *a: stops.append(a))
         handler.on_step_end(lone, result=None)  # one process: no all-reduce, no host sync
-        assert stops == [(EXIT_PREEMPTED, stops[0][1])] and stops[0][1].startswith("SIGUSR1 received: stopped after step 1")
+        assert stops == [(EXIT_PREEMPTED, stops[0][1])]
+        assert stops[0][1].startswith("SIGUSR1 received: stopped after step 1")
         handler.on_train_end(trainer=None)
     finally:
         early_signals.received.clear()

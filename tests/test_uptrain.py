@@ -49,7 +49,8 @@ def test_init_average_and_select(mode, step):
     for j, v in ((0, 0), (3, 5)):  # unique first / last layers are copies
         for name, value in target.layers[j].state_dict().items():
             assert torch.equal(value, vanilla.layers[v].state_dict()[name])
-    assert torch.equal(target.embed.weight, vanilla.embed.weight) and torch.equal(target.norm.weight, vanilla.norm.weight)
+    assert torch.equal(target.embed.weight, vanilla.embed.weight)
+    assert torch.equal(target.norm.weight, vanilla.norm.weight)
     for k, v in fresh_routers.items():  # routers start fresh
         assert torch.equal(target.state_dict()[k], v)
     assert plan.chosen[1] == ([1, 3] if mode == "average" else [replaced[1][step]])

@@ -14,6 +14,7 @@ visible pairs (≈ f² for cache, ≈ f for share): what a kernel that skips eve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -54,15 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", nargs="+", default=["1", "1/2", "1/3", "1/4"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--flex", choices=["none", "first", "all"], default="first",
-                        help="FlexAttention baseline (compiles per shape; cache/share modes): none, first shape/seq only, "
-                             "or all")
+                        help="FlexAttention baseline (compiles per shape; cache/share modes): none, first "
+                             "shape/seq only, or all")
     parser.add_argument("--step", action="store_true",
                         help="also time one whole MoR recursion step (gather → decoder block → scatter)")
     parser.add_argument("--sweep", action="store_true", help="time Triton tile configs instead of the table")
     parser.add_argument("--sweep-dims", nargs="+", type=int, default=[64], choices=[64, 128],
                         help="head dims to sweep (D=128: 8 query / 4 KV heads, same tokens)")
     parser.add_argument("--triton-configs", nargs="*", default=[], choices=sorted(NAMED_CONFIGS),
-                        help="also time the Triton kernels under these named configs (e.g. s1: the first measured kernels)")
+                        help="also time the Triton kernels under these named configs (e.g. s1: the first measured "
+                             "kernels)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the Triton path instead")
     parser.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement")
     parser.add_argument("--graphs", action="store_true",
@@ -178,8 +180,8 @@ def variants(w: Workload, x: Inputs, flex: bool,
             out["flex"] = lambda: _scatter(q, x.write_rows, flex_fn(
                 _gather(q, x.read_rows), _gather(k, x.read_rows), _gather(v, x.read_rows), block_mask=block_mask,
                 enable_gqa=True))
-        triton = lambda cfg=None: active_attention(q, k, v, q_rows=x.read_rows, kv_rows=x.read_rows,  # noqa: E731
-                                                   q_pos=x.pos, kv_pos=x.pos, configs=cfg)
+        triton = functools.partial(active_attention, q, k, v, q_rows=x.read_rows, kv_rows=x.read_rows, q_pos=x.pos,
+                                   kv_pos=x.pos)
     else:
         kv_pos = torch.arange(seq, device=q.device)
         out["gather+masked SDPA"] = lambda: _scatter(q, x.write_rows, F.scaled_dot_product_attention(
@@ -189,11 +191,11 @@ def variants(w: Workload, x: Inputs, flex: bool,
             flex_fn, block_mask_for = _flex_share(w.batch, x.pos.shape[1], seq)
             out["flex"] = lambda: _scatter(q, x.write_rows, flex_fn(
                 _gather(q, x.read_rows), k, v, block_mask=block_mask_for(x.pos), enable_gqa=True))
-        triton = lambda cfg=None: active_attention(q, k, v, q_rows=x.read_rows, q_pos=x.pos, configs=cfg)  # noqa: E731
+        triton = functools.partial(active_attention, q, k, v, q_rows=x.read_rows, q_pos=x.pos)
     out["triton"] = triton
     named = _named_configs()
     for name in triton_configs:
-        out[f"triton {name}"] = lambda cfg=named[name]: triton(cfg)
+        out[f"triton {name}"] = functools.partial(triton, configs=named[name])
     return out
 
 
@@ -349,7 +351,7 @@ def time_index_building(seqs: list[int], fractions: list[Fraction], batch_tokens
         scores = torch.randn(batch, seq, device="cuda")
         for f in fractions:
             k = max(1, math.floor(f * seq))
-            ms = bench_ms(lambda: scores.topk(k, dim=1).indices.sort(dim=1).values, rep_ms=rep_ms)
+            ms = bench_ms(lambda scores=scores, k=k: scores.topk(k, dim=1).indices.sort(dim=1).values, rep_ms=rep_ms)
             out.append({"seq": seq, "batch": batch, "frac": str(f), "ms": ms})
     return out
 
@@ -419,7 +421,7 @@ def profile(args: argparse.Namespace, fractions: list[Fraction]) -> None:
                     x = make_inputs(w, torch.Generator().manual_seed(0))
                     fn = variants(w, x, False)["triton"]
                     grad = torch.randn_like(x.q)
-                    step, leaves = (lambda: fn().backward(grad)), [x.q, x.k, x.v]
+                    step, leaves = (lambda fn=fn, grad=grad: fn().backward(grad)), [x.q, x.k, x.v]
                     for name, (run_once, reset) in {
                         f"kernel {mode} {w.label()}": (step, leaves),
                         f"step {w.kv_mode} {w.label()}": _recursion_step(shape, seq, w.batch, w.kv_mode, "triton",
@@ -437,7 +439,8 @@ def profile(args: argparse.Namespace, fractions: list[Fraction]) -> None:
                             torch.cuda.synchronize()
                         print(f"\n#### profile: {name} (5 iterations; compiled Triton variants "
                               f"{before} -> {compiled_variants()})")
-                        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+                        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                        max_name_column_width=60))
 
 
 def _sweep_trials(head_dim: int) -> list[tuple[str, KernelConfigs]]:
@@ -471,7 +474,7 @@ def _sweep_trials(head_dim: int) -> list[tuple[str, KernelConfigs]]:
 def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int, graphs: bool, head_dims: list[int]) -> list[dict]:
     """Time Triton configs (forward, forward+backward) on cache and share workloads; a failing config (e.g.
     out of shared memory) is reported and skipped."""
-    from mor_ds.kernels import KernelConfigs, active_attention
+    from mor_ds.kernels import active_attention
 
     preset = load_config(SHAPE_PRESETS[shape]).model
     out = []
@@ -485,13 +488,11 @@ def sweep(shape: str, seq: int, batch_tokens: int, rep_ms: int, graphs: bool, he
             kv_rows = x.read_rows if mode == "cache" else None
             kv_pos = x.pos if mode == "cache" else None
 
-            def call(cfg: KernelConfigs) -> Tensor:
-                return active_attention(x.q, x.k, x.v, q_rows=x.read_rows, kv_rows=kv_rows, q_pos=x.pos,
-                                        kv_pos=kv_pos, configs=cfg)
-
+            call = functools.partial(active_attention, x.q, x.k, x.v, q_rows=x.read_rows, kv_rows=kv_rows, q_pos=x.pos,
+                                     kv_pos=kv_pos)
             for label, cfg in trials:
                 try:
-                    fwd, both = time_variant(lambda: call(cfg), x, rep_ms, graphs)
+                    fwd, both = time_variant(functools.partial(call, configs=cfg), x, rep_ms, graphs)
                 except Exception as exc:
                     print(f"  D={head_dim} {mode} f={frac} {label}: failed ({exc.__class__.__name__}: "
                           f"{str(exc).splitlines()[0][:160]})", flush=True)

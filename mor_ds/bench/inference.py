@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -260,7 +261,8 @@ def kernel_check(device: torch.device) -> dict:
         cache.reserve(rows.cpu().numpy(), lengths.cpu().numpy())
         q = torch.randn(len(rows), 15, 64, device=device, dtype=torch.bfloat16)
         want = decode_attention_torch(q, cache, rows, lengths).float()
-        out["decode_attention_max_abs"] = float((decode_attention_triton(q, cache, rows, lengths).float() - want).abs().max())
+        got = decode_attention_triton(q, cache, rows, lengths).float()
+        out["decode_attention_max_abs"] = float((got - want).abs().max())
         n = len(rows)
         qkv = torch.randn(n, 25, 64, device=device, dtype=torch.bfloat16)
         angle = torch.rand(n, 1, 32, device=device) * 6.28
@@ -273,7 +275,7 @@ def kernel_check(device: torch.device) -> dict:
         out["rope_write_kv_rel"] = max(rel(got, ref_q), *(rel(t[flat], r[flat]) for t, r in zip(kv, ref_kv)))
         gate_up = torch.randn(n, 2 * 2560, device=device, dtype=torch.bfloat16) * 3
         out["silu_mul_rel"] = rel(silu_mul_triton(gate_up), silu_mul_torch(gate_up.float()))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"kernel check failed: {type(exc).__name__}: {exc}", flush=True)
         out["failed"] = float("inf")
     return out
@@ -369,7 +371,7 @@ def kernel_timing(device: torch.device, bandwidth: float) -> list[dict]:
         slots, lengths_dev = torch.arange(rows, device=device), lengths.to(device)
         kv_bytes = int(lengths.sum()) * 2 * kv_heads * head_dim * 2
         for block, warps in ((64, 4), (128, 4), (64, 2), (64, 8)):
-            ms = do_bench(lambda: decode_attention_triton(q, cache, slots, lengths_dev, block, warps),
+            ms = do_bench(functools.partial(decode_attention_triton, q, cache, slots, lengths_dev, block, warps),
                           return_mode="median")
             out.append({"case": name, "rows": rows, "mean_len": round(float(lengths.float().mean()), 1),
                         "block": block, "num_warps": warps, "ms": round(ms, 4),
@@ -449,7 +451,7 @@ def start_engine(model, graph: bool, kwargs: dict):
     start = time.perf_counter()
     try:
         engine = Engine(model, cuda_graph=graph, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - fall back to eager steps and say so
+    except Exception as exc:
         if not graph:
             raise
         graph, graph_error = False, f"{type(exc).__name__}: {exc}"
@@ -460,7 +462,8 @@ def start_engine(model, graph: bool, kwargs: dict):
     return engine, graph, graph_error, time.perf_counter() - start
 
 
-def timed_run(engine, tokens: np.ndarray, slots: int, per_slot: float, args, device: torch.device) -> tuple[list, float]:
+def timed_run(engine, tokens: np.ndarray, slots: int, per_slot: float, args,
+              device: torch.device) -> tuple[list, float]:
     """A warm-up (prefill and decode paths, allocator; counters reset after it), then slots × per_slot requests
     timed end to end: (requests, wall seconds)."""
     from mor_ds.inference import Request
@@ -497,7 +500,8 @@ def run_row(engine, requests: list, wall: float, bandwidth: float, device: torch
         "tokens_per_tick": round(decode_tokens / max(1, st.ticks), 2),
         "tick_ms": round(tick_ms, 3), "tick_floor_ms": round(floor_ms, 3),
         # device idle per tick: decode wall time outside the replays (host work between them)
-        "tick_idle_ms": round((st.decode_s - st.replay_device_s) / max(1, st.ticks) * 1e3, 3) if device.type == "cuda" else None,
+        "tick_idle_ms": (round((st.decode_s - st.replay_device_s) / max(1, st.ticks) * 1e3, 3)
+                         if device.type == "cuda" else None),
         "ticks_per_replay": engine.ticks_per_replay, "replays": st.replays,
         "floor_fraction": round(floor_ms / tick_ms, 3) if tick_ms else None,
         "tick_weight_MB": round(weight_bytes / 1e6, 1), "tick_kv_MB": round(kv_bytes_tick / 1e6, 1),
@@ -519,12 +523,13 @@ def profiles(engine, tokens: np.ndarray, slots: int, args, device: torch.device)
     if args.profile_prefill:  # on the idle engine, before the tick profile leaves requests in flight
         try:
             out["prefill_profile"] = profile_prefills(engine, tokens, args, args.profile_prefill)
-        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the row
+        except Exception as exc:
             out["prefill_profile"] = f"{type(exc).__name__}: {exc}"
     if args.profile_ticks and device.type == "cuda":
         try:
-            out["profile"] = profile_ticks(engine, make_requests(slots, tokens, args, seed=slots + 1), args.profile_ticks)
-        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the row
+            requests = make_requests(slots, tokens, args, seed=slots + 1)
+            out["profile"] = profile_ticks(engine, requests, args.profile_ticks)
+        except Exception as exc:
             out["profile"] = f"{type(exc).__name__}: {exc}"
     return out
 
@@ -679,12 +684,12 @@ def device_checks(device: torch.device, args) -> tuple[dict, float]:
             if args.sweep_compile_glue:
                 other = "eager" if compiled else "compiled"
                 env[f"engine_vs_generate_token_agreement_{other}_glue"] = engine_check(device, not compiled)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             env["engine_vs_generate_token_agreement"] = f"{type(exc).__name__}: {exc}"
     if args.kernel_timing:
         try:
             env["decode_kernel_timing"] = kernel_timing(device, bandwidth)
-        except Exception as exc:  # noqa: BLE001 - diagnostics must not cost the run
+        except Exception as exc:
             env["decode_kernel_timing"] = f"{type(exc).__name__}: {exc}"
     return env, bandwidth
 
@@ -762,7 +767,7 @@ def run(args: argparse.Namespace) -> int:
         results["models"].append(entry)
         try:
             bench_model(name, entry, args, device, bandwidth, over_budget)
-        except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
+        except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             print(json.dumps(entry), flush=True)
         if device.type == "cuda":
@@ -797,11 +802,9 @@ def print_table(results: dict) -> None:
     ratio the two rows' bandwidth floors allow (floor x: the vanilla's floor per generated token over this
     row's; weights and live KV read once per tick at the routing measured)."""
     base = vanilla_baselines(results)
-    print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} {'floor x':>7} "
-          f"{'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} {'slots/tick':>10} "
-          f"{'W':>5} "
-          f"{'waits':>6} "
-          f"depth (0..Nr steps)")
+    print(f"\n{'model':22} {'batch':>8} {'slots':>5} {'tok/s':>8} {'decode':>8} {'e2e x':>6} {'dec x':>6} "
+          f"{'floor x':>7} {'prefill s':>9} {'pf ms':>6} {'decode s':>8} {'tick ms':>7} {'floor':>6} {'tok/tick':>8} "
+          f"{'slots/tick':>10} {'W':>5} {'waits':>6} depth (0..Nr steps)")
     for m in results["models"]:
         if "error" in m or "skipped" in m:
             print(f"{m['model']:22} {m.get('error') or m.get('skipped')}")
@@ -815,7 +818,8 @@ def print_table(results: dict) -> None:
             dec = (row["decode_tokens_per_s"] or 0) / ref["decode_tokens_per_s"] if ref else float("nan")
             floor = floor_per_token(ref) / floor_per_token(row) if ref else float("nan")
             print(f"{m['model']:22} {key[6:]:>8} {row['slots']:>5} {row['tokens_per_s']:>8.0f} "
-                  f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {floor:>7.2f} {row['prefill_s']:>9.2f} "
+                  f"{row['decode_tokens_per_s'] or 0:>8.0f} {e2e:>6.2f} {dec:>6.2f} {floor:>7.2f} "
+                  f"{row['prefill_s']:>9.2f} "
                   f"{row.get('prefill_ms_per_call', 0):>6.1f} {row['decode_s']:>8.2f} {row['tick_ms']:>7.2f} "
                   f"{row['tick_floor_ms']:>6.2f} "
                   f"{row['tokens_per_tick']:>8.1f} {row.get('slots_per_tick', row['slots']):>10} "

@@ -16,9 +16,9 @@ pick, so the hardest bar; `amp` = fp32 weights under bf16 autocast (Hugging Face
 
 Reported per arm: tokens/s (all GPUs and per GPU), TFLOP/s per GPU and MFU by the planner's exact FLOPs
 (`mor_ds.flops`, forward + backward of every matmul executed; MoR counts only active tokens) against the device's
-dense bf16 peak, MFU by one formula for every row (mfu_6n): tokens/s × (6·params + 6·layers·d·seq) / 989 TFLOP/s, peak memory
-(after warm-up), and the step time split into forward / backward / optimizer step (CUDA events on CUDA; "other" is
-what the step spends outside the three: batch copy, learning rate, callbacks).
+dense bf16 peak, MFU by one formula for every row (mfu_6n): tokens/s × (6·params + 6·layers·d·seq) / 989 TFLOP/s,
+peak memory (after warm-up), and the step time split into forward / backward / optimizer step (CUDA events on
+CUDA; "other" is what the step spends outside the three: batch copy, learning rate, callbacks).
 
 Every arm runs in its own subprocess (an OOM or crash loses only that row) unless the benchmark itself runs under
 torchrun/srun with several processes: then arms run in-process, in the same order on every rank (HF baselines then
@@ -434,7 +434,8 @@ def run_mor_ds(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "family": m.family, "params": num_params, "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
         "world_size": env.world_size, "zero_stage": t.zero_stage, "precision": t.precision,
-        "fused_loss": resolve_fused_loss(m.fused_loss, device), "compile": distributed.resolve_compile(t.compile, device),
+        "fused_loss": resolve_fused_loss(m.fused_loss, device),
+        "compile": distributed.resolve_compile(t.compile, device),
         "activation_checkpointing": t.activation_checkpointing, "attention_backend": m.attention_backend,
         **summarize(clock, t.micro_batch_size * t.seq_len, args.steps, env.world_size, exact,
                     flops_6n_per_token(num_params, m.num_layers, m.hidden_size, t.seq_len),
@@ -566,7 +567,7 @@ def _arm_subprocess(arm: Arm, args: argparse.Namespace, timeout: float | None) -
 def _arm_in_process(arm: Arm, args: argparse.Namespace) -> dict[str, Any]:
     try:
         return run_arm(arm, args)
-    except Exception as exc:  # noqa: BLE001 - one failing arm must not lose the table
+    except Exception as exc:
         from mor_ds.distributed import is_cuda_oom
 
         return {"error": ("CUDA out of memory: " if is_cuda_oom(exc) else "") + f"{type(exc).__name__}: {exc}"}
@@ -588,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps {args.steps} / --warmup {args.warmup}: both must be >= 1 "
                              f"(--profile-steps {args.profile_steps} >= 0)")
         arms = plan_arms(args)
-    except Exception as exc:  # noqa: BLE001 - unknown preset / variant / baseline: one line
+    except Exception as exc:
         print(f"mor-ds bench train: {exc}", file=sys.stderr)
         return 2
     world = _world_size()
@@ -605,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
         from importlib.metadata import version
 
         env["liger_kernel"] = version("liger-kernel")
-    except Exception:  # noqa: BLE001 - PackageNotFoundError
+    except Exception:
         env["liger_kernel"] = "absent"
     results: dict[str, Any] = {"environment": env, "args": {k: v for k, v in vars(args).items() if not callable(v)},
                                "arms": []}
@@ -661,7 +662,7 @@ def _worker(spec_json: str, out_path: str) -> int:
     args = argparse.Namespace(**spec["args"])
     try:
         row = run_arm(arm, args)
-    except Exception as exc:  # noqa: BLE001 - reported as the arm's row
+    except Exception as exc:
         from mor_ds.distributed import is_cuda_oom
 
         row = {"error": ("CUDA out of memory: " if is_cuda_oom(exc) else "") + f"{type(exc).__name__}: {exc}"}

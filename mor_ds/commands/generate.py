@@ -22,7 +22,8 @@ from mor_ds.config import ConfigError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text from a checkpoint (KV cache, depth-wise batching)")
-    p.add_argument("--checkpoint", required=True, help="export file, run/checkpoint dir, or dir with config.yaml + model.safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="export file, run/checkpoint dir, or dir with config.yaml + model.safetensors")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids (repeatable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint config's)")
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             from mor_ds.interop.tokenizer import checkpoint_tokenizer
 
             tokenizer = checkpoint_tokenizer(cfg, args.tokenizer)
-        except Exception as exc:  # noqa: BLE001 - any tokenizer failure is reported in one line
+        except Exception as exc:
             if args.prompt:
                 return fail(f"tokenizer: {exc}")
     if args.prompt:

@@ -174,7 +174,8 @@ def _print_report(report: dict, console: Console) -> None:
     mem = report["memory"]
     by = mem["bytes"]
     table = Table(title=f"Memory per GPU: ZeRO-{mem['zero_stage']}, {mem['gpus']} GPU(s), micro-batch "
-                        f"{mem['micro_batch']}, {mem['precision']}" + (", optimizer offloaded" if mem["offload_optimizer"] else ""))
+                        f"{mem['micro_batch']}, {mem['precision']}"
+                        + (", optimizer offloaded" if mem["offload_optimizer"] else ""))
     table.add_column("")
     table.add_column("no act. checkpointing", justify="right")
     table.add_column("act. checkpointing", justify="right")

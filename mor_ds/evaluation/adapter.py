@@ -67,7 +67,8 @@ class MoRLM(TemplateLM):
     def get_model_info(self) -> dict:
         cfg = self.model.cfg
         return {"family": cfg.family, "num_layers": cfg.num_layers, "num_recursions": cfg.num_recursions,
-                "routing": self.routing, "num_params": self.model.num_params(), "dtype": str(self.model.embed.weight.dtype)}
+                "routing": self.routing, "num_params": self.model.num_params(),
+                "dtype": str(self.model.embed.weight.dtype)}
 
     # -------------------------------------------------------------------------------- forward in batches
 

@@ -74,7 +74,8 @@ def _unknown(names: list[str], manager) -> list[str]:
 def _checked(names: list[str], manager):
     for name in _unknown(names, manager):
         close = difflib.get_close_matches(name, manager.all_tasks, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else " (see `lm-eval ls tasks`; local YAMLs: --include-path)"
+        hint = (f" (did you mean {', '.join(close)}?)" if close
+                else " (see `lm-eval ls tasks`; local YAMLs: --include-path)")
         raise EvalError(f"unknown task {name!r}{hint}")
     return manager
 
@@ -133,7 +134,8 @@ def format_table(by_routing: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'task / metric':<{width}}  " + "  ".join(f"{c:<{cell_width}}" for c in columns)]
     for (task, metric), cells in table.items():
         mark = " *" if PAPER_METRIC.get(task, "acc") == metric else ""
-        lines.append(f"{task + ' ' + metric + mark:<{width}}  " + "  ".join(f"{cells.get(c, '-'):<{cell_width}}" for c in columns))
+        row = "  ".join(f"{cells.get(c, '-'):<{cell_width}}" for c in columns)
+        lines.append(f"{task + ' ' + metric + mark:<{width}}  " + row)
     return "\n".join(lines)
 
 
@@ -169,7 +171,8 @@ def add_fewshot_args(parser: argparse.ArgumentParser, json_flag: bool = True) ->
     g.add_argument("--routing", default="causal", choices=ROUTING_CHOICES,
                    help="MoR routing at evaluation: causal (default; per-token decisions, no look-ahead), topk "
                         "(training-time top-k over the whole sequence, sees the future), or both")
-    g.add_argument("--num-fewshot", type=int, default=None, help="examples in context (default: each task's own, else 0)")
+    g.add_argument("--num-fewshot", type=int, default=None,
+                   help="examples in context (default: each task's own, else 0)")
     g.add_argument("--limit", type=float, default=None,
                    help="examples per task (>= 1) or a fraction (< 1) — for quick checks, not for reporting")
     g.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass")

@@ -162,9 +162,9 @@ class Engine:
         self.slot_ids = torch.arange(S, device=dev)
         # cache groups per layer position (MoR block: depth 0's, the step's depth is added per token)
         self._groups_all = self._groups(list(im.plan.unrolled)) if not im.mor else None
-        self._groups_prelude = self._groups([(l, 0) for l in im.plan.prelude])
-        self._groups_coda = self._groups([(l, 0) for l in im.plan.coda])
-        self._groups_block = self._groups([(l, 0) for l in im.block]) if im.mor else None
+        self._groups_prelude = self._groups([(layer, 0) for layer in im.plan.prelude])
+        self._groups_coda = self._groups([(layer, 0) for layer in im.plan.coda])
+        self._groups_block = self._groups([(layer, 0) for layer in im.block]) if im.mor else None
         self._rows_block = self._rows(self._groups_block, self.slot_ids) if im.mor else None
         self._write_phases = self._phases_written()
         self._projects = torch.tensor([im.layout.writes(r) for _, r in im.plan.unrolled], device=dev)
@@ -484,7 +484,7 @@ class Engine:
 
     def _groups(self, keys: list[tuple[int, int]]) -> Tensor:
         """(J,) cache groups of the (layer id, step) positions."""
-        return torch.tensor([self.im.layout.read_group(l, r) for l, r in keys], dtype=torch.long,
+        return torch.tensor([self.im.layout.read_group(layer, r) for layer, r in keys], dtype=torch.long,
                             device=self.im.device)
 
     def _rows(self, groups: Tensor, slots: Tensor) -> Tensor:
@@ -514,7 +514,7 @@ class Engine:
         if not layer_ids:
             return x
         rows, cos, sin, pos, write, valid = self.glue.compact_rows(idx, groups, *rope, pos, self.max_slots)
-        return self._phase([(l, 0) for l in layer_ids], rows, x, (cos, sin), write, valid, pos)
+        return self._phase([(layer, 0) for layer in layer_ids], rows, x, (cos, sin), write, valid, pos)
 
     def _head(self, x: Tensor, idx: Tensor, steps: Tensor, tick: int) -> None:
         """Final norm, LM head and greedy choice on the coda rows x (W, d) of slots idx; the chosen tokens
@@ -588,7 +588,7 @@ class Engine:
         depth, skip, rec, gate, target, x, rows, write = glue.enter_recursion(
             ent, in_rec, st.depth[:n], st.gate[:n], st.target[:n], h, st.x[:n], weight, decision,
             self._rows_block[:, :n], alpha, self.max_slots, im.expert_choice, im.kv_share)
-        y = self._phase([(l, 0) for l in im.block], rows, h, rope, write, rec, pos)
+        y = self._phase([(layer, 0) for layer in im.block], rows, h, rope, write, rec, pos)
         h = glue.blend(h, y, gate, rec, depth, target, x, im.rule, im.scale_output, im.expert_choice)
         logits = decisions = None
         if im.expert_choice and nr > 1:  # steps 1…Nr−1's routers on the updated rows

@@ -159,13 +159,13 @@ class InferenceModel:
         h = self.model.embed(tokens)
         rope = self.rope(pos)
         everyone = RowSet(np.asarray(slots), self.device)
-        h = self._phase([(l, 0) for l in self.plan.prelude], h, rope, pos, cache, everyone)
+        h = self._phase([(layer, 0) for layer in self.plan.prelude], h, rope, pos, cache, everyone)
         if not self.mor:
             for keys in self._phases(self.plan.recursive_part):
                 h = self._phase(keys, h, rope, pos, cache, everyone)
         else:
             h = self._recursion(h, rope, pos, cache, everyone, stats)
-        h = self._phase([(l, 0) for l in self.plan.coda], h, rope, pos, cache, everyone)
+        h = self._phase([(layer, 0) for layer in self.plan.coda], h, rope, pos, cache, everyone)
         return self.model.norm(h)
 
     @staticmethod
@@ -190,7 +190,7 @@ class InferenceModel:
         if not keys:
             return x
         S, dev = cache.max_slots, self.device
-        groups = np.array([self.layout.read_group(l, r) for l, r in keys])
+        groups = np.array([self.layout.read_group(layer, r) for layer, r in keys])
         host_rows = (groups[:, None] * S + rs.run_slots).ravel()  # (J·R,)
         rows = torch.from_numpy(groups).to(dev, non_blocking=True)[:, None] * S  # (J, 1) -> (J, N) below
         flat = None
@@ -240,7 +240,7 @@ class InferenceModel:
             if len(keep) < len(idx):
                 sel = torch.from_numpy(keep).to(dev, non_blocking=True)
                 idx, at, x, gate = idx[keep], at[sel], x[sel], gate[sel]
-            y = self._phase([(l, step) for l in self.block], x, (rope[0][at], rope[1][at]), pos[at], cache,
+            y = self._phase([(layer, step) for layer in self.block], x, (rope[0][at], rope[1][at]), pos[at], cache,
                             RowSet(everyone.host_slots[idx], dev, newest=everyone.newest))
             if self.scale_output and self.expert_choice:
                 y = expert_choice_update(x, y, gate[:, None], self.rule)

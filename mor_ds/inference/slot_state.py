@@ -24,8 +24,9 @@ def end_reasons(token, stop, out_len, budget, pos, max_len: int):
 
 class SlotTable:
     """The state a tick reads and writes per sequence slot, as rows of one (fields, S + 1) tensor per dtype
-    plus the hidden rows h and x, each (S + 1, d), of one (2, S + 1, d) tensor, so that admitting, moving or clearing slots is one indexed copy per
-    tensor. Column / row S is scratch: the unused places of a compacted batch gather and scatter it.
+    plus the hidden rows h and x, each (S + 1, d), of one (2, S + 1, d) tensor, so that admitting, moving or
+    clearing slots is one indexed copy per tensor. Column / row S is scratch: the unused places of a compacted
+    batch gather and scatter it.
 
       token, pos         the slot's newest token (it enters the next tick) and its position
       live               a request holds the slot (the tick clears it when the request ends)

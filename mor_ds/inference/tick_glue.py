@@ -1,9 +1,9 @@
 """The decode tick's bookkeeping between its layers, as free functions of tensors: RoPE factors, the circular
 scans that compact the prelude / coda rows, the cache appends of a phase, the routing around the shared
 block's pass, the tick's report and the end rule. Eagerly each is tens of tiny kernels (~240 of a MoR-4
-tick's ~360 at the 360M shape on an H100, benchmarks/inference_h100_2026-11-26.md), which bound the tick at small batches; on CUDA
-`TickGlue(compiled=True)` runs the elementwise ones through torch.compile (Inductor), a few fused kernels
-apiece; the scan, the appends' commit and the counters stay eager (see below).
+tick's ~360 at the 360M shape on an H100, benchmarks/inference_h100_2026-11-26.md), which bound the tick at
+small batches; on CUDA `TickGlue(compiled=True)` runs the elementwise ones through torch.compile (Inductor), a
+few fused kernels apiece; the scan, the appends' commit and the counters stay eager (see below).
 
 Free functions, not methods: a compiled bound method would keep its object (an engine and its KV pool) alive
 in Dynamo's cache. Shapes vary with the occupancy bucket, so they compile with dynamic shapes;
@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from mor_ds.inference.slot_state import end_reasons
-from mor_ds.models.block import rope_rows
 from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
 from mor_ds.patches import raise_recompile_limit
 

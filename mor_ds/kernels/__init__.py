@@ -7,6 +7,6 @@ from mor_ds.patches import interpreter_active, patch_interpreter
 if interpreter_active():  # before any kernel runs
     patch_interpreter()
 
-from mor_ds.kernels.attention import KernelConfigs, TileConfig, active_attention, active_attention_varlen  # noqa: E402
+from mor_ds.kernels.attention import KernelConfigs, TileConfig, active_attention, active_attention_varlen
 
 __all__ = ["KernelConfigs", "TileConfig", "active_attention", "active_attention_varlen"]

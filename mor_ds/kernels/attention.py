@@ -271,8 +271,8 @@ def active_attention(
     """Attention over original positions, dense layout (see the module docstring).
 
     q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); q_pos (B, Kq), kv_pos (B, Kk): original positions (None: the
-    row indices, or 0…S−1), any integer dtype; q_doc / kv_doc: document ids (both or neither). q_rows (B, Kq) / kv_rows (B, Kk):
-    fused gather — the active rows of full-length q / k, v; the result then has q's full shape, zero in
+    row indices, or 0…S−1), any integer dtype; q_doc / kv_doc: document ids (both or neither). q_rows (B, Kq) /
+    kv_rows (B, Kk): fused gather — the active rows of full-length q / k, v; the result then has q's full shape, zero in
     rows not listed (padded slots: position PAD_POS, any in-range row). Returns (B, Hq, Sq, D) in q's dtype
     and memory layout.
     """

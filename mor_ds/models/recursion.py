@@ -81,7 +81,8 @@ class LayerStack(nn.Module):
         super().__init__()
         self.plan, self.kv_share = plan, cfg.kv_mode == "share"
 
-    def forward(self, h: Tensor, ctx: SequenceContext, layers: nn.ModuleList, routing: str) -> tuple[Tensor, dict, dict]:
+    def forward(self, h: Tensor, ctx: SequenceContext, layers: nn.ModuleList,
+                routing: str) -> tuple[Tensor, dict, dict]:
         first_kv: dict[int, KV] = {}
         for layer_id, step in self.plan.recursive_part:
             shared = first_kv.get(layer_id) if self.kv_share and step > 0 else None
@@ -111,7 +112,8 @@ class MoRStack(nn.Module):
         """The active rows after their step: h = their input, out = B_r(h); stack_input = x, all (B, S+1, d) rows."""
         raise NotImplementedError
 
-    def forward(self, h: Tensor, ctx: SequenceContext, layers: nn.ModuleList, routing: str) -> tuple[Tensor, dict, dict]:
+    def forward(self, h: Tensor, ctx: SequenceContext, layers: nn.ModuleList,
+                routing: str) -> tuple[Tensor, dict, dict]:
         batch, length, _ = h.shape
         h = torch.cat([h, h.new_zeros(batch, 1, h.shape[-1])], dim=1)  # dummy slot S for padded rows
         stack_input = h

@@ -64,7 +64,8 @@ def sharing_error(num_layers: int, num_recursions: int, strategy: str) -> str | 
         return f"unknown sharing strategy {strategy!r} (one of {', '.join(SharingStrategy)})"
     shared = num_layers - 2 if _middle(strategy) else num_layers
     if shared < num_recursions:
-        return f"{strategy} sharing with Nr={num_recursions} needs at least {num_recursions + 2 * _middle(strategy)} layers"
+        least = num_recursions + 2 * _middle(strategy)
+        return f"{strategy} sharing with Nr={num_recursions} needs at least {least} layers"
     if shared % num_recursions:
         what = "num_layers - 2" if _middle(strategy) else "num_layers"
         return f"{what}={shared} must be divisible by num_recursions={num_recursions} for {strategy} sharing"

@@ -45,7 +45,8 @@ def preset_dict(name: str) -> dict[str, Any]:
     """The config dict of a preset name; a ConfigError naming the preset if it does not parse."""
     match = _NAME.match(name)
     if not match:
-        raise ConfigError(f"preset {name!r}: unknown (see `mor-ds plan --list`; scheme <family>-<size>[-nr<N>][-tc][-kvshare])")
+        raise ConfigError(f"preset {name!r}: unknown (see `mor-ds plan --list`; scheme "
+                          "<family>-<size>[-nr<N>][-tc][-kvshare])")
     tiny = match["tiny_family"] is not None
     family = ModelFamily(match["tiny_family"] or match["family"])
     nr = int(match["nr"]) if match["nr"] else None
@@ -73,8 +74,8 @@ def preset_dict(name: str) -> dict[str, Any]:
     if match["tc"]:
         # token-choice as in the released paper configs: linear router, softmax over Nr depths, α = 1, balancing
         # loss 0.1, z-loss 1e-5
-        overlay["router"] = {"type": RouterType.TOKEN_CHOICE.value, "activation": "softmax", "arch": "linear", "alpha": 1.0,
-                             "z_loss_coef": 1e-5}
+        overlay["router"] = {"type": RouterType.TOKEN_CHOICE.value, "activation": "softmax", "arch": "linear",
+                             "alpha": 1.0, "z_loss_coef": 1e-5}
     return merge(data, overlay)
 
 

@@ -26,8 +26,8 @@ def check_env(tmp_path_factory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT") and not k.startswith("SLURM_")}
     # the scripts call `torchrun` and `python3`: the ones of this interpreter's environment, as an activated venv gives
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DATA=shards, TOKENIZER=tokenizer, GPUS="2",
-               MB="2", SEQ="64", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RUN_TIMEOUT="240")
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DATA=shards, TOKENIZER=tokenizer,
+               GPUS="2", MB="2", SEQ="64", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RUN_TIMEOUT="240")
     return env
 
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import ClusterUnavailable, ensure_cluster, stop_cluster  # noqa: E402
-from wandb_records import read_records  # noqa: E402
+from slurm_cluster import ClusterUnavailable, ensure_cluster, stop_cluster
+from wandb_records import read_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -236,8 +236,8 @@ def test_tiny_sweep_dry_run_then_two_arms_train_and_evaluate(cluster, cache, tmp
     for arm, steps in (("tiny-vanilla", 20), ("tiny-mor-nr2", 24)):
         arm_dir = tmp_path / "sweep" / arm
         log = arm_dir / f"slurm-{state[arm]['job_id']}.out"
-        assert wait_for(lambda: finished(state[arm]["job_id"]), f"arm {arm} to finish", log=log) == "COMPLETED", \
-            text(log)
+        job = state[arm]["job_id"]
+        assert wait_for(lambda job=job: finished(job), f"arm {arm} to finish", log=log) == "COMPLETED", text(log)
         metrics = [json.loads(line) for line in text(arm_dir / "metrics.jsonl").splitlines()]
         assert [r["step"] for r in metrics] == list(range(1, steps + 1))
         assert json.loads(text(arm_dir / "plan.json"))["steps"] == steps
@@ -248,8 +248,8 @@ def test_tiny_sweep_dry_run_then_two_arms_train_and_evaluate(cluster, cache, tmp
         assert f"W&B run {run.run_id} (offline): upload with wandb sync {arm_dir}/wandb/" in text(log)
         eval_job = state[arm]["eval_job_id"]
         eval_log = arm_dir / f"slurm-eval-{eval_job}.out"
-        assert wait_for(lambda: finished(eval_job), f"arm {arm}'s eval to finish", log=eval_log) == "COMPLETED", \
-            text(eval_log)
+        finished_eval = wait_for(lambda job=eval_job: finished(job), f"arm {arm}'s eval to finish", log=eval_log)
+        assert finished_eval == "COMPLETED", text(eval_log)
         assert json.loads(text(arm_dir / f"eval-{eval_job}.json"))["val/batches"] == 1
     # a re-run submits nothing
     again = sweep_cli(str(path), cwd=tmp_path)

@@ -25,7 +25,7 @@ from mor_ds.train.checkpoint_dir import COMPLETE, latest_checkpoint, step_tag
 from mor_ds.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FAULT_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import history, run_info  # noqa: E402
+from wandb_records import history, run_info
 
 pytestmark = pytest.mark.slow
 

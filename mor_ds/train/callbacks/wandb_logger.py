@@ -63,7 +63,7 @@ class WandbLogger(Callback):
         a dead service makes the next call raise. Warn once and go on without W&B."""
         try:
             fn()
-        except Exception as exc:  # noqa: BLE001 — any failure inside wandb
+        except Exception as exc:
             print(f"[mor-ds] W&B {what} failed ({exc.__class__.__name__}: {exc}); continuing without W&B",
                   file=sys.stderr)
             self.run = None
