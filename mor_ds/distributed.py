@@ -452,9 +452,10 @@ def load_failure(exc: BaseException) -> str:
         return type(exc).__name__
     details = [line for line in lines[1:] if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     if details:
+        first = details[0] if len(details[0]) <= 200 else details[0][:200] + "…"
         more = f"; and {len(details) - 1} more" if len(details) > 1 else ""
-        return f"{details[0][:300]}{more}; was it saved with another model.* shape or family?"
-    return f"{type(exc).__name__}: {lines[0][:300]}"
+        return f"{first}{more}; was it saved with another model.* shape or family?"
+    return f"{type(exc).__name__}: {lines[0][:200]}"
 
 
 def build_engine(model: nn.Module, cfg: Config, env: DistEnv,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mor_ds.config import load_config
 from mor_ds.distributed import free_port
 from mor_ds.train.callbacks.metrics import read_metrics
-from mor_ds.train.checkpoint_dir import COMPLETE, latest_checkpoint, step_tag
-from mor_ds.train.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FAULT_ENV
+from mor_ds.train.checkpoint_dir import COMPLETE, latest_checkpoint, step_tag, verify_checkpoint
+from mor_ds.train.faults import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, FAULT_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import history, run_info
@@ -58,8 +60,8 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _train_args(run_dir: Path, sets: list[str]) -> list[str]:
-    args = ["train", "--config", "tiny-mor", "--run-dir", str(run_dir)]
+def _train_args(run_dir: Path, sets: list[str], config: str = "tiny-mor") -> list[str]:
+    args = ["train", "--config", config, "--run-dir", str(run_dir)]
     for s in sets:
         args += ["--set", s]
     return args
@@ -71,17 +73,18 @@ def torchrun(run_dir: Path, sets: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def srun_style(run_dir: Path, sets: list[str], ntasks: int = 2, **env: str) -> list[subprocess.Popen]:
+def srun_env(rank: int, ntasks: int, port: str, **env: str) -> dict[str, str]:
+    return _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
+                SLURM_JOB_ID="4242", MASTER_PORT=port, **env)
+
+
+def srun_style(run_dir: Path, sets: list[str], ntasks: int = 2, config: str = "tiny-mor",
+               **env: str) -> list[subprocess.Popen]:
     """The ranks as srun starts them: rank/world/local rank from SLURM_*, no torchrun agent."""
     port = str(free_port())
-    procs = []
-    for rank in range(ntasks):
-        rank_env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank),
-                        SLURM_NODELIST="localhost",
-                        SLURM_JOB_ID="4242", MASTER_PORT=port, **env)
-        procs.append(subprocess.Popen([sys.executable, "-m", "mor_ds.cli", *_train_args(run_dir, sets)], env=rank_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    return [subprocess.Popen([sys.executable, "-m", "mor_ds.cli", *_train_args(run_dir, sets, config)],
+                             env=srun_env(rank, ntasks, port, **env), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for rank in range(ntasks)]
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -177,7 +180,6 @@ def live_val_loss(run_dir: Path) -> float:
 
 def two_rank_val_loss(model: torch.nn.Module, cache: Path) -> float:
     """The same validation loss from a plain (exported or consolidated) model, in this one process."""
-    from mor_ds.config import load_config
     from mor_ds.distributed import DistEnv
     from mor_ds.train.callbacks.evaluate import evaluate
     from mor_ds.train.data import resolve_data, shard_loader
@@ -228,6 +230,7 @@ def test_kill9_mid_run_then_resume_auto_reproduces_every_loss(reference, cache, 
     assert latest_checkpoint(tmp_path / "checkpoints").step in (6, 9)
     out = run_ok(tmp_path, sets)
     assert "resumed from" in out
+    assert f"took over the stale lock {tmp_path}/train.lock of pid " in out and ": that process is gone" in out
     assert losses(tmp_path) == losses(reference)  # bit-identical per-step losses, steps 1..12
     val = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val/loss" in r}
     assert val == {r["step"]: r["val/loss"] for r in read_metrics(reference / "metrics.jsonl") if "val/loss" in r}
@@ -342,3 +345,214 @@ def test_model_vocab_smaller_than_the_tokenizer_fails_in_one_line(cache, tmp_pat
     assert code == 2
     assert err[-1] == (f"mor-ds train: model.vocab_size=256: smaller than the tokenizer's vocabulary ({VOCAB} ids "
                        f"in {root / 'tokenizer.model'})")
+
+
+# ------------------------------------------------------------------------------------------------
+# nothing silently wrong: the run dir lock, damaged checkpoints, NaN runs, failed saves and loads, damaged shards
+
+
+def test_a_second_training_into_a_run_dir_is_refused_naming_the_holder(reference, cache, tmp_path):
+    """Two trainings into one run dir used to both exit 0, one's metrics beside the other's config and weights."""
+    sets = overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test")
+    first = torchrun(tmp_path, sets)
+    wait_for_step(tmp_path, 2, [first])
+    job = [first.pid, *descendants(first.pid)]
+    for pid in job:  # held still, so that it is surely running when the second one starts
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        config = (tmp_path / "config.yaml").read_text()
+        holder = json.loads((tmp_path / "train.lock").read_text())
+        (second,) = srun_style(tmp_path, overrides(cache, 2, "optim.lr=0.01"), ntasks=1)
+        code, out = finish(second)
+    finally:
+        for pid in job:
+            os.kill(pid, signal.SIGCONT)
+    assert code == EXIT_CONFIG, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(
+        f"mor-ds train: --run-dir {tmp_path}: in use by another training (pid {holder['pid']} on {holder['host']}, "
+        f"started ")
+    assert (tmp_path / "config.yaml").read_text() == config
+    code, out = finish(first)
+    assert code == 0, out[-3000:]
+    assert losses(tmp_path) == losses(reference)  # the refused start changed nothing
+    assert not (tmp_path / "train.lock").exists()  # released at the end
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_the_resume_stays_exact(reference, cache, tmp_path):
+    """A flipped byte in the optimizer state used to resume silently and diverge: now the newest intact checkpoint
+    is taken instead, the damaged file named, and the resumed run reproduces the uninterrupted one."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    last = run / "checkpoints" / step_tag(STEPS)
+    shard = last / "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's: verified by rank 1, named by rank 0
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    out = run_ok(run, overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test"))
+    assert (f"[mor-ds] checkpoint {last} is damaged: {shard}: content differs from its xxh3_128 digest (corrupt); "
+            f"marked it CORRUPT, trying the next newest, {step_tag(9)}") in out
+    assert f"resumed from {run / 'checkpoints' / step_tag(9)} at step 9" in out
+    assert losses(run) == losses(reference)
+    assert (last / COMPLETE).exists() and not (last / "CORRUPT").exists()  # step 12 saved anew
+
+
+def test_nan_runs_never_end_in_exit_0_or_in_a_checkpoint_of_nan_weights(cache, tmp_path):
+    sets = overrides(cache, 2)
+    (proc,) = srun_style(tmp_path / "streak", sets, ntasks=1, **{FAULT_ENV: "nan_loss@11,nan_loss@12"})
+    code, out = finish(proc)
+    assert code == EXIT_NONFINITE, out[-3000:]
+    assert ("the budget ended at step 12 in 2 NaN/Inf steps in a row: the run did not finish healthy; the checkpoint "
+            "of step 12 holds the weights of step 10, the last applied update, and the earlier checkpoints are kept"
+            ) in out
+    kept = sorted(p.name for p in (tmp_path / "streak" / "checkpoints").glob("step_*"))
+    assert kept == [step_tag(6), step_tag(9), step_tag(12)]  # keep_last=2, but a save in a NaN streak prunes nothing
+    (proc,) = srun_style(tmp_path / "poisoned", sets, ntasks=1, **{FAULT_ENV: "nan_weight@5"})
+    code, out = finish(proc)
+    assert code == EXIT_NONFINITE, out[-3000:]
+    ckpts = tmp_path / "poisoned" / "checkpoints"
+    assert out.strip().splitlines()[-1] == (
+        f"mor-ds train: step 6: the model weights hold NaN/Inf; no checkpoint written (the newest checkpoint "
+        f"{ckpts / step_tag(3)} (step 3) is kept): resume from it with a lower optim.lr or check the data")
+    assert latest_checkpoint(ckpts).step == 3 and not (ckpts / step_tag(6)).exists()
+
+
+def _mount_namespace() -> list[str] | None:
+    """A command prefix that runs in a private mount namespace where tmpfs can be mounted, or None."""
+    prefix = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    try:
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m none /mnt"], capture_output=True)
+    except FileNotFoundError:
+        return None
+    return prefix if probe.returncode == 0 else None
+
+
+_LAUNCH = """import json, subprocess, sys
+jobs = json.loads(open(sys.argv[1]).read())
+procs = [subprocess.Popen(j["cmd"], env=j["env"], stdout=open(j["log"], "w"), stderr=subprocess.STDOUT) for j in jobs]
+for p, j in zip(procs, jobs):
+    open(j["log"] + ".code", "w").write(str(p.wait()))
+"""
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(reference, cache, tmp_path):
+    """ENOSPC inside DeepSpeed's save was a traceback on one rank and a hang on the other: now every rank stops
+    with exit 5 and one line, the partial checkpoint is removed, the previous one stays latest and resumes exactly."""
+    prefix = _mount_namespace()
+    if prefix is None:
+        pytest.skip("no private mount namespace here (unshare --mount) to fill a small tmpfs")
+    run, saved = tmp_path / "run", tmp_path / "saved"
+    (run / "checkpoints").mkdir(parents=True)
+    sets = overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test")
+    port = str(free_port())
+    jobs = [{"cmd": [sys.executable, "-m", "mor_ds.cli", *_train_args(run, sets)], "env": srun_env(r, 2, port),
+             "log": str(tmp_path / f"rank{r}.log")} for r in range(2)]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "launch.py").write_text(_LAUNCH)
+    # one checkpoint is ~13 MB: the one of step 3 fits in 20 MB, the one of step 6 does not
+    script = (f"mount -t tmpfs -o size=20m none {run / 'checkpoints'} && {sys.executable} {tmp_path / 'launch.py'} "
+              f"{tmp_path / 'jobs.json'} && cp -a {run / 'checkpoints'} {saved}")
+    proc = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = [int((tmp_path / f"rank{r}.log.code").read_text()) for r in range(2)]
+    out0 = (tmp_path / "rank0.log").read_text()
+    assert codes == [EXIT_SAVE_FAILED] * 2, out0[-3000:]
+    ckpts = run / "checkpoints"
+    line = out0.strip().splitlines()[-1]
+    assert line.startswith(f"mor-ds train: saving checkpoint {ckpts / step_tag(6)} failed (rank ")
+    assert "No space left on device (ENOSPC)" in line and line.endswith(
+        f"removed the partial {step_tag(6)}, the previous checkpoint {ckpts / step_tag(3)} is intact and stays latest")
+    assert sorted(p.name for p in saved.glob("step_*")) == [step_tag(3)]
+    assert latest_checkpoint(saved).step == 3 and verify_checkpoint(latest_checkpoint(saved)) == []
+    shutil.rmtree(ckpts)
+    shutil.copytree(saved, ckpts)  # the same directory on a disk with room again: the run resumes from step 3
+    out = run_ok(run, sets)
+    assert f"resumed from {ckpts / step_tag(3)} at step 3" in out
+    assert losses(run) == losses(reference)
+
+
+def test_resuming_another_model_shape_or_family_is_a_one_line_error(reference, cache, tmp_path):
+    for config, extra in (("tiny-mor", ["model.hidden_size=64"]), ("tiny-vanilla", [])):
+        run = tmp_path / config
+        shutil.copytree(reference / "checkpoints", run / "checkpoints")
+        results = [finish(p) for p in srun_style(run, overrides(cache, 2, *extra), config=config)]
+        assert [code for code, _ in results] == [EXIT_CONFIG] * 2, results[0][1][-3000:]
+        out = results[0][1]
+        assert "Traceback" not in out
+        line = out.strip().splitlines()[-1]
+        assert line.startswith("mor-ds train: ") and "model." in line and step_tag(STEPS) in line, line
+
+
+def _private_shards(cache: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the embedded shards (to damage) and the overrides that train on it."""
+    (root,) = cache.glob(f"embedded-*-vocab{VOCAB}")
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    return shards, [f"data.prepared_dir={shards}", f"data.tokenizer={root / 'tokenizer.model'}"]
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_validation_shard_damaged_mid_run_stops_with_a_checkpoint(cache, tmp_path):
+    """A validation read error used to crash the run at its eval, at the end of a budget before the final save."""
+    from data_pipeline.loader import held_out
+    from data_pipeline.shards import ShardIndex
+
+    shards, data_sets = _private_shards(cache, tmp_path)
+    index = ShardIndex.load(shards)
+    (val,) = [shards / index.shards[n].file for n in held_out(index, 1)]
+    run = tmp_path / "run"
+    (proc,) = srun_style(run, overrides(cache, 2, "train.eval_interval=4", *data_sets), ntasks=1)
+    wait_for_step(run, 2, [proc])  # past the start-up check, before the first eval
+    proc.send_signal(signal.SIGSTOP)
+    _flip_byte(val)
+    proc.send_signal(signal.SIGCONT)
+    code, out = finish(proc)
+    assert code == EXIT_CONFIG, out[-3000:]
+    assert (f"data error in the validation at step 4: {val}: SHA-256 differs from the index (corrupt or from another "
+            f"prepared set; run `mor-data verify {shards}`); stopped with a checkpoint") in out
+    assert latest_checkpoint(run / "checkpoints").step == 4
+
+
+def test_a_damaged_training_shard_is_found_in_the_background_and_stops_with_a_checkpoint(cache, tmp_path):
+    from data_pipeline.loader import ShardLoader
+
+    shards, data_sets = _private_shards(cache, tmp_path)
+    sets = overrides(cache, 2, *data_sets)
+    loader = ShardLoader(str(shards), 64, 4, seed=load_config("tiny-mor", sets).train.seed)
+    last_read = shards / loader.shards[int(loader._epoch_order(0)[-1])].file  # far from the first steps' reads
+    _flip_byte(last_read)  # the size stays: start-up passes, only the SHA-256 tells
+    run = tmp_path / "run"
+    (proc,) = srun_style(run, sets, ntasks=1)
+    code, out = finish(proc)
+    assert code == EXIT_CONFIG, out[-3000:]
+    assert (f"data error: {last_read}: SHA-256 differs from the index (corrupt or from another prepared set) (found "
+            f"by the background check of the training shards); stopped with a checkpoint: run `mor-data verify "
+            f"{shards}`") in out
+    stopped = max(losses(run))
+    assert stopped < STEPS and latest_checkpoint(run / "checkpoints").step == stopped
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (the SigCgt mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_a_signal_during_start_up_is_kept_before_torch_is_even_loaded(cache, tmp_path):
+    """SIGUSR1 in the first seconds (imports, DeepSpeed init) used to kill the run (exit 138)."""
+    (proc,) = srun_style(tmp_path, overrides(cache, 2), ntasks=1)
+    while not _catches(proc.pid, signal.SIGUSR1):
+        assert proc.poll() is None
+        time.sleep(0.001)
+    assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # the handler came first
+    proc.send_signal(signal.SIGUSR1)
+    code, out = finish(proc)
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "SIGUSR1 received: stopped after step 1 with a checkpoint" in out
+    assert latest_checkpoint(tmp_path / "checkpoints").step == 1
