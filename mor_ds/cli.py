@@ -9,7 +9,8 @@ import sys
 from mor_ds.config import ConfigError
 
 # one module per subcommand; each defines register(subparsers) which sets `func(args) -> int`
-COMMANDS: tuple[str, ...] = ("plan", "train", "eval", "export", "demo", "bench", "import_hf", "uptrain", "generate", "sweep")
+COMMANDS: tuple[str, ...] = ("plan", "train", "eval", "export", "demo", "bench", "import_hf", "uptrain", "generate", "sweep",
+                             "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
