@@ -14,19 +14,21 @@
 # Training stops with a checkpoint (SIGTERM, exit 75) DEADLINE_S seconds after this script started (default 480),
 # so a call stays within its time limit; the same command later resumes the arm. Small outputs (logs, the arms'
 # metrics.jsonl / config.yaml / plan.json / eval.json, the report and its plots) are copied to OUT (default
-# STUDY/out). Environment: OUT, DEADLINE_S, PYTHON (default python3), SWEEP (default by mode), WORKERS.
+# STUDY/out). Environment: OUT, DEADLINE_S, PYTHON (default python3), SWEEP (default by mode), WORKERS, WORKDIR
+# (where the sweep's relative paths, runs/study*/, live: default the repository root).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "${WORKDIR:-$REPO}" || exit 1
 START=$SECONDS
 tiny=0
 if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
 stage=${1:?usage: repro-study.sh [--tiny] setup | train ARM [ARM ...] | report}; shift
 PY=${PYTHON:-python3}
 if [ $tiny = 1 ]; then
-  STUDY=runs/study-tiny; SWEEP=${SWEEP:-slurm/sweeps/repro-tiny.yaml}; VOCAB=4096; SAMPLE_MB=4; MAX_MB=6
+  STUDY=runs/study-tiny; SWEEP=${SWEEP:-$REPO/slurm/sweeps/repro-tiny.yaml}; VOCAB=4096; SAMPLE_MB=4; MAX_MB=6
   SHARD_TOKENS=65536; export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
-  STUDY=runs/study; SWEEP=${SWEEP:-slurm/sweeps/repro-135m.yaml}; VOCAB=49152; SAMPLE_MB=100; MAX_MB=0
+  STUDY=runs/study; SWEEP=${SWEEP:-$REPO/slurm/sweeps/repro-135m.yaml}; VOCAB=49152; SAMPLE_MB=100; MAX_MB=0
   SHARD_TOKENS=2097152
 fi
 # the shards, tokenizer and corpus the sweep file's data.* keys point at
@@ -42,18 +44,17 @@ site_roots() {  # the interpreter's own site-packages, before .whl's target or t
   PYTHONPATH= "$PY" -c "import os, site; print('\n'.join(p for p in site.getsitepackages() if os.path.isdir(p)))"
 }
 
-install_wheels() {
-  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    local stamp; stamp=/tmp/site/.mor-ds-wheels-$(ls .whl | sha256sum | cut -c1-16)
+install_wheels() {  # .whl's wheels, where this Python lacks part of the stack (the GPU image: see tools/)
+  export PYTHONPATH=$REPO
+  if ! "$PY" -c "import deepspeed, datasets, sentencepiece, zstandard" 2>/dev/null && [ -d "$REPO/.whl" ]; then
+    local stamp; stamp=/tmp/site/.mor-ds-wheels-$(ls "$REPO/.whl" | sha256sum | cut -c1-16)
     if [ ! -f "$stamp" ]; then
-      log "installing $(ls .whl/*.whl | wc -l) wheels from .whl into /tmp/site"
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >>"$OUT/setup.log" 2>&1 || fail "pip install of .whl (see $OUT/setup.log)"
+      log "installing $(ls "$REPO"/.whl/*.whl | wc -l) wheels from .whl into /tmp/site"
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$REPO"/.whl/*.whl >>"$OUT/setup.log" 2>&1 || fail "pip install of .whl (see $OUT/setup.log)"
       touch "$stamp"
     fi
-    export PYTHONPATH=/tmp/site:$PWD
-  else
-    export PYTHONPATH=$PWD
+    export PYTHONPATH=/tmp/site:$REPO
   fi
   "$PY" - >"$OUT/env.txt" 2>&1 <<'PY' || fail "the stack does not import (see $OUT/env.txt)"
 import platform, torch

@@ -72,18 +72,19 @@ def _held_out_lines(rows: list[dict[str, Any]]) -> list[str]:
     windows = {(r["held_out"], r["val_tokens"]) for r in scored if r["val_source"] == "eval.json"}
     from_training = [r["arm"] for r in scored if r["val_source"] != "eval.json"]
     lines = []
+    evaluated = [r["arm"] for r in scored if r["val_source"] == "eval.json"]
     if len(windows) == 1:
         (fingerprint, tokens), = windows
-        lines.append(f"Validation losses from `mor-ds eval` (eval.json) score the same held-out windows in every arm: "
-                     f"{tokens:,} tokens, fingerprint `{(fingerprint or '?')[:16]}` (validation shards, tokenizer "
-                     f"and window length).")
+        lines.append(f"- {', '.join(evaluated)}: validation loss from `mor-ds eval` (eval.json), the same held-out "
+                     f"windows in each: {tokens:,} tokens, fingerprint `{(fingerprint or '?')[:16]}` (validation "
+                     f"shards, tokenizer and window length).")
     elif windows:
-        lines.append("**The arms' eval.json files scored different held-out windows; their losses do not compare:**")
-        lines += [f"- {r['arm']}: {r['val_tokens']:,} tokens, fingerprint `{(r['held_out'] or '?')[:16]}`"
+        lines.append("- **The eval.json files scored different held-out windows; their losses do not compare:**")
+        lines += [f"  - {r['arm']}: {r['val_tokens']:,} tokens, fingerprint `{(r['held_out'] or '?')[:16]}`"
                   for r in scored if r["val_source"] == "eval.json"]
     if from_training:
-        lines.append(f"\\* no eval.json: the run's last in-training evaluation (its first train.eval_batches held-out "
-                     f"windows) for {', '.join(from_training)}.")
+        lines.append(f"- \\* {', '.join(from_training)}: no eval.json; the run's last in-training evaluation "
+                     f"(its first train.eval_batches held-out windows).")
     if fingerprints and any(r["val_step"] is not None and r["val_step"] != r["steps"] for r in scored
                             if r["val_source"] == "eval.json"):
         lines += [f"- {r['arm']}: eval.json is of step {r['val_step']}, the run logged {r['steps']} steps"
