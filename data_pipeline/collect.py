@@ -6,7 +6,8 @@ train-tokenizer`` and ``mor-data prepare`` read as a local ``.jsonl[.zst|.gz]`` 
 Order: by the SHA-256 of each file's bytes. The output then depends only on the set of texts, not on where the roots
 are mounted or how the file system lists them, and packages are interleaved: the last shards of a prepared
 directory, which the loader holds out for validation (``data.val_shards``), are a uniform sample of the files
-rather than the end of the alphabet. Exact duplicates (a module vendored twice) are kept once. Skipped and counted:
+rather than the end of the alphabet. Exact duplicates (a module vendored twice) are kept once, under the smallest of
+their relative paths. Skipped and counted:
 files that are not UTF-8, empty (whitespace only), or larger than ``max_file_bytes``. ``max_total_bytes`` keeps
 files in hash order until the corpus reaches that size (a uniform sample, for small runs). Symbolic links,
 ``__pycache__`` and hidden directories are not followed.
@@ -113,9 +114,10 @@ def collect(roots: list[str], out: str, *, extensions: tuple[str, ...] = DEFAULT
                 skipped["empty"] += 1
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            if digest in kept:
+            if digest in kept:  # the copy named first in path order stays, whatever order the walk took
                 stats.duplicates += 1
-                continue
+                if name >= kept[digest].name:
+                    continue
             ext = next(e for e in extensions if name.lower().endswith(e))
             kept[digest] = _File(digest, path, name, ext, len(data))
     if not kept:

@@ -152,7 +152,7 @@ train_arm() {
     copy_arm "$arm"
     case $rc in
       0) log "$arm: trained: $(grep -v '^\[mor-ds\]' "$OUT/$arm.train.log" | grep '^step' | tail -1)" ;;
-      75) log "$arm: stopped at the deadline with a checkpoint (step $(tail -1 "$dir/metrics.jsonl" | grep -o '"step": [0-9]*')); run the same command again to resume"; return 0 ;;
+      75) log "$arm: stopped at the deadline with a checkpoint (step $(tail -1 "$dir/metrics.jsonl" | grep -o '"step": [0-9]*' | grep -o '[0-9]*$')); run the same command again to resume"; return 0 ;;
       *) fail "$arm: mor-ds train exited $rc (see $OUT/$arm.train.log)" ;;
     esac
     log "$arm: evaluating on every held-out window"
