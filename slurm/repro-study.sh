@@ -10,11 +10,12 @@
 #                                                   # checkpoint), eval, and the report of every arm so far
 #   bash slurm/repro-study.sh report                # only the report
 #   bash slurm/repro-study.sh --tiny train ARM ...  # repro-tiny.yaml: tiny presets on CPU, a few MB of text
+#   PARALLEL=1 bash slurm/repro-study.sh train A B  # a multi-GPU host: the arms side by side, one GPU each
 #
 # Training stops with a checkpoint (SIGTERM, exit 75) DEADLINE_S seconds after this script started (default 480),
 # so a call stays within its time limit; the same command later resumes the arm. Small outputs (logs, the arms'
 # metrics.jsonl / config.yaml / plan.json / eval.json, the report and its plots) are copied to OUT (default
-# STUDY/out). Environment: OUT, DEADLINE_S, PYTHON (default python3), SWEEP (default by mode), WORKERS, WORKDIR
+# STUDY/out). Environment: OUT, DEADLINE_S, PYTHON (default python3), SWEEP (default by mode), WORKERS, PARALLEL, WORKDIR
 # (where the sweep's relative paths, runs/study*/, live: default the repository root).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -129,7 +130,7 @@ copy_arm() {  # the arm's small files, in a layout `mor-ds report --sweep OUT/ru
   mkdir -p "$OUT/runs/$1"
   cp "$SWEEP_DIR/sweep.json" "$OUT/runs/"
   for f in config.yaml plan.json metrics.jsonl eval.json fewshot.json; do
-    [ -f "$SWEEP_DIR/$1/$f" ] && cp "$SWEEP_DIR/$1/$f" "$OUT/runs/$1/"
+    if [ -f "$SWEEP_DIR/$1/$f" ]; then cp "$SWEEP_DIR/$1/$f" "$OUT/runs/$1/"; fi
   done
 }
 
@@ -164,13 +165,32 @@ train_arm() {
   copy_arm "$arm"
 }
 
+train_parallel() {  # one arm per visible GPU at a time, each arm's processes on its own GPU (--tiny on CPU: 2)
+  local gpus slots arms=("$@") start i status=0 pids
+  gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  slots=$gpus
+  if [ "$gpus" = 0 ]; then [ $tiny = 1 ] && slots=2 || fail "PARALLEL=1: no GPU visible"; fi
+  for ((start = 0; start < ${#arms[@]}; start += slots)); do
+    pids=()
+    for ((i = 0; i < slots && start + i < ${#arms[@]}; i++)); do
+      (if [ "$gpus" -gt 0 ]; then export CUDA_VISIBLE_DEVICES=$i; log "${arms[start + i]}: on GPU $i"; fi
+       train_arm "${arms[start + i]}") &
+      pids+=($!)
+    done
+    for i in "${pids[@]}"; do wait "$i" || status=1; done
+  done
+  report
+  [ $status = 0 ] || fail "an arm failed (see $OUT/study.log)"
+}
+
 case $stage in
   setup) setup ;;
   train)
     [ $# -ge 1 ] || fail "train: name the arms (see $SWEEP)"
     setup
     SWEEP_DIR=$(sweep_dir)
-    for arm in "$@"; do train_arm "$arm"; report; done ;;
+    if [ "${PARALLEL:-0}" = 1 ]; then train_parallel "$@"
+    else for arm in "$@"; do train_arm "$arm"; report; done; fi ;;
   report) install_wheels; SWEEP_DIR=$(sweep_dir); report ;;
   *) fail "unknown stage $stage (setup | train ARM ... | report)" ;;
 esac
