@@ -19,7 +19,7 @@ import yaml
 from mor_ds.cli import main
 from mor_ds.config import load_config
 from mor_ds.flops import flops_per_token, param_counts
-from mor_ds.report import build_report, load_sweep_runs
+from mor_ds.report import build_report, load_run, load_sweep_runs
 from mor_ds.report.markdown import COLUMNS
 from mor_ds.report.plots import NOTE_PREFIX
 from mor_ds.train.callbacks.metrics import read_metrics
@@ -208,6 +208,18 @@ def test_run_directories_as_arguments(sweep_dir, tmp_path, capsys):
     assert code == 0, out
     assert "tiny-vanilla: finished" in out and "never-made: missing (no config.yaml" in out
     assert re.search(r"\*\*never-made\*\* \(no config.yaml", (tmp_path / "report.md").read_text())
+
+
+def test_a_config_saved_before_the_combine_rule_existed_reads_as_delta(sweep_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / "old-mor"
+    shutil.copytree(sweep_dir / "tiny-mor", old, ignore=shutil.ignore_patterns("checkpoints"))
+    text = (old / "config.yaml").read_text()
+    assert "  combine: paper\n" in text
+    (old / "config.yaml").write_text(text.replace("  combine: paper\n", ""))
+    (row,) = build_report([load_run(old)], "old").rows
+    assert row["combine"] == "delta"  # how the trainer of that time combined (mor_ds.config.from_saved)
 
 
 def test_bad_input_is_one_line(sweep_dir, tmp_path, capsys):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mor_ds.config import Config, ConfigError, from_dict, yaml_load
+from mor_ds.config import Config, ConfigError, from_saved, yaml_load
 from mor_ds.flops import flops_per_token, param_counts, plan_budget, step_fractions
 
 CONFIG_FILE = "config.yaml"
@@ -40,7 +40,6 @@ class Run:
     dir: Path
     budget: str = ""  # the group this run is compared in, e.g. "flops=1e+17 (exact)"
     cfg: Config | None = None
-    raw_config: dict[str, Any] = field(default_factory=dict)  # config.yaml as written (keys of newer versions kept)
     records: list[dict[str, Any]] = field(default_factory=list)
     planned_steps: int | None = None
     eval: dict[str, Any] | None = None
@@ -108,9 +107,8 @@ def load_run(run_dir: str | Path, name: str | None = None, budget: str | None = 
     if not config_path.is_file():
         run.missing = f"no {CONFIG_FILE} in {run_dir}: not written or never started"
         return run
-    try:
-        run.raw_config = yaml_load(config_path.read_text()) or {}
-        run.cfg = from_dict(run.raw_config)
+    try:  # read as the trainer saved it: a config from before router.combine existed trained with the delta rule
+        run.cfg = from_saved(yaml_load(config_path.read_text()) or {})
     except (ConfigError, ValueError) as exc:
         raise ReportError(f"{config_path}: {exc}") from None
     plan_path = run_dir / PLAN_FILE
@@ -248,7 +246,7 @@ def summary(run: Run) -> dict[str, Any]:
         "family": m.family, "num_recursions": m.num_recursions,
         "router": cfg.router.type if mor else None,
         "kv_mode": m.kv_mode if m.family != "vanilla" else None,
-        "combine": (run.raw_config.get("router") or {}).get("combine", "paper") if mor else None,
+        "combine": cfg.router.combine if mor else None,
         "params_total": counts.total, "params_unique": counts.unique,
         "flops_exact": cumulative_flops(run, "exact")[-1], "flops_paper": cumulative_flops(run, "paper")[-1],
         "flops_convention": cfg.train.flops_convention, "flops_logged": run.last.get("flops"),
