@@ -81,8 +81,9 @@ setup() {
     mapfile -t roots < <(site_roots)
     log "collecting $EXT files under ${roots[*]}"
     "$PY" -m data_pipeline.cli collect "${roots[@]}" --out "$DATA/corpus.jsonl.zst" --ext "$EXT" --max-mb "$MAX_MB" \
-      --stats "$OUT/corpus-stats.json" >>"$OUT/setup.log" 2>&1 || fail "mor-data collect (see $OUT/setup.log)"
+      --stats "$DATA/corpus-stats.json" >>"$OUT/setup.log" 2>&1 || fail "mor-data collect (see $OUT/setup.log)"
   fi
+  if [ -f "$DATA/corpus-stats.json" ]; then cp "$DATA/corpus-stats.json" "$OUT/"; fi
   if [ ! -f "$DATA/tokenizer.model" ]; then
     log "training a $VOCAB-piece SentencePiece BPE tokenizer on the first $SAMPLE_MB MB"
     # a fixed thread count: SentencePiece's merges depend on it, and every call must rebuild the same tokenizer
@@ -134,7 +135,11 @@ copy_arm() {  # the arm's small files, in a layout `mor-ds report --sweep OUT/ru
   done
 }
 
-report() {
+report() {  # of every arm so far; their small files go to OUT too, so each call's OUT is the whole study
+  local arm
+  for arm in "$SWEEP_DIR"/*/; do
+    if [ -f "$arm/config.yaml" ]; then copy_arm "$(basename "$arm")"; fi
+  done
   "$PY" -m mor_ds.cli report --sweep "$SWEEP_DIR" --out "$OUT/report" >"$OUT/report.log" 2>&1 \
     || fail "mor-ds report (see $OUT/report.log)"
   log "report: $(tail -1 "$OUT/report.log")"
