@@ -1,4 +1,4 @@
-"""``mor-data``: train-tokenizer, prepare, inspect, verify, bench."""
+"""``mor-data``: collect, train-tokenizer, prepare, inspect, verify, bench."""
 
 from __future__ import annotations
 
@@ -64,6 +64,22 @@ def cmd_prepare(args, console: Console) -> int:
     console.print(f"{args.out}: {len(index.shards)} shards, {index.totals['tokens']:,} tokens, "
                   f"{index.totals['docs']:,} documents; bad records skipped: {sum(bad.values())}"
                   + (f" {bad}" if bad else "") + f"; filtered: {index.totals.get('filtered') or 'none'}", markup=False)
+    return 0
+
+
+def cmd_collect(args, console: Console) -> int:
+    from data_pipeline.collect import collect
+
+    stats = collect(args.roots, args.out, extensions=tuple(e for e in args.ext.split(",") if e),
+                    max_file_bytes=int(args.max_file_mb * 1e6), max_total_bytes=int(args.max_mb * 1e6),
+                    exclude=tuple(args.exclude))
+    parts = ", ".join(f"{ext} {c['files']:,} ({c['bytes'] / 1e6:.1f} MB)" for ext, c in stats.by_extension.items())
+    skipped = ", ".join(f"{k} {v:,}" for k, v in stats.skipped.items()) or "none"
+    console.print(f"{args.out}: {stats.files:,} files, {stats.bytes / 1e6:.1f} MB of text ({parts}); duplicates "
+                  f"dropped {stats.duplicates:,}; skipped: {skipped}; sha256 {stats.sha256}", markup=False)
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(stats.to_dict(), f, indent=1)
     return 0
 
 
@@ -156,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shards", type=int, default=0, help="stop after this many new shards (0 = run to the end)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("collect", help="directory trees of text files (code, docs) -> one .jsonl[.zst] corpus, "
+                                       "a document per file, in content-hash order")
+    p.add_argument("roots", nargs="+", metavar="ROOT", help="directories to walk (symlinks and hidden dirs skipped)")
+    p.add_argument("--out", required=True, help="output .jsonl, .jsonl.zst or .jsonl.gz")
+    p.add_argument("--ext", default=".py,.pyi,.md,.rst,.txt", help="comma-separated file name endings to keep")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files whose absolute path matches this glob (repeatable)")
+    p.add_argument("--max-file-mb", type=float, default=1.0, help="skip larger files (generated tables, dumps)")
+    p.add_argument("--max-mb", type=float, default=0.0,
+                   help="stop at this much text, files taken in hash order (a uniform sample); 0 = everything")
+    p.add_argument("--stats", help="also write the counts as JSON here")
+    p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("inspect", help="statistics, token histogram and decoded samples of a shard directory")
     p.add_argument("dir")

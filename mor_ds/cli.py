@@ -10,7 +10,7 @@ from mor_ds.config import ConfigError
 
 # one module per subcommand; each defines register(subparsers) which sets `func(args) -> int`
 COMMANDS: tuple[str, ...] = ("plan", "train", "eval", "export", "demo", "bench", "import_hf", "uptrain", "generate",
-                             "sweep")
+                             "sweep", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,9 @@ written into the arm's config as train.max_steps, so the trainer and this table 
 Grid combinations that the config rules forbid (e.g. MoR with sequence sharing) are skipped and listed.
 
 Submission is idempotent: OUTPUT_DIR/sweep-state.json records each submitted arm and its job ids as soon as
-sbatch answers, and a re-run submits only the arms not recorded there.
+sbatch answers, and a re-run submits only the arms not recorded there. OUTPUT_DIR/sweep.json lists every arm of
+the sweep with its budget and plan (what `mor-ds report --sweep OUTPUT_DIR` expects to find); `write_arms` writes it
+and each arm's files without submitting, for running the arms without Slurm.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 TRAIN_TEMPLATE = SLURM_DIR / "train.sbatch"
 EVAL_TEMPLATE = SLURM_DIR / "eval.sbatch"
 STATE_FILE = "sweep-state.json"
+MANIFEST_FILE = "sweep.json"
 CONFIG_MARK = "# ---- configuration"
 END_CONFIG_MARK = "# ---- no edits needed below ----"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # sweep and arm names: directory and job names
@@ -716,6 +719,40 @@ def _write(path: Path, text: str, mode: int | None = None) -> None:
     tmp.replace(path)
 
 
+def manifest(sweep: Sweep) -> dict[str, Any]:
+    """What OUTPUT_DIR/sweep.json holds: the sweep and every arm with its budget and plan, in sweep order."""
+    return {"sweep": sweep.name, "file": str(sweep.path.absolute()), "budget_kind": sweep.budget_kind,
+            "arms": [{"name": arm.name, "dir": str(sweep.arm_dir(arm)), "source": arm.source, **arm.plan.to_dict()}
+                     for arm in sweep.arms],
+            "skipped": [{"name": name, "why": why} for name, why in sweep.skipped]}
+
+
+def write_manifest(sweep: Sweep) -> Path:
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep.output_dir / MANIFEST_FILE
+    _write(path, json.dumps(manifest(sweep), indent=2) + "\n")
+    return path
+
+
+def _write_arm(sweep: Sweep, arm: Arm) -> Path:
+    """OUTPUT_DIR/<arm>/{config.yaml, plan.json, train.sbatch[, eval.sbatch]}."""
+    arm_dir = sweep.arm_dir(arm)
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    _write(arm_dir / "config.yaml", arm.cfg.to_yaml())
+    _write(arm_dir / "plan.json", json.dumps(arm.plan.to_dict(), indent=2) + "\n")
+    _write(arm_dir / "train.sbatch", render_train(sweep, arm), 0o755)
+    if sweep.eval_args is not None:
+        _write(arm_dir / "eval.sbatch", render_eval(sweep, arm), 0o755)
+    return arm_dir
+
+
+def write_arms(sweep: Sweep) -> list[Path]:
+    """Write sweep.json and every arm's config, plan and job scripts; submit nothing. An arm is then trained with
+    `mor-ds train --config OUTPUT_DIR/<arm>/config.yaml --run-dir OUTPUT_DIR/<arm>` (or its train.sbatch)."""
+    write_manifest(sweep)
+    return [_write_arm(sweep, arm) for arm in sweep.arms]
+
+
 def submit(sweep: Sweep, resubmit: tuple[str, ...] = (), echo=print) -> SubmitState:
     """Write each arm's config and scripts and submit the arms not yet recorded in the state file.
 
@@ -727,7 +764,7 @@ def submit(sweep: Sweep, resubmit: tuple[str, ...] = (), echo=print) -> SubmitSt
     unknown = sorted(set(resubmit) - {a.name for a in sweep.arms})
     if unknown:
         raise SweepError(f"--resubmit {unknown[0]}: no such arm (arms: {', '.join(a.name for a in sweep.arms)})")
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(sweep)
     state = SubmitState.load(sweep.output_dir / STATE_FILE)
     for name in resubmit:
         state.arms.pop(name, None)
@@ -739,12 +776,9 @@ def submit(sweep: Sweep, resubmit: tuple[str, ...] = (), echo=print) -> SubmitSt
                  + (f" (eval job {record['eval_job_id']})" if record.get("eval_job_id") else "") + "; skipped")
             continue
         arm_dir = sweep.arm_dir(arm)
-        arm_dir.mkdir(parents=True, exist_ok=True)
         try:
             if record is None:
-                _write(arm_dir / "config.yaml", arm.cfg.to_yaml())
-                _write(arm_dir / "plan.json", json.dumps(arm.plan.to_dict(), indent=2) + "\n")
-                _write(arm_dir / "train.sbatch", render_train(sweep, arm), 0o755)
+                _write_arm(sweep, arm)
                 job = sbatch(arm_dir / "train.sbatch")
                 record = {"job_id": job, "eval_job_id": None,
                           "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}

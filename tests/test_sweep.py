@@ -253,6 +253,47 @@ def test_arm_and_eval_resources_change_the_sweeps_key_by_key(tmp_path):
     assert (ev.nodes, ev.tasks_per_node, ev.gpus_per_node, ev.time, ev.env) == (1, 1, 0, "04:00:00", {"A": "1"})
 
 
+def test_write_only_writes_every_arm_and_the_manifest_and_submits_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere: --write-only never needs it
+    path = write_sweep(tmp_path, name="w", output_dir=str(tmp_path / "out"), budget={"flops": [1e10, 2e10]},
+                       grid={"family": ["vanilla", "mor"], "size": ["tiny"]})
+    assert main(["sweep", str(path), "--write-only"]) == 0
+    assert "4 arms written, nothing submitted" in capsys.readouterr().out
+    sweep = load_sweep(path)
+    manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert (manifest["sweep"], manifest["budget_kind"]) == ("w", "flops")
+    assert [(a["name"], a["budget"], a["steps"]) for a in manifest["arms"]] == [
+        (arm.name, arm.plan.budget, arm.plan.steps) for arm in sweep.arms]
+    for arm in sweep.arms:
+        arm_dir = tmp_path / "out" / arm.name
+        assert load_config(str(arm_dir / "config.yaml")) == arm.cfg  # what `mor-ds train --config` gets
+        assert json.loads((arm_dir / "plan.json").read_text()) == arm.plan.to_dict()
+        assert (arm_dir / "train.sbatch").read_text() == render_train(sweep, arm)
+    assert not (tmp_path / "out" / "sweep-state.json").exists()
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--write-only", "--dry-run"])
+
+
+def test_the_reproduction_sweeps_match_arm_for_arm():
+    """repro-135m.yaml: one budget of 1e17 exact FLOPs (every arm within one step of it) at several hundred steps;
+    repro-tiny.yaml, the CPU rehearsal of the same driver, has the same arms with the tiny presets."""
+    study, tiny = load_sweep(SWEEPS / "repro-135m.yaml"), load_sweep(SWEEPS / "repro-tiny.yaml")
+    assert [a.name for a in study.arms] == ["vanilla-135m", "recursive-135m-nr2", "mor-135m-nr2", "mor-135m-nr3",
+                                            "mor-135m-nr3-tc"]
+    assert [a.name.replace("-135m", "") for a in study.arms] == [a.name.replace("tiny-", "") for a in tiny.arms]
+    for sweep in (study, tiny):
+        assert {a.plan.convention for a in sweep.arms} == {"exact"}
+        assert len({a.cfg.data.prepared_dir for a in sweep.arms}) == 1
+        assert len({(a.cfg.train.seq_len, a.cfg.train.global_batch_size, a.cfg.train.seed, a.cfg.data.val_shards)
+                    for a in sweep.arms}) == 1  # the same data order and held-out windows for every arm
+        assert all(a.cfg.optim.schedule == "wsd" and not a.cfg.wandb.enabled for a in sweep.arms)
+    for arm in study.arms:
+        assert abs(arm.plan.flops - 1e17) <= arm.plan.flops_per_token * arm.plan.tokens_per_step / 2
+        assert 300 <= arm.plan.steps <= 600
+    assert [(a.cfg.model.family, a.cfg.model.num_recursions, a.cfg.router.type) for a in study.arms] == [
+        (a.cfg.model.family, a.cfg.model.num_recursions, a.cfg.router.type) for a in tiny.arms]
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: one line naming the file, key or arm
 

@@ -1,13 +1,22 @@
-"""`mor-ds eval`: validation loss and perplexity of a checkpoint or an export, in one process."""
+"""`mor-ds eval`: validation loss and perplexity of a checkpoint or an export, in one process.
+
+The result also goes to RUN_DIR/eval.json (few-shot: RUN_DIR/fewshot.json) when the checkpoint belongs to a run
+directory and no --json is given, so `mor-ds report` finds it next to the run's metrics.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from mor_ds.evaluation.harness import add_fewshot_args
+
+EVAL_FILE = "eval.json"
+FEWSHOT_FILE = "fewshot.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,9 +27,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared shard directory to evaluate on (default: the run's data)")
     p.add_argument("--val-shards", type=int, help="held-out shards at the end of --data (default: the run's)")
     p.add_argument("--batches", type=int, default=0, help="batches of train.micro_batch_size windows (0 = all)")
-    p.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
+    p.add_argument("--json", dest="json_out",
+                   help=f"write the result to this JSON file (default: RUN_DIR/{EVAL_FILE}, with --tasks "
+                        f"RUN_DIR/{FEWSHOT_FILE}, when the checkpoint is in a run directory)")
     add_fewshot_args(p, json_flag=False)  # --tasks …: few-shot accuracy through lm-eval
     p.set_defaults(func=run)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The `mor-ds train` run directory a checkpoint path belongs to (the run dir itself, its checkpoints/ or a
+    step_* directory in it, or an export file inside it), or None."""
+    path = Path(checkpoint).resolve()
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    if path.is_file() and (path.parent / "config.yaml").is_file():
+        return path.parent
+    return None
+
+
+def checkpoint_position(checkpoint: str | Path) -> dict[str, Any]:
+    """Optimizer step and training tokens of the weights `load_model` reads from this path."""
+    from mor_ds.checkpoint import read_export_metadata
+    from mor_ds.train.checkpoint import checkpoint_meta, resolve_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_file():
+        meta = read_export_metadata(path)
+        return {"step": int(meta["step"]) if meta.get("step") else None,
+                "tokens": int(meta["tokens"]) if meta.get("tokens") else None}
+    meta = checkpoint_meta(resolve_checkpoint(path))
+    return {"step": meta["step"], "tokens": meta.get("tokens")}
+
+
+def held_out_fingerprint(loader) -> str:
+    """SHA-256 naming the held-out windows: the validation shards' checksums, the tokenizer and the window length.
+    Two evaluations with the same fingerprint and window count scored the same tokens."""
+    parts = [loader.index.tokenizer_hash, loader.seq_len, [s.sha256 for s in loader.shards]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: int | None = None,
@@ -52,10 +96,16 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
     result = evaluate(model, loader, batches or loader.num_batches, device,
                       tokenizer.eos_id if cfg.model.document_mask else None)
     result["val/tokens"] = result["val/batches"] * loader.tokens_per_batch
-    return {"checkpoint": checkpoint, "data": shard_dir, **result}
+    return {"checkpoint": checkpoint, **checkpoint_position(checkpoint), "data": shard_dir,
+            "val_shards": data_cfg.val_shards, "seq_len": cfg.train.seq_len, "held_out": held_out_fingerprint(loader),
+            **result}
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json_out is None:
+        run_dir = run_dir_of(args.checkpoint)
+        if run_dir is not None:
+            args.json_out = str(run_dir / (FEWSHOT_FILE if args.tasks else EVAL_FILE))
     if args.tasks:
         from mor_ds.evaluation.harness import fewshot_main
 
@@ -73,4 +123,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
+        print(f"results written to {args.json_out}")
     return 0

@@ -4,6 +4,8 @@
     mor-ds sweep slurm/sweeps/isoflop-360m.yaml --dry-run --json   # the arms as JSON, for scripts
     mor-ds sweep slurm/sweeps/isoflop-360m.yaml              # submit (re-run: only arms not yet submitted)
     mor-ds sweep slurm/sweeps/isoflop-360m.yaml --resubmit mor-360m-nr3   # forget an arm's job, submit it again
+    mor-ds sweep slurm/sweeps/repro-135m.yaml --write-only   # arms' configs and scripts on disk, no Slurm needed:
+        mor-ds train --config OUTPUT_DIR/ARM/config.yaml --run-dir OUTPUT_DIR/ARM    (then mor-ds report --sweep)
 
 Exit codes: 0 done; 1 an sbatch failed (the arms submitted so far are recorded); 2 bad sweep file or config.
 """
@@ -14,14 +16,17 @@ import argparse
 import json
 import sys
 
-from mor_ds.sweep import SweepError, load_sweep, render_eval, render_train, submit, table, to_json
+from mor_ds.sweep import SweepError, load_sweep, render_eval, render_train, submit, table, to_json, write_arms
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="compute-matched sweep: one Slurm job per arm, same FLOPs or tokens",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML (see slurm/sweeps/ and docs/slurm.md)")
-    p.add_argument("--dry-run", action="store_true", help="print the arms and their job scripts; submit nothing")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the arms and their job scripts; submit nothing")
+    mode.add_argument("--write-only", action="store_true",
+                      help="write sweep.json and every arm's config.yaml, plan.json and job scripts; submit nothing")
     p.add_argument("--json", action="store_true",
                    help="with --dry-run: print the arms as JSON (name, source config, overrides, FLOPs, tokens, "
                         "steps, nodes x GPUs) instead of the table and scripts")
@@ -51,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\n# ===== {sweep.arm_dir(arm)}/eval.sbatch (--dependency=afterok:<train job>) =====")
                 print(render_eval(sweep, arm), end="")
         print(f"\ndry run: nothing written, nothing submitted ({len(sweep.arms)} arms)")
+        return 0
+    if args.write_only:
+        for arm_dir in write_arms(sweep):
+            print(f"wrote {arm_dir}/config.yaml", flush=True)
+        print(f"{len(sweep.arms)} arms written, nothing submitted; train each with `mor-ds train --config "
+              f"{sweep.output_dir}/ARM/config.yaml --run-dir {sweep.output_dir}/ARM`")
         return 0
     try:
         state = submit(sweep, resubmit=tuple(args.resubmit), echo=lambda line: print(line, flush=True))

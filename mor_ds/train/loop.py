@@ -139,6 +139,7 @@ class Trainer:
         try:
             for callback in self.callbacks:
                 callback.on_train_start(self)
+            resumed_elapsed, fit_start = self.state.elapsed_s, time.perf_counter()
             while not self.finished and not self.stopping:
                 start = time.perf_counter()
                 try:
@@ -152,6 +153,7 @@ class Trainer:
                 self.faults.poison_weights(self.state.step, self.is_main, self.model)
                 self.state.tokens += self.tokens_per_step
                 self.state.flops += self.flops_per_token * self.tokens_per_step
+                self.state.elapsed_s = resumed_elapsed + time.perf_counter() - fit_start
                 if result.applied:  # balancing bias / causal thresholds from statistics summed over ranks
                     self.model.update_router_state(distributed.all_reduce_sum)
                 self.record = {}

@@ -16,6 +16,9 @@ class TrainState:
     tokens: int = 0  # training tokens consumed
     flops: float = 0.0  # training FLOPs so far, under train.flops_convention
     skipped_steps: int = 0  # NaN/Inf steps skipped over the whole run
+    # wall seconds of the training loop (steps and their callbacks: eval, logging, checkpoints) summed over resumed
+    # segments; start-up is not counted, nor the steps an interrupted segment took after its last checkpoint
+    elapsed_s: float = 0.0
     bad_steps_in_a_row: int = 0
     wandb_run_id: str = ""
 

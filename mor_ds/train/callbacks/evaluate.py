@@ -26,8 +26,10 @@ class ValidationDataError(RuntimeError):
 def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.device,
              eos_id: int | None = None) -> dict[str, float]:
     """Mean LM loss over the first `max_batches` windows of every rank (same count on all ranks: ZeRO-3's
-    forward is collective), averaged over ranks. Routing is the model's eval default (causal). Collective also
-    when a rank cannot read its batches: every rank raises ValidationDataError."""
+    forward is collective), averaged over ranks. Routing is the model's eval default (causal); for MoR also the
+    fraction of held-out tokens that reach each recursion step under it (`val/depth_frac/r`), which training's
+    top-k routing fixes to the capacity schedule but causal routing has to learn. Collective also when a rank
+    cannot read its batches: every rank raises ValidationDataError."""
     from data_pipeline.errors import DataError
     from mor_ds.train.loop import split_batch
 
@@ -46,14 +48,22 @@ def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.
     engine.eval()
     try:
         total = torch.zeros((), device=device, dtype=torch.float64)
+        depth: dict[str, Tensor] = {}  # every step's fraction is reported, also when no token reaches it
         for batch in local[:n]:
             inputs, labels, doc_ids = split_batch(batch, device, eos_id)
-            total += engine(inputs, labels=labels, doc_ids=doc_ids).loss.double()
+            out = engine(inputs, labels=labels, doc_ids=doc_ids)
+            total += out.loss.double()
+            for name, value in out.stats.items():
+                if name.startswith("depth_frac/"):
+                    depth[name] = depth.get(name, 0.0) + value.double()
     finally:
         if was_training:
             engine.train()
-    loss = float(distributed.all_reduce_mean(total / n).item())
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/batches": n}
+    names = sorted(depth)
+    means = distributed.all_reduce_mean(torch.stack([total, *(depth[k] for k in names)]) / n).tolist()
+    loss = means[0]
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/batches": n,
+            **{f"val/{name}": value for name, value in zip(names, means[1:])}}
 
 
 class EvalCallback(Callback):

@@ -85,7 +85,8 @@ class MetricsLogger(Callback):
         state = trainer.state
         grad_norm = trainer.engine.grad_norm()
         rec: dict[str, Any] = {"step": state.step, "loss": reduced[0], "lr": result.lr, "tokens": state.tokens,
-                               "flops": state.flops, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps}
+                               "flops": state.flops, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps,
+                               "elapsed_s": state.elapsed_s}
         rec.update(zip(names, reduced[1:]))
         rec.update(trainer.record)
         trainer.record = rec
