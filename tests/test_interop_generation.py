@@ -167,3 +167,18 @@ def test_what_the_cache_cannot_do_is_a_one_line_error(exported):
         got = hf.generate(ids, routing="topk", use_cache=False, max_new_tokens=3, do_sample=False, eos_token_id=None,
                           pad_token_id=0)
     assert torch.equal(got, seq)
+
+
+def test_bench_export_runs_every_case(tmp_path):
+    """`mor-ds bench export` (the speed figures of docs/evaluation.md) on a tiny pair, one repeat."""
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "export", "--models", "tiny-mor-tc", "--set", "model.vocab_size=512",
+                     "model.hidden_size=64", "model.intermediate_size=128", "train.seq_len=128", "--device", "cpu",
+                     "--batch", "2", "--prompt-len", "8", "--new-tokens", "3", "--score-requests", "8",
+                     "--context-len", "10", "20", "--score-batch", "4", "--repeats", "1", "--threads", "1",
+                     "--out", str(out)]) == 0
+    seconds = json.loads(out.read_text())["seconds"]
+    assert list(seconds) == ["tiny-mor-tc", "vanilla twin of tiny-mor-tc"]
+    for cases in seconds.values():
+        assert set(cases) == {"generate", "score (HFLM on the export)", "score (mor-ds eval)"}
+        assert all(s > 0 for s in cases.values())

@@ -302,7 +302,8 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
 
     # ---------------------------------------------------------------------------------------- routing
 
-    def _expert_choice(self, step: int, x: Tensor, tokens: TokenSet, routing: str, length: int) -> tuple[Tensor, Tensor]:
+    def _expert_choice(self, step: int, x: Tensor, tokens: TokenSet, routing: str,
+                       length: int) -> tuple[Tensor, Tensor]:
         """Which of the step's candidates `tokens` (hidden states x (R, K, d)) go on, and their router weights g."""
         router, cfg = self.recursion.router, self.config
         logits = router.routers[step](x).squeeze(-1)
