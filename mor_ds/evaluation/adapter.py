@@ -82,32 +82,42 @@ class MoRLM(TemplateLM):
                 yield group[start:start + self.batch_size]
 
     @torch.inference_mode()
-    def _logits(self, inputs: list[list[int]]) -> Iterator[tuple[int, Tensor]]:
-        """(request index, logits (len, V) on the device) for every input sequence, in batch order."""
+    def _logits(self, inputs: list[list[int]]) -> Iterator[tuple[list[int], Tensor]]:
+        """(request indices, their logits (b, width, V) on the device, row r's first len(inputs[batch[r]]) real)
+        for every batch of input sequences."""
         lengths = [len(x) for x in inputs]
         for batch in self._batches(lengths):
             width = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), width), self.tok.pad_id, dtype=torch.long)
             for row, i in enumerate(batch):
                 ids[row, :lengths[i]] = torch.tensor(inputs[i])
-            logits = self.model(ids.to(self.device), routing=self.routing).logits
-            for row, i in enumerate(batch):
-                yield i, logits[row, :lengths[i]]
+            yield batch, self.model(ids.to(self.device), routing=self.routing).logits
 
     @torch.inference_mode()
     def _score(self, windows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Σ log p(continuation | context) and whether the continuation is the greedy one, per (context, cont)."""
+        """Σ log p(continuation | context) and whether the continuation is the greedy one, per (context, cont).
+        Worked out per batch on the device, with one device-to-host copy per batch."""
         inputs = []
         for context, continuation in windows:
             # the model sees context + continuation minus its last token, cut from the left to max_length
             inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
         results: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
-        for i, logits in self._logits(inputs):
-            continuation = torch.tensor(windows[i][1], device=self.device)
-            # only the positions predicting the continuation, in fp32
-            logp = F.log_softmax(logits[-len(continuation):].float(), dim=-1)
-            greedy = bool((logp.argmax(dim=-1) == continuation).all())
-            results[i] = (float(logp.gather(1, continuation[:, None]).sum()), greedy)
+        for batch, logits in self._logits(inputs):
+            conts = [windows[i][1] for i in batch]
+            width = max(len(c) for c in conts)
+            target = torch.zeros(len(batch), width, dtype=torch.long)
+            where = torch.zeros(len(batch), width, dtype=torch.long)  # the positions predicting the continuation
+            for row, (i, cont) in enumerate(zip(batch, conts)):
+                target[row, :len(cont)] = torch.tensor(cont)
+                where[row, :len(cont)] = torch.arange(len(inputs[i]) - len(cont), len(inputs[i]))
+            valid = torch.arange(width)[None, :] < torch.tensor([len(c) for c in conts])[:, None]
+            target, where, valid = (t.to(self.device) for t in (target, where, valid))
+            # only those positions, in fp32
+            logp = F.log_softmax(logits.gather(1, where[..., None].expand(-1, -1, logits.shape[-1])).float(), dim=-1)
+            total = logp.gather(2, target[..., None]).squeeze(-1).masked_fill(~valid, 0.0).sum(1)
+            greedy = ((logp.argmax(dim=-1) == target) | ~valid).all(1)
+            for i, (logprob, hit) in zip(batch, torch.stack([total, greedy.to(total.dtype)], 1).tolist()):
+                results[i] = (logprob, bool(hit))
         return results
 
     # -------------------------------------------------------------------------------- lm-eval API

@@ -1,9 +1,9 @@
 """`mor-ds export --format hf`: a directory that `transformers` loads, with the tokenizer.
 
 vanilla          → `LlamaForCausalLM` (config.json + model.safetensors), loadable without trust_remote_code.
-recursive / MoR  → `MoRForCausalLM` from mor_ds/interop/hf_modeling (configuration_mor.py + modeling_mor.py, and
-                   mor_ds/models/mor_math.py, the MoR math training uses, are copied next to the weights and
-                   registered in config.json's auto_map), loaded with
+recursive / MoR  → `MoRForCausalLM` from mor_ds/interop/hf_modeling (configuration_mor.py, modeling_mor.py and its
+                   KV cache cache_mor.py, and mor_ds/models/mor_math.py, the MoR math training uses, are copied next
+                   to the weights and registered in config.json's auto_map), loaded with
                    `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 Tokenizer: a SentencePiece .model is shipped as tokenizer.model plus the tokenizer.json / tokenizer_config.json of
 a Llama tokenizer built from it (no BOS added, as in training); a Hugging Face tokenizer.json is copied with a
@@ -34,6 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MODELING_FILES = {
     "configuration_mor.py": Path(__file__).parent / "hf_modeling" / "configuration_mor.py",
     "modeling_mor.py": Path(__file__).parent / "hf_modeling" / "modeling_mor.py",
+    "cache_mor.py": Path(__file__).parent / "hf_modeling" / "cache_mor.py",
     "mor_math.py": Path(__file__).parents[1] / "models" / "mor_math.py",
 }
 _MODELING_PACKAGE = "mor_ds_hf_modeling"

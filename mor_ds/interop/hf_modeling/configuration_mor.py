@@ -43,6 +43,7 @@ class MoRConfig(PretrainedConfig):
         router_balancing: str = "loss",  # token-choice: loss | loss_free
         routing: str = "causal",  # causal (per-token decisions) | topk (expert-choice over the whole sequence)
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,  # generate() decodes from a MoRCache (cache_mor.py)
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -72,7 +73,7 @@ class MoRConfig(PretrainedConfig):
         self.router_causal_mode = router_causal_mode
         self.router_balancing = router_balancing
         self.routing = routing
-        kwargs.setdefault("use_cache", False)  # no KV cache: generation re-runs the prefix
+        self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
