@@ -25,6 +25,7 @@ from slurm_jobs import finished, hostnames, job_env, job_field, text, wait_for  
 
 from mor_ds.distributed import free_port  # noqa: E402
 from mor_ds.train.callbacks.metrics import read_metrics  # noqa: E402
+from mor_ds.train.checkpoint import latest_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -109,12 +110,12 @@ def one_machine(cache, tmp_path_factory):
     return reference
 
 
-def submit(tmp_path: Path, cache: Path, zero: int, *sbatch: str) -> tuple[str, Path, Path]:
+def submit(tmp_path: Path, cache: Path, zero: int, *extra: str) -> tuple[str, Path, Path]:
     """`sbatch --nodes=2 --ntasks-per-node=2 slurm/train.sbatch tiny-mor …`: (job id, run dir, job log)."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-           "--time=30", f"--output={log}", *sbatch, str(REPO / "slurm" / "train.sbatch"), "tiny-mor"]
-    for s in train_sets(cache, zero):
+           "--time=30", f"--output={log}", str(REPO / "slurm" / "train.sbatch"), "tiny-mor"]
+    for s in train_sets(cache, zero, *extra):
         cmd += ["--set", s]
     job = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp_path,
                          env=job_env(MOR_DS_RUN_DIR=str(run_dir), MOR_DS_CMD=MOR_DS)).stdout.strip()
@@ -170,6 +171,40 @@ def test_sigusr1_requeue_resumes_on_other_nodes(cluster, cache, one_machine, tmp
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d} at step {stopped}" in out
     # each optimizer step trained exactly once over both starts
     assert [int(s) for s in re.findall(rf"^step (\d+)/{STEPS} ", out, re.M)] == list(range(1, STEPS + 1))
+
+
+def test_a_node_dies_mid_job_and_the_requeued_job_resumes_on_the_others(cluster, cache, one_machine, tmp_path,
+                                                                         jobs):
+    """The second node of a running ZeRO-3 job dies (link down, then its slurmd and ranks killed): the ranks on
+    the first node give up within train.collective_timeout_s and say so, Slurm marks the node DOWN and requeues the
+    job (NODE_FAIL), and the job resumes on the two nodes left from the last complete checkpoint."""
+    timeout = 15
+    job, run_dir, log = submit(tmp_path, cache, 3, f"train.collective_timeout_s={timeout}")
+    jobs.append(job)
+    wait_for(lambda: re.search(r"^step [5-9]/", text(log), re.M), "training past the step-4 checkpoint", log=log)
+    cluster.scontrol("suspend", job)  # freezes every rank (SIGSTOP), so the failure lands mid-run
+    first_nodes = hostnames(starts(run_dir)[0]["nodes"])
+    dead = first_nodes[1]  # not the batch script's node: the log and rank 0 live on
+    last_complete = latest_checkpoint(run_dir / "checkpoints").step
+    cluster.fail_node(dead)
+    try:
+        cluster.scontrol("resume", job)
+        survivors = wait_for(
+            lambda: len(found := re.findall(r"^mor-ds train: rank (\d) on (\S+): lost contact with the other ranks "
+                                            r"after step \d+ \(", text(log), re.M)) == 2 and found,
+            "both survivors to report the lost peers", deadline=timeout + 30, log=log)
+        assert sorted(survivors) == [("0", first_nodes[0]), ("1", first_nodes[0])]
+        assert f"train.collective_timeout_s={timeout}" in text(log)
+        assert wait_for(lambda: finished(job), "the requeued job to finish", log=log) == "COMPLETED", text(log)
+    finally:
+        cluster.revive_node(dead)
+    out = text(log)
+    assert "DUE TO NODE FAILURE" in out  # Slurm's own account of the failure, in the same log
+    first, second = starts(run_dir)
+    assert second["restart"] == "1" and dead not in hostnames(second["nodes"])
+    assert f"resumed from {run_dir}/checkpoints/step_{last_complete:08d} at step {last_complete}" in out
+    # nothing lost: every step's loss, retrained after the resume where needed, is the one-machine run's
+    assert_trained_like_one_machine(run_dir, log, one_machine(3))
 
 
 def test_torchrun_two_nodes_c10d_without_slurm(cluster, cache, one_machine, tmp_path):
