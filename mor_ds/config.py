@@ -190,6 +190,8 @@ class TrainConfig:
     eval_batches: int = 20
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before abort
     peak_tflops: float = 0.0  # 0 = from the device
+    # a collective that waits this long on a peer (dead rank or node, broken network) fails the run (exit 6)
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -462,6 +464,7 @@ def validate(cfg: Config) -> None:
     for key in ("log_interval", "eval_interval", "eval_batches", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops, "must be >= 0")
+    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", t.collective_timeout_s, "must be > 0 (seconds)")
 
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from collections import Counter
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -146,8 +148,12 @@ def _deepspeed():
     return deepspeed
 
 
-def init_distributed(env: DistEnv) -> torch.device:
-    """Export `env` as the standard variables and start the process group (nccl on CUDA, gloo on CPU)."""
+def init_distributed(env: DistEnv, collective_timeout_s: float | None = None) -> torch.device:
+    """Export `env` as the standard variables and start the process group (nccl on CUDA, gloo on CPU).
+
+    `collective_timeout_s` (`train.collective_timeout_s`; None: torch's default, 30 min): a collective that waits
+    longer on a peer raises (gloo) or aborts the process (NCCL's watchdog), so the survivors of a dead rank or node
+    stop instead of hanging until the job's time limit."""
     for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
                        ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
         _exported.setdefault(key, os.environ.get(key))
@@ -157,8 +163,9 @@ def init_distributed(env: DistEnv) -> torch.device:
         torch.cuda.set_device(device)
     deepspeed = _deepspeed()
     if not dist.is_initialized():
+        timeout = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False, **timeout)
         if device.type == "cuda":
             # NCCL creates a communicator (and its device buffers) at the first collective. DeepSpeed binds the
             # device, so that happens here, only for world size > 1; a lone GPU process would otherwise create it
@@ -183,6 +190,20 @@ def shutdown() -> None:
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+_GLOO_SOURCE = re.compile(r"^\[[^\]]*gloo/[^\]]*\]\s*")  # "[…/gloo/transport/tcp/pair.cc:553] " before gloo's text
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """What a collective said when a peer was lost (a rank or its node died, the network broke, the collective
+    timed out), as one line; None for any other error. gloo raises plain RuntimeErrors from its transport; NCCL
+    and the c10d store raise torch.distributed.DistError subclasses."""
+    message = str(exc).strip()
+    if not (isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and _GLOO_SOURCE.match(message)):
+        return None
+    first = _GLOO_SOURCE.sub("", message.splitlines()[0] if message else type(exc).__name__)
+    return first.split(" This is typically caused by")[0]  # gloo's advice to read the peers' logs
 
 
 def barrier() -> None:
@@ -505,6 +526,7 @@ __all__ = [
     "DistEnv", "DistributedError", "TrainEngine", "all_gather_object", "all_reduce_max", "all_reduce_mean",
     "all_reduce_min", "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object",
     "build_ds_config", "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for",
-    "discover", "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom", "resolve_compile",
+    "discover", "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom", "peer_failure",
+    "resolve_compile",
     "shutdown", "slurm_master_addr",
 ]

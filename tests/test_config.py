@@ -60,6 +60,7 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
     ("model.tie_embeddings=maybe", "model.tie_embeddings: 'maybe' is not a bool"),
     ("router.alpha=0", "router.alpha=0.0: must be > 0"),
     ("train.compile=blocks", "train.compile: 'blocks' is not one of auto, True, False"),
+    ("train.collective_timeout_s=0", "train.collective_timeout_s=0.0: must be > 0 (seconds)"),
     ("nokey", "--set 'nokey': expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

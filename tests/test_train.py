@@ -21,7 +21,7 @@ from mor_ds.config import ConfigError, OptimConfig, load_config
 from mor_ds.train import checkpoint_dir as ckpt
 from mor_ds.train.callbacks.metrics import read_metrics, truncate_metrics
 from mor_ds.train.callbacks.wandb_logger import resolve_mode
-from mor_ds.train.faults import EXIT_PREEMPTED, FaultPlan, oom_message
+from mor_ds.train.faults import EXIT_PREEMPTED, FaultPlan, TrainingAborted, oom_message, peer_lost_message
 from mor_ds.train.loop import split_batch
 from mor_ds.train.optim import param_groups
 from mor_ds.train.schedules import lr_at
@@ -492,6 +492,27 @@ def test_fault_plan_from_environment():
     assert not FaultPlan.from_env({}).active
     with pytest.raises(ValueError, match="bad entry 'explode@2'"):
         FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "explode@2"})
+
+
+def test_a_lost_peer_is_told_from_other_errors():
+    """gloo's transport errors (as a dead rank or node produces them) and c10d's DistErrors are a lost peer, in
+    gloo's words without its source location and advice; anything else is not."""
+    from mor_ds.distributed import peer_failure
+
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/"
+    closed = RuntimeError(f"{gloo}pair.cc:553] Connection closed by peer [10.77.0.12]:5558. This is typically "
+                          "caused by a remote worker crashing. Check the logs of the remote worker before reporting "
+                          "an error.")
+    assert peer_failure(closed) == "Connection closed by peer [10.77.0.12]:5558."
+    silent = RuntimeError(f"{gloo}unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation to complete")
+    assert peer_failure(silent) == "Timed out waiting 20000ms for recv operation to complete"
+    lost = torch.distributed.DistNetworkError("failed to recv, got 0 bytes")
+    assert peer_failure(lost) == "failed to recv, got 0 bytes"
+    assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")) is None
+    assert peer_failure(TrainingAborted("NaN", 3)) is None
+    message = peer_lost_message(peer_failure(silent), "after step 7", 20.0)
+    assert message.startswith("lost contact with the other ranks after step 7 (Timed out waiting 20000ms")
+    assert "train.collective_timeout_s=20" in message and message.endswith("(exit code 5)")
 
 
 def test_oom_message_names_the_knobs_and_the_estimate():

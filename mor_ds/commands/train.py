@@ -11,10 +11,11 @@ Exit codes: 0 done; 2 bad config/data/checkpoint; 3 NaN/Inf abort (checkpoint sa
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from mor_ds.config import ConfigError, load_config
-from mor_ds.train.faults import EXIT_CONFIG
+from mor_ds.train.faults import EXIT_CONFIG, EXIT_PEER_LOST, peer_lost_message
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -52,22 +53,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"mor-ds train: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     cfg = load_config(args.config, args.overrides)
-    device = distributed.init_distributed(env)
+    device = distributed.init_distributed(env, cfg.train.collective_timeout_s)
     try:
         return train(cfg, args.run_dir, env, device, resume=args.resume, console=not args.quiet)
     except (ConfigError, CheckpointError) as exc:
-        _error(env, f"mor-ds train: {exc}")
+        _error(env, str(exc))
         return EXIT_CONFIG
     except TrainingAborted as exc:
-        _error(env, f"mor-ds train: {exc}")
+        _error(env, str(exc), every_rank=exc.every_rank)
         return exc.exit_code
     except DataError as exc:
-        _error(env, f"mor-ds train: data error: {exc}")
+        _error(env, f"data error: {exc}")
         return EXIT_CONFIG
+    except RuntimeError as exc:  # a peer lost before the training loop (start-up, resume)
+        lost = distributed.peer_failure(exc)
+        if lost is None:
+            raise
+        _error(env, peer_lost_message(lost, "while starting", cfg.train.collective_timeout_s), every_rank=True)
+        return EXIT_PEER_LOST
     finally:
         distributed.shutdown()
 
 
-def _error(env, message: str) -> None:
-    if env.is_main:
-        print(message, file=sys.stderr, flush=True)
+def _error(env, message: str, every_rank: bool = False) -> None:
+    """Rank 0 reports; with `every_rank` each rank does, naming itself and its host (rank 0 may be the one lost)."""
+    if every_rank:
+        print(f"mor-ds train: rank {env.rank} on {socket.gethostname()}: {message}", file=sys.stderr, flush=True)
+    elif env.is_main:
+        print(f"mor-ds train: {message}", file=sys.stderr, flush=True)

@@ -25,13 +25,17 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3  # train.max_bad_steps NaN/Inf steps in a row; a checkpoint was saved
 EXIT_OOM = 4
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, permissions); the previous one is kept
+EXIT_PEER_LOST = 6  # a collective failed: a peer rank, its node or the network died; resume from the last checkpoint
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGUSR1 after saving; requeue and `--resume auto`
 
 
 class TrainingAborted(RuntimeError):
-    def __init__(self, message: str, exit_code: int):
+    """`every_rank`: each rank reports it (the failure may have taken rank 0 with it), not just rank 0."""
+
+    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.every_rank = every_rank
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,10 @@ def oom_message(cfg: Config, world_size: int) -> str:
             f"train.offload_optimizer={str(t.offload_optimizer).lower()}; {estimate}. Lower "
             f"train.micro_batch_size (gradient accumulation keeps the global batch), raise train.zero_stage, or set "
             f"train.activation_checkpointing=true / train.offload_optimizer=true (`mor-ds plan` sizes a config).")
+
+
+def peer_lost_message(detail: str, when: str, timeout_s: float) -> str:
+    """What every surviving rank reports when a collective lost a peer (`detail`: the backend's words)."""
+    return (f"lost contact with the other ranks {when} ({detail}): a rank, its node or the network failed, or "
+            f"stalled past train.collective_timeout_s={timeout_s:g}; the steps since the last complete checkpoint "
+            f"are lost, --resume auto (a requeued job) continues from it (exit code {EXIT_PEER_LOST})")

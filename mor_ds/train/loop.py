@@ -14,7 +14,8 @@ from torch import Tensor
 from mor_ds import distributed
 from mor_ds.config import Config
 from mor_ds.train.callbacks.base import Callback
-from mor_ds.train.faults import EXIT_CONFIG, EXIT_OK, EXIT_OOM, FaultPlan, TrainingAborted, oom_message
+from mor_ds.train.faults import (EXIT_CONFIG, EXIT_OK, EXIT_OOM, EXIT_PEER_LOST, FaultPlan, TrainingAborted,
+                                 oom_message, peer_lost_message)
 from mor_ds.train.schedules import lr_at
 from mor_ds.train.state import TrainState, rng_state, set_rng_state
 
@@ -164,7 +165,13 @@ class Trainer:
         except TrainingAborted as exc:
             self.exit_code, self.exit_message = exc.exit_code, str(exc)
             raise
-        except BaseException:
+        except BaseException as exc:
+            lost = distributed.peer_failure(exc)
+            if lost is not None:
+                self.exit_code = EXIT_PEER_LOST
+                self.exit_message = peer_lost_message(lost, f"after step {self.state.step}",
+                                                      self.cfg.train.collective_timeout_s)
+                raise TrainingAborted(self.exit_message, EXIT_PEER_LOST, every_rank=True) from exc
             self.exit_code = 1 if self.exit_code is None else self.exit_code  # W&B marks the run failed
             raise
         finally:

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import ClusterUnavailable, ensure_cluster, stop_cluster
+from slurm_jobs import finished, job_env, job_field, scontrol_requeue, text, wait_for
 from wandb_records import read_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 MOR_DS = str(Path(sys.executable).parent / "mor-ds")
 VOCAB = 512
 STEPS = 60
-DEADLINE = 240  # seconds for any one wait below
 
 
 @pytest.fixture(scope="module")
@@ -66,49 +65,6 @@ def jobs():
     yield ids
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True)
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """The environment sbatch exports into the job: ours minus any enclosing Slurm job's or launcher's."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) or k == "SLURM_CONF"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", **extra)
-    return env
-
-
-def wait_for(predicate, what: str, deadline: float = DEADLINE, log: Path | None = None):
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log and log.exists() else ""
-            raise TimeoutError(f"timed out after {deadline} s waiting for {what}\n{tail}")
-        time.sleep(0.2)
-
-
-def job_field(job: str, name: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    match = re.search(rf"\b{name}=(\S+)", out)
-    return match.group(1) if match else ""
-
-
-def scontrol_requeue(job: str) -> None:
-    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"scontrol requeue {job}: {proc.stderr.strip()}")
-
-
-def finished(job: str) -> str:
-    state = job_field(job, "JobState")
-    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else ""
-
-
-def text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def submit_train(tmp_path: Path, cache: Path, wandb_mode: str) -> tuple[str, Path, Path]:
