@@ -125,19 +125,20 @@ def hidden_before_norm(model, run) -> torch.Tensor:
 
 IDS = torch.tensor([3, 0, 6, 1, 5])
 CASES = [(router, kv, combine) for router in ALPHA for kv in ("cache", "share") for combine in ("paper", "delta")]
+ROUTED = [(*case, routing) for case in CASES for routing in ("topk", "causal")
+          if case[0] == "expert_choice" or routing == "causal"]  # token choice has one routing
+each_case = pytest.mark.parametrize("router,kv_mode,combine", CASES, ids=["-".join(c) for c in CASES])
+each_routed_case = pytest.mark.parametrize("router,kv_mode,combine,routing", ROUTED, ids=["-".join(c) for c in ROUTED])
 
 
-@pytest.mark.parametrize("router,kv_mode,combine", CASES, ids=["-".join(c) for c in CASES])
-@pytest.mark.parametrize("routing", ["topk", "causal"])
+@each_routed_case
 def test_training_forward_follows_the_combine_rule(router, kv_mode, combine, routing):
-    if router == "token_choice" and routing == "topk":
-        pytest.skip("token choice has one routing")
     model, _ = one_block_model(router, kv_mode, combine)
     got = hidden_before_norm(model, lambda: model(IDS[None], routing=routing))
     torch.testing.assert_close(got, expected(model, IDS, router, kv_mode, combine, routing), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("router,kv_mode,combine", CASES, ids=["-".join(c) for c in CASES])
+@each_case
 def test_inference_prefill_follows_the_combine_rule(router, kv_mode, combine):
     model, _ = one_block_model(router, kv_mode, combine)
     im = InferenceModel(model, fuse_weights=False)
@@ -148,11 +149,8 @@ def test_inference_prefill_follows_the_combine_rule(router, kv_mode, combine):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("router,kv_mode,combine", CASES, ids=["-".join(c) for c in CASES])
-@pytest.mark.parametrize("routing", ["topk", "causal"])
+@each_routed_case
 def test_hugging_face_export_follows_the_combine_rule(router, kv_mode, combine, routing):
-    if router == "token_choice" and routing == "topk":
-        pytest.skip("token choice has one routing")
     model, cfg = one_block_model(router, kv_mode, combine)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # built in fp64, so loading the weights rounds nothing
