@@ -48,8 +48,8 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
 
 def checkpoint_position(checkpoint: str | Path) -> dict[str, Any]:
     """Optimizer step and training tokens of the weights `load_model` reads from this path."""
-    from mor_ds.checkpoint import read_export_metadata
-    from mor_ds.train.checkpoint import checkpoint_meta, resolve_checkpoint
+    from mor_ds.weights import read_export_metadata
+    from mor_ds.train.checkpoint_dir import checkpoint_meta, resolve_checkpoint
 
     path = Path(checkpoint)
     if path.is_file():

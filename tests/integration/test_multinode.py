@@ -25,7 +25,7 @@ from slurm_jobs import finished, hostnames, job_env, job_field, text, wait_for
 
 from mor_ds.distributed import free_port
 from mor_ds.train.callbacks.metrics import read_metrics
-from mor_ds.train.checkpoint import latest_checkpoint
+from mor_ds.train.checkpoint_dir import latest_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
