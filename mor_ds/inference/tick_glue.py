@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mor_ds.inference.slot_state import end_reasons
+from mor_ds.models.block import rope_rows
 from mor_ds.models.mor_math import expert_choice_update, expert_choice_weight, token_choice_exit
 from mor_ds.patches import raise_recompile_limit
 
@@ -174,12 +175,11 @@ def count_waits(counters: Tensor, live: Tensor, entering: Tensor, waiting: Tenso
 # compiled variants per function: one per pattern of sizes 1 and of equal sizes among its inputs over the
 # occupancy buckets and widths (a few in practice; Dynamo's default limit is 8)
 RECOMPILE_LIMIT = 64
-GLUE = ("rope_rows", "compact_rows", "plan_appends", "enter_recursion", "blend", "exit_recursion", "report_tick",
-        "advance")
+GLUE = (rope_rows, compact_rows, plan_appends, enter_recursion, blend, exit_recursion, report_tick, advance)
 
 
 class TickGlue:
-    """The functions named in GLUE, eager or each compiled (`torch.compile(dynamic=True, fullgraph=True)`; the
+    """The functions in GLUE, eager or each compiled (`torch.compile(dynamic=True, fullgraph=True)`; the
     backend: Inductor on CUDA, or e.g. "aot_eager" to trace them on CPU)."""
 
     rope_rows: Callable
@@ -195,6 +195,6 @@ class TickGlue:
         self.compiled = compiled
         if compiled:  # a function compiles again where a bucket's sizes are 1 or equal (0/1 and duck sizing)
             raise_recompile_limit(RECOMPILE_LIMIT)
-        for name in GLUE:
-            fn = globals()[name]
-            setattr(self, name, torch.compile(fn, dynamic=True, fullgraph=True, backend=backend) if compiled else fn)
+        for fn in GLUE:
+            setattr(self, fn.__name__,
+                    torch.compile(fn, dynamic=True, fullgraph=True, backend=backend) if compiled else fn)
