@@ -1,6 +1,6 @@
 """`mor-ds report RUN_DIR… | --sweep SWEEP_DIR [--out DIR]`: report.md, report.json and PNG plots comparing runs.
 
-    mor-ds report --sweep runs/sweeps/repro-135m            # every arm of a sweep, grouped by budget
+    mor-ds report --sweep runs/sweeps/isoflop-360m          # every arm of a sweep, grouped by budget
     mor-ds report runs/a runs/b --out report/               # any run directories, grouped by their own budgets
 
 One table row per run (parameters, FLOPs, tokens, losses, wall time, tokens/s, MFU, peak memory; validation loss

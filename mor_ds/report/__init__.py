@@ -1,6 +1,6 @@
 """`mor-ds report`: compare training runs (the arms of a sweep) in one markdown table per budget and a set of plots.
 
-    write_report(load_sweep_runs("runs/sweeps/repro-135m")[1], "report/", title="repro-135m")
+    write_report(load_sweep_runs("runs/sweeps/isoflop-360m")[1], "report/", title="isoflop-360m")
 
 runs.py reads run directories and computes each row's numbers, markdown.py writes report.md, plots.py draws the
 PNGs; report.json holds the rows at full precision.
