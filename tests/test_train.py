@@ -21,7 +21,8 @@ from mor_ds.config import ConfigError, OptimConfig, load_config
 from mor_ds.train import checkpoint_dir as ckpt
 from mor_ds.train.callbacks.metrics import read_metrics, truncate_metrics
 from mor_ds.train.callbacks.wandb_logger import resolve_mode
-from mor_ds.train.faults import EXIT_PREEMPTED, FaultPlan, TrainingAborted, oom_message, peer_lost_message
+from mor_ds.train.faults import (EXIT_PEER_LOST, EXIT_PREEMPTED, FaultPlan, TrainingAborted, oom_message,
+                                 peer_lost_message)
 from mor_ds.train.loop import split_batch
 from mor_ds.train.optim import param_groups
 from mor_ds.train.schedules import lr_at
@@ -512,7 +513,7 @@ def test_a_lost_peer_is_told_from_other_errors():
     assert peer_failure(TrainingAborted("NaN", 3)) is None
     message = peer_lost_message(peer_failure(silent), "after step 7", 20.0)
     assert message.startswith("lost contact with the other ranks after step 7 (Timed out waiting 20000ms")
-    assert "train.collective_timeout_s=20" in message and message.endswith("(exit code 5)")
+    assert "train.collective_timeout_s=20" in message and message.endswith(f"(exit code {EXIT_PEER_LOST})")
 
 
 def test_oom_message_names_the_knobs_and_the_estimate():

@@ -10,7 +10,6 @@ sleeps to synchronise.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import ClusterUnavailable, ensure_cluster, stop_cluster
 from slurm_jobs import finished, hostnames, job_env, job_field, text, wait_for
 
 from mor_ds.distributed import free_port
@@ -35,41 +33,6 @@ NODES = 3
 VOCAB = 512
 STEPS = 12
 TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    previous_conf = os.environ.get("SLURM_CONF")
-    try:
-        cluster = ensure_cluster(nodes=NODES)
-    except ClusterUnavailable as exc:
-        pytest.skip(f"no multi-node Slurm here: {exc}")
-    yield cluster
-    if cluster.started:  # leave a cluster we found running as it was
-        stop_cluster(NODES)
-    if previous_conf is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous_conf
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """The embedded corpus with a 512-piece tokenizer, built once, before any job reads it."""
-    from data_pipeline.embedded import ensure_embedded
-
-    root = tmp_path_factory.mktemp("mor-ds-cache")
-    ensure_embedded(str(root), vocab_size=VOCAB)
-    return root
-
-
-@pytest.fixture
-def jobs():
-    """Job ids to cancel when the test ends, so a failed test leaves nothing running."""
-    ids: list[str] = []
-    yield ids
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 def train_sets(cache: Path, zero: int, *extra: str) -> list[str]:

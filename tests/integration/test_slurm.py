@@ -10,7 +10,6 @@ Job states are polled with deadlines; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import ClusterUnavailable, ensure_cluster, stop_cluster
 from slurm_jobs import finished, job_env, job_field, scontrol_requeue, text, wait_for
 from wandb_records import read_records
 
@@ -30,41 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 MOR_DS = str(Path(sys.executable).parent / "mor-ds")
 VOCAB = 512
 STEPS = 60
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    previous_conf = os.environ.get("SLURM_CONF")
-    try:
-        cluster = ensure_cluster()
-    except ClusterUnavailable as exc:
-        pytest.skip(f"no Slurm here: {exc}")
-    yield cluster
-    if cluster.started:  # leave a cluster we found running as it was
-        stop_cluster()
-    if previous_conf is None:  # later tests must not talk to a stopped controller (scontrol retries for ~10 s)
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous_conf
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """The embedded corpus with a 512-piece tokenizer, built once, before any job reads it."""
-    from data_pipeline.embedded import ensure_embedded
-
-    root = tmp_path_factory.mktemp("mor-ds-cache")
-    ensure_embedded(str(root), vocab_size=VOCAB)
-    return root
-
-
-@pytest.fixture
-def jobs():
-    """Job ids to cancel when the test ends, so a failed test leaves nothing running (no-op for finished jobs)."""
-    ids: list[str] = []
-    yield ids
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 def submit_train(tmp_path: Path, cache: Path, wandb_mode: str) -> tuple[str, Path, Path]:

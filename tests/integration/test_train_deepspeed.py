@@ -43,16 +43,6 @@ def overrides(cache: Path, zero: int, *extra: str) -> list[str]:
             "checkpoint.keep_last=2", f"data.cache_dir={cache}", "wandb.enabled=false", *extra]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """The embedded corpus with a 512-piece tokenizer, built once for every run of this module."""
-    from data_pipeline.embedded import ensure_embedded
-
-    root = tmp_path_factory.mktemp("mor-ds-cache")
-    ensure_embedded(str(root), vocab_size=VOCAB)
-    return root
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", FAULT_ENV) and not k.startswith("SLURM_")}
