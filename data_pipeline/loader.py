@@ -3,7 +3,10 @@
 Both loaders are iterables of ``torch.int64`` tensors of shape ``(batch_size, seq_len + 1)`` (inputs are
 ``x[:, :-1]``, targets ``x[:, 1:]``) with ``state_dict()`` / ``load_state_dict()`` for checkpoints: after loading a
 state saved at batch k (same world size, same settings) the next batch is bit-identical to batch k+1 of an
-uninterrupted run. Use one active iterator per loader at a time.
+uninterrupted run. ``load_state_dicts(states)`` continues from the states of all ranks of a run that may have had
+another world size: from an optimizer-step boundary, every later step takes exactly the windows the uninterrupted
+run's step takes (split differently over the ranks), so no token is skipped or seen twice. Use one active iterator
+per loader at a time.
 
 :class:`ShardLoader` reads prepared shards (``mor-data prepare``). Windows are ``seq_len + 1`` tokens with stride
 ``seq_len`` inside each shard, so every token is a target exactly once per epoch (the < ``seq_len`` tokens at the
@@ -16,14 +19,16 @@ the global batch size ``W*B``, not on how it is split into ranks. Every rank dec
 per rank even for hundreds of ranks. Validation uses the last ``val_shards`` full-size shards (see :func:`held_out`),
 in order, unshuffled, finite.
 
-:class:`StreamLoader` reads a source directly (see ``sources.py``), tokenizing in worker processes; ranks split the
-source with ``datasets.distributed.split_dataset_by_node``; windows are shuffled within blocks of
-``shuffle_windows`` windows seeded by ``(seed, rank, block)``; its state is the source's ``state_dict()`` at the
-start of the current block, a token offset and the batches already taken from the block.
+:class:`StreamLoader` reads a source directly (see ``sources.py``), tokenizing in worker processes; the source is split
+into one part per rank of the run that started (``datasets.distributed.split_dataset_by_node``); windows are shuffled
+within blocks of ``shuffle_windows`` windows seeded by ``(seed, part, block)``; its state holds, for each part the rank
+reads, the source's ``state_dict()`` at the start of the current block, a token offset and the windows already passed
+in the block and in the part.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -34,11 +39,12 @@ import torch
 
 from data_pipeline.errors import DataError, ShardError
 from data_pipeline.shards import ShardIndex, read_shard
-from data_pipeline.sources import DocumentStream
+from data_pipeline.sources import DocumentStream, parse_source
 from data_pipeline.tokenize_pool import TokenizePool, document_tasks
 from data_pipeline.tokenizer import load_tokenizer
 
 STATE_VERSION = 1
+STREAM_STATE_VERSION = 2  # v2: per-part positions, counted in windows (v1 states still load on their world size)
 
 
 def _windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
@@ -243,6 +249,14 @@ class ShardLoader:
                             f"{self.global_batch}; resume with a global batch that divides it")
         self._next_batch = consumed // self.global_batch
 
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue a run from the states its ranks saved, on any world size whose global batch divides the position:
+        the position is a count of windows of the one global order, the same in every rank's state."""
+        positions = sorted({int(s.get("consumed_windows", -1)) for s in states})
+        if len(positions) != 1:
+            raise DataError(f"the ranks' loader states are at windows {positions}: not one step of one run")
+        self.load_state_dict(states[0])
+
 
 class StreamLoader:
     """Batches of windows tokenized on the fly from a streaming source (no prepare step).
@@ -252,60 +266,99 @@ class StreamLoader:
         tokenizer_path: SentencePiece ``.model`` or HF ``tokenizer.json``.
         seq_len, batch_size, rank, world_size, seed: as for :class:`ShardLoader`.
         text_field, min_chars, max_chars, strict: document selection (see ``sources.DocumentStream``).
-        num_workers: tokenizer processes (0 = tokenize in the loader's thread).
+        num_workers: tokenizer processes per part read (0 = tokenize in the loader's thread).
         shuffle_windows: windows per shuffle block (rounded up to a multiple of ``batch_size``; <= 1: no shuffle).
         prefetch: batches prepared ahead in a background thread (0 = none).
+        global_batch: windows per optimizer step over all ranks (``train.global_batch_size``; 0 = ``world_size *
+            batch_size``, no gradient accumulation): micro-batch ``k`` of a rank belongs to step ``k // (global_batch
+            / (world_size * batch_size))``.
 
-    Documents are packed EOS-separated into one endless stream per rank (epochs follow each other); windows are
-    ``seq_len + 1`` tokens with stride ``seq_len``. ``tokens_per_batch``, ``bad_records()`` report progress.
+    The source is split into ``partitions`` parts with ``split_dataset_by_node``, one per rank of the run that
+    started (a resumed run keeps that count). Each part's documents are packed EOS-separated into one endless stream
+    (epochs follow each other), cut into windows of ``seq_len + 1`` tokens with stride ``seq_len`` and shuffled
+    within blocks of ``block_windows`` windows seeded by ``(seed, part, block)``. Optimizer step ``s`` takes the next
+    ``global_batch / partitions`` windows of every part; laid end to end, part after part, these are the step's
+    windows, and rank ``r`` takes the ``r``-th ``global_batch / world_size`` of them, ``batch_size`` per micro-batch.
+    On the world size that started this is simply "rank r reads part r". Resumed on another world size
+    (:meth:`load_state_dicts`), a rank may read two or more parts (skipping the windows other ranks take) and every
+    step still takes exactly the windows the uninterrupted run would have. ``tokens_per_batch`` and
+    ``bad_records()`` report progress.
     """
 
     def __init__(self, source: str, tokenizer_path: str, seq_len: int, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, text_field: str = "text", num_workers: int = 1,
                  min_chars: int = 0, max_chars: int = 0, strict: bool = False, shuffle_windows: int = 1024,
-                 prefetch: int = 2):
-        if seq_len < 1 or batch_size < 1:
-            raise DataError(f"bad loader shape: seq_len={seq_len} batch_size={batch_size}")
+                 prefetch: int = 2, global_batch: int = 0):
+        if seq_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"bad loader shape: seq_len={seq_len} batch_size={batch_size} rank={rank} "
+                            f"world_size={world_size}")
+        global_batch = global_batch or world_size * batch_size
+        if global_batch % (world_size * batch_size):
+            raise DataError(f"global_batch={global_batch} is not a multiple of world_size x batch_size = "
+                            f"{world_size} x {batch_size}")
         self.tokenizer = load_tokenizer(tokenizer_path)
-        self.stream = DocumentStream(source, text_field=text_field, rank=rank, world_size=world_size,
-                                     min_chars=min_chars, max_chars=max_chars, strict=strict)
+        self.spec = parse_source(source)
+        self.documents = {"text_field": text_field, "min_chars": min_chars, "max_chars": max_chars, "strict": strict}
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.global_batch = rank, world_size, seed, global_batch
         self.num_workers, self.prefetch = num_workers, prefetch
+        self.partitions = world_size
         self.block_windows = batch_size * max(1, -(-shuffle_windows // batch_size))
         self.shuffle = shuffle_windows > 1
         self.tokens_per_batch = batch_size * seq_len
-        self._position = {"stream": self.stream.state_dict(), "offset": 0, "block": 0, "batches": 0}
+        self._batches_done = 0  # micro-batches handed out by this rank
+        self._positions: dict[int, dict] = {}  # part -> position after its last window passed by this rank
+        self._start_missing_parts()
 
-    def _tasks(self) -> Iterator[tuple[dict, list[str]]]:
-        """``(stream state before the task, texts)`` over endless epochs of this rank's documents."""
-        before, empty_passes = self.stream.state_dict(), 0
+    # ----- which windows this rank reads
+    def _stream(self, part: int) -> DocumentStream:
+        return DocumentStream(self.spec, rank=part, world_size=self.partitions, **self.documents)
+
+    def _parts(self) -> list[int]:
+        """The parts this rank reads: those holding its slice of every step's windows."""
+        per_part, per_rank = self.global_batch // self.partitions, self.global_batch // self.world_size
+        return sorted({g // per_part for g in range(self.rank * per_rank, (self.rank + 1) * per_rank)})
+
+    def _start_missing_parts(self) -> None:
+        for part in self._parts():
+            if part not in self._positions:
+                self._positions[part] = {"stream": self._stream(part).state_dict(), "offset": 0, "block": 0,
+                                         "windows": 0, "taken": 0}
+
+    # ----- one part's windows
+    def _tasks(self, stream: DocumentStream) -> Iterator[tuple[dict, list[str]]]:
+        """``(stream state before the task, texts)`` over endless epochs of one part's documents."""
+        before, empty_passes = stream.state_dict(), 0
         while True:
             tasks = 0
-            for after, texts in document_tasks(self.stream, state=self.stream.state_dict):
+            for after, texts in document_tasks(stream, state=stream.state_dict):
                 yield before, texts
                 before, tasks = after, tasks + 1
             empty_passes = 0 if tasks else empty_passes + 1
             if empty_passes == 2:  # one empty pass is the tail of a resumed epoch; two mean no data at all
-                raise DataError(f"--source {self.source}: rank {self.rank} of {self.world_size} gets no documents")
+                raise DataError(f"--source {self.source}: part {stream.rank} of {stream.world_size} (the documents "
+                                f"split_dataset_by_node gives rank {stream.rank} of {stream.world_size}) holds no "
+                                f"documents; use fewer ranks or a source with more files")
 
-    def _batches(self, position: dict) -> Iterator[tuple[torch.Tensor, dict]]:
-        """``(batch, position after it)`` from ``position`` on.
+    def _part_windows(self, part: int, position: dict) -> Iterator[tuple[np.ndarray, dict]]:
+        """``(window, position after it)`` for the windows of ``part`` from ``position`` on.
 
         The buffer starts at the current block's first token; ``segments`` holds ``(buffer index of the task's
         first token, stream state before the task)`` for the buffered tasks (an index < 0: the task began in an
-        earlier block), which turns any buffer index back into a resumable ``(state, offset)``.
+        earlier block), which turns any buffer index back into a resumable ``(state, offset)``. ``windows`` counts
+        the current block's windows already passed, ``taken`` the part's windows passed since the run started.
         """
-        B, L, M = self.batch_size, self.seq_len, self.block_windows
+        L, M = self.seq_len, self.block_windows
         cut = M * L  # tokens per block; the last window also reads the next block's first token
-        self.stream.load_state_dict(position["stream"])
-        skip, block, done = position["offset"], position["block"], position["batches"]
+        stream = self._stream(part)
+        stream.load_state_dict(position["stream"])
+        skip, block, done, taken = position["offset"], position["block"], position["windows"], position["taken"]
         parts: list[np.ndarray] = []
         segments: list[tuple[int, dict]] = []
         size = 0
         pool = TokenizePool(self.tokenizer, self.num_workers)
         try:
-            for before, task in pool.encode(self._tasks()):
+            for before, task in pool.encode(self._tasks(stream)):
                 segments.append((size - skip, before))
                 parts.append(task.tokens[skip:])
                 size += len(task.tokens) - skip
@@ -313,47 +366,123 @@ class StreamLoader:
                 while size >= cut + 1:
                     buffer = np.concatenate(parts)
                     windows = _windows(buffer, L, M)
-                    order = (np.random.default_rng([self.seed, self.rank, block]).permutation(M)
+                    order = (np.random.default_rng([self.seed, part, block]).permutation(M)
                              if self.shuffle else np.arange(M))
                     start, state = max((seg for seg in segments if seg[0] <= cut), key=lambda seg: seg[0])
-                    next_block = {"stream": state, "offset": cut - start, "block": block + 1, "batches": 0}
-                    for j in range(done, M // B):
-                        batch = torch.from_numpy(windows[order[j * B:(j + 1) * B]].astype(np.int64))
-                        last = j + 1 == M // B
-                        yield batch, (next_block if last else {**position, "block": block, "batches": j + 1})
+                    next_block = {"stream": state, "offset": cut - start, "block": block + 1, "windows": 0}
+                    for w in range(done, M):
+                        taken += 1
+                        after = next_block if w + 1 == M else {**position, "block": block, "windows": w + 1}
+                        yield windows[order[w]], {**after, "taken": taken}
                     parts, size = [buffer[cut:]], size - cut
                     segments = [(first - cut, st) for first, st in segments if first >= start]
                     position, block, done = next_block, block + 1, 0
         finally:
             pool.close()
 
+    def _batches(self, positions: dict[int, dict], first: int) -> Iterator[tuple[torch.Tensor, dict[int, dict]]]:
+        """``(batch, positions of the parts after it)`` from this rank's micro-batch number ``first`` on."""
+        B, L = self.batch_size, self.seq_len
+        per_part, per_rank = self.global_batch // self.partitions, self.global_batch // self.world_size
+        accumulation = per_rank // B
+        current = dict(positions)
+        readers = {part: self._part_windows(part, current[part]) for part in self._parts()}
+        try:
+            for k in itertools.count(first):
+                step, micro = divmod(k, accumulation)
+                batch = np.empty((B, L + 1), dtype=np.int64)
+                for i in range(B):
+                    part, offset = divmod(self.rank * per_rank + micro * B + i, per_part)
+                    target = step * per_part + offset  # the part's window this row takes
+                    while current[part]["taken"] < target:  # windows of other ranks: passed over
+                        _, current[part] = next(readers[part])
+                    batch[i], current[part] = next(readers[part])
+                yield torch.from_numpy(batch), dict(current)
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    # ----- iteration and state
     def __iter__(self) -> Iterator[torch.Tensor]:
-        batches, close = _iterate(self._batches(dict(self._position)), self.prefetch)
+        batches, close = _iterate(self._batches(self._positions, self._batches_done), self.prefetch)
         try:
             for batch, after in batches:
-                self._position = after
+                self._positions = after
+                self._batches_done += 1
                 yield batch
         finally:
             close()
 
     def bad_records(self) -> dict:
-        """Bad records counted so far in the current position's stream state."""
-        return dict(self._position["stream"]["bad"]["counts"])
+        """Bad records counted so far in the parts this rank reads (their current stream states)."""
+        total: dict[str, int] = {}
+        for position in self._positions.values():
+            for kind, count in position["stream"]["bad"]["counts"].items():
+                total[kind] = total.get(kind, 0) + count
+        return total
 
     def state_dict(self) -> dict:
-        return {"loader": "StreamLoader", "version": STATE_VERSION, "source": self.source, "seed": self.seed,
+        return {"loader": "StreamLoader", "version": STREAM_STATE_VERSION, "source": self.source, "seed": self.seed,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "rank": self.rank,
                 "world_size": self.world_size, "tokenizer_hash": self.tokenizer.hash,
-                "block_windows": self.block_windows, "position": self._position}
+                "block_windows": self.block_windows, "partitions": self.partitions,
+                "global_batch": self.global_batch, "batches": self._batches_done,
+                "positions": {part: dict(pos) for part, pos in self._positions.items()}}
+
+    def _checked(self, state: dict, keys: tuple[str, ...]) -> dict:
+        """``state`` in the current layout, refused unless it is a StreamLoader state agreeing on ``keys``."""
+        if state.get("loader") != "StreamLoader" or state.get("version") not in (1, STREAM_STATE_VERSION):
+            raise DataError(f"loader state is not a StreamLoader v{STREAM_STATE_VERSION} state: "
+                            f"{state.get('loader')!r} v{state.get('version')!r}")
+        if state["version"] == 1:  # one position per rank, counted in batches of the rank's stream
+            pos, B = state["position"], state["batch_size"]
+            taken = pos["block"] * state["block_windows"] + pos["batches"] * B
+            state = {**state, "partitions": state["world_size"], "global_batch": self.global_batch,
+                     "batches": taken // B, "positions": {state["rank"]: {
+                         "stream": pos["stream"], "offset": pos["offset"], "block": pos["block"],
+                         "windows": pos["batches"] * B, "taken": taken}}}
+        mine = self.state_dict()
+        for key in keys:
+            if state[key] != mine[key]:
+                raise DataError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}")
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` left off (same source, tokenizer, shape, rank and world size)."""
-        if state.get("loader") != "StreamLoader" or state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state is not a StreamLoader v{STATE_VERSION} state: {state.get('loader')!r} "
-                            f"v{state.get('version')!r}")
-        mine = self.state_dict()
-        for key in ("source", "seed", "seq_len", "batch_size", "rank", "world_size", "tokenizer_hash",
-                    "block_windows"):
-            if state[key] != mine[key]:
-                raise DataError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}")
-        self._position = state["position"]
+        state = self._checked(state, ("source", "seed", "seq_len", "batch_size", "rank", "world_size",
+                                      "tokenizer_hash", "global_batch"))
+        self.partitions, self.block_windows = state["partitions"], state["block_windows"]
+        self._positions = {part: dict(pos) for part, pos in state["positions"].items()}
+        self._batches_done = state["batches"]
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue a run from the states its ranks saved (in rank order) at an optimizer-step boundary, on this
+        loader's rank and world size, which may differ: each part continues from the rank that passed its last
+        window of the last step, and no window is skipped or taken twice."""
+        if len(states) == self.world_size and all(s.get("batch_size") == self.batch_size for s in states):
+            self.load_state_dict(states[self.rank])
+            return
+        states = [self._checked(s, ("source", "seed", "seq_len", "tokenizer_hash")) for s in states]
+        for key in ("partitions", "block_windows", "global_batch"):
+            if len({s[key] for s in states}) != 1:
+                raise DataError(f"the ranks' loader states disagree on {key}: not one run's states")
+        saved = states[0]
+        if saved["global_batch"] != self.global_batch:
+            raise DataError(f"loader states have global_batch={saved['global_batch']} but this loader has "
+                            f"{self.global_batch}: a streamed source continues on another world size only with the "
+                            f"same global batch")
+        accumulation = saved["global_batch"] // (len(states) * saved["batch_size"])
+        steps = {s["batches"] / accumulation for s in states}
+        if len(steps) != 1 or not float(next(iter(steps))).is_integer():
+            raise DataError(f"loader states are at micro-batches {sorted({s['batches'] for s in states})}, not at one "
+                            f"optimizer-step boundary (gradient accumulation {accumulation})")
+        step = int(next(iter(steps)))
+        self.partitions, self.block_windows = saved["partitions"], saved["block_windows"]
+        end = step * (self.global_batch // self.partitions)  # every part's position after that step
+        latest = {part: pos for s in states for part, pos in s["positions"].items() if pos["taken"] == end}
+        missing = sorted(set(range(self.partitions)) - set(latest))
+        if missing:
+            raise DataError(f"loader states hold no position of part(s) {missing} at step {step}: not one run's "
+                            f"states of all its ranks")
+        self._positions = {part: dict(latest[part]) for part in self._parts()}
+        self._batches_done = step * (self.global_batch // (self.world_size * self.batch_size))

@@ -13,6 +13,8 @@ callbacks never touch DeepSpeed directly.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import re
@@ -392,6 +394,9 @@ class TrainEngine:
     def __init__(self, ds_engine: Any, ds_config: dict[str, Any]):
         self._ds = ds_engine
         self.ds_config = ds_config
+        # each optimizer group's settings as built (weight decay, betas, eps): a universal load must not change them
+        self._group_settings = [{k: v for k, v in group.items() if k != "params"}
+                                for group in _base_optimizer(ds_engine.optimizer).param_groups]
 
     @property
     def module(self) -> nn.Module:
@@ -463,7 +468,56 @@ class TrainEngine:
             raise CheckpointError(f"checkpoint {path}: cannot be loaded into this run ({load_failure(exc)})") from None
         if loaded is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        if self._ds.load_universal_checkpoint():
+            base = _base_optimizer(self._ds.optimizer)
+            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every group the first group's settings (weight decay
+            # on the norm gains); the run's own settings are the saved run's (same config) but for the lr, set
+            # every step
+            for group, settings in zip(base.param_groups, self._group_settings):
+                group.update(settings)
+            _place_step_counts(base)
+            self._restore_buffers(path)
         return client_state
+
+    def _restore_buffers(self, path: Path) -> None:
+        """DeepSpeed's universal load restores parameters only: copy the module's buffers (router thresholds and
+        counters, the loss-free balancing bias) from the checkpoint's model states, as a plain load does. Every
+        rank's file holds all buffers (ZeRO-3 partitions parameters only); mmap reads just those."""
+        saved = torch.load(sorted(path.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False,
+                           mmap=True)
+        buffers = dict(self._ds.module.named_buffers())
+        for name in saved.get("buffer_names", []):
+            buffers[name].data.copy_(saved["module"][name])
+
+
+def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper (the optimizer itself for ZeRO-0)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _place_step_counts(base: torch.optim.Optimizer) -> None:
+    """A universal load sets torch AdamW's `step` counts as the tensors it saved, under ZeRO-3 one tensor shared
+    by every group, which AdamW's in-place `step += 1` then advances once per group and step (a wrong bias
+    correction from the first step on). Give each state its own count, where torch keeps it (on the parameter's
+    device for fused / capturable groups, else on the CPU), as after a plain load."""
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for param, state in base.state.items():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32, copy=True)
+
+
+def convert_to_universal(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, log_file: Path) -> None:
+    """DeepSpeed's `ds_to_universal` on one checkpoint: every parameter's fp32 weight, Adam moments and step as
+    whole tensors under `out_dir/zero/`, loadable at any world size by an engine built with `load_universal`.
+    Serial and in this process (no process pool forked from a process with a live process group); DeepSpeed's
+    console output goes to `log_file`."""
+    _deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(checkpoint_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with open(log_file, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        ds_to_universal.main(args)
 
 
 def load_failure(exc: BaseException) -> str:
@@ -480,12 +534,14 @@ def load_failure(exc: BaseException) -> str:
 
 
 def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
-                 param_groups: list[dict[str, Any]], optimizer_factory: Callable[[list[dict[str, Any]]], Any]
-                 ) -> TrainEngine:
+                 param_groups: list[dict[str, Any]], optimizer_factory: Callable[[list[dict[str, Any]]], Any],
+                 load_universal: bool = False) -> TrainEngine:
     """`deepspeed.initialize` on `model` (activation checkpointing / compile applied first, as configured).
 
     `optimizer_factory(param_groups)` builds the client optimizer; with optimizer offload DeepSpeed builds its own
-    CPU AdamW from the config instead (same hyper-parameters, same groups).
+    CPU AdamW from the config instead (same hyper-parameters, same groups). `load_universal`: the engine's
+    `load` reads checkpoints in DeepSpeed's universal layout (`convert_to_universal`), whatever world size and
+    ZeRO partitioning saved them.
     """
     deepspeed = _deepspeed()
     if cfg.train.zero_stage == 3 and cfg.train.zero3_block_fetch:
@@ -495,6 +551,8 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv,
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     ds_config = build_ds_config(cfg, env.world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if cfg.train.offload_optimizer:
         o = cfg.optim
         ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
@@ -525,8 +583,7 @@ def is_cuda_oom(exc: BaseException) -> bool:
 __all__ = [
     "DistEnv", "DistributedError", "TrainEngine", "all_gather_object", "all_reduce_max", "all_reduce_mean",
     "all_reduce_min", "all_reduce_sum", "apply_activation_checkpointing", "barrier", "broadcast_object",
-    "build_ds_config", "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint", "device_for",
-    "discover", "fetch_blocks_whole", "fp32_grad_accumulation", "init_distributed", "is_cuda_oom", "peer_failure",
-    "resolve_compile",
-    "shutdown", "slurm_master_addr",
+    "build_ds_config", "build_engine", "clean_param_name", "compile_blocks", "consolidate_checkpoint",
+    "convert_to_universal", "device_for", "discover", "fetch_blocks_whole", "fp32_grad_accumulation",
+    "init_distributed", "is_cuda_oom", "peer_failure", "resolve_compile", "shutdown", "slurm_master_addr",
 ]

@@ -209,5 +209,59 @@ def test_stream_loader_resume_is_bit_exact_across_epochs(source, tokenizer_path)
 def test_stream_loader_rank_without_documents(tmp_path, tokenizer_path):
     write_records(tmp_path / "one.jsonl", [{"text": "the only document"}])
     loader = StreamLoader(str(tmp_path / "one.jsonl"), tokenizer_path, L, 2, rank=1, world_size=2, num_workers=0)
-    with pytest.raises(DataError, match="rank 1 of 2 gets no documents"):
+    with pytest.raises(DataError, match="part 1 of 2 .* holds no documents"):
         next(iter(loader))
+
+
+# ------------------------------------------------------------------------------------------------ another world size
+
+
+def _steps(loaders, accumulation, steps):
+    """Every window each optimizer step consumes over all ranks (rank by rank, micro-batch by micro-batch), as
+    sample ids (the window's bytes)."""
+    iters = [iter(loader) for loader in loaders]
+    return [[row for it in iters for _ in range(accumulation) for row in _rows([next(it)])] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("kind", ["prepared", "stream"])
+@pytest.mark.parametrize("phases", [[(4, 3), (2, 3)], [(2, 3), (3, 2)], [(4, 3), (3, 4)], [(2, 3), (3, 2), (4, 1)]],
+                         ids=["4to2", "2to3", "4to3", "2to3to4"])
+def test_resume_on_another_world_size_skips_and_repeats_no_sample(shard_dir, source, tokenizer_path, kind, phases):
+    """12 windows a step; (world size, micro-batch) changes at each restart, the gradient accumulation with it.
+    Every sample id consumed over all the restarts, step by step, is the uninterrupted run's; the stream's parts
+    wrap around into their second epoch."""
+    if kind == "prepared":
+        def make(rank, world_size, batch_size):
+            return ShardLoader(shard_dir, L, batch_size, rank=rank, world_size=world_size, seed=3)
+    else:
+        def make(rank, world_size, batch_size):
+            return StreamLoader(source, tokenizer_path, L, batch_size, rank=rank, world_size=world_size, seed=3,
+                                num_workers=0, shuffle_windows=7, global_batch=12)
+    lengths = [5, 4, 13][:len(phases) - 1] + [22 - 5 * (len(phases) - 1)]
+    (w0, b0) = phases[0]
+    uninterrupted = _steps([make(r, w0, b0) for r in range(w0)], 12 // (w0 * b0), sum(lengths))
+    consumed, states = [], None
+    for (world_size, batch_size), steps in zip(phases, lengths):
+        loaders = [make(rank, world_size, batch_size) for rank in range(world_size)]
+        if states is not None:
+            for loader in loaders:
+                loader.load_state_dicts(states)
+        consumed += _steps(loaders, 12 // (world_size * batch_size), steps)
+        states = [loader.state_dict() for loader in loaders]
+    assert [sorted(s) for s in consumed] == [sorted(s) for s in uninterrupted]
+    assert sorted(row for s in consumed for row in s) == sorted(row for s in uninterrupted for row in s)
+
+
+def test_stream_loader_on_another_world_size_needs_the_global_batch_and_a_step_boundary(source, tokenizer_path):
+    def make(rank, world, batch, global_batch=12):
+        return StreamLoader(source, tokenizer_path, L, batch, rank=rank, world_size=world, num_workers=0,
+                            global_batch=global_batch)
+    saved = [make(r, 2, 3) for r in range(2)]  # 2 micro-batches a step
+    _steps(saved, 2, 1)
+    states = [loader.state_dict() for loader in saved]
+    with pytest.raises(DataError, match="global_batch=12 but this loader has 8: a streamed source continues"):
+        make(0, 4, 2, global_batch=8).load_state_dicts(states)
+    next(iter(saved[0]))  # rank 0 one micro-batch into step 2
+    states[0] = saved[0].state_dict()
+    with pytest.raises(DataError, match=r"micro-batches \[2, 3\], not at one optimizer-step boundary"):
+        make(0, 3, 2).load_state_dicts(states)

@@ -5,6 +5,8 @@
             COMPLETE             written by rank 0 after every rank finished writing (DeepSpeed barriers): JSON
                                  with the step, config, counters and every file's size and xxh3-128 digest
             CORRUPT              instead of COMPLETE: a checkpoint whose files failed their checksums on resume
+            universal/           the same state in DeepSpeed's universal layout, written when a run resumes it on
+                                 another number of processes (its own COMPLETE inside); pruned with the checkpoint
         latest                   the tag of the newest COMPLETE checkpoint, replaced atomically (os.replace)
 
 A save that dies half-way leaves a tag directory without COMPLETE: it is never `latest`, resume skips it and
@@ -34,6 +36,7 @@ from mor_ds.train.faults import EXIT_SAVE_FAILED, TrainingAborted
 COMPLETE = "COMPLETE"
 CORRUPT = "CORRUPT"
 LATEST = "latest"
+UNIVERSAL = "universal"
 _TAG = re.compile(r"^step_(\d+)$")
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank shard names (optimizer, ZeRO-3 weights)
 _NEARLY_FULL = 64 << 20  # bytes free below which a failed write is reported as a full disk
@@ -176,6 +179,32 @@ def resolve_checkpoint(spec: str | os.PathLike) -> CheckpointRef:
             return ref
     raise CheckpointError(f"checkpoint {path}: no complete checkpoint found (expected {path}/checkpoints/step_*/"
                           f"{COMPLETE} or a step_* directory)")
+
+
+def universal_checkpoint(ref: CheckpointRef, is_main: bool) -> CheckpointRef:
+    """`ref` in DeepSpeed's universal layout, which any world size loads: converted once by rank 0 into
+    `ref.path/universal/` (atomically: a temporary directory renamed once COMPLETE is in it), reused after.
+    Collective; a failed conversion raises CheckpointError on every rank."""
+    out = CheckpointRef(ref.path, UNIVERSAL)
+    error = ""
+    if is_main and not is_complete(out.path):
+        tmp = ref.path / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        log = tmp / "convert.log"
+        try:
+            distributed.convert_to_universal(ref.path, tmp, log)
+        except Exception as exc:  # DeepSpeed's converter asserts and raises many types; all end here as one line
+            error = (f"checkpoint {ref.path}: cannot convert it to DeepSpeed's universal layout to resume on another "
+                     f"number of processes ({type(exc).__name__}: {exc}); DeepSpeed's output is in {log}")
+        else:
+            _write_atomic(tmp / COMPLETE, json.dumps({"source": ref.tag, "time": time.time()}) + "\n")
+            shutil.rmtree(out.path, ignore_errors=True)
+            os.replace(tmp, out.path)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+    return out
 
 
 class CheckpointManager:

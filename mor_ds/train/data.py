@@ -98,7 +98,8 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
     else:
         train = StreamLoader(d.source, tokenizer.path, t.seq_len, t.micro_batch_size, rank=env.rank,
                              world_size=env.world_size, seed=t.seed, text_field=d.text_field,
-                             num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars)
+                             num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars,
+                             global_batch=t.global_batch_size)
         description = f"stream {d.source}"
     make_val, val_shards = None, []
     if shard_dir and d.val_shards > 0:

@@ -197,16 +197,15 @@ class Trainer:
                            "config": self.cfg.to_dict()}}
 
     def load_client_state(self, client_state: dict[str, Any], source: str) -> None:
+        """Continue from a checkpoint's client state, also one saved by another number of processes: the loader
+        re-shards its position over this world size (no sample skipped or seen twice), rank r continues the saved
+        rank r's RNG streams (a rank the saved run did not have, rank r mod its world size's: all ranks start from
+        the same seed)."""
         saved = client_state.get("mor_ds")
         if saved is None:
             raise TrainingAborted(f"checkpoint {source}: not written by mor-ds train (no client state)", EXIT_CONFIG)
-        if saved["world_size"] != self.env.world_size:
-            raise TrainingAborted(
-                f"checkpoint {source}: saved by {saved['world_size']} processes, resuming with "
-                f"{self.env.world_size}; exact resume needs the same world size (the data order and ZeRO "
-                f"shards are per rank)", EXIT_CONFIG)
-        mine = saved["ranks"][self.env.rank]
+        ranks = saved["ranks"]
         self.state = TrainState.from_dict(saved["state"])
-        self.train_loader.load_state_dict(mine["loader"])
+        self.train_loader.load_state_dicts([r["loader"] for r in ranks])
         self._close_batches()  # the next batch comes from the restored position
-        set_rng_state(mine["rng"])
+        set_rng_state(ranks[self.env.rank % len(ranks)]["rng"])

@@ -16,8 +16,8 @@ from mor_ds.flops import plan_budget
 from mor_ds.models import build_model
 from mor_ds.train.callbacks import (CheckpointCallback, EvalCallback, MetricsLogger, NonFiniteGuard, ShardAudit,
                                     SignalHandler, Throughput, WandbLogger)
-from mor_ds.train.checkpoint_dir import (CheckpointManager, CheckpointRef, complete_checkpoints, newest_first,
-                                     resolve_checkpoint)
+from mor_ds.train.checkpoint_dir import (CheckpointManager, CheckpointRef, checkpoint_meta, complete_checkpoints,
+                                         newest_first, resolve_checkpoint, universal_checkpoint)
 from mor_ds.train.data import build_data
 from mor_ds.train.faults import EXIT_CONFIG, FaultPlan, TrainingAborted
 from mor_ds.train.loop import Trainer
@@ -89,9 +89,17 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters
     plan = plan_budget(cfg)
     groups = param_groups(model, cfg.optim)
-    engine = distributed.build_engine(model, cfg, env, groups, lambda g: build_optimizer(g, cfg.optim, device))
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, env,
                                 before_commit=lambda step: faults.kill_now(step, env.is_main))
+    ref = resume_target(resume, manager)
+    load = ref
+    saved_world = checkpoint_meta(ref).get("world_size", env.world_size) if ref is not None else env.world_size
+    if saved_world != env.world_size and cfg.train.zero_stage > 0:  # ZeRO shards are per rank: re-shard them
+        load = universal_checkpoint(ref, env.is_main)
+        _log(env, f"{ref.path} was saved by {saved_world} process(es): resuming it on {env.world_size} from its "
+                  f"universal form {load.path}")
+    engine = distributed.build_engine(model, cfg, env, groups, lambda g: build_optimizer(g, cfg.optim, device),
+                                      load_universal=load is not ref)
     trainer = Trainer(
         cfg=cfg, run_dir=run_dir, env=env, device=device, engine=engine, train_loader=data.train,
         make_val_batches=data.make_val_batches, total_steps=plan.steps, flops_per_token=plan.flops_per_token,
@@ -99,9 +107,8 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
                    EvalCallback(), MetricsLogger(console), WandbLogger(), CheckpointCallback(manager)],
         eos_id=data.tokenizer.eos_id if cfg.model.document_mask else None, faults=faults, num_params=num_params)
 
-    ref = resume_target(resume, manager)
     if ref is not None:
-        trainer.load_client_state(engine.load(ref.root, ref.tag), str(ref.path))
+        trainer.load_client_state(engine.load(load.root, load.tag), str(ref.path))
         _log(env, f"resumed from {ref.path} at step {trainer.state.step}")
     m = cfg.model
     _log(env, f"{cfg.name or 'run'}: {m.family} d={m.hidden_size} L={m.num_layers} Nr={m.num_recursions}, "

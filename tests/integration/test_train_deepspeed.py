@@ -23,7 +23,7 @@ import torch
 from mor_ds.config import load_config
 from mor_ds.distributed import free_port
 from mor_ds.train.callbacks.metrics import read_metrics
-from mor_ds.train.checkpoint_dir import COMPLETE, latest_checkpoint, step_tag, verify_checkpoint
+from mor_ds.train.checkpoint_dir import COMPLETE, is_complete, latest_checkpoint, step_tag, verify_checkpoint
 from mor_ds.train.faults import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, FAULT_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,8 +57,8 @@ def _train_args(run_dir: Path, sets: list[str], config: str = "tiny-mor") -> lis
     return args
 
 
-def torchrun(run_dir: Path, sets: list[str], **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+def torchrun(run_dir: Path, sets: list[str], nproc: int = 2, **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "mor_ds.cli", *_train_args(run_dir, sets)]
     return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -82,8 +82,8 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def run_ok(run_dir: Path, sets: list[str], **env: str) -> str:
-    code, out = finish(torchrun(run_dir, sets, **env))
+def run_ok(run_dir: Path, sets: list[str], nproc: int = 2, **env: str) -> str:
+    code, out = finish(torchrun(run_dir, sets, nproc, **env))
     assert code == 0, out[-4000:]
     return out
 
@@ -546,3 +546,52 @@ def test_a_signal_during_start_up_is_kept_before_torch_is_even_loaded(cache, tmp
     assert code == EXIT_PREEMPTED, out[-3000:]
     assert "SIGUSR1 received: stopped after step 1 with a checkpoint" in out
     assert latest_checkpoint(tmp_path / "checkpoints").step == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# resume on another number of processes
+
+
+@pytest.mark.parametrize("zero,before,after", [(0, (2, 2), (1, 2)), (1, (4, 3), (2, 3)), (2, (2, 2), (3, 2)),
+                                               (3, (2, 2), (3, 2))],
+                         ids=["zero0-2to1", "zero1-4to2", "zero2-2to3", "zero3-2to3"])
+def test_resume_on_another_number_of_processes_continues_the_run(cache, tmp_path, zero, before, after):
+    """(processes, micro-batch) change across the resume, 12 sequences a step: model, optimizer moments, step,
+    schedule and data position continue, so steps 5-8 of the resumed run are the uninterrupted run's steps up to
+    the rounding of another reduction order; its final weights are the uninterrupted run's too."""
+    (procs, micro), (new_procs, new_micro) = before, after
+    sets = [*overrides(cache, zero), "train.max_steps=8", "checkpoint.interval=4", "train.eval_interval=1000",
+            "train.global_batch_size=12", *(["train.precision=bf16"] if zero == 0 else [])]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_ok(whole, [*sets, f"train.micro_batch_size={micro}"], nproc=procs)
+    # the run directory as a job preempted after step 4 left it, then resumed (--resume auto) on other hardware
+    shutil.copytree(whole / "checkpoints" / step_tag(4), resumed / "checkpoints" / step_tag(4))
+    (resumed / "checkpoints" / "latest").write_text(step_tag(4))
+    out = run_ok(resumed, [*sets, f"train.micro_batch_size={new_micro}"], nproc=new_procs)
+    assert f"resumed from {resumed / 'checkpoints' / step_tag(4)} at step 4" in out
+    assert f"{new_procs} process(es)" in out and f"grad accumulation {12 // (new_procs * new_micro)}" in out
+    if zero:
+        assert f"was saved by {procs} process(es): resuming it on {new_procs}" in out
+        assert is_complete(resumed / "checkpoints" / step_tag(4) / "universal")
+    ref, got = read_metrics(whole / "metrics.jsonl")[4:], read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in got] == [5, 6, 7, 8]
+    assert [(r["lr"], r["tokens"], r["flops"]) for r in got] == [(r["lr"], r["tokens"], r["flops"]) for r in ref]
+    tolerance = 2e-2 if zero == 0 else 1e-4  # bf16 rounds each reduction order differently
+    for mine, theirs in zip(got, ref):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=tolerance)
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=20 * tolerance)
+    for name, weight in final_weights(whole, zero).items():
+        torch.testing.assert_close(final_weights(resumed, zero)[name], weight, **(
+            {"rtol": 1.6e-2, "atol": 1e-3} if zero == 0 else {"rtol": 0, "atol": 1.5e-5}))  # bf16: ulps, 1/3 of a step
+
+
+def final_weights(run_dir: Path, zero: int) -> dict[str, torch.Tensor]:
+    """The weights of step 8: ZeRO shards consolidated in fp32, or ZeRO-0's module as saved (zero_to_fp32 reads
+    ZeRO checkpoints only)."""
+    from mor_ds.distributed import consolidate_checkpoint
+
+    if zero:
+        return consolidate_checkpoint(run_dir / "checkpoints", step_tag(8))
+    saved = torch.load(run_dir / "checkpoints" / step_tag(8) / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    return {name: tensor.float() for name, tensor in saved["module"].items()}
