@@ -1,4 +1,4 @@
-"""``mor-data``: collect, train-tokenizer, prepare, inspect, verify, bench."""
+"""``mor-data``: collect, train-tokenizer, prepare, merge, inspect, verify, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -49,21 +50,47 @@ def cmd_train_tokenizer(args, console: Console) -> int:
     return 0
 
 
+def _part(text: str) -> tuple[int, int]:
+    """``--part K/N``: task K (from 0) of N."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit()) or not 0 <= int(k) < int(n):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 0 <= K < N, e.g. 3/16")
+    return int(k), int(n)
+
+
+def _summary(where: str, index, console: Console) -> None:
+    bad = index.totals.get("bad_records", {})
+    console.print(f"{where}: {len(index.shards)} shards, {index.totals['tokens']:,} tokens, "
+                  f"{index.totals['docs']:,} documents; bad records skipped: {sum(bad.values())}"
+                  + (f" {bad}" if bad else "") + f"; filtered: {index.totals.get('filtered') or 'none'}", markup=False)
+
+
 def cmd_prepare(args, console: Console) -> int:
-    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare import part_dir, prepare
 
     index = prepare(args.source, args.tokenizer, args.out, workers=args.workers, text_field=args.text_field,
                     min_chars=args.min_chars, max_chars=args.max_chars, strict=args.strict,
                     shard_tokens=args.shard_tokens, frame_tokens=args.frame_tokens, max_shards=args.max_shards,
-                    command=shlex.join(["mor-data", *sys.argv[1:]]), show_progress=not args.no_progress)
+                    command=shlex.join(["mor-data", *sys.argv[1:]]), show_progress=not args.no_progress,
+                    part=args.part)
     if index is None:
         console.print(f"stopped after {args.max_shards} new shards in {args.out}; run the same command again to "
                       f"continue", markup=False)
         return 0
-    bad = index.totals.get("bad_records", {})
-    console.print(f"{args.out}: {len(index.shards)} shards, {index.totals['tokens']:,} tokens, "
-                  f"{index.totals['docs']:,} documents; bad records skipped: {sum(bad.values())}"
-                  + (f" {bad}" if bad else "") + f"; filtered: {index.totals.get('filtered') or 'none'}", markup=False)
+    if args.part is None or "parts" in index.source:
+        _summary(args.out, index, console)
+    else:
+        k, n = args.part
+        _summary(f"{part_dir(Path(args.out), args.part)} (part {k} of {n})", index, console)
+        console.print(f"once all {n} parts are done: mor-data merge {args.out}", markup=False)
+    return 0
+
+
+def cmd_merge(args, console: Console) -> int:
+    from data_pipeline.prepare import merge_parts
+
+    index = merge_parts(args.out, keep_parts=args.keep_parts, command=shlex.join(["mor-data", *sys.argv[1:]]))
+    _summary(f"{args.out} (merged from {index.source.get('parts', '?')} parts, verified)", index, console)
     return 0
 
 
@@ -170,8 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-tokens", type=int, default=DEFAULT_FRAME_TOKENS,
                    help="tokens per zstd frame (the unit verify locates corruption in)")
     p.add_argument("--max-shards", type=int, default=0, help="stop after this many new shards (0 = run to the end)")
+    p.add_argument("--part", type=_part, metavar="K/N",
+                   help="prepare only the K-th (from 0) of N contiguous runs of the source's files into OUT/parts/ "
+                        "(one task of a many-host prepare, e.g. a Slurm array); then `mor-data merge OUT`")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("merge", help="pack the parts of a many-host prepare (--part K/N) into one verified shard set")
+    p.add_argument("out", help="the --out of the parts' prepare: writes its shards and index.json there")
+    p.add_argument("--keep-parts", action="store_true", help="keep OUT/parts/ after the merge (default: remove)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("collect", help="directory trees of text files (code, docs) -> one .jsonl[.zst] corpus, "
                                        "a document per file, in content-hash order")

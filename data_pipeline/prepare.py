@@ -11,6 +11,12 @@ modification time, content digest, taken before the first record is read). Re-ru
 after the last complete shard and produces the same bytes an uninterrupted run would; a re-run over a source whose
 files were rewritten, added or removed is refused naming them, and so is the end of a run whose files changed
 while it read them. ``index.json`` appears only when everything is written; then the progress files go.
+
+On many hosts: ``part=(k, n)`` (``--part k/n``, one Slurm array task each) prepares only the k-th of n contiguous
+runs of the source's files into ``OUT/parts/k-of-n/``, a prepared directory of its own whose shards also record
+where each document ends (``shard_*.ends.zst``). :func:`merge_parts` (``mor-data merge``) then packs the parts' tokens
+in order into ``OUT`` exactly as one host would have: the same shard files byte for byte, the same index (but for
+its provenance), verified before ``index.json`` is written; the parts go afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import shutil
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -30,12 +38,38 @@ from filelock import FileLock, Timeout
 from data_pipeline.errors import DataError
 from data_pipeline.files import atomic_write_bytes, atomic_write_json
 from data_pipeline.shards import (DEFAULT_FRAME_TOKENS, DEFAULT_SHARD_TOKENS, INDEX_FILE, ShardIndex, ShardInfo,
-                                  token_dtype, write_shard)
-from data_pipeline.sources import DocumentStream, parse_source, source_changes, source_identity
+                                  read_shard, token_dtype, verify_shard, write_shard)
+from data_pipeline.sources import MAX_REPORTED, DocumentStream, parse_source, source_changes, source_identity
 from data_pipeline.tokenize_pool import TokenizePool, document_tasks
 from data_pipeline.tokenizer import load_tokenizer
 
 PROGRESS_FILE = "progress.json"
+PARTS_DIR = "parts"
+_PART_DIR = re.compile(r"^(\d+)-of-(\d+)$")
+
+
+def part_dir(out: Path, part: tuple[int, int]) -> Path:
+    return out / PARTS_DIR / f"{part[0]}-of-{part[1]}"
+
+
+def _ends_file(shard: ShardInfo) -> str:
+    return shard.file.replace(".zst", ".ends.zst")
+
+
+def _write_ends(out: Path, shard: ShardInfo, ends: np.ndarray) -> None:
+    """Where the shard's documents end (offsets in the shard), so a merge can count them per re-cut shard."""
+    atomic_write_bytes(out / _ends_file(shard), zstandard.ZstdCompressor().compress(ends.astype("<u8").tobytes()))
+
+
+def _read_ends(directory: Path, shard: ShardInfo) -> np.ndarray:
+    path = directory / _ends_file(shard)
+    try:
+        ends = np.frombuffer(zstandard.ZstdDecompressor().decompress(path.read_bytes()), dtype="<u8")
+    except (OSError, zstandard.ZstdError) as e:
+        raise DataError(f"{path}: cannot read the part's document ends ({e}); prepare that part again") from None
+    if len(ends) != shard.docs:
+        raise DataError(f"{path}: {len(ends)} document ends, the part's index says {shard.docs}")
+    return ends.astype(np.int64)
 
 
 def library_versions() -> dict:
@@ -52,7 +86,8 @@ def library_versions() -> dict:
 
 def _settings(source: str, text_field: str, min_chars: int, max_chars: int, tokenizer_hash: str,
               shard_tokens: int, frame_tokens: int) -> dict:
-    """What must be equal for a resumed or repeated prepare to continue the same shard set."""
+    """What must be equal for a resumed or repeated prepare to continue the same shard set (a part's add its
+    ``part``, [k, n])."""
     return {"source": source, "text_field": text_field, "min_chars": min_chars, "max_chars": max_chars,
             "tokenizer_hash": tokenizer_hash, "shard_tokens": shard_tokens, "frame_tokens": frame_tokens}
 
@@ -114,15 +149,15 @@ class _Packer:
         self.parts.append(tokens)
         self.size += len(tokens)
 
-    def cut(self, count: int) -> tuple[np.ndarray, int]:
-        """The first ``count`` buffered tokens and the number of documents ending among them."""
+    def cut(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``count`` buffered tokens and the ends of the documents ending among them."""
         tokens = np.concatenate(self.parts)
         ends = np.concatenate(self.doc_ends) if self.doc_ends else np.zeros(0, np.int64)
         docs = int(np.searchsorted(ends, count, side="right"))
         rest = tokens[count:]
         self.parts, self.size = ([rest] if len(rest) else []), len(rest)
         self.doc_ends = [ends[docs:] - count]
-        return tokens[:count], docs
+        return tokens[:count], ends[:docs]
 
     def pending(self) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint32)
@@ -156,12 +191,15 @@ def _copy_tokenizer(tokenizer_path: str, out: Path) -> str:
 def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1, text_field: str = "text",
             min_chars: int = 0, max_chars: int = 0, strict: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             frame_tokens: int = DEFAULT_FRAME_TOKENS, max_shards: int = 0, command: str = "",
-            show_progress: bool = True, task_bytes: int = 1 << 18) -> ShardIndex | None:
+            show_progress: bool = True, task_bytes: int = 1 << 18,
+            part: tuple[int, int] | None = None) -> ShardIndex | None:
     """Tokenize ``source`` into shards under ``out_dir``; returns the index, or None if ``max_shards`` stopped it.
 
     Re-running with the same arguments resumes an interrupted run, or returns the index of a finished one.
     ``max_shards`` > 0 stops after writing that many new shards (e.g. to fit a Slurm time limit); run again to go on.
     ``task_bytes``: text per worker task (the unit of parallel work; it does not change the output).
+    ``part=(k, n)``: only the k-th of n contiguous runs of the source's files, into ``out_dir/parts/k-of-n/``
+    (returns that part's index, or the merged one if :func:`merge_parts` already ran).
     """
     if shard_tokens < 2 or frame_tokens < 1:
         raise DataError(f"--shard-tokens ({shard_tokens}) must be >= 2 and --frame-tokens ({frame_tokens}) >= 1")
@@ -169,23 +207,29 @@ def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1,
         if value < 0:
             raise DataError(f"{flag} {value}: must be >= 0")
     out = Path(os.path.expanduser(out_dir))
-    out.mkdir(parents=True, exist_ok=True)
+    if part is not None and (out / INDEX_FILE).exists():  # a re-run task of a prepare that is merged already
+        return ShardIndex.load(out)
+    target = out if part is None else part_dir(out, part)
+    target.mkdir(parents=True, exist_ok=True)
     try:
-        with FileLock(str(out / ".prepare.lock"), timeout=0):
-            return _prepare(source, tokenizer_path, out, workers=workers, text_field=text_field, min_chars=min_chars,
-                            max_chars=max_chars, strict=strict, shard_tokens=shard_tokens, frame_tokens=frame_tokens,
-                            max_shards=max_shards, command=command, show_progress=show_progress, task_bytes=task_bytes)
+        with FileLock(str(target / ".prepare.lock"), timeout=0):
+            return _prepare(source, tokenizer_path, target, workers=workers, text_field=text_field,
+                            min_chars=min_chars, max_chars=max_chars, strict=strict, shard_tokens=shard_tokens,
+                            frame_tokens=frame_tokens, max_shards=max_shards, command=command,
+                            show_progress=show_progress, task_bytes=task_bytes, part=part)
     except Timeout:
-        raise DataError(f"{out}: another `mor-data prepare` is writing here") from None
+        raise DataError(f"{target}: another `mor-data prepare` is writing here") from None
 
 
 def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_field: str, min_chars: int,
              max_chars: int, strict: bool, shard_tokens: int, frame_tokens: int, max_shards: int, command: str,
-             show_progress: bool, task_bytes: int) -> ShardIndex | None:
+             show_progress: bool, task_bytes: int, part: tuple[int, int] | None) -> ShardIndex | None:
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     spec = parse_source(source)
     settings = _settings(source, text_field, min_chars, max_chars, tokenizer.hash, shard_tokens, frame_tokens)
+    if part is not None:
+        settings["part"] = list(part)
     if (out / INDEX_FILE).exists():
         index = ShardIndex.load(out)
         _check_same(out / INDEX_FILE, {**index.source["settings"]}, settings)
@@ -193,7 +237,8 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
 
     for stale in out.glob(".*.tmp-*"):  # half-written files of a killed run (we hold the directory's lock)
         stale.unlink()
-    stream = DocumentStream(spec, text_field=text_field, min_chars=min_chars, max_chars=max_chars, strict=strict)
+    stream = DocumentStream(spec, text_field=text_field, min_chars=min_chars, max_chars=max_chars, strict=strict,
+                            part=part)
     shards: list[ShardInfo] = []
     totals = {"docs": 0, "tokens": 0, "text_bytes": 0}
     carry, carry_ends = np.zeros(0, np.uint32), np.zeros(0, np.int64)
@@ -223,12 +268,17 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
     packer = _Packer(carry, carry_ends)
     new_shards = 0
 
+    def write(count: int) -> None:
+        tokens, ends = packer.cut(count)
+        shards.append(write_shard(out, len(shards), tokens.astype(dtype), len(ends), frame_tokens))
+        if part is not None:
+            _write_ends(out, shards[-1], ends)
+
     def write_full_shards(stream_state: dict) -> bool:
         """Cut every complete shard out of the buffer; False once ``max_shards`` new shards are written."""
         nonlocal new_shards
         while packer.size >= shard_tokens:
-            tokens, docs = packer.cut(shard_tokens)
-            shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
+            write(shard_tokens)
             _save_progress(out, settings, sources, shards, stream_state, packer, totals)
             new_shards += 1
             if max_shards and new_shards >= max_shards:
@@ -251,8 +301,7 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
                 if not write_full_shards(stream_state):
                     return None
         if packer.size:
-            tokens, docs = packer.cut(packer.size)
-            shards.append(write_shard(out, len(shards), tokens.astype(dtype), docs, frame_tokens))
+            write(packer.size)
     finally:
         bar.close()
     changes = source_changes(sources, spec)
@@ -260,7 +309,7 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
         raise DataError(f"--source {source}: changed while prepare read it ({_listed(changes)}); the shards would "
                         f"mix old and new contents or miss documents: restore the files and run the same command "
                         f"again (it resumes from {progress_path}), or prepare into a new --out")
-    if not shards:
+    if not shards and part is None:  # (a part may be empty: the other parts hold the documents)
         raise DataError(f"--source {source}: no documents (every record was bad, filtered or empty)")
     files = [{"path": path, **identity} for path, identity in sources.items()]
     index = ShardIndex(
@@ -274,4 +323,114 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
     progress_path.unlink(missing_ok=True)
     for old in out.glob("progress.carry-*.zst"):
         old.unlink()
+    return index
+
+
+def _finished_parts(out: Path) -> list[tuple[Path, ShardIndex]]:
+    """Every part of ``out``'s many-host prepare, in order, each finished; a one-line DataError otherwise."""
+    found = {}
+    for path in (out / PARTS_DIR).glob("*-of-*"):
+        match = _PART_DIR.match(path.name)
+        if match and path.is_dir():
+            found[(int(match[1]), int(match[2]))] = path
+    counts = sorted({n for _, n in found})
+    if not counts:
+        raise DataError(f"{out / PARTS_DIR}: no parts to merge; run `mor-data prepare … --out {out} --part K/N` "
+                        f"for K = 0..N-1 first")
+    if len(counts) > 1:
+        raise DataError(f"{out / PARTS_DIR}: parts of different part counts {counts}; keep one set")
+    count = counts[0]
+    parts = []
+    for k in range(count):
+        path = found.get((k, count))
+        if path is None or not (path / INDEX_FILE).exists():
+            raise DataError(f"{part_dir(out, (k, count))}: part {k} of {count} is not finished (no {INDEX_FILE}); "
+                            f"run (or re-run: it resumes) its `mor-data prepare … --part {k}/{count}`")
+        parts.append((path, ShardIndex.load(path)))
+    first = {k: v for k, v in parts[0][1].source["settings"].items() if k != "part"}
+    for path, index in parts[1:]:
+        mine = {k: v for k, v in index.source["settings"].items() if k != "part"}
+        for key, value in first.items():
+            if mine.get(key) != value:
+                raise DataError(f"{path}: made with {key}={mine.get(key)!r}, part 0 with {value!r}; prepare every "
+                                f"part with the same settings")
+        if index.source.get("files") != parts[0][1].source.get("files"):
+            raise DataError(f"{path}: the source's files differ from those part 0 read (rewritten, added or removed "
+                            f"between the tasks); prepare every part again from the same files")
+    return parts
+
+
+def _merged_totals(indexes: list[ShardIndex]) -> dict:
+    """The totals one host would have counted: sums, and the first MAX_REPORTED bad records in source order."""
+    totals: dict = {"docs": 0, "tokens": 0, "text_bytes": 0, "bad_records": {}, "bad_examples": [], "filtered": {}}
+    for index in indexes:
+        for key in ("docs", "tokens", "text_bytes"):
+            totals[key] += index.totals[key]
+        for key in ("bad_records", "filtered"):
+            for kind, n in index.totals[key].items():
+                totals[key][kind] = totals[key].get(kind, 0) + n
+        totals["bad_examples"] += index.totals["bad_examples"]
+    totals["bad_examples"] = totals["bad_examples"][:MAX_REPORTED]
+    return totals
+
+
+def merge_parts(out_dir: str, *, keep_parts: bool = False, command: str = "") -> ShardIndex:
+    """Pack the finished parts of ``out_dir/parts/`` (``prepare(..., part=(k, n))``) into ``out_dir`` as one host's
+    prepare of the whole source would have: the same tokens in the same shards, byte for byte. Every new shard is
+    verified against its index entry before ``index.json`` is written; then the parts are removed (unless
+    ``keep_parts``). Returns the existing index when the merge already ran; an interrupted merge starts over."""
+    out = Path(os.path.expanduser(out_dir))
+    if not out.is_dir():
+        raise DataError(f"{out}: no such directory")
+    try:
+        with FileLock(str(out / ".prepare.lock"), timeout=0):
+            if (out / INDEX_FILE).exists():
+                return ShardIndex.load(out)
+            return _merge(out, keep_parts, command)
+    except Timeout:
+        raise DataError(f"{out}: another `mor-data prepare` or `merge` is writing here") from None
+
+
+def _merge(out: Path, keep_parts: bool, command: str) -> ShardIndex:
+    parts = _finished_parts(out)
+    first = parts[0][1]
+    dtype, shard_tokens = first.token_dtype, first.shard_tokens
+    for stale in [*out.glob("shard_*.zst"), *out.glob(".*.tmp-*")]:  # what an interrupted merge wrote
+        stale.unlink()
+    packer = _Packer(np.zeros(0, np.uint32), np.zeros(0, np.int64))
+    shards: list[ShardInfo] = []
+
+    def write(count: int) -> None:
+        tokens, ends = packer.cut(count)
+        shards.append(write_shard(out, len(shards), tokens.astype(dtype), len(ends), first.frame_tokens))
+
+    for path, index in parts:
+        for info in index.shards:  # read_shard checks each part shard's SHA-256
+            packer.add(read_shard(path, info, dtype).astype(np.uint32), _read_ends(path, info))
+            while packer.size >= shard_tokens:
+                write(shard_tokens)
+    if packer.size:
+        write(packer.size)
+    if not shards:
+        raise DataError(f"{out}: no documents in any of the {len(parts)} parts (every record was bad, filtered or "
+                        f"empty)")
+    for info in shards:
+        problems = verify_shard(out, info, dtype, first.vocab_size)
+        if problems:
+            raise DataError(f"merged shard does not verify: {problems[0]}")
+    settings = {k: v for k, v in first.source["settings"].items() if k != "part"}
+    for name in (first.tokenizer["file"], "tokenizer_config.json"):  # as _copy_tokenizer left them in part 0
+        if (parts[0][0] / name).exists():
+            atomic_write_bytes(out / name, (parts[0][0] / name).read_bytes())
+    index = ShardIndex(
+        dtype=first.dtype, vocab_size=first.vocab_size, eos_id=first.eos_id, tokenizer=first.tokenizer,
+        source={**parse_source(settings["source"]).describe(), **({"files": first.source["files"]} if
+                                                                  "files" in first.source else {}),
+                "settings": settings, "parts": len(parts)},
+        command=command, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=library_versions(), shard_tokens=shard_tokens, frame_tokens=first.frame_tokens, shards=shards,
+        totals=_merged_totals([index for _, index in parts]))
+    index.save(out)
+    if not keep_parts:
+        shutil.rmtree(out / PARTS_DIR)
     return index

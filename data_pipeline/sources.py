@@ -401,7 +401,9 @@ class DocumentStream:
     """
 
     def __init__(self, source: str | SourceSpec, *, text_field: str = "text", rank: int = 0, world_size: int = 1,
-                 min_chars: int = 0, max_chars: int = 0, strict: bool = False):
+                 min_chars: int = 0, max_chars: int = 0, strict: bool = False, part: tuple[int, int] | None = None):
+        """``part=(k, n)``: only the k-th of n contiguous runs of the source's files (its dataset shards), e.g. one
+        task of a prepare spread over many hosts; the n parts, read in order, are the whole source in order."""
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         if min_chars < 0 or max_chars < 0:
@@ -414,6 +416,13 @@ class DocumentStream:
         self.epoch = 0
         self.records = 0  # records read in this epoch (hub records are named by this number)
         self._source_dataset = open_dataset(self.spec, text_field)
+        if part is not None:
+            index, count = part
+            files = self._source_dataset.num_shards
+            if not 0 <= index < count or count > files:
+                raise DataError(f"--part {index}/{count}: the source has {files} file(s) (dataset shards); a part "
+                                f"needs at least one (parts 0..{count - 1}, at most {files} of them)")
+            self._source_dataset = self._source_dataset.shard(num_shards=count, index=index, contiguous=True)
         self.dataset = self._rank_dataset()
 
     def __iter__(self) -> Iterator[str]:

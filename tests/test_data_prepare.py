@@ -9,7 +9,7 @@ import pytest
 from data_pipeline.cli import main
 from data_pipeline.errors import DataError
 from data_pipeline.inspection import verify
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import merge_parts, prepare
 from data_pipeline.shards import ShardIndex, read_shard, token_dtype
 from data_pipeline.testing import embedded_sample, fineweb_records, write_records
 from data_pipeline.tokenizer import file_hash, load_tokenizer, train_sentencepiece
@@ -371,3 +371,59 @@ def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path, tokenizer_path):
         proc.wait()
         for pid in filter(_running, workers):
             os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ many hosts
+
+
+@pytest.fixture(scope="module")
+def five_files(tmp_path_factory):
+    """Five files (one with a bad record), so three parts hold 2, 2 and 1 of them."""
+    root = tmp_path_factory.mktemp("five")
+    records = fineweb_records(DOCS)
+    records.insert(19, {"id": "no text"})
+    for part in range(5):
+        write_records(root / f"part-{part}.jsonl.zst", records[part * 9:(part + 1) * 9 - (part == 4) * 4])
+    return str(root / "*.jsonl.zst")
+
+
+def test_prepare_in_parts_then_merge_equals_one_host_token_for_token(five_files, tokenizer_path, tmp_path, capsys):
+    one_host = _run(five_files, tokenizer_path, tmp_path / "one", shard_tokens=1000, frame_tokens=300)
+    out = tmp_path / "many"
+    for k in range(3):  # each part as its own host would run it; part 1 through the CLI
+        if k == 1:
+            assert main(["prepare", "--source", five_files, "--tokenizer", tokenizer_path, "--out", str(out),
+                         "--part", "1/3", "--workers", "0", "--shard-tokens", "1000", "--frame-tokens", "300",
+                         "--no-progress"]) == 0
+            assert f"once all 3 parts are done: mor-data merge {out}" in capsys.readouterr().out
+        else:
+            _run(five_files, tokenizer_path, out, shard_tokens=1000, frame_tokens=300, part=(k, 3))
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    assert parts == ["0-of-3", "1-of-3", "2-of-3"]
+    part_docs = [ShardIndex.load(out / "parts" / p).totals["docs"] for p in parts]
+    assert sum(part_docs) == one_host.totals["docs"] and all(part_docs)  # disjoint, none empty
+    assert main(["merge", str(out)]) == 0
+    assert "(merged from 3 parts, verified)" in capsys.readouterr().out
+    merged = ShardIndex.load(out)
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "one")  # the same shard files, byte for byte
+    assert merged.shards == one_host.shards and len(merged.shards) > 3
+    assert merged.totals == one_host.totals and merged.totals["bad_records"] == {"missing_field": 1}
+    assert merged.source["settings"] == one_host.source["settings"] and merged.source["parts"] == 3
+    assert merged.source["files"] == one_host.source["files"]  # each file's identity, as one host recorded it
+    assert verify(str(out)) == [] and not (out / "parts").exists()
+    assert merge_parts(str(out)).shards == merged.shards  # a re-run changes nothing
+    assert prepare(five_files, tokenizer_path, str(out), part=(2, 3), shard_tokens=1000, frame_tokens=300,
+                   show_progress=False).shards == merged.shards  # nor does a re-run task
+
+
+def test_merge_names_the_part_that_is_missing_or_different(five_files, tokenizer_path, tmp_path):
+    out = tmp_path / "out"
+    for k in (0, 2):
+        _run(five_files, tokenizer_path, out, shard_tokens=1000, part=(k, 3))
+    with pytest.raises(DataError, match=r"parts/1-of-3: part 1 of 3 is not finished \(no index.json\)"):
+        merge_parts(str(out))
+    _run(five_files, tokenizer_path, out, shard_tokens=2000, part=(1, 3))
+    with pytest.raises(DataError, match="parts/1-of-3: made with shard_tokens=2000, part 0 with 1000"):
+        merge_parts(str(out))
+    with pytest.raises(DataError, match=r"--part 0/6: the source has 5 file\(s\)"):
+        _run(five_files, tokenizer_path, tmp_path / "six", part=(0, 6))

@@ -212,3 +212,40 @@ def test_sweep_arms_span_two_nodes(cluster, cache, tmp_path, jobs):
         assert len(hostnames(start["nodes"])) == 2 and start["tasks"] == "2"
         assert "2 process(es)" in text(log)
         assert [r["step"] for r in read_metrics(arm_dir / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+def test_prepare_as_an_array_job_then_a_merge_equals_one_host(cluster, tokenizer_path, tmp_path, jobs):
+    """`sbatch --array=0-2 slurm/prepare.sbatch …` (one part per node) then the merge job (afterok): the shard set
+    is the one-host `mor-data prepare`'s, byte for byte, under one verified index."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.shards import ShardIndex
+    from data_pipeline.testing import embedded_sample, fineweb_records, write_records
+
+    records = fineweb_records(embedded_sample(40, max_chars=1500))
+    for k in range(6):
+        write_records(tmp_path / "corpus" / f"part-{k}.jsonl.zst", records[k * 7:(k + 1) * 7])
+    source = str(tmp_path / "corpus" / "*.jsonl.zst")
+    shape = ["--shard-tokens", "1000", "--frame-tokens", "300"]
+    one_host = prepare(source, tokenizer_path, str(tmp_path / "one-host"), workers=0, shard_tokens=1000,
+                       frame_tokens=300, show_progress=False)
+    out, script = tmp_path / "shards", str(REPO / "slurm" / "prepare.sbatch")
+    env = job_env(MOR_DATA_CMD=str(Path(sys.executable).parent / "mor-data"))
+
+    def sbatch(*args: str) -> str:
+        job = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", *args], check=True,
+                             capture_output=True, text=True, cwd=tmp_path, env=env).stdout.strip()
+        jobs.append(job)
+        return job
+
+    array = sbatch("--array=0-2", "--exclusive", f"--output={tmp_path}/part-%a.out", script, "--source", source,
+                   "--tokenizer", tokenizer_path, "--out", str(out), "--workers", "0", *shape)
+    merge = sbatch(f"--dependency=afterok:{array}", f"--output={tmp_path}/merge.out", script, "--merge", str(out))
+    log = tmp_path / "merge.out"
+    assert wait_for(lambda: finished(merge), "the merge job to finish", log=log) == "COMPLETED", text(log)
+    assert "(merged from 3 parts, verified)" in text(log)
+    assert sorted(job_field(f"{array}_{k}", "NodeList") for k in range(3)) == cluster.nodes  # a part per node
+    merged = ShardIndex.load(out)
+    assert merged.shards == one_host.shards and merged.totals == one_host.totals and merged.source["parts"] == 3
+    assert {p.name: p.read_bytes() for p in out.glob("shard_*.zst")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "one-host").glob("shard_*.zst")}
+    assert not (out / "parts").exists()
