@@ -103,18 +103,30 @@ def train_loss_vs_tokens(runs: list[Run], colors: dict[str, str]) -> Figure:
     return _finish(fig, "Training loss against tokens")
 
 
-def _grid(n: int) -> tuple[int, int]:
+def _panels(n: int) -> tuple[Figure, list]:
+    """A figure of n small panels, three to a row; the axes past n are hidden."""
     cols = min(3, max(n, 1))
-    return math.ceil(max(n, 1) / cols), cols
+    rows = math.ceil(max(n, 1) / cols)
+    fig = Figure(figsize=(FIGSIZE[0], 2.8 * rows + 0.6), dpi=DPI)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flatten())
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
+def _panel_axes(ax, title: str, ylabel: str, legend_size: int) -> None:
+    ax.set_title(title, fontsize=9)
+    _tokens_axis(ax, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def depth_fractions(runs: list[Run], colors: dict[str, str]) -> Figure:
     from mor_ds.report.runs import target_fractions
 
     routed = [r for r in runs if r.routed]
-    rows, cols = _grid(len(routed))
-    fig = Figure(figsize=(FIGSIZE[0], 2.8 * rows + 0.6), dpi=DPI)
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    fig, axes = _panels(len(routed))
     for ax, run in zip(axes, routed):  # one panel per arm, one colour per recursion step
         for step, target in enumerate(target_fractions(run)):
             color = STEP_COLORS[step % len(STEP_COLORS)]
@@ -124,14 +136,8 @@ def depth_fractions(runs: list[Run], colors: dict[str, str]) -> Figure:
             if xs:
                 _line(ax, run, xs, ys, color, lw=1, ls="--", marker="o", ms=3, label=f"step {step} held-out")
             ax.axhline(target, color=color, ls=":", lw=1)
-        ax.set_title(run.name, fontsize=9)
         ax.set_ylim(-0.03, 1.03)
-        _tokens_axis(ax, fontsize=8)
-        ax.set_ylabel("fraction of tokens", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in axes[len(routed):]:
-        ax.set_axis_off()
+        _panel_axes(ax, run.name, "fraction of tokens", legend_size=6)
     _note(fig, {"no router": [r.name for r in runs if not r.routed]})
     return _finish(fig, "Tokens reaching each recursion step: training (solid), held-out causal routing (dashed), "
                         "target (dotted)")
@@ -156,21 +162,13 @@ def router_weights(runs: list[Run], colors: dict[str, str]) -> Figure:
 
 def aux_losses(runs: list[Run], colors: dict[str, str]) -> Figure:
     keys = sorted({k for r in runs for rec in r.records for k in rec if k.startswith("aux/")})
-    rows, cols = _grid(len(keys))
-    fig = Figure(figsize=(FIGSIZE[0], 2.8 * rows + 0.6), dpi=DPI)
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    fig, axes = _panels(len(keys))
     for ax, key in zip(axes, keys):
         for run in runs:
             xs, ys = run.series(key)
             if xs:
                 _line(ax, run, xs, ys, colors[run.name], lw=1.2, label=run.name)
-        ax.set_title(key.removeprefix("aux/"), fontsize=9)
-        _tokens_axis(ax, fontsize=8)
-        ax.set_ylabel("loss (coefficient applied)", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes[len(keys):]:
-        ax.set_axis_off()
+        _panel_axes(ax, key.removeprefix("aux/"), "loss (coefficient applied)", legend_size=7)
     _note(fig, {"no aux loss": [r.name for r in runs if not any(k.startswith("aux/") for k in r.last)]})
     return _finish(fig, "Router auxiliary losses over training")
 
