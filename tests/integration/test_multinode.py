@@ -100,17 +100,21 @@ def assert_trained_like_one_machine(run_dir: Path, log: Path, reference: dict[in
     return out
 
 
-def test_two_nodes_train_like_one_machine(cluster, cache, one_machine, tmp_path, jobs):
-    job, run_dir, log = submit(tmp_path, cache, 1)
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_two_nodes_train_like_one_machine(cluster, cache, one_machine, tmp_path, jobs, zero):
+    job, run_dir, log = submit(tmp_path, cache, zero)
     jobs.append(job)
     assert wait_for(lambda: finished(job), "the job to finish", log=log) == "COMPLETED", text(log)
     (start,) = starts(run_dir)
     assert len(hostnames(start["nodes"])) == 2 and start["tasks"] == "4"
-    assert_trained_like_one_machine(run_dir, log, one_machine(1))
-    # every rank, on either node, wrote its ZeRO-1 optimizer shard into the one shared run directory
+    assert_trained_like_one_machine(run_dir, log, one_machine(zero))
+    # every rank, on either node, wrote its optimizer shard into the one shared run directory
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert sorted(p.name for p in final.glob("zero_pp_rank_*_optim_states.pt")) == [
         f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)]
+    if zero == 3:  # and its parameter shard
+        assert sorted(p.name for p in final.glob("zero_pp_rank_*_model_states.pt")) == [
+            f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(4)]
 
 
 def test_sigusr1_requeue_resumes_on_other_nodes(cluster, cache, one_machine, tmp_path, jobs):
