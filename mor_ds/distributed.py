@@ -396,7 +396,7 @@ class TrainEngine:
         self.ds_config = ds_config
         # each optimizer group's settings as built (weight decay, betas, eps): a universal load must not change them
         self._group_settings = [{k: v for k, v in group.items() if k != "params"}
-                                for group in _base_optimizer(ds_engine.optimizer).param_groups]
+                                for group in patches.base_optimizer(ds_engine.optimizer).param_groups]
 
     @property
     def module(self) -> nn.Module:
@@ -469,41 +469,8 @@ class TrainEngine:
         if loaded is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
         if self._ds.load_universal_checkpoint():
-            base = _base_optimizer(self._ds.optimizer)
-            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every group the first group's settings (weight decay
-            # on the norm gains); the run's own settings are the saved run's (same config) but for the lr, set
-            # every step
-            for group, settings in zip(base.param_groups, self._group_settings):
-                group.update(settings)
-            _place_step_counts(base)
-            self._restore_buffers(path)
+            patches.repair_universal_load(self._ds.optimizer, self._ds.module, self._group_settings, path)
         return client_state
-
-    def _restore_buffers(self, path: Path) -> None:
-        """DeepSpeed's universal load restores parameters only: copy the module's buffers (router thresholds and
-        counters, the loss-free balancing bias) from the checkpoint's model states, as a plain load does. Every
-        rank's file holds all buffers (ZeRO-3 partitions parameters only); mmap reads just those."""
-        saved = torch.load(sorted(path.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False,
-                           mmap=True)
-        buffers = dict(self._ds.module.named_buffers())
-        for name in saved.get("buffer_names", []):
-            buffers[name].data.copy_(saved["module"][name])
-
-
-def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's ZeRO wrapper (the optimizer itself for ZeRO-0)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _place_step_counts(base: torch.optim.Optimizer) -> None:
-    """A universal load sets torch AdamW's `step` counts as the tensors it saved, under ZeRO-3 one tensor shared
-    by every group, which AdamW's in-place `step += 1` then advances once per group and step (a wrong bias
-    correction from the first step on). Give each state its own count, where torch keeps it (on the parameter's
-    device for fused / capturable groups, else on the CPU), as after a plain load."""
-    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
-    for param, state in base.state.items():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32, copy=True)
 
 
 def convert_to_universal(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, log_file: Path) -> None:

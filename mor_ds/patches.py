@@ -11,6 +11,8 @@ stays and a `PatchWarning` says so (once per patch), or, where a config key aske
     triton-interpreter-index  the Triton interpreter's run-time loop bounds under NumPy >= 2.4 (`patch_interpreter`)
     dynamo-recompile-limit    Dynamo's process-wide recompile limit raised for the decode tick's glue
                               (`raise_recompile_limit`)
+    universal-load-repair     what DeepSpeed's universal checkpoint load leaves wrong, put right after it
+                              (`repair_universal_load`; a repair, so applied on every version)
 
 This module and `mor_ds.distributed` are the only modules of mor_ds that import DeepSpeed (tests/test_patches.py).
 """
@@ -22,6 +24,7 @@ import importlib.metadata
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -91,7 +94,14 @@ DYNAMO_RECOMPILE_LIMIT = Patch(
     "dynamo-recompile-limit", "torch", ">=2.11,<2.14", "torch._dynamo.config.recompile_limit",
     "each compiled tick-glue function compiles once per pattern of sizes 1 and of equal sizes over the occupancy "
     "buckets; past Dynamo's default of 8 it would silently run eagerly")
-PATCHES = (DEEPSPEED_NO_SHM_OP, ZERO_GRAD_CHECKS, FUSED_ZERO_STEP, TRITON_INTERPRETER_INDEX, DYNAMO_RECOMPILE_LIMIT)
+UNIVERSAL_LOAD_REPAIR = Patch(
+    "universal-load-repair", "deepspeed", "==0.19.8",
+    "the state DeepSpeedEngine.load_checkpoint leaves under checkpoint.load_universal",
+    "the universal load restores parameters but no buffers (router thresholds and counters, the balancing bias), "
+    "gives every ZeRO-3 optimizer group the first group's settings (weight decay on the norm gains) and one Adam "
+    "step tensor shared by all groups, which then advances once per group and step (a wrong bias correction)")
+PATCHES = (DEEPSPEED_NO_SHM_OP, ZERO_GRAD_CHECKS, FUSED_ZERO_STEP, TRITON_INTERPRETER_INDEX, DYNAMO_RECOMPILE_LIMIT,
+           UNIVERSAL_LOAD_REPAIR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,9 +424,42 @@ def raise_recompile_limit(limit: int) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------
+# universal-load-repair
+
+
+def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper (the optimizer itself for ZeRO-0)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def repair_universal_load(optimizer: Any, module: torch.nn.Module, group_settings: list[dict[str, Any]],
+                          checkpoint_dir: Path) -> None:
+    """After a universal load of `checkpoint_dir` (the original step directory, not its universal form): each
+    optimizer group gets back its settings as the run built them (`group_settings`; the lr is set every step
+    anyway), each Adam state its own step count, and the module its buffers, as a load on the saving world size
+    leaves them. Every part only restores what a plain load restores, so on an unchecked DeepSpeed version the
+    repair still runs, with a warning that it was not checked there."""
+    UNIVERSAL_LOAD_REPAIR.check("the repair is applied all the same (it only restores what a plain load restores)")
+    base = base_optimizer(optimizer)
+    for group, settings in zip(base.param_groups, group_settings):
+        group.update(settings)
+    # torch keeps step counts on the parameter's device for fused / capturable AdamW, else on the CPU
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for param, state in base.state.items():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32, copy=True)
+    # every rank's model-states file holds all buffers (ZeRO-3 partitions parameters only); mmap reads just those
+    saved = torch.load(sorted(checkpoint_dir.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False,
+                       mmap=True)
+    buffers = dict(module.named_buffers())
+    for name in saved.get("buffer_names", []):
+        buffers[name].data.copy_(saved["module"][name])
+
+
 __all__ = [
     "DEEPSPEED_NO_SHM_OP", "DYNAMO_RECOMPILE_LIMIT", "FUSED_ZERO_STEP", "PATCHES", "TRITON_INTERPRETER_INDEX",
-    "ZERO_GRAD_CHECKS", "FusedZeroStep", "Patch", "PatchWarning", "apply_fused_step", "disable_shm_op",
-    "fuse_zero_grad_checks", "install_fused_zero_step", "interpreter_active", "patch_interpreter",
-    "raise_recompile_limit", "unsupported_reason",
+    "UNIVERSAL_LOAD_REPAIR", "ZERO_GRAD_CHECKS", "FusedZeroStep", "Patch", "PatchWarning", "apply_fused_step",
+    "base_optimizer", "disable_shm_op", "fuse_zero_grad_checks", "install_fused_zero_step", "interpreter_active",
+    "patch_interpreter", "raise_recompile_limit", "repair_universal_load", "unsupported_reason",
 ]
