@@ -69,6 +69,9 @@ def _die_with_parent(parent_pid: int) -> None:
 def _init_worker(tokenizer_path: str, expected_hash: str, parent_pid: int) -> None:
     global _worker_tokenizer
     _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group: the parent decides (a training run finishes its step and saves),
+    # then shuts the pool down; a worker's own KeyboardInterrupt would only break the pool and print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tokenizer = load_tokenizer(tokenizer_path)
     if _worker_tokenizer.hash != expected_hash:
         raise RuntimeError(f"{tokenizer_path} changed while the pipeline was running")

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING_COMMANDS = ("train", "uptrain")  # they keep SIGTERM/SIGUSR1 for a checkpoint (mor_ds.train.early_signals)
+TRAINING_COMMANDS = ("train", "uptrain")  # stop signals end a step with a checkpoint (mor_ds.train.early_signals)
 
 
 def _subcommand(argv: list[str]) -> str | None:
@@ -40,16 +40,25 @@ def _subcommand(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if _subcommand(argv) in TRAINING_COMMANDS:
+    command = _subcommand(argv)
+    training = command in TRAINING_COMMANDS
+    if training:
         from mor_ds.train import early_signals
 
         early_signals.install()  # before build_parser's imports, which take seconds
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"mor-ds {args.command}: config error: {exc}", file=sys.stderr)
+        print(f"mor-ds {command}: config error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if not training:
+            print(f"mor-ds {command}: interrupted", file=sys.stderr)
+        elif early_signals.is_main_process():  # a second Ctrl-C: the first one stops after the step, saving
+            print(f"mor-ds {command}: stopped at once by a second Ctrl-C, without saving; the same command "
+                  f"continues from the last complete checkpoint", file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT (mor_ds.train.faults.EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

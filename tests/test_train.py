@@ -19,10 +19,11 @@ import torch
 from mor_ds import distributed
 from mor_ds.config import ConfigError, OptimConfig, load_config
 from mor_ds.train import checkpoint_dir as ckpt
+from mor_ds.train import early_signals
 from mor_ds.train.callbacks.metrics import read_metrics, truncate_metrics
 from mor_ds.train.callbacks.wandb_logger import resolve_mode
-from mor_ds.train.faults import (EXIT_PEER_LOST, EXIT_PREEMPTED, FaultPlan, TrainingAborted, oom_message,
-                                 peer_lost_message)
+from mor_ds.train.faults import (EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PREEMPTED, FaultPlan, TrainingAborted,
+                                 oom_message, peer_lost_message)
 from mor_ds.train.loop import split_batch
 from mor_ds.train.optim import param_groups
 from mor_ds.train.schedules import lr_at
@@ -488,8 +489,10 @@ def test_a_vocab_size_the_embedded_tokenizer_cannot_have_names_model_vocab_size(
 
 
 def test_fault_plan_from_environment():
-    plan = FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "nan_loss@3, nan_loss@4,kill_in_save@6,nan_weight@5"})
-    assert plan.nan_loss == {3, 4} and plan.kill_in_save == {6} and plan.nan_weight == {5} and plan.active
+    plan = FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "nan_loss@3, nan_loss@4,kill_in_save@6,nan_weight@5,"
+                                                       "interrupt@2"})
+    assert plan.nan_loss == {3, 4} and plan.kill_in_save == {6} and plan.nan_weight == {5} and plan.interrupt == {2}
+    assert plan.active
     assert not FaultPlan.from_env({}).active
     with pytest.raises(ValueError, match="bad entry 'explode@2'"):
         FaultPlan.from_env({"MOR_DS_INJECT_FAULTS": "explode@2"})
@@ -594,30 +597,73 @@ def test_paper_preset_without_tokenizer_fails_in_one_line(tmp_path, capsys, monk
     assert not distributed.is_initialized()  # the process group is always torn down
 
 
-def test_signal_during_start_up_is_kept_for_the_first_step():
-    """SIGUSR1 before training starts (imports, DeepSpeed init) must not kill the process: it is recorded and the
-    signal callback sees it once training starts, so the run stops after its first step with a checkpoint."""
-    import os
+@pytest.fixture
+def stop_signals():
+    """The stop-signal module with its state and this process's handlers restored afterwards; yields a lone
+    trainer stand-in (one process: no all-reduce, no host sync) and the stops it was asked for."""
     import signal
 
-    from mor_ds.train import early_signals
     from mor_ds.train.callbacks import signals
 
-    previous = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in early_signals.SIGNALS}
+    stops: list[tuple[int, str]] = []
+    lone = SimpleNamespace(env=distributed.DistEnv(0, 1, 0, "127.0.0.1", 0), device=torch.device("cpu"),
+                           state=SimpleNamespace(step=1), request_stop=lambda *a: stops.append(a))
     try:
-        early_signals.install()
-        os.kill(os.getpid(), signal.SIGUSR1)  # delivered synchronously to this (main) thread
-        handler = signals.SignalHandler()
-        handler.on_train_start(trainer=None)
-        assert handler.received == signal.SIGUSR1
-        stops: list[tuple[int, str]] = []
-        lone = SimpleNamespace(env=distributed.DistEnv(0, 1, 0, "127.0.0.1", 0), device=torch.device("cpu"),
-                               state=SimpleNamespace(step=1), request_stop=lambda *a: stops.append(a))
-        handler.on_step_end(lone, result=None)  # one process: no all-reduce, no host sync
-        assert stops == [(EXIT_PREEMPTED, stops[0][1])]
-        assert stops[0][1].startswith("SIGUSR1 received: stopped after step 1")
-        handler.on_train_end(trainer=None)
+        yield signals, lone, stops
     finally:
         early_signals.received.clear()
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def test_signal_during_start_up_is_kept_for_the_first_step(stop_signals):
+    """SIGUSR1 before training starts (imports, DeepSpeed init) must not kill the process: it is recorded and the
+    signal callback sees it once training starts, so the run stops after its first step with a checkpoint."""
+    import signal
+
+    signals, lone, stops = stop_signals
+    early_signals.install()
+    os.kill(os.getpid(), signal.SIGUSR1)  # delivered synchronously to this (main) thread
+    handler = signals.SignalHandler()
+    handler.on_train_start(lone)
+    assert not stops  # the first step still runs
+    handler.on_step_end(lone, result=None)
+    assert stops == [(EXIT_PREEMPTED, stops[0][1])] and stops[0][1].startswith("SIGUSR1 received: stopped after step 1")
+    handler.on_train_end(lone)
+
+
+def test_ctrl_c_stops_after_the_step_a_second_stops_at_once_a_third_kills(stop_signals, capfd):
+    import signal
+
+    signals, lone, stops = stop_signals
+    handler = signals.SignalHandler()
+    handler.on_train_start(lone)
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the step goes on
+    assert capfd.readouterr().err == ("[mor-ds] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: "
+                                      "stop at once, without saving)\n")
+    handler.on_step_end(lone, result=None)
+    assert stops == [(EXIT_INTERRUPTED, "Ctrl-C: stopped after step 1 with a checkpoint; run the same command "
+                                        "again to continue (exit code 130)")]
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a third Ctrl-C kills the process
+    handler.on_train_end(lone)
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # pytest's handler is back
+
+
+def test_ctrl_c_during_start_up_stops_before_the_first_step_and_preemption_outranks_it(stop_signals):
+    import signal
+
+    signals, lone, stops = stop_signals
+    early_signals.install()
+    os.kill(os.getpid(), signal.SIGINT)
+    handler = signals.SignalHandler()
+    handler.on_train_start(lone)
+    assert stops == [(EXIT_INTERRUPTED, "Ctrl-C during start-up: stopped before training (step 1); nothing new to "
+                                        "save")]
+    stops.clear()
+    os.kill(os.getpid(), signal.SIGTERM)  # a requeue must not be lost to an earlier Ctrl-C
+    handler.on_step_end(lone, result=None)
+    assert stops[0][0] == EXIT_PREEMPTED and stops[0][1].startswith("SIGTERM received")
+    handler.on_train_end(lone)

@@ -5,7 +5,9 @@
     srun -n 8 mor-ds train --config mor-360m-nr3 --run-dir runs/mor3      (SLURM_* → rank, world, master)
 
 Exit codes: 0 done; 2 bad config/data/checkpoint; 3 NaN/Inf abort (checkpoint saved); 4 CUDA OOM;
-75 stopped by SIGTERM/SIGUSR1 after saving (requeue the job: the same command resumes, --resume auto).
+5 a checkpoint could not be saved (the previous one is kept); 6 lost a peer rank, node or the network;
+75 stopped by SIGTERM/SIGUSR1 after saving (requeue the job: the same command resumes, --resume auto);
+130 stopped by Ctrl-C (after saving; a second Ctrl-C stops at once, without saving).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -27,6 +27,7 @@ EXIT_OOM = 4
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, permissions); the previous one is kept
 EXIT_PEER_LOST = 6  # a collective failed: a peer rank, its node or the network died; resume from the last checkpoint
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGUSR1 after saving; requeue and `--resume auto`
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (after saving, unless it was pressed twice)
 
 
 class TrainingAborted(RuntimeError):
@@ -43,15 +44,17 @@ class FaultPlan:
     nan_loss: frozenset[int] = field(default_factory=frozenset)
     nan_weight: frozenset[int] = field(default_factory=frozenset)
     kill_in_save: frozenset[int] = field(default_factory=frozenset)
+    interrupt: frozenset[int] = field(default_factory=frozenset)
+    interrupt_in_save: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def active(self) -> bool:
-        return bool(self.nan_loss or self.nan_weight or self.kill_in_save)
+        return any(getattr(self, f.name) for f in fields(self))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> FaultPlan:
         text = (os.environ if environ is None else environ).get(FAULT_ENV, "").strip()
-        kinds: dict[str, set[int]] = {"nan_loss": set(), "nan_weight": set(), "kill_in_save": set()}
+        kinds: dict[str, set[int]] = {f.name: set() for f in fields(cls)}
         for item in filter(None, (s.strip() for s in text.split(","))):
             kind, _, step = item.partition("@")
             if kind not in kinds or not step.isdigit():
@@ -60,7 +63,14 @@ class FaultPlan:
             kinds[kind].add(int(step))
         return cls(**{kind: frozenset(steps) for kind, steps in kinds.items()})
 
-    def kill_now(self, step: int, is_main: bool) -> None:
+    def after_step(self, step: int, is_main: bool) -> None:
+        if is_main and step in self.interrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to this (main) thread before kill returns
+
+    def in_save(self, step: int, is_main: bool) -> None:
+        """Between the DeepSpeed files of step `step` and the commit that makes them `latest`."""
+        if is_main and step in self.interrupt_in_save:
+            os.kill(os.getpid(), signal.SIGINT)
         if is_main and step in self.kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -152,6 +152,7 @@ class Trainer:
                 result.step_time_s = time.perf_counter() - start
                 self.state.step += 1
                 self.faults.poison_weights(self.state.step, self.is_main, self.model)
+                self.faults.after_step(self.state.step, self.is_main)
                 self.state.tokens += self.tokens_per_step
                 self.state.flops += self.flops_per_token * self.tokens_per_step
                 self.state.elapsed_s = resumed_elapsed + time.perf_counter() - fit_start

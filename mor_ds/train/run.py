@@ -90,7 +90,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
     plan = plan_budget(cfg)
     groups = param_groups(model, cfg.optim)
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, env,
-                                before_commit=lambda step: faults.kill_now(step, env.is_main))
+                                before_commit=lambda step: faults.in_save(step, env.is_main))
     ref = resume_target(resume, manager)
     load = ref
     saved_world = checkpoint_meta(ref).get("world_size", env.world_size) if ref is not None else env.world_size

@@ -24,7 +24,8 @@ from mor_ds.config import load_config
 from mor_ds.distributed import free_port
 from mor_ds.train.callbacks.metrics import read_metrics
 from mor_ds.train.checkpoint_dir import COMPLETE, is_complete, latest_checkpoint, step_tag, verify_checkpoint
-from mor_ds.train.faults import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, FAULT_ENV
+from mor_ds.train.faults import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED,
+                                 FAULT_ENV)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import history, run_info
@@ -63,6 +64,11 @@ def torchrun(run_dir: Path, sets: list[str], nproc: int = 2, **env: str) -> subp
     return subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _sigint_default() -> None:
+    """Ctrl-C as in a terminal, even when pytest itself runs with SIGINT ignored (a background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def srun_env(rank: int, ntasks: int, port: str, **env: str) -> dict[str, str]:
     return _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
                 SLURM_JOB_ID="4242", MASTER_PORT=port, **env)
@@ -74,7 +80,8 @@ def srun_style(run_dir: Path, sets: list[str], ntasks: int = 2, config: str = "t
     port = str(free_port())
     return [subprocess.Popen([sys.executable, "-m", "mor_ds.cli", *_train_args(run_dir, sets, config)],
                              env=srun_env(rank, ntasks, port, **env), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for rank in range(ntasks)]
+                             stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_default)
+            for rank in range(ntasks)]
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -274,6 +281,34 @@ def test_zero1_nan_step_is_skipped_and_sigterm_leaves_a_resumable_checkpoint(cac
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert records[-1]["skipped_steps"] == 1
     assert records[-1]["loss"] < records[0]["loss"] - 0.8  # ZeRO-1 trains
+
+
+def test_ctrl_c_on_one_rank_stops_both_after_the_step_with_a_checkpoint(reference, cache, tmp_path):
+    sets = overrides(cache, 2)
+    procs = srun_style(tmp_path, sets, **{FAULT_ENV: "interrupt@5"})  # rank 0 gets a SIGINT after step 5
+    results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [EXIT_INTERRUPTED] * 2, results[0][1][-3000:]
+    out = results[0][1]
+    assert "[mor-ds] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop at once" in out
+    assert "[mor-ds] Ctrl-C: stopped after step 5 with a checkpoint; run the same command again" in out
+    assert all("Traceback" not in o and "KeyboardInterrupt" not in o for _, o in results)
+    assert latest_checkpoint(tmp_path / "checkpoints").step == 5 and max(losses(tmp_path)) == 5
+    run_ok(tmp_path, sets)
+    assert losses(tmp_path) == losses(reference)  # the interrupted run continues exactly
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(cache, tmp_path):
+    sets = overrides(cache, 2)
+    # the first Ctrl-C after step 5; the second while step 5's checkpoint is being written
+    (proc,) = srun_style(tmp_path, sets, ntasks=1, **{FAULT_ENV: "interrupt@5,interrupt_in_save@5"})
+    code, out = finish(proc)
+    assert code == EXIT_INTERRUPTED, out[-3000:]
+    assert out.strip().splitlines()[-1] == ("mor-ds train: stopped at once by a second Ctrl-C, without saving; the "
+                                            "same command continues from the last complete checkpoint")
+    assert "Traceback" not in out
+    torn = tmp_path / "checkpoints" / step_tag(5)
+    assert torn.is_dir() and not (torn / COMPLETE).exists()
+    assert latest_checkpoint(tmp_path / "checkpoints").step == 3
 
 
 def test_nan_steps_in_a_row_abort_with_a_checkpoint(cache, tmp_path):

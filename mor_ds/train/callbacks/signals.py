@@ -1,7 +1,18 @@
-"""SIGTERM / SIGUSR1 (Slurm's pre-timeout signal, `#SBATCH --signal=USR1@120`): finish the current step,
-save a checkpoint, exit with EXIT_PREEMPTED so the job script requeues and the run resumes itself.
+"""Stop signals: finish the current step, save a checkpoint, exit.
 
-A signal may reach only some ranks; with several ranks the flag is max-reduced every step so all stop together."""
+  SIGTERM / SIGUSR1   Slurm's pre-timeout signal (`#SBATCH --signal=USR1@120`), preemption, scancel: exit
+                      EXIT_PREEMPTED so the job script requeues and the run resumes itself.
+  SIGINT (Ctrl-C)     a person stopping the run: the same checkpoint, then exit EXIT_INTERRUPTED. A second Ctrl-C
+                      stops at once without saving (KeyboardInterrupt, which the command turns into one line); a
+                      third kills the process (the default handler is back).
+
+Signals are recorded from process start (mor_ds.train.early_signals), so one during start-up (imports, DeepSpeed
+init, data, resume) is not fatal: SIGTERM/SIGUSR1 end the first step with a checkpoint; a Ctrl-C stops before the
+first step, as nothing new would be saved.
+
+A signal may reach only some ranks; with several ranks the flag is max-reduced every step so all stop together
+(SIGTERM and SIGUSR1 outrank SIGINT: a requeue must not be lost to a Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -12,35 +23,40 @@ import torch
 from mor_ds import distributed
 from mor_ds.train import early_signals
 from mor_ds.train.callbacks.base import Callback
-from mor_ds.train.early_signals import SIGNALS
-from mor_ds.train.faults import EXIT_PREEMPTED
+from mor_ds.train.faults import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 class SignalHandler(Callback):
     def __init__(self) -> None:
-        self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
+    def _agreed(self, trainer) -> int:
+        flag = early_signals.received.flag()
+        if trainer.env.world_size > 1:  # agree on the max over ranks (a host sync; a lone process needs none)
+            flag = int(distributed.all_reduce_max(torch.tensor([flag], device=trainer.device)).item())
+        return flag
 
     def on_train_start(self, trainer) -> None:
-        if early_signals.received:  # during start-up (imports, DeepSpeed init, data, resume)
-            self.received = early_signals.received[-1]
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = early_signals.install()
+        early_signals.received.training = True
+        if self._agreed(trainer) == signal.SIGINT:
+            trainer.request_stop(EXIT_INTERRUPTED, f"Ctrl-C during start-up: stopped before training (step "
+                                                   f"{trainer.state.step}); nothing new to save")
 
     def on_step_end(self, trainer, result) -> None:
-        signum = int(self.received or 0)
-        if trainer.env.world_size > 1:  # agree on the max over ranks (a host sync; a lone process needs none)
-            signum = int(distributed.all_reduce_max(torch.tensor([signum], device=trainer.device)).item())
-        if signum:
-            name = signal.Signals(signum).name
-            trainer.request_stop(EXIT_PREEMPTED, f"{name} received: stopped after step {trainer.state.step} "
-                                                 f"with a checkpoint; requeue and run again with --resume auto "
-                                                 f"(exit code {EXIT_PREEMPTED})")
+        flag = self._agreed(trainer)
+        step = trainer.state.step
+        if flag == signal.SIGINT:
+            trainer.request_stop(EXIT_INTERRUPTED, f"Ctrl-C: stopped after step {step} with a checkpoint; run the "
+                                                   f"same command again to continue (exit code {EXIT_INTERRUPTED})")
+        elif flag:
+            name = signal.Signals(flag).name
+            trainer.request_stop(EXIT_PREEMPTED, f"{name} received: stopped after step {step} with a checkpoint; "
+                                                 f"requeue and run again with --resume auto (exit code "
+                                                 f"{EXIT_PREEMPTED})")
 
     def on_train_end(self, trainer) -> None:
+        early_signals.received.clear()  # consumed: an in-process caller (the demo) may train again
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -45,7 +45,7 @@ class WandbLogger(Callback):
     def on_train_start(self, trainer) -> None:
         cfg = trainer.cfg.wandb
         mode = resolve_mode(cfg)
-        if not trainer.is_main or mode == "disabled":
+        if not trainer.is_main or mode == "disabled" or trainer.stopping:  # stopping: no step will be logged
             return
         import wandb
 
