@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -143,7 +144,8 @@ class DataConfig:
     tokenizer: str = ""
     # prepared shard directory (`mor-data prepare`); empty = derive from source (embedded) or stream
     prepared_dir: str = ""
-    mode: Literal["prepared", "stream"] = "prepared"
+    # auto = prepared when prepared_dir is set or the source is embedded, else stream (the run records its choice)
+    mode: Literal["auto", "prepared", "stream"] = "auto"
     val_shards: int = 1  # held-out shards for validation
     num_workers: int = 1  # tokenizer worker processes in stream mode
     min_chars: int = 0
@@ -383,6 +385,22 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     for text in overrides:
         data = merge(data, parse_override(text))
     return from_dict(data)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with every local path (data.source when it is one, data.tokenizer, data.prepared_dir,
+    data.cache_dir, train.ds_config) made absolute against the current directory, as a run records them."""
+    d = cfg.data
+    local_source = d.source and d.source != "embedded" and not d.source.startswith("hf:")
+    data = dataclasses.replace(d, source=_absolute(d.source) if local_source else d.source,
+                               tokenizer=_absolute(d.tokenizer), prepared_dir=_absolute(d.prepared_dir),
+                               cache_dir=_absolute(d.cache_dir))
+    return dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train,
+                                                                         ds_config=_absolute(cfg.train.ds_config)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,21 +1,27 @@
-"""The trainer's side of data_pipeline: tokenizer, the train loader and held-out validation batches.
+"""The trainer's side of data_pipeline: the data config as the run reads it, tokenizer, the train loader, held-out
+validation batches, and the provenance of what was read.
 
   data.source=embedded  the installed demo corpus, tokenizer trained and shards prepared on first use (rank 0
                         first, the others then reuse the cache)
   data.mode=prepared    shards from `mor-data prepare` in data.prepared_dir; the last data.val_shards are held out
   data.mode=stream      documents streamed and tokenized on the fly from data.source; validation from
                         data.prepared_dir when set, else none
+  data.mode=auto        (default) prepared when data.prepared_dir is set or the source is the embedded corpus, else
+                        stream
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from torch import Tensor
 
 from mor_ds import distributed
-from mor_ds.config import Config, ConfigError
+from mor_ds.config import Config, ConfigError, with_absolute_paths
 
 
 @dataclass
@@ -26,6 +32,7 @@ class TrainData:
     description: str
     shard_dir: str = ""  # prepared shards the run reads ("" in stream mode without validation)
     train_shards: list = field(default_factory=list)  # data_pipeline.shards.ShardInfo of the training split
+    provenance: dict[str, Any] = field(default_factory=dict)  # what the run reads (see mor_ds.provenance)
 
 
 def _embedded(cfg: Config, env: distributed.DistEnv) -> tuple[str, str]:
@@ -57,22 +64,47 @@ def _check_vocab(cfg: Config, tokenizer: Any) -> None:
                           f"({tokenizer.vocab_size} ids in {tokenizer.path})")
 
 
+def data_mode(cfg: Config) -> str:
+    """`prepared` or `stream` (data.mode=auto decided)."""
+    d = cfg.data
+    if d.mode != "auto":
+        return d.mode
+    return "prepared" if d.prepared_dir or d.source == "embedded" else "stream"
+
+
+def resolve_data_config(cfg: Config, env: distributed.DistEnv) -> Config:
+    """`cfg` with its data section as the run will read it, so config.yaml, checkpoints and W&B record that: absolute
+    paths (`mor-ds eval` of the run works from any directory), data.mode decided, the embedded corpus built and its
+    shards and tokenizer named, and in prepared mode data.source as the shards' index recorded it (the run reads the
+    shards, whatever data.source said)."""
+    from data_pipeline.shards import ShardIndex
+
+    cfg = with_absolute_paths(cfg)
+    d = cfg.data
+    mode = data_mode(cfg)
+    prepared_dir, tokenizer, source = d.prepared_dir, d.tokenizer, d.source
+    if d.source == "embedded" and not (prepared_dir and tokenizer):
+        embedded_shards, embedded_tokenizer = _embedded(cfg, env)
+        prepared_dir, tokenizer = prepared_dir or embedded_shards, tokenizer or embedded_tokenizer
+    if mode == "prepared" and prepared_dir:
+        recorded = ShardIndex.load(prepared_dir).source
+        files = recorded.get("files", [])
+        source = files[0]["path"] if len(files) == 1 else recorded.get("spec", source)
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, mode=mode, prepared_dir=prepared_dir,
+                                                             tokenizer=tokenizer, source=source))
+
+
 def resolve_data(cfg: Config, env: distributed.DistEnv) -> tuple[str, Any]:
     """(prepared shard dir or "", tokenizer); the embedded corpus is built on first use."""
     from data_pipeline.tokenizer import load_tokenizer
 
-    d = cfg.data
-    shard_dir, tokenizer_path = d.prepared_dir, d.tokenizer
-    if d.source == "embedded":
-        embedded_shards, embedded_tokenizer = _embedded(cfg, env)
-        shard_dir = shard_dir or embedded_shards
-        tokenizer_path = tokenizer_path or embedded_tokenizer
-    if not tokenizer_path:
+    d = resolve_data_config(cfg, env).data
+    if not d.tokenizer:
         raise ConfigError(f"data.tokenizer: not set for data.source={d.source!r}; point it at the tokenizer the "
                           f"data was (or will be) tokenized with (a SentencePiece .model or tokenizer.json)")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(d.tokenizer)
     _check_vocab(cfg, tokenizer)
-    return shard_dir, tokenizer
+    return d.prepared_dir, tokenizer
 
 
 def shard_loader(cfg: Config, env: distributed.DistEnv, shard_dir: str, tokenizer: Any, split: str) -> Any:
@@ -84,33 +116,58 @@ def shard_loader(cfg: Config, env: distributed.DistEnv, shard_dir: str, tokenize
                        expected_tokenizer_hash=tokenizer.hash)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shards_provenance(loader: Any) -> dict[str, Any]:
+    """A prepared shard directory as a run reads it: where, which index (its SHA-256), what it was made from."""
+    index = loader.index
+    return {"shards": loader.shard_dir, "index_sha256": _sha256(Path(loader.shard_dir) / "index.json"),
+            "source": index.source, "prepared": index.created, "command": index.command,
+            "tokens": index.totals.get("tokens"), "split_windows": loader.num_windows, "seq_len": loader.seq_len}
+
+
+def tokenizer_provenance(tokenizer: Any) -> dict[str, Any]:
+    return {"path": tokenizer.path, "kind": tokenizer.kind, "sha256": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size}
+
+
 def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
+    """The loaders of a run whose data section `resolve_data_config` resolved."""
     from data_pipeline.loader import StreamLoader
 
     d, t = cfg.data, cfg.train
     shard_dir, tokenizer = resolve_data(cfg, env)
+    provenance: dict[str, Any] = {"mode": d.mode, "tokenizer": tokenizer_provenance(tokenizer)}
     if d.mode == "prepared":
         if not shard_dir:
             raise ConfigError(f"data.prepared_dir: not set for data.mode=prepared and data.source={d.source!r}; run "
                               f"`mor-data prepare` and point data.prepared_dir at its output (or use data.mode=stream)")
         train = shard_loader(cfg, env, shard_dir, tokenizer, "train")
-        description = f"prepared shards {shard_dir}"
+        provenance["train"] = shards_provenance(train)
+        description = (f"prepared shards {shard_dir} ({len(train.shards)} train shards, "
+                       f"{train.num_windows * train.seq_len:,} tokens per epoch)")
     else:
         train = StreamLoader(d.source, tokenizer.path, t.seq_len, t.micro_batch_size, rank=env.rank,
                              world_size=env.world_size, seed=t.seed, text_field=d.text_field,
                              num_workers=d.num_workers, min_chars=d.min_chars, max_chars=d.max_chars,
                              global_batch=t.global_batch_size)
+        provenance["train"] = {"stream": train.spec.describe()}
         description = f"stream {d.source}"
     make_val, val_shards = None, []
     if shard_dir and d.val_shards > 0:
         def make_val() -> Iterable[Tensor]:
             return shard_loader(cfg, env, shard_dir, tokenizer, "val")
 
-        val_shards = make_val().shards
+        val = make_val()
+        val_shards = val.shards
+        provenance["val"] = shards_provenance(val)
+        description += f"; validation {provenance['val']['split_windows'] * t.seq_len:,} held-out tokens"
     train_shards = train.shards if d.mode == "prepared" else []
     check_shards(env, shard_dir, train_shards, val_shards)
     return TrainData(train, make_val, tokenizer, description, shard_dir if train_shards or val_shards else "",
-                     train_shards)
+                     train_shards, provenance)
 
 
 def check_shards(env: distributed.DistEnv, shard_dir: str, train_shards: list, val_shards: list) -> None:

@@ -65,6 +65,7 @@ class Trainer:
     faults: FaultPlan = field(default_factory=FaultPlan)
     state: TrainState = field(default_factory=TrainState)
     record: dict[str, Any] = field(default_factory=dict)  # metrics of the current step, filled by callbacks
+    provenance: dict[str, Any] = field(default_factory=dict)  # this start's record (mor_ds.provenance)
     exit_code: int | None = None
     exit_message: str = ""
     _batches: Iterator[Tensor] | None = None

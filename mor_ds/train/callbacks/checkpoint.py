@@ -27,7 +27,8 @@ class CheckpointCallback(Callback):
             raise TrainingAborted(f"step {step}: the model weights hold NaN/Inf; no checkpoint written ({kept}): "
                                   f"resume from it with a lower optim.lr or check the data", EXIT_NONFINITE)
         meta = {"tokens": trainer.state.tokens, "flops": trainer.state.flops,
-                "world_size": trainer.env.world_size, "config": trainer.cfg.to_dict()}
+                "world_size": trainer.env.world_size, "config": trainer.cfg.to_dict(),
+                "provenance": trainer.provenance}
         ref = self.manager.save(trainer.engine, step, trainer.client_state(), meta,
                                 prune=trainer.state.bad_steps_in_a_row == 0)
         if trainer.is_main:
