@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _subcommand(argv)
     training = command in TRAINING_COMMANDS
+    previous_handlers: dict = {}
     if training:
         from mor_ds.train import early_signals
 
-        early_signals.install()  # before build_parser's imports, which take seconds
+        previous_handlers = early_signals.install()  # before build_parser's imports, which take seconds
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mor-ds {command}: stopped at once by a second Ctrl-C, without saving; the same command "
                   f"continues from the last complete checkpoint", file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT (mor_ds.train.faults.EXIT_INTERRUPTED)
+    finally:
+        if training:
+            early_signals.restore(previous_handlers)  # an in-process caller (tests) gets its own handlers back
 
 
 if __name__ == "__main__":

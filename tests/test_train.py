@@ -637,6 +637,7 @@ def test_ctrl_c_stops_after_the_step_a_second_stops_at_once_a_third_kills(stop_s
     import signal
 
     signals, lone, stops = stop_signals
+    before = signal.getsignal(signal.SIGINT)
     handler = signals.SignalHandler()
     handler.on_train_start(lone)
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the step goes on
@@ -649,7 +650,7 @@ def test_ctrl_c_stops_after_the_step_a_second_stops_at_once_a_third_kills(stop_s
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a third Ctrl-C kills the process
     handler.on_train_end(lone)
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # pytest's handler is back
+    assert signal.getsignal(signal.SIGINT) == before  # the caller's handler is back
 
 
 def test_ctrl_c_during_start_up_stops_before_the_first_step_and_preemption_outranks_it(stop_signals):
@@ -667,3 +668,54 @@ def test_ctrl_c_during_start_up_stops_before_the_first_step_and_preemption_outra
     handler.on_step_end(lone, result=None)
     assert stops[0][0] == EXIT_PREEMPTED and stops[0][1].startswith("SIGTERM received")
     handler.on_train_end(lone)
+
+
+# ------------------------------------------------------------------------------------------------ resume checks, paths
+
+
+def test_resume_check_names_every_changed_key_and_says_which_are_safe():
+    from mor_ds.train.resume import check_resume
+
+    old = load_config("tiny-mor").to_dict()
+    safe = load_config("tiny-mor", ["train.max_steps=400", "checkpoint.interval=7", "train.micro_batch_size=4"])
+    changes, notices = check_resume(old, safe.to_dict(), "runs/x")
+    assert changes == {"train.micro_batch_size": [8, 4], "train.max_steps": [200, 400], "checkpoint.interval": [100, 7]}
+    assert notices == ["resuming with changed settings (safe: budget, checkpointing, memory (the global batch stays)): "
+                       "train.micro_batch_size: 8 -> 4, train.max_steps: 200 -> 400, checkpoint.interval: 100 -> 7"]
+    unsafe = load_config("tiny-mor", ["optim.lr=0.01", "train.seq_len=128", "train.max_steps=400"]).to_dict()
+    with pytest.raises(ConfigError, match=r"^resuming runs/x with changed settings: optim.lr: 0.003 -> 0.01, "
+                                          r"train.seq_len: 256 -> 128; they change what the run computes"):
+        check_resume(old, unsafe, "runs/x")
+    changes, notices = check_resume(old, unsafe, "runs/x", allow_changes=True)
+    assert set(changes) == {"optim.lr", "train.seq_len", "train.max_steps"}
+    assert notices[1] == ("resuming with changed settings (--allow-changes): optim.lr: 0.003 -> 0.01, train.seq_len: "
+                          "256 -> 128")
+
+
+def test_paths_become_absolute_and_auto_mode_follows_prepared_dir(tmp_path, monkeypatch):
+    from mor_ds.config import with_absolute_paths
+    from mor_ds.train.data import data_mode
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config("tiny-mor", ["data.source=corpus/*.jsonl.zst", "data.tokenizer=tok/a.model",
+                                                       "data.prepared_dir=shards", "data.cache_dir=~/c"]))
+    d = cfg.data
+    assert (d.source, d.tokenizer, d.prepared_dir) == (f"{tmp_path}/corpus/*.jsonl.zst", f"{tmp_path}/tok/a.model",
+                                                       f"{tmp_path}/shards")
+    assert d.cache_dir == os.path.expanduser("~/c") and cfg.train.ds_config == ""
+    assert with_absolute_paths(load_config("tiny-mor", ["data.source=hf:a/b"])).data.source == "hf:a/b"
+    assert data_mode(cfg) == "prepared" and data_mode(load_config("tiny-mor")) == "prepared"  # embedded
+    paper = load_config("mor-360m-nr3")
+    assert data_mode(paper) == "stream"  # from the hub, until data.prepared_dir names shards
+    assert data_mode(load_config("mor-360m-nr3", ["data.prepared_dir=shards"])) == "prepared"
+    assert data_mode(load_config("mor-360m-nr3", ["data.prepared_dir=shards", "data.mode=stream"])) == "stream"
+
+
+def test_code_version_names_the_checkout_commit():
+    from mor_ds.provenance import PACKAGE_ROOT, code_version
+
+    version = code_version()
+    assert version["mor_ds"] != "unknown"
+    if (PACKAGE_ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert version["git_commit"] == head.stdout.strip() and isinstance(version["git_dirty"], bool)

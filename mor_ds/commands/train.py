@@ -27,15 +27,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key (repeatable), e.g. train.max_steps=100")
 
 
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume and --allow-changes, shared by train and uptrain."""
+    p.add_argument("--resume", default="auto",
+                   help="auto (default): continue from RUN_DIR's latest complete checkpoint if there is one, else "
+                        "start; none: start fresh, refused if RUN_DIR already holds checkpoints; or a checkpoint "
+                        "path (a run dir, its checkpoints dir or a step_* directory) to continue from")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even though settings other than the budget, logging, checkpointing, W&B and "
+                        "memory/speed knobs differ from the checkpoint's (provenance.json records the changes)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train or resume a model with DeepSpeed",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--run-dir", required=True, help="output directory: config.yaml, metrics.jsonl, checkpoints/, "
                                                     "wandb/")
-    p.add_argument("--resume", default="auto",
-                   help="auto (default): continue from RUN_DIR's latest complete checkpoint if there is one; "
-                        "none: start fresh; or a checkpoint path (a step_* directory or a checkpoints dir)")
+    add_resume_args(p)
     p.add_argument("--quiet", action="store_true", help="no per-step console line (metrics.jsonl / W&B only)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -57,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device = distributed.init_distributed(env, cfg.train.collective_timeout_s)
     try:
-        return train(cfg, args.run_dir, env, device, resume=args.resume, console=not args.quiet)
+        return train(cfg, args.run_dir, env, device, resume=args.resume, console=not args.quiet,
+                     allow_changes=args.allow_changes)
     except (ConfigError, CheckpointError) as exc:
         _error(env, str(exc))
         return EXIT_CONFIG

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mor_ds.commands.train import add_config_args
+from mor_ds.commands.train import add_config_args, add_resume_args
 from mor_ds.uptrain import INIT_MODES
 
 
@@ -31,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="shared layer ← average of the vanilla layers it replaces (default) or one of them")
     p.add_argument("--select-step", type=int, default=0,
                    help="--init select: take the vanilla layer at this recursion step (0 = the lowest)")
-    p.add_argument("--resume", default="auto", help="as for `mor-ds train` (auto: continue RUN_DIR if it has a "
-                                                   "checkpoint, else start from the vanilla weights)")
+    add_resume_args(p)  # auto: continue RUN_DIR if it has a checkpoint, else start from the vanilla weights
     p.add_argument("--quiet", action="store_true", help="no per-step console line")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.init_distributed(env)
     try:
         return train(cfg, args.run_dir, env, device, resume=args.resume, console=not args.quiet,
-                     init_weights=init_weights)
+                     init_weights=init_weights, allow_changes=args.allow_changes)
     except (ConfigError, CheckpointError, UptrainError) as exc:
         return fail(str(exc).removeprefix("uptrain: "))
     except TrainingAborted as exc:

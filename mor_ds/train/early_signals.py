@@ -73,3 +73,11 @@ def install() -> dict[int, object]:
             continue
         previous[sig] = signal.signal(sig, _on_signal)
     return previous
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers `install` returned and forget the signals seen: an in-process caller (tests, a
+    notebook, the demo) gets its own handlers back and may train again."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    received.clear()

@@ -111,10 +111,11 @@ class LockHolder:
 class RunLock:
     """A held run lock: heartbeats until released."""
 
-    def __init__(self, path: Path, holder: LockHolder, took_over: str = ""):
+    def __init__(self, path: Path, holder: LockHolder, took_over: str = "", created_dir: bool = False):
         self.path = path
         self.holder = holder
         self.took_over = took_over  # what was said about the stale lock replaced, "" if there was none
+        self.created_dir = created_dir  # the run directory did not exist before this lock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="mor-ds-run-lock", daemon=True)
         self._thread.start()
@@ -137,11 +138,18 @@ class RunLock:
             except OSError:
                 continue  # a transient filesystem error; the next beat retries
 
-    def release(self) -> None:
+    def release(self, remove_new_dir: bool = False) -> None:
+        """Stop the heartbeat and remove the lock; with `remove_new_dir` also the run directory, if this lock
+        created it and it is empty again (a run that failed to start leaves no trace)."""
         self._stop.set()
         self._thread.join()
         if self._held():
             self.path.unlink(missing_ok=True)
+        if remove_new_dir and self.created_dir:
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # something else was written there meanwhile: keep it
+                pass
 
 
 def _read(path: Path) -> LockHolder | None:
@@ -172,15 +180,16 @@ def acquire(run_dir: str | os.PathLike) -> RunLock:
     run_dir = Path(run_dir)
     path = run_dir / LOCK_FILE
     me = LockHolder.this_process()
+    created = not run_dir.exists()
     try:
-        if run_dir.exists() and not run_dir.is_dir():
+        if not created and not run_dir.is_dir():
             raise RunDirError(f"--run-dir {run_dir}: exists and is not a directory")
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"--run-dir {run_dir}: cannot create it ({exc.strerror}: {exc.filename})") from None
     try:
         if _create(path, me):
-            return RunLock(path, me)
+            return RunLock(path, me, created_dir=created)
         with FileLock(f"{run_dir}/.{LOCK_FILE}.guard", timeout=_GUARD_TIMEOUT_S):
             return _take_over(path, me)
     except OSError as exc:

@@ -231,10 +231,17 @@ def test_kill9_mid_run_then_resume_auto_reproduces_every_loss(reference, cache, 
     assert losses(tmp_path) == losses(reference)  # bit-identical per-step losses, steps 1..12
     val = {r["step"]: r["val/loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val/loss" in r}
     assert val == {r["step"]: r["val/loss"] for r in read_metrics(reference / "metrics.jsonl") if "val/loss" in r}
-    # the same W&B run id before and after the restart (directories are offline-run-<time>-<id>)
+    # one W&B run: the same id before and after the restart (directories are offline-run-<time>-<id>), kept in the
+    # run dir, and the restart rewinds its history to the checkpoint, so steps past it are not logged twice
+    resumed_at = int(out.split("resumed from ")[1].split(" at step ")[1].split()[0])
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({d.name.rsplit("-", 1)[1] for d in runs}) == 1
-    assert run_info(next(runs[1].glob("run-*.wandb")))["id"] == runs[0].name.rsplit("-", 1)[1]
+    run_id = runs[0].name.rsplit("-", 1)[1]
+    assert len(runs) == 2 and runs[1].name.endswith(run_id)
+    assert (tmp_path / "wandb" / "run-id").read_text().strip() == run_id
+    second = next(runs[1].glob("run-*.wandb"))  # (the first one's wandb service died with the job, unflushed)
+    assert run_info(second)["id"] == run_id and run_info(second)["branch_point"] == (run_id, resumed_at)
+    assert [r["_step"] for r in history(second)] == list(range(resumed_at + 1, STEPS + 1))
+    assert run_info(second)["config"]["provenance"]["resumed_from"].endswith(step_tag(resumed_at))
 
 
 def test_zero3_torn_checkpoint_is_never_latest(cache, tmp_path):
@@ -284,7 +291,7 @@ def test_zero1_nan_step_is_skipped_and_sigterm_leaves_a_resumable_checkpoint(cac
 
 
 def test_ctrl_c_on_one_rank_stops_both_after_the_step_with_a_checkpoint(reference, cache, tmp_path):
-    sets = overrides(cache, 2)
+    sets = overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test")
     procs = srun_style(tmp_path, sets, **{FAULT_ENV: "interrupt@5"})  # rank 0 gets a SIGINT after step 5
     results = [finish(p) for p in procs]
     assert [code for code, _ in results] == [EXIT_INTERRUPTED] * 2, results[0][1][-3000:]
@@ -295,6 +302,13 @@ def test_ctrl_c_on_one_rank_stops_both_after_the_step_with_a_checkpoint(referenc
     assert latest_checkpoint(tmp_path / "checkpoints").step == 5 and max(losses(tmp_path)) == 5
     run_ok(tmp_path, sets)
     assert losses(tmp_path) == losses(reference)  # the interrupted run continues exactly
+    # one W&B run in two offline segments: steps 1-5, then from the checkpoint on, rewound to it
+    first, second = (next(d.glob("run-*.wandb")) for d in sorted((tmp_path / "wandb").glob("offline-run-*")))
+    run_id = (tmp_path / "wandb" / "run-id").read_text().strip()
+    assert (run_info(first)["id"], run_info(first)["branch_point"]) == (run_id, None)
+    assert [r["_step"] for r in history(first)] == [1, 2, 3, 4, 5]
+    assert (run_info(second)["id"], run_info(second)["branch_point"]) == (run_id, (run_id, 5))
+    assert [r["_step"] for r in history(second)] == list(range(6, STEPS + 1))
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(cache, tmp_path):
@@ -630,3 +644,121 @@ def final_weights(run_dir: Path, zero: int) -> dict[str, torch.Tensor]:
     saved = torch.load(run_dir / "checkpoints" / step_tag(8) / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=False)
     return {name: tensor.float() for name, tensor in saved["module"].items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# a new user's run: a FineWeb-schema corpus prepared into shards, paths relative to where the run starts
+
+
+NEW_USER_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def fineweb(tmp_path_factory, cache) -> Path:
+    """A directory holding tok.model (the cache's 512-piece tokenizer) and shards/ (a FineWeb-schema .jsonl.zst
+    corpus prepared with it, 6 shards), as a user's working directory."""
+    import shutil
+
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import embedded_sample, fineweb_records, write_records
+
+    root = tmp_path_factory.mktemp("newuser")
+    (tokenizer,) = cache.glob(f"embedded-*-vocab{VOCAB}/tokenizer.model")
+    shutil.copy(tokenizer, root / "tok.model")
+    corpus = write_records(root / "corpus" / "fw.jsonl.zst", fineweb_records(embedded_sample(60)))
+    prepare(corpus, str(root / "tok.model"), str(root / "shards"), workers=0, shard_tokens=1 << 14,
+            show_progress=False)
+    return root
+
+
+def new_user_sets(*extra: str) -> list[str]:
+    return [f"model.vocab_size={VOCAB}", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
+            f"train.max_steps={NEW_USER_STEPS}", "train.log_interval=1", f"train.eval_interval={NEW_USER_STEPS}",
+            "train.eval_batches=1", "checkpoint.interval=2", "data.prepared_dir=shards", "data.tokenizer=tok.model",
+            "wandb.enabled=true", "wandb.project=mor-ds-test", *extra]
+
+
+def mor_ds(cwd: Path, *args: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "mor_ds.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def new_user_run(fineweb) -> Path:
+    code, out = mor_ds(fineweb, *_train_args(Path("runs/first"), new_user_sets()))
+    assert code == 0, out[-4000:]
+    return fineweb / "runs" / "first"
+
+
+def test_a_run_records_absolute_paths_and_what_it_read(new_user_run, fineweb, tmp_path):
+    import hashlib
+
+    from mor_ds.config import load_config
+    from mor_ds.provenance import read_provenance
+    from mor_ds.train.checkpoint_dir import checkpoint_meta
+
+    data = load_config(str(new_user_run / "config.yaml")).data
+    assert (data.prepared_dir, data.tokenizer, data.mode) == (str(fineweb / "shards"), str(fineweb / "tok.model"),
+                                                              "prepared")
+    assert data.source == str(fineweb / "corpus" / "fw.jsonl.zst")  # what the shards were made from, not "embedded"
+    (start,) = read_provenance(new_user_run)
+    read = start["data"]
+    assert read["train"]["shards"] == str(fineweb / "shards")
+    assert read["train"]["index_sha256"] == hashlib.sha256((fineweb / "shards" / "index.json").read_bytes()).hexdigest()
+    assert read["tokenizer"]["sha256"] == hashlib.sha256((fineweb / "tok.model").read_bytes()).hexdigest()
+    assert read["val"]["split_windows"] > 0 and start["step"] == 0 and start["resumed_from"] is None
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / ".git").exists():
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert start["code"]["git_commit"] == head.strip()
+    assert checkpoint_meta(latest_checkpoint(new_user_run / "checkpoints"))["provenance"] == start
+    (wandb_file,) = (new_user_run / "wandb").glob("offline-run-*/run-*.wandb")
+    assert run_info(wandb_file)["config"]["provenance"] == start
+    # the run's relative paths were resolved when it started: eval works from any directory
+    code, out = mor_ds(tmp_path, "eval", "--checkpoint", str(new_user_run), "--batches", "1")
+    assert code == 0 and "val loss" in out, out[-3000:]
+
+
+def test_a_finished_run_says_so_and_a_resume_never_rewrites_its_config(new_user_run, tmp_path):
+    import shutil
+
+    from mor_ds.provenance import read_provenance
+    from mor_ds.train.checkpoint_dir import checkpoint_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(new_user_run, run, symlinks=True)
+    cwd = new_user_run.parent.parent
+    config = (run / "config.yaml").read_bytes()
+    wandb_dirs = sorted((run / "wandb").glob("offline-run-*"))
+
+    code, out = mor_ds(cwd, *_train_args(run, new_user_sets()))
+    assert code == 0, out[-3000:]
+    assert (f"{run} already finished: its checkpoint is at step {NEW_USER_STEPS} and the budget "
+            f"(train.max_steps={NEW_USER_STEPS}) is {NEW_USER_STEPS} steps; nothing to train") in out
+    assert sorted((run / "wandb").glob("offline-run-*")) == wandb_dirs  # no new, empty W&B run
+    assert len(read_provenance(run)) == 1
+
+    code, out = mor_ds(cwd, *_train_args(run, new_user_sets("optim.lr=0.01", "model.init_std=0.03",
+                                                            "train.max_steps=6")))
+    assert code == 2
+    assert out.strip().splitlines()[-1].startswith(
+        f"mor-ds train: resuming {run / 'checkpoints' / step_tag(NEW_USER_STEPS)} with changed settings: "
+        "model.init_std: 0.02 -> 0.03, optim.lr: 0.003 -> 0.01; they change what the run computes (safe to change: "
+        "the budget")
+    assert (run / "config.yaml").read_bytes() == config and len(read_provenance(run)) == 1
+
+    code, out = mor_ds(cwd, *_train_args(run, new_user_sets("train.max_steps=6")))
+    assert code == 0, out[-3000:]
+    assert "resuming with changed settings (safe: budget): train.max_steps: 4 -> 6" in out
+    assert (run / "config.yaml").read_bytes() == config  # how the run started
+    starts = read_provenance(run)
+    assert [s["changes"] for s in starts] == [{}, {"train.max_steps": [NEW_USER_STEPS, 6]}]
+    assert checkpoint_meta(latest_checkpoint(run / "checkpoints"))["config"]["train"]["max_steps"] == 6
+
+
+def test_a_run_that_fails_to_start_leaves_no_run_dir(fineweb):
+    code, out = mor_ds(fineweb, *_train_args(Path("runs/broken"), new_user_sets("data.tokenizer=missing.model")))
+    assert code == 2 and out.strip().splitlines()[-1] == (f"mor-ds train: data error: {fineweb / 'missing.model'}: "
+                                                          f"tokenizer file not found")
+    assert not (fineweb / "runs" / "broken").exists()

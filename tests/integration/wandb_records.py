@@ -60,12 +60,15 @@ def history(path: str | Path) -> list[dict[str, Any]]:
 
 
 def run_info(path: str | Path) -> dict[str, Any]:
-    """Run id, project, and the logged config (top-level keys → values)."""
-    info: dict[str, Any] = {"config": {}}
+    """Run id, project, the rewind point (`branch_point`: (run id, step) of a `resume_from`, else None) and the
+    logged config (top-level keys → values)."""
+    info: dict[str, Any] = {"config": {}, "branch_point": None}
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             info["id"], info["project"] = record.run.run_id, record.run.project
+            point = record.run.branch_point
+            info["branch_point"] = (point.run, point.value) if point.run else None
             for item in record.run.config.update:
                 info["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "config":

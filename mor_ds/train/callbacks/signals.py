@@ -56,7 +56,5 @@ class SignalHandler(Callback):
                                                  f"{EXIT_PREEMPTED})")
 
     def on_train_end(self, trainer) -> None:
-        early_signals.received.clear()  # consumed: an in-process caller (the demo) may train again
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        early_signals.restore(self._previous)  # the signals are consumed: an in-process caller may train again
+        self._previous = {}

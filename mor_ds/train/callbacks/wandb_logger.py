@@ -1,5 +1,12 @@
-"""Weights & Biases logging from rank 0: project/group/name from the config, the resolved config logged, and
-the same run id resumed after a restart (it travels in the checkpoint).
+"""Weights & Biases logging from rank 0: project/group/name from the config, the resolved config and this start's
+provenance logged, one W&B run per run directory.
+
+The run id is kept in RUN_DIR/wandb/run-id (and in the checkpoint). A restart continues that run rewound to the
+checkpoint's step (wandb's `resume_from="ID?_step=N"`), so the steps logged between the checkpoint and a crash are
+replaced by the resumed run's, not logged twice. Offline, each start writes its own offline-run-* directory (wandb's
+layout) with the same id, the later ones carrying the rewind point; `wandb sync RUN_DIR/wandb/offline-run-*`
+uploads them in order. Rewinding is a W&B server feature an account may not have: when an online init with
+`resume_from` fails, the run is resumed plainly (W&B then keeps the steps it had) with a warning.
 
 wandb.mode "auto": online when an API key is configured (WANDB_API_KEY or a `wandb login` netrc entry),
 otherwise offline — the run is written under RUN_DIR/wandb/ and uploaded later with `wandb sync`. An explicit
@@ -38,6 +45,13 @@ def resolve_mode(cfg: WandbConfig) -> str:
     return "online" if _has_api_key() else "offline"
 
 
+RUN_ID_FILE = "run-id"  # under RUN_DIR/wandb/
+
+
+def run_id_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "wandb" / RUN_ID_FILE
+
+
 class WandbLogger(Callback):
     def __init__(self) -> None:
         self.run = None
@@ -50,13 +64,28 @@ class WandbLogger(Callback):
         import wandb
 
         state = trainer.state
-        run_id = state.wandb_run_id or secrets.token_hex(4)  # W&B ids: [a-z0-9]
+        id_file = run_id_path(trainer.run_dir)
+        known = id_file.read_text().strip() if id_file.is_file() else state.wandb_run_id
+        run_id = known or secrets.token_hex(4)  # W&B ids: [a-z0-9]
         state.wandb_run_id = run_id
-        self.run = wandb.init(project=cfg.project, group=cfg.group or None, name=cfg.name or trainer.cfg.name or None,
-                              id=run_id, resume="allow", config=trainer.cfg.to_dict(), dir=str(Path(trainer.run_dir)),
-                              mode=mode)
-        self.run.config.update({"num_params": trainer.num_params, "total_steps": trainer.total_steps,
-                                "world_size": trainer.env.world_size}, allow_val_change=True)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+        common = dict(project=cfg.project, group=cfg.group or None, name=cfg.name or trainer.cfg.name or None,
+                      config=trainer.cfg.to_dict(), dir=str(Path(trainer.run_dir)), mode=mode)
+        if not known:
+            self.run = wandb.init(id=run_id, **common)
+        else:
+            try:  # the same run, its history rewound to the checkpoint
+                self.run = wandb.init(resume_from=f"{run_id}?_step={state.step}", **common)
+            except Exception as exc:  # e.g. an account without rewind
+                print(f"[mor-ds] W&B could not rewind run {run_id} to step {state.step} ({exc.__class__.__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); resuming it without a rewind: steps "
+                      f"after {state.step} logged before the restart stay in its history", file=sys.stderr)
+                self.run = wandb.init(id=run_id, resume="allow", **common)
+        # values that differ from start to start
+        self.run.config.update({"provenance": trainer.provenance, "num_params": trainer.num_params,
+                                "total_steps": trainer.total_steps, "world_size": trainer.env.world_size},
+                               allow_val_change=True)
 
     def _call(self, what: str, fn) -> None:
         """W&B must never cost a checkpoint: Slurm signals every process of a job, wandb's service included, and
