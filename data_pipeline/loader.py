@@ -17,7 +17,8 @@ batch ``k`` is positions ``[k*W*B, (k+1)*W*B)`` of that endless sequence and ran
 the global batch size ``W*B``, not on how it is split into ranks. Every rank decompresses the shards it visits
 (zstd at ~0.6 GB/s per core; a shard's SHA-256 is checked when it is loaded), which costs a few percent of one core
 per rank even for hundreds of ranks. Validation uses the last ``val_shards`` full-size shards (see :func:`held_out`),
-in order, unshuffled, finite.
+in order, unshuffled, finite; a set with too few shards for that (a small corpus in one large shard) holds out the
+last ``val_shards × 5%`` of the windows of its last shard instead (:data:`VAL_FRACTION_PER_SHARD`).
 
 :class:`StreamLoader` reads a source directly (see ``sources.py``), tokenizing in worker processes; the source is split
 into one part per rank of the run that started (``datasets.distributed.split_dataset_by_node``); windows are shuffled
@@ -45,6 +46,8 @@ from data_pipeline.tokenizer import load_tokenizer
 
 STATE_VERSION = 1
 STREAM_STATE_VERSION = 2  # v2: per-part positions, counted in windows (v1 states still load on their world size)
+# held out per requested validation shard when the set has too few shards to hold out whole ones
+VAL_FRACTION_PER_SHARD = 0.05
 
 
 def _windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
@@ -116,6 +119,30 @@ def held_out(index: ShardIndex, val_shards: int) -> set[int]:
     return set(range(end - val_shards, end)) if val_shards else set()
 
 
+def _windows_in(tokens: int, seq_len: int) -> int:
+    return max(tokens - 1, 0) // seq_len
+
+
+def split_segments(index: ShardIndex, seq_len: int, val_shards: int,
+                   split: str) -> tuple[list[tuple[int, int, int]], str]:
+    """The ``(shard number, first window, window count)`` pieces of a split, and a note on how validation was held
+    out ("" for whole shards). Whole shards when there are more than ``val_shards``; else the tail of the last
+    shard (see the module docstring)."""
+    count = len(index.shards)
+    windows = [_windows_in(s.tokens, seq_len) for s in index.shards]
+    if count > val_shards:
+        val = held_out(index, val_shards)
+        return [(n, 0, windows[n]) for n in range(count) if (n in val) == (split == "val")], ""
+    last = count - 1
+    fraction = VAL_FRACTION_PER_SHARD * val_shards
+    held = min(max(1, round(fraction * windows[last])), windows[last] - 1)
+    note = (f"{count} shard(s) for val_shards={val_shards}: the last {held} windows ({fraction:.0%}) of "
+            f"{index.shards[last].file} are held out")
+    if split == "val":
+        return [(last, windows[last] - held, held)], note
+    return [(n, 0, windows[n]) for n in range(last)] + [(last, 0, windows[last] - held)], note
+
+
 class ShardLoader:
     """Batches of windows from prepared shards (see the module docstring for the order and sharding).
 
@@ -126,7 +153,8 @@ class ShardLoader:
         seed: permutes shards and windows per epoch (train split only).
         split: ``"train"`` (endless, epoch after epoch) or ``"val"`` (finite, deterministic).
         val_shards: the last ``val_shards`` full-size shards are held out for validation (a shorter final shard
-            stays in training, so validation never shrinks to a stub).
+            stays in training, so validation never shrinks to a stub); with ``val_shards`` or fewer shards, the
+            last ``val_shards × 5%`` of the last shard's windows (``split_note`` then says so).
         prefetch: batches prepared ahead in a background thread (0 = none).
         expected_tokenizer_hash: refuse shards made with another tokenizer (``Tokenizer.hash``).
 
@@ -149,24 +177,27 @@ class ShardLoader:
         if seq_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"bad loader shape: seq_len={seq_len} batch_size={batch_size} rank={rank} "
                             f"world_size={world_size}")
-        count = len(self.index.shards)
-        if not 0 <= val_shards < count or (split == "val" and val_shards == 0):
-            raise DataError(f"{index_path}: val_shards={val_shards} does not fit {count} shards "
-                            f"(need 1 <= val_shards < shards for a validation split, 0 <= it < shards for training)")
-        val = held_out(self.index, val_shards)
-        self.shards = [s for n, s in enumerate(self.index.shards) if (n in val) == (split == "val")]
+        if val_shards < 0 or (split == "val" and val_shards == 0):
+            raise DataError(f"{index_path}: val_shards={val_shards} does not fit: need val_shards >= 1 for a "
+                            f"validation split, >= 0 for training")
+        segments, self.split_note = split_segments(self.index, seq_len, val_shards, split)
+        self.shards = [self.index.shards[n] for n, _, _ in segments]
+        self.first_windows = np.array([first for _, first, _ in segments], dtype=np.int64)
+        self.shard_windows = np.array([windows for _, _, windows in segments], dtype=np.int64)
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.split, self.prefetch = seed, split, prefetch
-        self.shard_windows = np.array([max(s.tokens - 1, 0) // seq_len for s in self.shards], dtype=np.int64)
         self.num_windows = int(self.shard_windows.sum())
         self.global_batch = world_size * batch_size
         self.tokens_per_batch = batch_size * seq_len
+        smaller = (f"prepare with a smaller --shard-tokens (now {self.index.shard_tokens:,}) or raise val_shards"
+                   if self.split_note else "raise val_shards")
         if self.num_windows == 0:
-            raise DataError(f"{index_path}: the {split} split holds no window of {seq_len + 1} tokens")
+            raise DataError(f"{index_path}: the {split} split holds no window of {seq_len + 1} tokens"
+                            + (f" ({smaller})" if split == "val" else ""))
         self.num_batches = self.num_windows // self.global_batch if split == "val" else None
         if self.num_batches == 0:
             raise DataError(f"{index_path}: the val split has {self.num_windows} windows of {seq_len + 1} tokens, "
-                            f"fewer than one global batch ({self.global_batch}); raise val_shards")
+                            f"fewer than one global batch ({self.global_batch}); {smaller}")
         self._next_batch = 0  # rank-local batches handed out so far
 
     # ----- order of windows
@@ -205,6 +236,7 @@ class ShardLoader:
                     shard = int(shard_order[slot])
                     if (epoch, shard) not in loaded:
                         tokens = read_shard(self.shard_dir, self.shards[shard], self.index.token_dtype)
+                        tokens = tokens[int(self.first_windows[shard]) * L:]
                         loaded = {(epoch, shard): (_windows(tokens, L, int(self.shard_windows[shard])),
                                                    self._window_order(epoch, shard))}
                     windows, order = loaded[(epoch, shard)]

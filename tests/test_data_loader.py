@@ -131,6 +131,37 @@ def test_val_split_is_finite_deterministic_and_held_out(shard_dir):
         ShardLoader(shard_dir, L, 2, split="val", val_shards=0)
 
 
+def test_a_set_with_too_few_shards_holds_out_the_tail_of_its_last_shard(tmp_path, source, tokenizer_path):
+    """One shard (a small corpus in the default shard size): validation is the last 5% of its windows per requested
+    val shard, in order; training keeps the rest, shuffled and exactly resumable."""
+    one = tmp_path / "one"
+    prepare(source, tokenizer_path, str(one), workers=0, show_progress=False)
+    index = ShardIndex.load(one)
+    (info,) = index.shards
+    tokens = read_shard(str(one), info, index.token_dtype)
+    windows = [bytes(tokens[i * L:i * L + L + 1]) for i in range((info.tokens - 1) // L)]
+    held = round(0.05 * len(windows))
+    val = ShardLoader(str(one), L, 1, split="val", val_shards=1)
+    assert val.num_windows == held > 0 and _rows(val) == windows[-held:]
+    assert val.split_note == (f"1 shard(s) for val_shards=1: the last {held} windows (5%) of shard_000000.zst are "
+                              f"held out")
+    train = ShardLoader(str(one), L, 2, seed=4)
+    assert train.num_windows == len(windows) - held
+    epoch = _rows(itertools.islice(train, -(-train.num_windows // 2)))[:train.num_windows]
+    assert sorted(epoch) == sorted(windows[:-held]) and epoch != windows[:-held]  # all of the rest, shuffled
+    assert ShardLoader(str(one), L, 1, split="val", val_shards=2).num_windows == round(0.1 * len(windows))
+    interrupted = ShardLoader(str(one), L, 2, seed=4)
+    batches = iter(interrupted)
+    for _ in range(3):
+        next(batches)
+    resumed = ShardLoader(str(one), L, 2, seed=4)
+    resumed.load_state_dict(interrupted.state_dict())
+    continuous = ShardLoader(str(one), L, 2, seed=4)
+    assert _rows(itertools.islice(resumed, 4)) == _rows(itertools.islice(continuous, 7))[3 * 2:]
+    with pytest.raises(DataError, match=r"fewer than one global batch \(64\); prepare with a smaller --shard-tokens"):
+        ShardLoader(str(one), L, 64, split="val")
+
+
 def test_tokenizer_hash_mismatch_is_refused(shard_dir, tmp_path):
     other = load_tokenizer(train_sentencepiece(embedded_sample(60), str(tmp_path / "other"), 700))
     with pytest.raises(ShardError, match=r"index\.json: shards were made with tokenizer [0-9a-f]{16}\.\.\., this run "

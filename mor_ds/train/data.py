@@ -163,7 +163,8 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
         val = make_val()
         val_shards = val.shards
         provenance["val"] = shards_provenance(val)
-        description += f"; validation {provenance['val']['split_windows'] * t.seq_len:,} held-out tokens"
+        description += (f"; validation {val.num_windows * t.seq_len:,} held-out tokens"
+                        + (f" ({val.split_note})" if val.split_note else ""))
     train_shards = train.shards if d.mode == "prepared" else []
     check_shards(env, shard_dir, train_shards, val_shards)
     return TrainData(train, make_val, tokenizer, description, shard_dir if train_shards or val_shards else "",
