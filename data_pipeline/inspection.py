@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_pipeline.errors import ShardError
+from data_pipeline.loader import check_tokenizer
 from data_pipeline.shards import ShardIndex, read_shard, verify_shard
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
@@ -19,10 +20,10 @@ def verify(directory: str, tokenizer_path: str | None = None) -> list[str]:
     index = ShardIndex.load(directory)
     problems = []
     if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path)
-        if tokenizer.hash != index.tokenizer_hash:
-            problems.append(f"{tokenizer_path}: hash {tokenizer.hash[:16]}... differs from the shards' tokenizer "
-                            f"{index.tokenizer_hash[:16]}... ({Path(directory) / 'index.json'})")
+        try:
+            check_tokenizer(directory, index, load_tokenizer(tokenizer_path))
+        except ShardError as e:
+            problems.append(str(e))
     for info in index.shards:
         problems.extend(verify_shard(directory, info, index.token_dtype, index.vocab_size))
     indexed = {s.file for s in index.shards}

@@ -30,6 +30,7 @@ in the block and in the part.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from data_pipeline.errors import DataError, ShardError
 from data_pipeline.shards import ShardIndex, read_shard
 from data_pipeline.sources import DocumentStream, parse_source
 from data_pipeline.tokenize_pool import TokenizePool, document_tasks
-from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.tokenizer import Tokenizer, difference, load_tokenizer
 
 STATE_VERSION = 1
 STREAM_STATE_VERSION = 2  # v2: per-part positions, counted in windows (v1 states still load on their world size)
@@ -119,6 +120,24 @@ def held_out(index: ShardIndex, val_shards: int) -> set[int]:
     return set(range(end - val_shards, end)) if val_shards else set()
 
 
+def check_tokenizer(shard_dir: str, index: ShardIndex, tokenizer: Tokenizer) -> None:
+    """ShardError unless ``tokenizer`` has the identity of the one the shards were made with (the index records it;
+    else the copy of that tokenizer in the shard directory tells), naming the first difference."""
+    recorded = index.tokenizer
+    if tokenizer.hash == recorded["hash"] or tokenizer.identity == recorded.get("identity", tokenizer.identity + "?"):
+        return
+    index_path = os.path.join(shard_dir, "index.json")
+    copy = os.path.join(shard_dir, recorded.get("file", ""))
+    why = None
+    if recorded.get("file") and os.path.isfile(copy):  # indexes from before identities were recorded
+        why = difference(load_tokenizer(copy), tokenizer)
+        if why is None:
+            return
+    raise ShardError(f"{index_path}: shards were made with tokenizer {recorded['hash'][:16]}... "
+                     f"({recorded.get('path')}), this run uses {tokenizer.path} ({tokenizer.hash[:16]}...)"
+                     + (f": {why}" if why else "") + "; re-prepare, or use the tokenizer the shards were made with")
+
+
 def _windows_in(tokens: int, seq_len: int) -> int:
     return max(tokens - 1, 0) // seq_len
 
@@ -156,7 +175,8 @@ class ShardLoader:
             stays in training, so validation never shrinks to a stub); with ``val_shards`` or fewer shards, the
             last ``val_shards × 5%`` of the last shard's windows (``split_note`` then says so).
         prefetch: batches prepared ahead in a background thread (0 = none).
-        expected_tokenizer_hash: refuse shards made with another tokenizer (``Tokenizer.hash``).
+        expected_tokenizer: refuse shards made with another tokenizer (a different ``Tokenizer.identity``: the
+            same tokenizer in another file format is accepted).
 
     Attributes: ``tokens_per_batch`` (target tokens per batch, ``batch_size * seq_len``), ``num_windows``
     (windows in the split), ``num_batches`` (batches per pass of the val split; None for train), ``index``.
@@ -164,14 +184,12 @@ class ShardLoader:
 
     def __init__(self, shard_dir: str, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, split: str = "train", val_shards: int = 1, prefetch: int = 2,
-                 expected_tokenizer_hash: str | None = None):
+                 expected_tokenizer: Tokenizer | None = None):
         self.index = ShardIndex.load(shard_dir)
         self.shard_dir = str(shard_dir)
         index_path = f"{shard_dir}/index.json"
-        if expected_tokenizer_hash and expected_tokenizer_hash != self.index.tokenizer_hash:
-            raise ShardError(f"{index_path}: shards were made with tokenizer {self.index.tokenizer_hash[:16]}..., "
-                             f"this run uses {expected_tokenizer_hash[:16]}... (re-prepare, or use the matching "
-                             f"tokenizer: {self.index.tokenizer.get('path')})")
+        if expected_tokenizer is not None:
+            check_tokenizer(self.shard_dir, self.index, expected_tokenizer)
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', not {split!r}")
         if seq_len < 1 or batch_size < 1 or not 0 <= rank < world_size:

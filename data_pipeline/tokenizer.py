@@ -5,9 +5,15 @@ Public API (used by ``mor_ds.train`` and by ``mor-data``):
 * :func:`load_tokenizer` ``(path) -> Tokenizer``
 * :class:`Tokenizer`: ``vocab_size``, ``eos_id``, ``bos_id``, ``pad_id``, ``encode_batch``, ``decode``, ``hash``
 * :func:`train_sentencepiece` trains a model on an iterable of documents.
+* :func:`difference` says how two tokenizers differ (``None``: the same identity).
 
-The tokenizer's ``hash`` (SHA-256 of the model file) is written into every prepared shard index, and the loader
-refuses shards made with another tokenizer.
+The tokenizer's ``hash`` (SHA-256 of the model file) and ``identity`` are written into every prepared shard index,
+and the loader refuses shards made with another tokenizer. Identity is what the ids mean, not the file's bytes: the
+vocabulary in id order, the EOS/BOS/pad ids and the ids of :data:`IDENTITY_PROBES` (texts that exercise the
+normaliser: runs of spaces, newlines, tabs, Unicode compatibility forms, digits, bytes outside the vocabulary).
+So a SentencePiece ``.model`` and the ``tokenizer.json`` transformers converts it into are the same tokenizer,
+and an unrelated tokenizer with the same vocabulary size is not. The probes all start with a non-space character:
+the converted tokenizer places the word-boundary prefix of a text that starts with whitespace differently.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ _TRAIN_LINE_CHARS = 4096
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 _BOS_CANDIDATES = ("<s>", "<bos>", "<|begin_of_text|>", "<|endoftext|>")
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")
+IDENTITY_PROBES = ("The quick brown fox jumps over the lazy dog.", "Two  spaces,   three, and\ta tab.",
+                   "Lines\none\n\ntwo\n", "Café Ünïcödé ﬁ ① ² Ⅻ ＡＢＣ", "Digits 0123456789 3.14159 1,000,000",
+                   "Bytes 🤖 ∮ 中文 ελληνικά", "MiXeD CaSe, punctuation!? (yes) [no] {maybe} <tag>")
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -61,6 +70,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.pad_id = pad_id
         self.hash = file_hash(path)
+        self._identity: str | None = None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS (the packer adds EOS)."""
@@ -77,9 +87,21 @@ class Tokenizer:
     def set_threads(self, threads: int) -> None:
         """Threads the library may use inside one ``encode_batch`` call (worker processes set 1)."""
 
+    def pieces(self) -> list[str]:
+        return [self.id_to_piece(i) for i in range(self.vocab_size)]
+
+    @property
+    def identity(self) -> str:
+        """SHA-256 of what the ids mean (see the module docstring)."""
+        if self._identity is None:
+            meaning = {"pieces": self.pieces(), "special": [self.eos_id, self.bos_id, self.pad_id],
+                       "probes": self.encode_batch(list(IDENTITY_PROBES))}
+            self._identity = hashlib.sha256(json.dumps(meaning, ensure_ascii=False).encode()).hexdigest()
+        return self._identity
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "hash": self.hash, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "bos_id": self.bos_id, "pad_id": self.pad_id}
+        return {"kind": self.kind, "path": self.path, "hash": self.hash, "identity": self.identity,
+                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "bos_id": self.bos_id, "pad_id": self.pad_id}
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -156,6 +178,25 @@ class HFTokenizer(Tokenizer):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._tok.id_to_token(int(token_id)) or ""
+
+
+def difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """How `b` differs from `a` in one phrase (the first difference found), or None when they have one identity."""
+    if a.hash == b.hash or a.identity == b.identity:
+        return None
+    if a.vocab_size != b.vocab_size:
+        return f"{a.vocab_size} ids vs {b.vocab_size}"
+    for token_id, (x, y) in enumerate(zip(a.pieces(), b.pieces())):
+        if x != y:
+            return f"id {token_id} is {x!r} vs {y!r}"
+    for name, x, y in (("EOS", a.eos_id, b.eos_id), ("BOS", a.bos_id, b.bos_id), ("pad", a.pad_id, b.pad_id)):
+        if x != y:
+            return f"{name} id {x} vs {y}"
+    probes = list(IDENTITY_PROBES)
+    for text, x, y in zip(probes, a.encode_batch(probes), b.encode_batch(probes)):
+        if x != y:
+            return f"the same vocabulary, but {text!r} encodes to {x[:8]}... vs {y[:8]}..."
+    return "identities differ"
 
 
 def _configured_special_tokens(config_path: Path) -> dict[str, str]:

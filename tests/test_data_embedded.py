@@ -50,5 +50,5 @@ def test_ensure_embedded_is_built_once_even_when_raced(tmp_path):
     index = ShardIndex.load(shard_dir)
     assert tokenizer.vocab_size == 1024 and index.tokenizer_hash == tokenizer.hash
     assert index.totals["docs"] == len(list(embedded_documents())) and len(index.shards) > 10
-    batch = next(iter(ShardLoader(shard_dir, 256, 8, expected_tokenizer_hash=tokenizer.hash)))
+    batch = next(iter(ShardLoader(shard_dir, 256, 8, expected_tokenizer=tokenizer)))
     assert batch.shape == (8, 257) and int(batch.max()) < 1024

@@ -248,7 +248,8 @@ def test_verify_refuses_an_index_with_an_edited_dtype(prepared, tmp_path, capsys
 def test_verify_checks_the_tokenizer(prepared, tmp_path, capsys):
     other = train_sentencepiece(embedded_sample(60), str(tmp_path / "other"), 700)
     assert main(["verify", str(prepared), "--tokenizer", other]) == 1
-    assert "differs from the shards' tokenizer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"FAILED {prepared}/index.json: shards were made with tokenizer" in out and ": 600 ids vs 700; " in out
 
 
 def test_cli_end_to_end(tmp_path, source, capsys):

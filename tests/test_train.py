@@ -719,3 +719,14 @@ def test_code_version_names_the_checkout_commit():
     if (PACKAGE_ROOT / ".git").exists():
         head = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert version["git_commit"] == head.stdout.strip() and isinstance(version["git_dirty"], bool)
+
+
+def test_unused_vocabulary_rows_are_warned_about_beyond_padding():
+    from mor_ds.train.data import unused_vocab_warning
+
+    tokenizer = SimpleNamespace(vocab_size=1000, path="tok.model")
+    assert unused_vocab_warning(load_config("tiny-mor", ["model.vocab_size=1024"]), tokenizer) is None  # padding
+    warning = unused_vocab_warning(load_config("tiny-mor"), tokenizer)  # 4096 rows, d=128, tied
+    assert warning.startswith("model.vocab_size=4096 but the tokenizer has 1000 ids (tok.model): 3096 embedding rows "
+                              "are never used, 0.40M of the model's ")
+    assert warning.endswith("(counted in params and FLOPs); set model.vocab_size=1024")

@@ -126,9 +126,17 @@ def final_val_loss(run_dir) -> float:
 
 
 def test_uptrained_mor_beats_mor_from_scratch(tmp_path):
+    """Through the Hugging Face round trip a user takes: export --format hf → import-hf → uptrain. The import names
+    the export's tokenizer.json, converted from the tokenizer.model the shards were made with: the same tokenizer."""
     mor_ds("train", "--config", "tiny-vanilla", "--run-dir", str(tmp_path / "vanilla"), steps=120, cwd=tmp_path)
-    mor_ds("uptrain", "--from", str(tmp_path / "vanilla"), "--config", "tiny-mor", "--run-dir", str(tmp_path / "up"),
-           steps=8, cwd=tmp_path)
+    for argv in (["export", "--checkpoint", "vanilla", "--format", "hf", "--out", "hf"],
+                 ["import-hf", "hf", "--out", "imported.safetensors"]):
+        subprocess.run([sys.executable, "-m", "mor_ds.cli", *argv], check=True, cwd=tmp_path, timeout=600,
+                       stdout=subprocess.DEVNULL)
+    mor_ds("uptrain", "--from", str(tmp_path / "imported.safetensors"), "--config", "tiny-mor", "--run-dir",
+           str(tmp_path / "up"), steps=8, cwd=tmp_path)
+    assert json.loads((tmp_path / "up" / "provenance.json").read_text())["starts"][0]["data"]["tokenizer"]["path"] \
+        == str(tmp_path / "hf" / "tokenizer.json")
     mor_ds("train", "--config", "tiny-mor", "--run-dir", str(tmp_path / "scratch"), steps=8, cwd=tmp_path)
     uptrained, scratch = final_val_loss(tmp_path / "up"), final_val_loss(tmp_path / "scratch")
     assert uptrained < scratch - 0.5, (uptrained, scratch)

@@ -64,6 +64,25 @@ def _check_vocab(cfg: Config, tokenizer: Any) -> None:
                           f"({tokenizer.vocab_size} ids in {tokenizer.path})")
 
 
+VOCAB_PADDING = 128  # rows a model may add beyond its tokenizer's vocabulary for matmul-friendly shapes
+
+
+def unused_vocab_warning(cfg: Config, tokenizer: Any) -> str | None:
+    """A warning when model.vocab_size exceeds the tokenizer's vocabulary by more than padding: the extra rows are
+    never used, yet counted in the parameters and the FLOPs budget."""
+    from mor_ds.flops import param_counts
+
+    m = cfg.model
+    padded = -(-tokenizer.vocab_size // VOCAB_PADDING) * VOCAB_PADDING
+    if m.vocab_size <= padded:
+        return None
+    dead = (m.vocab_size - tokenizer.vocab_size) * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return (f"model.vocab_size={m.vocab_size} but the tokenizer has {tokenizer.vocab_size} ids ({tokenizer.path}): "
+            f"{m.vocab_size - tokenizer.vocab_size} embedding rows are never used, {dead / 1e6:.2f}M of the model's "
+            f"{param_counts(cfg).unique / 1e6:.2f}M parameters (counted in params and FLOPs); set "
+            f"model.vocab_size={padded}")
+
+
 def data_mode(cfg: Config) -> str:
     """`prepared` or `stream` (data.mode=auto decided)."""
     d = cfg.data
@@ -113,7 +132,7 @@ def shard_loader(cfg: Config, env: distributed.DistEnv, shard_dir: str, tokenize
     t = cfg.train
     return ShardLoader(shard_dir, t.seq_len, t.micro_batch_size, rank=env.rank, world_size=env.world_size,
                        seed=t.seed, split=split, val_shards=cfg.data.val_shards,
-                       expected_tokenizer_hash=tokenizer.hash)
+                       expected_tokenizer=tokenizer)
 
 
 def _sha256(path: Path) -> str:
@@ -129,7 +148,7 @@ def shards_provenance(loader: Any) -> dict[str, Any]:
 
 
 def tokenizer_provenance(tokenizer: Any) -> dict[str, Any]:
-    return {"path": tokenizer.path, "kind": tokenizer.kind, "sha256": tokenizer.hash,
+    return {"path": tokenizer.path, "kind": tokenizer.kind, "sha256": tokenizer.hash, "identity": tokenizer.identity,
             "vocab_size": tokenizer.vocab_size}
 
 
@@ -139,6 +158,9 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
 
     d, t = cfg.data, cfg.train
     shard_dir, tokenizer = resolve_data(cfg, env)
+    warning = unused_vocab_warning(cfg, tokenizer)
+    if warning and env.is_main:
+        print(f"[mor-ds] warning: {warning}", flush=True)
     provenance: dict[str, Any] = {"mode": d.mode, "tokenizer": tokenizer_provenance(tokenizer)}
     if d.mode == "prepared":
         if not shard_dir:
