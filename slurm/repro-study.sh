@@ -162,7 +162,7 @@ train_arm() {
       *) fail "$arm: mor-ds train exited $rc (see $OUT/$arm.train.log)" ;;
     esac
     log "$arm: evaluating on every held-out window"
-    "$PY" -m mor_ds.cli eval --checkpoint "$dir" >>"$OUT/$arm.eval.log" 2>&1 || fail "$arm: mor-ds eval (see $OUT/$arm.eval.log)"
+    "$PY" -m mor_ds.cli eval --checkpoint "$dir" --batches 0 >>"$OUT/$arm.eval.log" 2>&1 || fail "$arm: mor-ds eval (see $OUT/$arm.eval.log)"
     log "$arm: $(grep '^val loss' "$OUT/$arm.eval.log" | tail -1)"
   else
     log "$arm: already trained and evaluated"

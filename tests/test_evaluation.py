@@ -199,3 +199,63 @@ def test_table_shows_groups_not_their_subtasks_and_marks_the_paper_metric():
     assert lines[0].split() == ["task", "/", "metric", "causal", "topk"]
     assert [line.split()[:3] for line in lines[1:]] == [["mmlu", "acc", "*"], ["hellaswag", "acc", "0.3000"],
                                                         ["hellaswag", "acc_norm", "*"]]
+
+
+def test_task_data_missing_offline_is_one_line_naming_the_dataset(tokenizer, tmp_path, capsys, monkeypatch):
+    """A task whose hub dataset is not in the local cache (as --tasks paper on an offline node): one line naming
+    the dataset and how to supply it, no traceback."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text("task: mor_hub_task\ndataset_path: mor-ds-test/not-cached\n"
+                                         "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\n"
+                                         "doc_to_target: 0\ndoc_to_choice: ['a', 'b']\n"
+                                         "metric_list:\n  - metric: acc\n")
+    cfg = tiny_config("tiny-vanilla", f"data.tokenizer={tokenizer.path}")
+    path = export_file(tmp_path, cfg, tiny_model(cfg))
+    code = cli_main(["eval", "--checkpoint", str(path), "--tasks", "mor_hub_task", "--include-path", str(tasks)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err[-2000:]
+    assert err.startswith("mor-ds eval: --tasks: the task data 'mor-ds-test/not-cached' is neither reachable on the "
+                          "Hugging Face hub nor in the local cache (")
+    assert "run the same command once with network access" in err and "--include-path" in err
+
+
+def test_validation_loss_under_both_routings_and_bounded_by_default(tmp_path, capsys):
+    """--routing applies to the validation loss of expert-choice MoR too; the default evaluates a bounded number
+    of batches and says how many there were."""
+    import numpy as np
+
+    from data_pipeline.shards import INDEX_FILE
+    from mor_ds.commands.eval import evaluate_checkpoint
+
+    shards = _prepared_shards(tmp_path)
+    cfg = tiny_config(*FAMILIES["mor_ec"], f"data.tokenizer={shards}/tokenizer.model", f"data.prepared_dir={shards}",
+                      "train.micro_batch_size=1")
+    path = export_file(tmp_path, cfg, tiny_model(cfg))
+    both = evaluate_checkpoint(str(path), routing="both", batches=3)
+    assert both["routing"] == "causal+topk" and both["val/batches"] == 3 < both["val/batches_available"]
+    causal = evaluate_checkpoint(str(path), batches=3)
+    topk = evaluate_checkpoint(str(path), routing="topk", batches=3)
+    assert both["val/loss"] == causal["val/loss"] and both["val/loss_topk"] == topk["val/loss"]
+    assert causal["val/loss"] != topk["val/loss"]  # the router's large init drops tokens under causal routing
+    assert np.isclose(both["val/ppl_topk"], np.exp(topk["val/loss"]))
+    assert cli_main(["eval", "--checkpoint", str(path), "--routing", "both", "--batches", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"val loss {causal['val/loss']:.4f} | ppl {causal['val/ppl']:.2f} (causal routing) | "
+                          f"val loss {topk['val/loss']:.4f} | ppl {topk['val/ppl']:.2f} (topk routing) | 3 batches, "
+                          f"192 tokens (of {both['val/batches_available']}; --batches 0 for all) | {shards}")
+    assert (shards / INDEX_FILE).exists()
+
+
+def _prepared_shards(tmp_path):
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import write_records
+    from fixtures.tiny_lm import sentences
+
+    corpus = write_records(tmp_path / "docs.jsonl", [{"text": " ".join(sentences(8, seed=i))} for i in range(80)])
+    tok = tiny_tokenizer(tmp_path)
+    out = tmp_path / "shards"
+    prepare(corpus, tok.path, str(out), workers=0, shard_tokens=2048, show_progress=False)
+    return out

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from mor_ds.evaluation.harness import add_fewshot_args
 
 EVAL_FILE = "eval.json"
 FEWSHOT_FILE = "fewshot.json"
+DEFAULT_BATCHES = 100
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,11 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="an export (.safetensors), a run dir or a checkpoint dir")
     p.add_argument("--data", help="prepared shard directory to evaluate on (default: the run's data)")
     p.add_argument("--val-shards", type=int, help="held-out shards at the end of --data (default: the run's)")
-    p.add_argument("--batches", type=int, default=0, help="batches of train.micro_batch_size windows (0 = all)")
+    p.add_argument("--batches", type=int, default=DEFAULT_BATCHES,
+                   help=f"batches of train.micro_batch_size windows (default {DEFAULT_BATCHES}; 0 = every window "
+                        f"of the validation split)")
     p.add_argument("--json", dest="json_out",
                    help=f"write the result to this JSON file (default: RUN_DIR/{EVAL_FILE}, with --tasks "
                         f"RUN_DIR/{FEWSHOT_FILE}, when the checkpoint is in a run directory)")
-    add_fewshot_args(p, json_flag=False)  # --tasks …: few-shot accuracy through lm-eval
+    add_fewshot_args(p, json_flag=False)  # --tasks …: few-shot accuracy through lm-eval; --routing applies to both
     p.set_defaults(func=run)
 
 
@@ -67,8 +71,31 @@ def held_out_fingerprint(loader) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
+class Progress:
+    """A progress line on stderr every `interval` seconds while batches are evaluated (batch jobs see it too)."""
+
+    def __init__(self, label: str, tokens_per_batch: int, interval: float = 10.0) -> None:
+        self.label, self.tokens_per_batch, self.interval = label, tokens_per_batch, interval
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and done < total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / done * (total - done)
+        print(f"{self.label}: {done}/{total} batches ({done * self.tokens_per_batch:,} tokens), {elapsed:.0f} s"
+              + (f", ~{left:.0f} s left" if done < total else ""), file=sys.stderr, flush=True)
+
+
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: int | None = None,
-                        batches: int = 0) -> dict[str, Any]:
+                        batches: int = 0, routing: str = "causal",
+                        progress_interval: float | None = None) -> dict[str, Any]:
+    """Validation loss of a checkpoint: {"checkpoint", "step", "tokens", "data", "val_shards", "seq_len", "held_out",
+    "routing", "val/loss", "val/ppl", "val/batches", "val/tokens", "val/batches_available"} (MoR: also
+    "val/depth_frac/r"); routing "both" (expert-choice MoR) adds "val/loss_topk" and "val/ppl_topk".
+    `batches` 0 = the whole validation split. `progress_interval`: seconds between progress lines on stderr."""
     import dataclasses
 
     import torch
@@ -83,7 +110,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
     model, cfg = load_model(checkpoint, device)
     data_cfg = cfg.data
     if data is not None:
-        data_cfg = dataclasses.replace(data_cfg, prepared_dir=data)
+        data_cfg = dataclasses.replace(data_cfg, prepared_dir=data, mode="prepared")
     if val_shards is not None:
         data_cfg = dataclasses.replace(data_cfg, val_shards=val_shards)
     cfg = dataclasses.replace(cfg, data=data_cfg)
@@ -92,10 +119,23 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
     if not shard_dir:
         raise ConfigError("data.prepared_dir: the run streamed its data and has no prepared validation shards; "
                           "pass --data")
+    routed = cfg.model.family == "mor" and cfg.router.type == "expert_choice"
+    routings = ("causal", "topk") if routing == "both" else (routing,)
+    if not routed:
+        routings = ("causal",)  # routing only changes expert-choice MoR
+    eos_id = tokenizer.eos_id if cfg.model.document_mask else None
     loader = shard_loader(cfg, env, shard_dir, tokenizer, "val")
-    result = evaluate(model, loader, batches or loader.num_batches, device,
-                      tokenizer.eos_id if cfg.model.document_mask else None)
+    count = min(batches, loader.num_batches) if batches else loader.num_batches
+    result: dict[str, Any] = {"routing": "+".join(routings)}
+    for r in routings:
+        progress = (Progress(f"eval ({r} routing)" if routed else "eval", loader.tokens_per_batch, progress_interval)
+                    if progress_interval is not None else None)
+        out = evaluate(model, shard_loader(cfg, env, shard_dir, tokenizer, "val"), count, device, eos_id,
+                       routing=r, progress=progress)
+        suffix = "" if r == routings[0] else f"_{r}"
+        result.update({f"{k}{suffix}": v for k, v in out.items() if k != "val/batches" or not suffix})
     result["val/tokens"] = result["val/batches"] * loader.tokens_per_batch
+    result["val/batches_available"] = loader.num_batches
     return {"checkpoint": checkpoint, **checkpoint_position(checkpoint), "data": shard_dir,
             "val_shards": data_cfg.val_shards, "seq_len": cfg.train.seq_len, "held_out": held_out_fingerprint(loader),
             **result}
@@ -114,12 +154,19 @@ def run(args: argparse.Namespace) -> int:
     from mor_ds.train.checkpoint_dir import CheckpointError
 
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.val_shards, args.batches)
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.val_shards, args.batches, args.routing,
+                                     progress_interval=10.0)
     except (CheckpointError, DataError) as exc:
         print(f"mor-ds eval: {exc}", file=sys.stderr)
         return 2
-    print(f"val loss {result['val/loss']:.4f} | ppl {result['val/ppl']:.2f} | {result['val/batches']} batches, "
-          f"{result['val/tokens']} tokens | {result['data']}")
+    routings = result["routing"].split("+")
+    losses = " | ".join(f"val loss {result['val/loss' + s]:.4f} | ppl {result['val/ppl' + s]:.2f}"
+                        + (f" ({r} routing)" if len(routings) > 1 else "")
+                        for r, s in zip(routings, ["", *(f"_{r}" for r in routings[1:])]))
+    bounded = result["val/batches"] < result["val/batches_available"]
+    print(f"{losses} | {result['val/batches']} batches, {result['val/tokens']:,} tokens"
+          + (f" (of {result['val/batches_available']}; --batches 0 for all)" if bounded else "")
+          + f" | {result['data']}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,6 +162,16 @@ def evaluate_checkpoint(checkpoint: str | Path, tasks: str | list[str], *, routi
 # ------------------------------------------------------------------------------------ `mor-ds eval --tasks …`
 
 
+def task_data_missing(exc: Exception) -> str:
+    """One line for a task whose Hugging Face dataset could not be loaded: which one, and how to supply it."""
+    found = re.search(r"reach '([^']+)'|at (\S+) doesn't exist|(\S+/\S+)", str(exc))
+    dataset = next((g for g in found.groups() if g), "?") if found else "?"
+    return (f"--tasks: the task data {dataset!r} is neither reachable on the Hugging Face hub nor in the local cache "
+            f"({str(exc).splitlines()[0]}); run the same command once with network access (the datasets cache, "
+            f"$HF_HOME, keeps it; then HF_DATASETS_OFFLINE=1 works), or copy that cache from a machine that has it, "
+            f"or give a local task YAML with --include-path whose dataset_path / dataset_kwargs name local files")
+
+
 def add_fewshot_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     """Flags of the few-shot part of `mor-ds eval` (active when --tasks is given); json_flag=False when the parser
     already has `--json` (dest json_out)."""
@@ -169,8 +180,9 @@ def add_fewshot_args(parser: argparse.ArgumentParser, json_flag: bool = True) ->
                    help="comma-separated lm-eval task names, or 'paper' (lambada_openai, hellaswag, piqa, winogrande, "
                         "arc_easy, arc_challenge, mmlu); given: run few-shot evaluation instead of validation loss")
     g.add_argument("--routing", default="causal", choices=ROUTING_CHOICES,
-                   help="MoR routing at evaluation: causal (default; per-token decisions, no look-ahead), topk "
-                        "(training-time top-k over the whole sequence, sees the future), or both")
+                   help="MoR routing at evaluation, for the tasks and for the validation loss alike: causal "
+                        "(default; per-token decisions, no look-ahead), topk (training-time top-k over the whole "
+                        "sequence, sees the future), or both")
     g.add_argument("--num-fewshot", type=int, default=None,
                    help="examples in context (default: each task's own, else 0)")
     g.add_argument("--limit", type=float, default=None,
@@ -187,6 +199,7 @@ def add_fewshot_args(parser: argparse.ArgumentParser, json_flag: bool = True) ->
 def fewshot_main(args: argparse.Namespace) -> int:
     """Run `mor-ds eval --checkpoint … --tasks …`; prints the table, writes --json; returns the exit code."""
     import torch
+    from datasets.exceptions import DatasetNotFoundError
 
     from mor_ds.train.checkpoint_dir import CheckpointError
 
@@ -200,6 +213,9 @@ def fewshot_main(args: argparse.Namespace) -> int:
             dtype=getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None)
     except (ValueError, CheckpointError) as exc:  # EvalError, InteropError, ConfigError, not-an-export
         print(f"mor-ds eval: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except (ConnectionError, DatasetNotFoundError) as exc:  # task data neither reachable nor in the local cache
+        print(f"mor-ds eval: {task_data_missing(exc)}", file=sys.stderr)
         return 2
     print(format_table(by_routing))
     if args.json_out:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -24,12 +24,14 @@ class ValidationDataError(RuntimeError):
 
 @torch.no_grad()
 def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.device,
-             eos_id: int | None = None) -> dict[str, float]:
+             eos_id: int | None = None, routing: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Mean LM loss over the first `max_batches` windows of every rank (same count on all ranks: ZeRO-3's
-    forward is collective), averaged over ranks. Routing is the model's eval default (causal); for MoR also the
-    fraction of held-out tokens that reach each recursion step under it (`val/depth_frac/r`), which training's
+    forward is collective), averaged over ranks. Routing: the model's eval default (causal) unless given; for MoR
+    also the fraction of held-out tokens that reach each recursion step under it (`val/depth_frac/r`), which training's
     top-k routing fixes to the capacity schedule but causal routing has to learn. Collective also when a rank
-    cannot read its batches: every rank raises ValidationDataError."""
+    cannot read its batches: every rank raises ValidationDataError. `progress(done, total)` is called after each
+    batch."""
     from data_pipeline.errors import DataError
     from mor_ds.train.loop import split_batch
 
@@ -49,13 +51,16 @@ def evaluate(engine, batches: Iterable[Tensor], max_batches: int, device: torch.
     try:
         total = torch.zeros((), device=device, dtype=torch.float64)
         depth: dict[str, Tensor] = {}  # every step's fraction is reported, also when no token reaches it
-        for batch in local[:n]:
+        extra = {"routing": routing} if routing else {}
+        for done, batch in enumerate(local[:n], 1):
             inputs, labels, doc_ids = split_batch(batch, device, eos_id)
-            out = engine(inputs, labels=labels, doc_ids=doc_ids)
+            out = engine(inputs, labels=labels, doc_ids=doc_ids, **extra)
             total += out.loss.double()
             for name, value in out.stats.items():
                 if name.startswith("depth_frac/"):
                     depth[name] = depth.get(name, 0.0) + value.double()
+            if progress is not None:
+                progress(done, n)
     finally:
         if was_training:
             engine.train()
