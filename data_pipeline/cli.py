@@ -72,7 +72,7 @@ def cmd_prepare(args, console: Console) -> int:
                     min_chars=args.min_chars, max_chars=args.max_chars, strict=args.strict,
                     shard_tokens=args.shard_tokens, frame_tokens=args.frame_tokens, max_shards=args.max_shards,
                     command=shlex.join(["mor-data", *sys.argv[1:]]), show_progress=not args.no_progress,
-                    part=args.part)
+                    progress_interval=args.progress_interval, part=args.part)
     if index is None:
         console.print(f"stopped after {args.max_shards} new shards in {args.out}; run the same command again to "
                       f"continue", markup=False)
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare only the K-th (from 0) of N contiguous runs of the source's files into OUT/parts/ "
                         "(one task of a many-host prepare, e.g. a Slurm array); then `mor-data merge OUT`")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress-interval", type=float, default=30.0,
+                   help="seconds between progress lines when stderr is not a terminal (batch jobs; default 30)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("merge", help="pack the parts of a many-host prepare (--part K/N) into one verified shard set")
@@ -255,10 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """Library warnings once each, as `mor-data: …` lines: huggingface_hub and datasets attach a handler of their
+    own to their loggers, which also propagate to the root handler (every hub retry warning was printed twice)."""
+    import datasets.utils.logging  # noqa: F401 — attaches the libraries' own handlers, removed below
+    import huggingface_hub.utils.logging  # noqa: F401
+
+    logging.basicConfig(level=logging.WARNING, format="mor-data: %(message)s")
+    for name in ("huggingface_hub", "datasets"):
+        logging.getLogger(name).handlers.clear()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="mor-data: %(message)s")
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    configure_logging()
     console = Console(soft_wrap=True)
     try:
         return args.func(args, console)

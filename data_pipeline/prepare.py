@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -104,36 +105,62 @@ def _listed(changes: list[str], most: int = 5) -> str:
     return "; ".join(changes[:most]) + more
 
 
-class _Progress:
-    """A rich progress line with docs/s, MB/s and tokens/s (or nothing when ``enabled`` is false)."""
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self, enabled: bool, label: str):
-        self.enabled = enabled
-        self.docs = self.text_bytes = self.tokens = 0
-        self.start = time.perf_counter()
-        if enabled:
+
+class _Progress:
+    """docs/s, MB/s, tokens, shards and (local files) the share of the source read and an ETA: a live rich line on
+    a terminal, else a plain line on stderr every ``interval`` seconds (batch jobs, logs), else nothing."""
+
+    def __init__(self, enabled: bool, label: str, interval: float = 30.0, source_bytes: int | None = None):
+        self.label, self.interval, self.source_bytes = label, interval, source_bytes
+        self.docs = self.text_bytes = self.tokens = self.shards = self.bytes_read = 0
+        self.first_read: int | None = None  # where this process started reading (a resumed run starts part-way)
+        self.start = self.last = time.perf_counter()
+        self.live = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.live
+        if self.live:
+            from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
-                                 TextColumn("{task.fields[line]}", markup=False), TimeElapsedColumn())
+                                 TextColumn("{task.fields[line]}", markup=False), TimeElapsedColumn(),
+                                 console=Console(stderr=True))
             self._task = self._bar.add_task(label, total=None, line="")
             self._bar.start()
 
     def rates(self) -> str:
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        return (f"{self.docs:,} docs {self.docs / seconds:,.0f} docs/s | {self.text_bytes / seconds / 1e6:.2f} MB/s | "
-                f"{self.tokens:,} tokens {self.tokens / seconds:,.0f} tokens/s")
+        line = (f"{self.docs:,} docs {self.docs / seconds:,.0f} docs/s | {self.text_bytes / seconds / 1e6:.2f} MB/s | "
+                f"{self.tokens:,} tokens {self.tokens / seconds:,.0f} tokens/s | {self.shards} shards")
+        if self.source_bytes:
+            done = self.bytes_read / self.source_bytes
+            rate = (self.bytes_read - (self.first_read or 0)) / seconds
+            eta = f", ETA {_duration((self.source_bytes - self.bytes_read) / rate)}" if rate > 0 else ""
+            line += f" | {100 * done:.1f}% of {self.source_bytes / 1e6:,.1f} MB{eta}"
+        return line
 
-    def advance(self, docs: int, text_bytes: int, tokens: int, shards: int) -> None:
+    def advance(self, docs: int, text_bytes: int, tokens: int, shards: int, bytes_read: int = 0) -> None:
         self.docs += docs
         self.text_bytes += text_bytes
         self.tokens += tokens
-        if self.enabled:
-            self._bar.update(self._task, line=f"{self.rates()} | {shards} shards")
+        if self.first_read is None:
+            self.first_read = bytes_read
+        self.shards, self.bytes_read = shards, max(self.bytes_read, bytes_read)
+        if self.live:
+            self._bar.update(self._task, line=self.rates())
+        elif self.lines and time.perf_counter() - self.last >= self.interval:
+            self.last = time.perf_counter()
+            print(f"{self.label}: {self.rates()}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.live:
             self._bar.stop()
+        elif self.lines:
+            print(f"{self.label}: {self.rates()}, {_duration(time.perf_counter() - self.start)} elapsed",
+                  file=sys.stderr, flush=True)
 
 
 class _Packer:
@@ -191,13 +218,14 @@ def _copy_tokenizer(tokenizer_path: str, out: Path) -> str:
 def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1, text_field: str = "text",
             min_chars: int = 0, max_chars: int = 0, strict: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             frame_tokens: int = DEFAULT_FRAME_TOKENS, max_shards: int = 0, command: str = "",
-            show_progress: bool = True, task_bytes: int = 1 << 18,
+            show_progress: bool = True, progress_interval: float = 30.0, task_bytes: int = 1 << 18,
             part: tuple[int, int] | None = None) -> ShardIndex | None:
     """Tokenize ``source`` into shards under ``out_dir``; returns the index, or None if ``max_shards`` stopped it.
 
     Re-running with the same arguments resumes an interrupted run, or returns the index of a finished one.
     ``max_shards`` > 0 stops after writing that many new shards (e.g. to fit a Slurm time limit); run again to go on.
     ``task_bytes``: text per worker task (the unit of parallel work; it does not change the output).
+    ``progress_interval``: seconds between progress lines when stderr is not a terminal.
     ``part=(k, n)``: only the k-th of n contiguous runs of the source's files, into ``out_dir/parts/k-of-n/``
     (returns that part's index, or the merged one if :func:`merge_parts` already ran).
     """
@@ -216,14 +244,16 @@ def prepare(source: str, tokenizer_path: str, out_dir: str, *, workers: int = 1,
             return _prepare(source, tokenizer_path, target, workers=workers, text_field=text_field,
                             min_chars=min_chars, max_chars=max_chars, strict=strict, shard_tokens=shard_tokens,
                             frame_tokens=frame_tokens, max_shards=max_shards, command=command,
-                            show_progress=show_progress, task_bytes=task_bytes, part=part)
+                            show_progress=show_progress, progress_interval=progress_interval,
+                            task_bytes=task_bytes, part=part)
     except Timeout:
         raise DataError(f"{target}: another `mor-data prepare` is writing here") from None
 
 
 def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_field: str, min_chars: int,
              max_chars: int, strict: bool, shard_tokens: int, frame_tokens: int, max_shards: int, command: str,
-             show_progress: bool, task_bytes: int, part: tuple[int, int] | None) -> ShardIndex | None:
+             show_progress: bool, progress_interval: float, task_bytes: int,
+             part: tuple[int, int] | None) -> ShardIndex | None:
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     spec = parse_source(source)
@@ -285,7 +315,7 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
                 return False
         return True
 
-    bar = _Progress(show_progress, f"prepare {source}")
+    bar = _Progress(show_progress, f"prepare {source}", progress_interval, stream.source_bytes)
     try:
         if not write_full_shards(stream.state_dict()):
             return None
@@ -297,11 +327,12 @@ def _prepare(source: str, tokenizer_path: str, out: Path, *, workers: int, text_
                 totals["docs"] += task.docs
                 totals["tokens"] += len(task.tokens)
                 totals["text_bytes"] += task.text_bytes
-                bar.advance(task.docs, task.text_bytes, len(task.tokens), len(shards))
+                bar.advance(task.docs, task.text_bytes, len(task.tokens), len(shards), stream.bytes_read)
                 if not write_full_shards(stream_state):
                     return None
         if packer.size:
             write(packer.size)
+        bar.shards, bar.bytes_read = len(shards), stream.source_bytes or 0  # all of it read
     finally:
         bar.close()
     changes = source_changes(sources, spec)

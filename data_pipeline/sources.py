@@ -48,6 +48,9 @@ _READ_BYTES = 1 << 20
 MAX_REPORTED = 20
 # Columns of the records every local/embedded reader yields; ``kind`` is "" for a good record.
 _RECORD_COLUMNS = ("text", "kind", "error", "where")
+# local files also say how far into the source they are: bytes of the files before this one plus the bytes of this
+# file read so far (compressed bytes for .zst/.gz), for progress and ETA
+_READ_COLUMN = "read"
 
 
 @dataclass
@@ -195,19 +198,21 @@ def _zstd_chunks(f) -> Iterator[bytes]:
         raise _Truncated(f"zstd stream ends inside a frame at byte {consumed}")
 
 
-def _decoded_chunks(f, compression: str) -> Iterator[bytes]:
+def _decoded_chunks(f, compression: str) -> Iterator[tuple[bytes, int]]:
+    """``(decoded block, bytes of the file read so far)``."""
     if compression == "zst":
-        yield from _zstd_chunks(f)
+        for block in _zstd_chunks(f):
+            yield block, f.tell()
     elif compression == "gz":
         with gzip.GzipFile(fileobj=f) as g:
             try:
                 while block := g.read1(_READ_BYTES):  # read1: hand out what decodes before a cut
-                    yield block
+                    yield block, f.tell()
             except EOFError:
                 raise _Truncated(f"gzip stream ends early at byte {f.tell()}") from None
     else:
         while block := f.read(_READ_BYTES):
-            yield block
+            yield block, f.tell()
 
 
 def _check_compressed(path: str, compression: str) -> None:
@@ -225,31 +230,33 @@ def _check_compressed(path: str, compression: str) -> None:
             raise _Corrupt(f"corrupt {name} data ({e}): every record of the file is skipped") from None
 
 
-def _byte_chunks(path: str, compression: str) -> Iterator[bytes]:
+def _byte_chunks(path: str, compression: str) -> Iterator[tuple[bytes, int]]:
+    """``(decoded block, bytes of the file read so far)``, a compressed file checked whole first."""
     if compression:
         _check_compressed(path, compression)
     with open(path, "rb") as f:
         yield from _decoded_chunks(f, compression)
 
 
-def _lines(path: str, compression: str) -> Iterator[tuple[int, bytes]]:
-    """``(line number, line bytes)``; a truncated file's unterminated last line is dropped (it is cut)."""
-    pending, number = b"", 0
+def _lines(path: str, compression: str) -> Iterator[tuple[int, bytes, int]]:
+    """``(line number, line bytes, file bytes read)``; a truncated file's unterminated last line is dropped (it is
+    cut)."""
+    pending, number, read = b"", 0, 0
     try:
-        for block in _byte_chunks(path, compression):
+        for block, read in _byte_chunks(path, compression):
             parts = (pending + block).split(b"\n")
             pending = parts.pop()
             for line in parts:
                 number += 1
-                yield number, line
+                yield number, line, read
     except _Truncated as e:
         raise _Truncated(f"{e}; records after line {number} are lost") from None
     if pending:
-        yield number + 1, pending
+        yield number + 1, pending, read
 
 
-def _record(text, kind: str = "", error: str = "", where: str = "") -> dict:
-    return {"text": text, "kind": kind, "error": error, "where": where}
+def _record(text, kind: str = "", error: str = "", where: str = "", read: int = 0) -> dict:
+    return {"text": text, "kind": kind, "error": error, "where": where, _READ_COLUMN: read}
 
 
 def text_of(obj, text_field: str) -> tuple[str | None, str, str]:
@@ -265,35 +272,35 @@ def text_of(obj, text_field: str) -> tuple[str | None, str, str]:
 
 
 def _jsonl_records(path: str, compression: str, text_field: str) -> Iterator[dict]:
-    for number, line in _lines(path, compression):
+    for number, line, read in _lines(path, compression):
         where = f"{path}:{number}"
         if not line.strip():
             continue
         try:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            yield _record(None, "bad_utf8", f"invalid UTF-8 at byte {e.start} of the line", where)
+            yield _record(None, "bad_utf8", f"invalid UTF-8 at byte {e.start} of the line", where, read)
             continue
         except ValueError as e:
-            yield _record(None, "malformed", f"malformed JSON ({e})", where)
+            yield _record(None, "malformed", f"malformed JSON ({e})", where, read)
             continue
         text, kind, error = text_of(obj, text_field)
-        yield _record(text, kind, error, where)
+        yield _record(text, kind, error, where, read)
 
 
 def _txt_records(path: str, compression: str) -> Iterator[dict]:
     """One document per paragraph (blank-line separated) of a text file; a paragraph with invalid UTF-8 is bad."""
     para: list[str] = []
-    start, bad = 0, ""
+    start, bad, read = 0, "", 0
 
-    def paragraph() -> dict:
+    def paragraph(read: int) -> dict:
         where = f"{path}:{start}"
-        return _record(None, "bad_utf8", bad, where) if bad else _record("\n".join(para), where=where)
+        return _record(None, "bad_utf8", bad, where, read) if bad else _record("\n".join(para), where=where, read=read)
 
-    for number, line in _lines(path, compression):
+    for number, line, read in _lines(path, compression):
         if not line.strip():
             if para or bad:
-                yield paragraph()
+                yield paragraph(read)
             para, bad = [], ""
             continue
         if not para and not bad:
@@ -303,7 +310,7 @@ def _txt_records(path: str, compression: str) -> Iterator[dict]:
         except UnicodeDecodeError as e:
             bad = bad or f"invalid UTF-8 at byte {e.start} of line {number}"
     if para or bad:
-        yield paragraph()
+        yield paragraph(read)
 
 
 def _parquet_records(path: str, text_field: str) -> Iterator[dict]:
@@ -313,32 +320,37 @@ def _parquet_records(path: str, text_field: str) -> Iterator[dict]:
     if text_field not in parquet.schema_arrow.names:
         yield _record(None, "missing_field", f"no column {text_field!r} (columns: {parquet.schema_arrow.names})", path)
         return
-    row = 0
+    row, rows, size = 0, max(parquet.metadata.num_rows, 1), os.path.getsize(path)
     for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
         for value in batch.column(0).to_pylist():
             text, kind, error = text_of({text_field: value}, text_field)
-            yield _record(text, kind, error, f"{path}#row{row}")
+            yield _record(text, kind, error, f"{path}#row{row}", size * row // rows)
             row += 1
 
 
-def _file_records(files: list[str], text_field: str) -> Iterator[dict]:
-    """Records of local files (``files`` is this generator's shard list: one file per shard)."""
-    for path in files:
+def _file_records(files: list[tuple[str, int]], text_field: str) -> Iterator[dict]:
+    """Records of local files (``files`` is this generator's shard list of ``(path, bytes of the source's files
+    before it)``: one file per shard)."""
+    for path, before in files:
         fmt, compression = file_format(path)
         try:
             if fmt == "jsonl":
-                yield from _jsonl_records(path, compression, text_field)
+                records = _jsonl_records(path, compression, text_field)
             elif fmt == "txt":
-                yield from _txt_records(path, compression)
+                records = _txt_records(path, compression)
             else:
-                yield from _parquet_records(path, text_field)
+                records = _parquet_records(path, text_field)
+            for record in records:
+                record[_READ_COLUMN] += before
+                yield record
         except _Truncated as e:
-            yield _record(None, "truncated", str(e), path)
+            yield _record(None, "truncated", str(e), path, before + os.path.getsize(path))
         except _Corrupt as e:
-            yield _record(None, "corrupt", str(e), path)
+            yield _record(None, "corrupt", str(e), path, before + os.path.getsize(path))
         except (OSError, zstandard.ZstdError, zlib.error, ValueError) as e:
             # corrupt compressed data, unreadable or non-parquet file: the rest of this file is skipped
-            yield _record(None, "unreadable", f"cannot read the rest of the file ({type(e).__name__}: {e})", path)
+            yield _record(None, "unreadable", f"cannot read the rest of the file ({type(e).__name__}: {e})", path,
+                          before + os.path.getsize(path))
 
 
 def open_dataset(spec: SourceSpec, text_field: str = "text"):
@@ -356,8 +368,11 @@ def open_dataset(spec: SourceSpec, text_field: str = "text"):
 
         return datasets.IterableDataset.from_generator(embedded_records, features=features,
                                                        gen_kwargs={"files": embedded_files()})
+    sizes = [os.path.getsize(p) for p in spec.files]
+    files = [(p, sum(sizes[:i])) for i, p in enumerate(spec.files)]
+    features[_READ_COLUMN] = datasets.Value("int64")
     return datasets.IterableDataset.from_generator(_file_records, features=features,
-                                                   gen_kwargs={"files": spec.files, "text_field": text_field})
+                                                   gen_kwargs={"files": files, "text_field": text_field})
 
 
 # ------------------------------------------------------------------------------------------------ documents
@@ -392,6 +407,14 @@ class BadRecords:
         self.examples = list(state["examples"])
 
 
+def _contiguous_run(files: int, count: int, index: int) -> tuple[int, int]:
+    """Files ``[first, last)`` of part ``index`` of ``count``: how ``IterableDataset.shard(contiguous=True)`` splits
+    ``files`` dataset shards (the first ``files % count`` parts take one more)."""
+    size, extra = divmod(files, count)
+    first = size * index + min(index, extra)
+    return first, first + size + (index < extra)
+
+
 class DocumentStream:
     """Validated document texts of one source, for one data-parallel rank, with a resumable position.
 
@@ -415,6 +438,10 @@ class DocumentStream:
         self.filtered: Counter[str] = Counter()
         self.epoch = 0
         self.records = 0  # records read in this epoch (hub records are named by this number)
+        # progress through the files this stream reads (local files only; None: hub / embedded): an estimate, not
+        # resume state
+        sizes = [os.path.getsize(p) for p in self.spec.files]
+        self.bytes_read, self._read_from, self.source_bytes = 0, 0, sum(sizes) or None
         self._source_dataset = open_dataset(self.spec, text_field)
         if part is not None:
             index, count = part
@@ -423,6 +450,9 @@ class DocumentStream:
                 raise DataError(f"--part {index}/{count}: the source has {files} file(s) (dataset shards); a part "
                                 f"needs at least one (parts 0..{count - 1}, at most {files} of them)")
             self._source_dataset = self._source_dataset.shard(num_shards=count, index=index, contiguous=True)
+            if sizes:
+                first, last = _contiguous_run(len(sizes), count, index)
+                self._read_from, self.source_bytes = sum(sizes[:first]), sum(sizes[first:last]) or None
         self.dataset = self._rank_dataset()
 
     def __iter__(self) -> Iterator[str]:
@@ -434,6 +464,7 @@ class DocumentStream:
                 text, kind, error = text_of(record, self.text_field)
             else:
                 text, kind, error, where = record["text"], record["kind"], record["error"], record["where"]
+                self.bytes_read = record.get(_READ_COLUMN, 0) - self._read_from
             if kind:
                 self.bad.add(kind, where, error)
             elif not text.strip():

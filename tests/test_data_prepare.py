@@ -11,6 +11,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.inspection import verify
 from data_pipeline.prepare import merge_parts, prepare
 from data_pipeline.shards import ShardIndex, read_shard, token_dtype
+from data_pipeline.sources import DocumentStream
 from data_pipeline.testing import embedded_sample, fineweb_records, write_records
 from data_pipeline.tokenizer import file_hash, load_tokenizer, train_sentencepiece
 
@@ -428,3 +429,53 @@ def test_merge_names_the_part_that_is_missing_or_different(five_files, tokenizer
         merge_parts(str(out))
     with pytest.raises(DataError, match=r"--part 0/6: the source has 5 file\(s\)"):
         _run(five_files, tokenizer_path, tmp_path / "six", part=(0, 6))
+
+
+def test_a_part_reports_progress_through_its_own_files(five_files):
+    """Parts of 2, 2 and 1 files: each one's progress runs from 0 to the bytes of its own files."""
+    import glob
+
+    sizes = [os.path.getsize(p) for p in sorted(glob.glob(five_files))]
+    for k, files in enumerate([sizes[:2], sizes[2:4], sizes[4:]]):
+        stream = DocumentStream(five_files, part=(k, 3))
+        assert stream.source_bytes == sum(files)
+        for _ in stream:
+            assert 0 <= stream.bytes_read <= stream.source_bytes
+        assert stream.bytes_read == sum(files)
+
+
+def test_progress_outside_a_terminal_is_a_full_line_per_interval(tmp_path, tokenizer_path):
+    """A batch job's log (stderr not a terminal): whole progress lines with rates, shards, the share of the source
+    read and an ETA, then a final one; not one truncated line at the end."""
+    import re
+    import subprocess
+    import sys
+
+    # ~1 MB of text in four files: four tasks of 256 kB, a line after each
+    docs = fineweb_records(embedded_sample(400, max_chars=3000))
+    for part in range(4):
+        write_records(tmp_path / "src" / f"part-{part}.jsonl.zst", docs[part * 100:(part + 1) * 100])
+    source = str(tmp_path / "src" / "*.jsonl.zst")
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "prepare", "--source", source, "--tokenizer",
+                           tokenizer_path, "--workers", "0", "--shard-tokens", "40000", "--out", str(tmp_path / "out"),
+                           "--progress-interval", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    line = re.compile(rf"^prepare {re.escape(source)}: [\d,]+ docs [\d,]+ docs/s \| [\d.]+ MB/s \| [\d,]+ tokens "
+                      rf"[\d,]+ tokens/s \| \d+ shards \| [\d.]+% of [\d.]+ MB(, ETA \d+:\d\d:\d\d)?")
+    assert len(lines) > 3 and all(line.match(x) for x in lines), lines
+    assert any(", ETA " in x for x in lines[1:-1])
+    shards = len(json.loads((tmp_path / "out" / "index.json").read_text())["shards"])
+    assert f"| {shards} shards | 100.0% of " in lines[-1] and lines[-1].endswith(" elapsed")
+
+
+def test_library_warnings_are_printed_once():
+    """huggingface_hub's retry warnings (its own handler and the root's) appear once, as a mor-data line."""
+    import subprocess
+    import sys
+
+    code = ("from data_pipeline.cli import configure_logging; configure_logging(); "
+            "from huggingface_hub.utils import logging; "
+            "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.splitlines() == ["mor-data: Retrying in 1s [Retry 1/5]."]
