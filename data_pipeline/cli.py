@@ -39,14 +39,18 @@ def cmd_train_tokenizer(args, console: Console) -> int:
     from data_pipeline.tokenizer import load_tokenizer, train_sentencepiece
 
     stream = _stream(args)
+    used: dict = {}
     path = train_sentencepiece(stream, args.out, args.vocab_size, model_type=args.model_type,
                                byte_fallback=not args.no_byte_fallback, sample_bytes=int(args.sample_mb * 1e6),
-                               threads=args.threads)
+                               threads=args.threads, character_coverage=args.character_coverage, used=used)
     tokenizer = load_tokenizer(path)
     bad = stream.bad.total
+    capped = used["bytes"] >= args.sample_mb * 1e6
     console.print(f"wrote {path}: {args.model_type} vocab {tokenizer.vocab_size} (pad {tokenizer.pad_id}, "
-                  f"bos {tokenizer.bos_id}, eos {tokenizer.eos_id}), sha256 {tokenizer.hash}"
-                  + (f"; skipped {bad} bad records" if bad else ""), markup=False)
+                  f"bos {tokenizer.bos_id}, eos {tokenizer.eos_id}), sha256 {tokenizer.hash}; trained on "
+                  f"{used['bytes'] / 1e6:,.1f} MB of text ({used['documents']:,} documents, {used['lines']:,} lines"
+                  + (f", the first --sample-mb {args.sample_mb:g} of the source" if capped else ", the whole source")
+                  + ")" + (f"; skipped {bad} bad records" if bad else ""), markup=False)
     return 0
 
 
@@ -184,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-byte-fallback", action="store_true", help="map unseen characters to <unk> instead of bytes")
     p.add_argument("--sample-mb", type=float, default=200.0, help="text to train on, from the start of the stream")
     p.add_argument("--threads", type=int, default=0, help="trainer threads (0 = all cores)")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of the sample's characters that get pieces of their own (default 0.9995; 1.0 for "
+                        "small alphabets, ~0.9995 for CJK); the rest are bytes (byte fallback) or <unk>")
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("prepare", help="tokenize a source into zstd token shards + index (resumable)")

@@ -107,11 +107,9 @@ def inspect(directory: str, *, tokenizer_path: str | None = None, samples: int =
 
 
 def verify_command(directory: str, tokenizer_path: str | None, console: Console) -> int:
-    try:
-        problems = verify(directory, tokenizer_path)
-    except ShardError as e:
-        console.print(f"FAILED {e}", markup=False)
-        return 1
+    """Exit 1 when the shards or the tokenizer do not check out; a directory that is not a prepared set (no or an
+    invalid index) raises ShardError, which `mor-data` reports as for every command (exit 2)."""
+    problems = verify(directory, tokenizer_path)
     for problem in problems:
         console.print(f"FAILED {problem}", markup=False)
     if problems:

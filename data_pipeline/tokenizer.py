@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -229,21 +230,46 @@ def load_tokenizer(path: str) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
-def _training_lines(documents: Iterable[str], sample_bytes: int) -> Iterable[str]:
-    """Non-empty lines of the documents, up to ``sample_bytes`` of text; SentencePiece trains on lines."""
-    seen = 0
+def _training_lines(documents: Iterable[str], sample_bytes: int, used: dict) -> Iterable[str]:
+    """Non-empty lines of the documents, up to ``sample_bytes`` of text; SentencePiece trains on lines. ``used``
+    counts what was read: documents, lines, UTF-8 bytes."""
+    used.update(documents=0, lines=0, bytes=0)
     for doc in documents:
         for line in doc.split("\n"):
             if line.strip():
+                used["lines"] += 1
                 yield line[:_TRAIN_LINE_CHARS]
-        seen += len(doc)
-        if sample_bytes and seen >= sample_bytes:
+        used["documents"] += 1
+        used["bytes"] += len(doc.encode("utf-8", "surrogatepass"))
+        if sample_bytes and used["bytes"] >= sample_bytes:
             return
 
 
+# SentencePiece's trainer flags, as `mor-data train-tokenizer` names them
+_SP_FLAGS = {"vocab_size": "--vocab-size", "character_coverage": "--character-coverage",
+             "input_sentence_size": "--sample-mb", "model_type": "--model-type", "byte_fallback": "--no-byte-fallback"}
+
+
+def _without_location(message: str) -> str:
+    """SentencePiece's error without its source location (`trainer_interface.cc(123) [cond] `)."""
+    return re.sub(r"^[A-Z_]+: \S+\.cc\(\d+\) \[.*?\] ", "", message.strip())
+
+
+def sentencepiece_advice(message: str) -> str:
+    """SentencePiece's error without its source location, its flag names replaced by mor-data's."""
+    text = _without_location(message)
+    text = re.sub(r"\b(\w+) with --\1 option", r"\1", text)  # "decrease x with --x option"
+    text = re.sub(r"(?<![-\w])-?-?(" + "|".join(_SP_FLAGS) + r")\b", lambda m: _SP_FLAGS[m[1]], text)
+    if "Vocabulary size too high" in text:
+        text += " (lower --vocab-size, or raise --sample-mb for more text)"
+    return text
+
+
 def train_sentencepiece(documents: Iterable[str], out_prefix: str, vocab_size: int, *, model_type: str = "bpe",
-                        byte_fallback: bool = True, sample_bytes: int = 200_000_000, threads: int = 0) -> str:
+                        byte_fallback: bool = True, sample_bytes: int = 200_000_000, threads: int = 0,
+                        character_coverage: float = 0.9995, used: dict | None = None) -> str:
     """Train a SentencePiece model on (a prefix of) ``documents`` and write ``{out_prefix}.model`` atomically.
+    ``used`` (when given) receives the documents, lines and bytes of text the training read.
 
     Ids: pad=0, unk=1, bos=2, eos=3. Normalization is the identity and whitespace is kept as is, so
     ``decode(encode(text)) == text`` for any text (with byte fallback, unseen characters become byte pieces);
@@ -254,18 +280,19 @@ def train_sentencepiece(documents: Iterable[str], out_prefix: str, vocab_size: i
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_training_lines(documents, sample_bytes)), model_writer=model,
+            sentence_iterator=iter(_training_lines(documents, sample_bytes, used if used is not None else {})),
+            model_writer=model, character_coverage=character_coverage,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"], max_sentence_length=4 * _TRAIN_LINE_CHARS,
             num_threads=threads or os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-        reason = str(e).splitlines()[-1]
-        if "Vocabulary size" in reason:  # e.g. "… Vocabulary size too high (100000). Please set it to …"
-            why = f"vocab size {vocab_size}: {reason.split('] ', 1)[-1]}"
-            raise VocabSizeError(f"SentencePiece training for {out_prefix}.model failed: {why}", why) from None
-        raise DataError(f"SentencePiece training for {out_prefix}.model failed: {reason}") from None
+        raw = str(e).splitlines()[-1]
+        message = f"SentencePiece training for {out_prefix}.model failed: {sentencepiece_advice(raw)}"
+        if "Vocabulary size" in raw:  # e.g. "… Vocabulary size too high (100000). Please set it to …"
+            raise VocabSizeError(message, f"vocab size {vocab_size}: {_without_location(raw)}") from None
+        raise DataError(message) from None
     path = f"{out_prefix}.model"
     atomic_write_bytes(path, model.getvalue())
     return path

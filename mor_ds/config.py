@@ -8,6 +8,7 @@ Every error is a `ConfigError` whose one-line message names the offending key an
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -16,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import yaml
 
@@ -62,7 +63,29 @@ def yaml_error(exc: yaml.YAMLError) -> str:
 
 
 class ConfigError(ValueError):
-    """A bad config value; the message names the key (`model.hidden_size`) and the value."""
+    """A bad config value; the message names the key (`model.hidden_size`) and the value. Several problems found at
+    once are all in one message: `2 problems: a.b=1: …; c.d=2: …` (each also in `problems`)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+def _raise_all(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems: " + "; ".join(problems), problems)
+
+
+_AMOUNT_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_AMOUNT = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*")
+
+
+def parse_amount(text: str) -> float | None:
+    """`20e9`, `20B`, `16.5e18`, `2.1M` -> float (k/M/B|G/T suffixes); None if `text` is not such a number."""
+    match = _AMOUNT.fullmatch(text)
+    return float(match[1]) * _AMOUNT_SUFFIX[match[2].lower()] if match else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +291,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: {value!r} is not a list")
         (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items, problems = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(_coerce(v, item_tp, f"{key}[{i}]"))
+            except ConfigError as exc:
+                problems.append(str(exc))
+        _raise_all(problems)
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -283,12 +313,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a bool (true/false)")
         return value
     if tp is int:
+        if isinstance(value, str) and parse_amount(value) is not None:  # 20B tokens, as `mor-ds plan --tokens`
+            value = parse_amount(value)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{key}: {value!r} is not an int")
         return value
     if tp is float:
+        if isinstance(value, str) and parse_amount(value) is not None:
+            value = parse_amount(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
         return float(value)
@@ -300,19 +334,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_mapping(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """The dataclass `cls` from a mapping, every value type-checked; a ConfigError names the key (`prefix.key`)."""
+    """The dataclass `cls` from a mapping, every value type-checked; every unknown key (with a did-you-mean), bad
+    value and missing required key is reported, in one ConfigError naming each (`prefix.key`)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs, problems = {}, []
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             noun = getattr(cls, "KEY_NOUN", "key")
-            raise ConfigError(f"{full}: unknown {noun} (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(value, hints[key], full)
+            close = difflib.get_close_matches(key, fields, n=1)
+            problems.append(f"{full}: unknown {noun}" + (f" (did you mean {close[0]}?)" if close else "")
+                            + f" (known: {', '.join(sorted(fields))})")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], full)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}.{name}: missing" if prefix else f"{name}: missing")
+            problems.append(f"{prefix}.{name}: missing" if prefix else f"{name}: missing")
+    _raise_all(problems)
     return cls(**kwargs)
 
 
@@ -407,45 +449,49 @@ def with_absolute_paths(cfg: Config) -> Config:
 # validation: every message names the key and the value
 
 
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {why}")
-
-
-def _non_finite(section: Any, prefix: str) -> tuple[str, float] | None:
-    """The first float field (or list item) of a config tree that is NaN or infinite: no setting of a run means
-    one (an infinite budget, learning rate or init scale only poisons the run later)."""
+def _non_finite(section: Any, prefix: str) -> Iterator[tuple[str, float]]:
+    """Every float field (or list item) of a config tree that is NaN or infinite: no setting of a run means one (an
+    infinite budget, learning rate or init scale only poisons the run later)."""
     for f in dataclasses.fields(section):
         value, key = getattr(section, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            found = _non_finite(value, f"{key}.")
-            if found:
-                return found
+            yield from _non_finite(value, f"{key}.")
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for i, item in items:
             if isinstance(item, float) and not math.isfinite(item):
-                return (key if i is None else f"{key}[{i}]"), item
-    return None
+                yield (key if i is None else f"{key}[{i}]"), item
 
 
 def validate(cfg: Config) -> None:
-    bad = _non_finite(cfg, "")
-    if bad is not None:
-        _check(False, bad[0], bad[1], "must be a finite number")
+    """Every rule below is checked; one ConfigError names every value that breaks one (a NaN/inf value once, as
+    not finite)."""
+    problems = [f"{key}={value!r}: must be a finite number" for key, value in _non_finite(cfg, "")]
+    non_finite = {key.split("[", 1)[0] for key, _ in _non_finite(cfg, "")}  # a list's key for its items too
+
+    def _check(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok and key.split("[", 1)[0] not in non_finite:
+            problems.append(f"{key}={value!r}: {why}")
+
+    _rules(cfg, _check)
+    _raise_all(problems)
+
+
+def _rules(cfg: Config, _check: Callable[[bool, str, Any, str], None]) -> None:
     m, r, t, o = cfg.model, cfg.router, cfg.train, cfg.optim
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
-    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
-           f"must be divisible by model.num_heads={m.num_heads}")
-    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
-           f"must divide model.num_heads={m.num_heads}")
+    if m.num_heads >= 1 and m.num_kv_heads >= 1:  # (else reported above)
+        _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+               f"must be divisible by model.num_heads={m.num_heads}")
+        _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+               f"must divide model.num_heads={m.num_heads}")
     _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _check(m.loss_chunk_size >= 1, "model.loss_chunk_size", m.loss_chunk_size, "must be >= 1")
     _check(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     _check(m.num_recursions >= 1, "model.num_recursions", m.num_recursions, "must be >= 1")
     if m.family == ModelFamily.VANILLA:
         _check(m.num_recursions == 1, "model.num_recursions", m.num_recursions, "must be 1 for model.family=vanilla")
-    else:
+    elif m.num_recursions >= 1 and m.num_layers >= 1:
         from mor_ds.models.sharing import sharing_error
 
         err = sharing_error(m.num_layers, m.num_recursions, m.sharing)
@@ -474,8 +520,8 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _check(t.global_batch_size >= t.micro_batch_size, "train.global_batch_size", t.global_batch_size,
            f"must be >= train.micro_batch_size={t.micro_batch_size}")
-    _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
-           f"must be a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _check(t.micro_batch_size < 1 or t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+           t.global_batch_size, f"must be a multiple of train.micro_batch_size={t.micro_batch_size}")
     for key in ("max_steps", "max_tokens", "max_flops"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "must be 0, 1, 2 or 3")

@@ -185,3 +185,40 @@ def test_each_choice_is_one_enum_for_config_registry_presets_and_sweep():
         load_config("tiny-mor", ["model.family=moe"])
     with pytest.raises(ConfigError, match=r"^model.sharing='sequence': MoR routes over contiguous"):
         load_config("tiny-mor", ["model.sharing=sequence"])
+
+
+def test_every_mistake_of_a_yaml_file_is_reported_at_once(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny-mor\nmodel: {hiden_size: 64, num_heads: many}\noptim: {lr: -1}\n"
+                    "train: {seq_len: 1, zero_stage: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    message = str(err.value)
+    assert message.startswith("2 problems: model.num_heads: 'many' is not an int; model.hiden_size: unknown key "
+                              "(did you mean hidden_size?) (known: ") and "\n" not in message
+    path.write_text("preset: tiny-mor\noptim: {lr: -1}\ntrain: {seq_len: 1, zero_stage: 4}\n")
+    with pytest.raises(ConfigError) as err:  # the values parse: every rule they break
+        load_config(str(path))
+    assert str(err.value) == ("3 problems: train.seq_len=1: must be >= 2; train.zero_stage=4: must be 0, 1, 2 or 3; "
+                              "optim.lr=-1.0: must be > 0")
+
+
+def test_amounts_take_the_planner_suffixes():
+    cfg = load_config("tiny-mor", ["train.max_tokens=20B", "train.max_flops=1.5e18", "train.max_steps=2k"])
+    assert (cfg.train.max_tokens, cfg.train.max_flops, cfg.train.max_steps) == (20_000_000_000, 1.5e18, 2000)
+    with pytest.raises(ConfigError, match=r"train.max_tokens: '20 bananas' is not an int"):
+        load_config("tiny-mor", ["train.max_tokens=20 bananas"])
+    with pytest.raises(ConfigError, match=r"train.max_steps: 1.5 is not an int"):
+        load_config("tiny-mor", ["train.max_steps=1.5"])
+
+
+@pytest.mark.parametrize("name,message", [
+    ("mor-360m-nr5", "preset 'mor-360m-nr5': -nr5 is not a preset (N in 2, 3, 4; other depths: a YAML config with "
+                     "model.num_recursions)"),
+    ("mor-360-nr3", "preset 'mor-360-nr3': unknown (did you mean mor-360m-nr3"),
+])
+def test_preset_names_say_what_exists(name, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(name)
+    assert str(err.value).startswith(message)
+    assert {"mor-360m-nr3-kvshare", "recursive-135m-nr2-kvshare", "mor-1.7b-nr4-tc-kvshare"} <= set(list_presets())

@@ -479,3 +479,22 @@ def test_library_warnings_are_printed_once():
             "logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stderr.splitlines() == ["mor-data: Retrying in 1s [Retry 1/5]."]
+
+
+def test_verify_and_inspect_treat_a_missing_index_alike(tmp_path, capsys):
+    for command in ("verify", "inspect"):
+        assert main([command, str(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip() == (f"mor-data {command}: error: {tmp_path}/index.json: no shard "
+                                                   f"index; make one with `mor-data prepare`")
+
+
+def test_train_tokenizer_says_how_much_text_it_used_and_advises_in_our_flags(tmp_path, source, capsys):
+    assert main(["train-tokenizer", "--source", source, "--vocab-size", "400", "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    docs = sum(1 for _ in DocumentStream(source))
+    assert f"; trained on 0.1 MB of text ({docs} documents, " in out and "lines, the whole source)" in out
+    assert main(["train-tokenizer", "--source", source, "--vocab-size", "40", "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mor-data train-tokenizer: error: SentencePiece training for {tmp_path}/u.model failed: "
+                          f"Vocabulary size is smaller than required_chars. 40 vs ")
+    assert err.endswith("Increase --vocab-size or decrease --character-coverage.")

@@ -5,24 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 
 from rich.console import Console
 from rich.table import Table
 
-from mor_ds.config import Config, ConfigError, load_config
+from mor_ds.config import Config, ConfigError, load_config, parse_amount
 from mor_ds.flops import CONVENTIONS, estimate_memory, flops_breakdown, param_counts, plan_budget
 from mor_ds.presets import list_presets
 
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
 def amount(text: str) -> float:
-    """`20e9`, `20B`, `16.5e18`, `2.1M` -> float (k/M/B|G/T suffixes)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
-    if not match or float(match[1]) <= 0:
+    """`20e9`, `20B`, `16.5e18`, `2.1M` -> float (k/M/B|G/T suffixes, as config values take them)."""
+    value = parse_amount(text)
+    if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number (e.g. 20e9, 20B, 16.5e18)")
-    return float(match[1]) * _SUFFIX[match[2].lower()]
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ Defaults follow the paper: middle-cycle sharing, expert-choice routing, recursio
 
 from __future__ import annotations
 
+import difflib
 import re
 from functools import cache
 from pathlib import Path
@@ -45,8 +46,10 @@ def preset_dict(name: str) -> dict[str, Any]:
     """The config dict of a preset name; a ConfigError naming the preset if it does not parse."""
     match = _NAME.match(name)
     if not match:
-        raise ConfigError(f"preset {name!r}: unknown (see `mor-ds plan --list`; scheme "
-                          "<family>-<size>[-nr<N>][-tc][-kvshare])")
+        close = difflib.get_close_matches(name, list_presets(), n=3, cutoff=0.75)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"preset {name!r}: unknown ({hint}see `mor-ds plan --list`; scheme "
+                          f"<family>-<size>[-nr<N>][-tc][-kvshare], N in {', '.join(map(str, NUM_RECURSIONS))})")
     tiny = match["tiny_family"] is not None
     family = ModelFamily(match["tiny_family"] or match["family"])
     nr = int(match["nr"]) if match["nr"] else None
@@ -54,12 +57,14 @@ def preset_dict(name: str) -> dict[str, Any]:
         raise ConfigError(f"preset {name!r}: vanilla presets take no -nr/-tc/-kvshare suffix")
     if family != ModelFamily.VANILLA and nr is None:
         if not tiny:
-            raise ConfigError(f"preset {name!r}: {family} presets need -nr<N> (N in 2, 3, 4)")
+            raise ConfigError(f"preset {name!r}: {family} presets need -nr<N> (N in "
+                              f"{', '.join(map(str, NUM_RECURSIONS))})")
         nr = TINY_DEFAULT_NR
     if match["tc"] and family != ModelFamily.MOR:
         raise ConfigError(f"preset {name!r}: -tc (token-choice routing) is for mor presets")
-    if nr is not None and nr < 1:
-        raise ConfigError(f"preset {name!r}: -nr must be >= 1")
+    if nr is not None and nr not in NUM_RECURSIONS:
+        raise ConfigError(f"preset {name!r}: -nr{nr} is not a preset (N in {', '.join(map(str, NUM_RECURSIONS))}; "
+                          f"other depths: a YAML config with model.num_recursions)")
 
     data = _yaml("tiny") if tiny else merge(_yaml("_paper_recipe"), _yaml(match["size"]))
     model: dict[str, Any] = {"family": family.value}
@@ -79,11 +84,16 @@ def preset_dict(name: str) -> dict[str, Any]:
     return merge(data, overlay)
 
 
+@cache
 def list_presets() -> list[str]:
+    """Every name the scheme accepts."""
     names = []
     for size in PAPER_SIZES:
         names.append(f"vanilla-{size}")
         for nr in NUM_RECURSIONS:
-            names += [f"recursive-{size}-nr{nr}", f"mor-{size}-nr{nr}", f"mor-{size}-nr{nr}-tc"]
-    names += ["tiny-vanilla", "tiny-recursive", "tiny-mor", "tiny-mor-tc", "tiny-mor-kvshare"]
+            for stem in (f"recursive-{size}-nr{nr}", f"mor-{size}-nr{nr}", f"mor-{size}-nr{nr}-tc"):
+                names += [stem, f"{stem}-kvshare"]
+    names.append("tiny-vanilla")
+    for stem in ("tiny-recursive", "tiny-mor", "tiny-mor-tc"):
+        names += [stem, f"{stem}-kvshare"]
     return names
