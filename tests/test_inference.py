@@ -458,6 +458,16 @@ def test_generate_command_on_an_export_and_a_config_dir(tmp_path, capsys):
         assert main(["generate", "--checkpoint", str(ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens", "6",
                      "--no-stop", "--json", "--device", "cpu"]) == 0
         assert json.loads(capsys.readouterr().out.splitlines()[0])["output_ids"] == expected
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "5,6,7", "--prompt-ids", "9",
+                 "--max-new-tokens", "6", "--no-stop", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"=== 1/2 prompt (3 tokens) ===\n5 6 7\n=== 1/2 output (6 tokens, length) ===\n"
+                          f"{' '.join(map(str, expected))}\n\n=== 2/2 prompt (1 tokens) ===\n9\n")
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "5,6,7", "--max-new-tokens",
+                 str(cfg.train.seq_len), "--no-stop", "--device", "cpu", "--json"]) == 0
+    assert capsys.readouterr().err.startswith(
+        f"mor-ds generate: warning: the longest prompt (3 tokens) + --max-new-tokens {cfg.train.seq_len} = "
+        f"{cfg.train.seq_len + 3} tokens exceeds the model's context of {cfg.train.seq_len} (train.seq_len)")
     assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt-ids", "1"]) == 2
     assert "missing: not found" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,999", "--no-stop"]) == 2

@@ -13,7 +13,6 @@ from pathlib import Path
 DEMO_PRESET = "tiny-mor"
 DEMO_STEPS = 150  # ~1.5 min of training on 2 idle CPU cores (tiny-mor: ~7k tokens/s, 4096 tokens/step)
 EXPORT_FILE = "model.safetensors"
-PLOT_FILE = "loss_curve.png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,31 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def plot_losses(metrics_path: Path, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mor_ds.train.callbacks.metrics import read_metrics
-
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records]
-    val = [(r["step"], r["val/loss"]) for r in records if "val/loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(*zip(*train), label="train loss (LM)", lw=1.5)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-
-
 def run(args: argparse.Namespace) -> int:
     from mor_ds import distributed
     from mor_ds.weights import export_checkpoint
@@ -58,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from mor_ds.config import load_config
     from mor_ds.train.callbacks.metrics import METRICS_FILE, read_metrics
     from mor_ds.train.faults import EXIT_OK
+    from mor_ds.train.plot import PLOT_FILE
     from mor_ds.train.run import train
 
     overrides = [f"train.max_steps={args.steps}", *args.overrides]
@@ -81,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print("== 3/4 eval: the exported model on the held-out shard", flush=True)
     result = evaluate_checkpoint(str(run_dir / EXPORT_FILE))
     print("== 4/4 summary", flush=True)
-    records = read_metrics(run_dir / METRICS_FILE)
-    plot_losses(run_dir / METRICS_FILE, run_dir / PLOT_FILE, f"{cfg.name}: {records[-1]['step']} steps on CPU")
+    records = read_metrics(run_dir / METRICS_FILE)  # the trainer drew RUN_DIR/loss_curve.png
     first, last = records[0], records[-1]
     print(f"  steps {last['step']} | tokens {last['tokens']:,} | train loss {first['loss']:.3f} → {last['loss']:.3f}\n"
           f"  val loss {result['val/loss']:.3f} (ppl {result['val/ppl']:.1f}) on {result['val/tokens']:,} held-out "

@@ -109,19 +109,27 @@ def run(args: argparse.Namespace) -> int:
     stop = None if args.no_stop or tokenizer is None else tokenizer.eos_id
 
     longest = max(len(p) for p in prompts)
+    context = cfg.train.seq_len
+    if longest + args.max_new_tokens > context:
+        print(f"mor-ds generate: warning: the longest prompt ({longest} tokens) + --max-new-tokens "
+              f"{args.max_new_tokens} = {longest + args.max_new_tokens} tokens exceeds the model's context of "
+              f"{context} (train.seq_len): positions past {context} were never trained", file=sys.stderr)
     engine = Engine(model, max_slots=min(args.max_batch, len(prompts)), max_len=longest + args.max_new_tokens,
                     cuda_graph=args.cuda_graph, seed=args.seed)
     requests = [Request(p, args.max_new_tokens, sampling, stop) for p in prompts]
     start = time.perf_counter()
     engine.run(requests)
     elapsed = time.perf_counter() - start
-    for req in requests:
+    for number, req in enumerate(requests, 1):
         text = tokenizer.decode(req.output) if tokenizer is not None else None
         if args.json:
             print(json.dumps({"prompt_ids": req.prompt, "output_ids": req.output, "text": text,
                               "finish_reason": req.finish_reason}))
-        else:
-            print(text if text is not None else " ".join(map(str, req.output)))
+            continue
+        prompt = tokenizer.decode(req.prompt) if tokenizer is not None else " ".join(map(str, req.prompt))
+        print(f"=== {number}/{len(requests)} prompt ({len(req.prompt)} tokens) ===\n{prompt}\n"
+              f"=== {number}/{len(requests)} output ({len(req.output)} tokens, {req.finish_reason}) ===\n"
+              + (text if text is not None else " ".join(map(str, req.output))) + "\n", flush=True)
     depth = engine.stats.depth_fractions()
     print(f"# {engine.stats.tokens} tokens in {elapsed:.2f} s ({engine.stats.tokens / elapsed:.1f} tokens/s)"
           + (f", recursion depth distribution {depth}" if depth else ""), file=sys.stderr)

@@ -15,8 +15,8 @@ from mor_ds.config import Config, from_saved
 from mor_ds.flops import plan_budget
 from mor_ds.models import build_model
 from mor_ds.provenance import append_start, start_record
-from mor_ds.train.callbacks import (CheckpointCallback, EvalCallback, MetricsLogger, NonFiniteGuard, ShardAudit,
-                                    SignalHandler, Throughput, WandbLogger)
+from mor_ds.train.callbacks import (CheckpointCallback, EvalCallback, LossCurve, MetricsLogger, NonFiniteGuard,
+                                    ShardAudit, SignalHandler, Throughput, WandbLogger)
 from mor_ds.train.checkpoint_dir import (CheckpointManager, CheckpointRef, checkpoint_meta, complete_checkpoints,
                                          newest_first, resolve_checkpoint, universal_checkpoint)
 from mor_ds.train.data import build_data, resolve_data_config
@@ -129,7 +129,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
         cfg=cfg, run_dir=run_dir, env=env, device=device, engine=engine, train_loader=data.train,
         make_val_batches=data.make_val_batches, total_steps=plan.steps, flops_per_token=plan.flops_per_token,
         callbacks=[NonFiniteGuard(), SignalHandler(), ShardAudit(data.shard_dir, data.train_shards), Throughput(),
-                   EvalCallback(), MetricsLogger(console), WandbLogger(), CheckpointCallback(manager)],
+                   EvalCallback(), MetricsLogger(console), WandbLogger(), LossCurve(), CheckpointCallback(manager)],
         eos_id=data.tokenizer.eos_id if cfg.model.document_mask else None, faults=faults, num_params=num_params)
     if ref is not None:
         trainer.load_client_state(engine.load(load.root, load.tag), str(ref.path))

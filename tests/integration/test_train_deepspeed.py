@@ -715,6 +715,7 @@ def test_a_run_records_absolute_paths_and_what_it_read(new_user_run, fineweb, tm
     assert checkpoint_meta(latest_checkpoint(new_user_run / "checkpoints"))["provenance"] == start
     (wandb_file,) = (new_user_run / "wandb").glob("offline-run-*/run-*.wandb")
     assert run_info(wandb_file)["config"]["provenance"] == start
+    assert (new_user_run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every run draws its curve
     # the run's relative paths were resolved when it started: eval works from any directory
     code, out = mor_ds(tmp_path, "eval", "--checkpoint", str(new_user_run), "--batches", "1")
     assert code == 0 and "val loss" in out, out[-3000:]
