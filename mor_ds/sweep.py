@@ -795,3 +795,92 @@ def submit(sweep: Sweep, resubmit: tuple[str, ...] = (), echo=print) -> SubmitSt
             raise SweepError(f"arm {arm.name}: sbatch failed: {exc}; submitted so far: {done} (recorded in "
                              f"{state.path}; re-run to submit the rest)") from None
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# status
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """job id -> Slurm state (PENDING, RUNNING, COMPLETED, …): `scontrol show job` (queued jobs and those finished
+    within MinJobAge), else `sacct` (when accounting is on), else "unknown"."""
+    states: dict[str, str] = {}
+    for job in job_ids:
+        if shutil.which("scontrol"):
+            out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            match = re.search(r"\bJobState=(\S+)", out)
+            if match:
+                states[job] = match.group(1)
+                continue
+        if shutil.which("sacct"):
+            proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], capture_output=True,
+                                  text=True)
+            lines = proc.stdout.split() if proc.returncode == 0 else []
+            if lines:
+                states[job] = lines[-1]
+                continue
+        states[job] = "unknown"
+    return states
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    return (f"{days}-" if days else "") + f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+
+
+def arm_progress(sweep: Sweep, arm: Arm) -> dict[str, Any]:
+    """What the arm's run dir says: last logged step (of the planned steps), loss, latest val loss, tokens/s and the
+    ETA at that rate (queue time, eval and checkpoints not counted)."""
+    from mor_ds.train.callbacks.metrics import METRICS_FILE, read_metrics
+
+    path = sweep.arm_dir(arm) / METRICS_FILE
+    records = read_metrics(path) if path.is_file() else []
+    out: dict[str, Any] = {"step": 0, "steps": arm.plan.steps, "loss": None, "val_loss": None,
+                           "tokens_per_s": None, "eta_s": None}
+    if not records:
+        return out
+    last = records[-1]
+    rates = [r["perf/tokens_per_s"] for r in records if r.get("perf/tokens_per_s")]
+    vals = [r["val/loss"] for r in records if "val/loss" in r]
+    out.update(step=last["step"], loss=last["loss"], val_loss=vals[-1] if vals else None,
+               tokens_per_s=rates[-1] if rates else None)
+    if out["tokens_per_s"]:
+        out["eta_s"] = (arm.plan.steps - last["step"]) * arm.plan.tokens_per_step / out["tokens_per_s"]
+    return out
+
+
+def status(sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per arm: its jobs (from the state file) and their Slurm states, and its progress."""
+    state = SubmitState.load(sweep.output_dir / STATE_FILE)
+    jobs = [j for r in state.arms.values() for j in (r.get("job_id"), r.get("eval_job_id")) if j]
+    states = slurm_states(jobs) if jobs else {}
+    rows = []
+    for arm in sweep.arms:
+        record = state.arms.get(arm.name, {})
+        job, eval_job = record.get("job_id"), record.get("eval_job_id")
+        rows.append({"arm": arm.name, "job_id": job, "state": states.get(job, "not submitted") if job else
+                     "not submitted", "eval_job_id": eval_job, "eval_state": states.get(eval_job) if eval_job else None,
+                     **arm_progress(sweep, arm)})
+    return rows
+
+
+def status_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
+    head = ("arm", "job", "state", "step", "loss", "val loss", "tokens/s", "ETA", "eval job")
+    def fmt_loss(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    body = []
+    for r in rows:
+        eta = "done" if r["step"] >= r["steps"] else "-" if r["eta_s"] is None else _duration(r["eta_s"])
+        body.append((r["arm"], r["job_id"] or "-", r["state"], f"{r['step']}/{r['steps']}", fmt_loss(r["loss"]),
+                     fmt_loss(r["val_loss"]), "-" if r["tokens_per_s"] is None else _si(r["tokens_per_s"]), eta,
+                     f"{r['eval_job_id']} {r['eval_state']}" if r["eval_job_id"] else "-"))
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i in (0, 2, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+                         ).rstrip()
+
+    return "\n".join([f"sweep {sweep.name}: {len(rows)} arms, output {sweep.output_dir} (ETA: the remaining steps at "
+                      f"the last logged tokens/s)", fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, body)])

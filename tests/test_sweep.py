@@ -16,7 +16,7 @@ from mor_ds.config import load_config
 from mor_ds.flops import flops_per_token
 from mor_ds.models.sharing import paper_num_layers
 from mor_ds.sweep import (SlurmSpec, SubmitState, SweepError, load_sweep, render_eval, render_script, render_train,
-                          submit, time_limit_seconds)
+                          status, submit, time_limit_seconds)
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "slurm" / "sweeps"
@@ -367,3 +367,34 @@ def test_slurm_spec_task_count():
     assert SlurmSpec(nodes=2, gpus_per_node=4).world_size == 8
     assert SlurmSpec(nodes=1, gpus_per_node=0, tasks_per_node=2).world_size == 2
     assert SlurmSpec(nodes=1, gpus_per_node=0).world_size == 1
+
+
+def test_status_lists_jobs_states_steps_losses_and_eta(tmp_path, monkeypatch, capsys):
+    """Without Slurm's commands the state is unknown; the rest comes from the state file and the arm's metrics.
+    Against a real Slurm: tests/integration/test_slurm.py."""
+    import json
+
+    path = write_sweep(tmp_path, name="st", budget={"tokens": 4096 * 10}, output_dir=str(tmp_path / "out"),
+                       grid={"family": ["vanilla", "mor"], "size": ["tiny"]})
+    sweep = load_sweep(path)
+    vanilla, mor = sweep.arms
+    state = SubmitState(sweep.output_dir / "sweep-state.json", {vanilla.name: {"job_id": "41", "eval_job_id": None}})
+    sweep.output_dir.mkdir()
+    state.save(sweep.name)
+    run = sweep.arm_dir(vanilla)
+    run.mkdir()
+    records = [{"step": 2, "loss": 7.5, "perf/tokens_per_s": 1000.0}, {"step": 4, "loss": 6.25, "val/loss": 6.5,
+                                                                        "perf/tokens_per_s": 2048.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, no sacct
+    rows = {r["arm"]: r for r in status(sweep)}
+    assert rows[vanilla.name] == {"arm": vanilla.name, "job_id": "41", "state": "unknown", "eval_job_id": None,
+                                  "eval_state": None, "step": 4, "steps": 10, "loss": 6.25, "val_loss": 6.5,
+                                  "tokens_per_s": 2048.0, "eta_s": 6 * 4096 / 2048.0}
+    assert rows[mor.name]["state"] == "not submitted" and rows[mor.name]["step"] == 0
+    assert main(["sweep", "status", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["arm", "job", "state", "step", "loss", "val", "loss", "tokens/s", "ETA", "eval", "job"]
+    assert lines[3].split() == [vanilla.name, "41", "unknown", "4/10", "6.2500", "6.5000", "2.05k", "00:00:12", "-"]
+    assert lines[4].split() == [mor.name, "-", "not", "submitted", "0/10", "-", "-", "-", "-", "-"]
+    assert main(["sweep", "stats", str(path)]) == 2

@@ -170,6 +170,14 @@ def test_tiny_sweep_dry_run_then_two_arms_train_and_evaluate(cluster, cache, tmp
         finished_eval = wait_for(lambda job=eval_job: finished(job), f"arm {arm}'s eval to finish", log=eval_log)
         assert finished_eval == "COMPLETED", text(eval_log)
         assert json.loads(text(arm_dir / f"eval-{eval_job}.json"))["val/batches"] == 1
+    # status: each arm's jobs, their Slurm states, the last step and loss
+    shown = sweep_cli("status", str(path), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    for arm, steps in (("tiny-vanilla", 20), ("tiny-mor-nr2", 24)):
+        metrics = [json.loads(line) for line in text(tmp_path / "sweep" / arm / "metrics.jsonl").splitlines()]
+        row = next(line.split() for line in shown.stdout.splitlines() if line.startswith(arm + " "))
+        assert row == [arm, state[arm]["job_id"], "COMPLETED", f"{steps}/{steps}", f"{metrics[-1]['loss']:.4f}",
+                       f"{metrics[-1]['val/loss']:.4f}", row[6], "done", state[arm]["eval_job_id"], "COMPLETED"]
     # a re-run submits nothing
     again = sweep_cli(str(path), cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("already submitted") == 2
