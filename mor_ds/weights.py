@@ -43,10 +43,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
     model.load_state_dict(state, strict=True)  # every weight accounted for, names as the plain model has them
     metadata = {CONFIG_KEY: json.dumps(cfg.to_dict()), "step": str(meta["step"]),
                 "tokens": str(meta.get("tokens", "")), "source": str(ref.path)}
+    write_safetensors(model, out, metadata)
+    return metadata
+
+
+def write_safetensors(model: torch.nn.Module, out: str | Path, metadata: dict[str, str]) -> Path:
+    """`model`'s state dict to `out`, atomically (a reader never sees half a file), mode per the umask."""
+    from mor_ds.files import honour_umask
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save_safetensors_model(model, str(out), metadata=metadata)
-    return metadata
+    tmp = out.with_name(f".{out.name}.tmp")
+    _save_safetensors_model(model, str(tmp), metadata=metadata)
+    honour_umask(tmp)
+    tmp.replace(out)
+    return out
 
 
 def read_export_metadata(path: str | Path) -> dict[str, str]:

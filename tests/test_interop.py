@@ -231,3 +231,31 @@ def test_mor_ds_export_format_hf(tokenizer, tmp_path, capsys):
     assert cli_main(["export", "--checkpoint", str(path), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip() == ("mor-ds export: tokenizer: /nonexistent/tok.model: tokenizer file not "
                                                "found (pass --tokenizer PATH)")
+
+
+def test_exports_follow_the_umask_and_are_never_misnamed_or_silently_replaced(tokenizer, tmp_path, capsys):
+    """safetensors writes 0600 whatever the umask; on a shared cluster the group must read exports."""
+    import os
+    import stat
+
+    cfg = tiny_config("tiny-vanilla", f"data.tokenizer={tokenizer.path}")
+    old = os.umask(0o027)
+    try:
+        path = write_export(tiny_model(cfg), cfg, tmp_path / "model.safetensors", source="test")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert cli_main(["export", "--checkpoint", str(path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir() if p.is_file()}
+        assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    assert cli_main(["export", "--checkpoint", str(path), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.strip() == (f"mor-ds export: --out {tmp_path / 'hf'}: exists; pass --force to "
+                                               f"replace it")
+    assert cli_main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "x.bin")]) == 2
+    assert capsys.readouterr().err.strip() == (f"mor-ds export: --out {tmp_path / 'x.bin'}: the file is safetensors, "
+                                               f"name it *.safetensors")
+    assert cli_main(["import-hf", str(tmp_path / "hf"), "--out", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"mor-ds import-hf: --out {path}: exists; pass --force to replace it"
+    assert cli_main(["import-hf", str(tmp_path / "hf"), "--out", str(path), "--force"]) == 0
+    assert not (tmp_path / "x.bin").exists()

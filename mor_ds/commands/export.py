@@ -17,11 +17,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file (--format hf: a directory)")
     p.add_argument("--format", default="safetensors", choices=("safetensors", "hf"),
                    help="hf: a transformers directory (vanilla: LlamaForCausalLM; recursive/MoR: trust_remote_code)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_hf_export_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mor_ds.files import OutputError, check_output
+
+    try:
+        check_output(args.out, suffix=".safetensors" if args.format == "safetensors" else None, force=args.force)
+    except OutputError as exc:
+        print(f"mor-ds export: {exc}", file=sys.stderr)
+        return 2
     if args.format == "hf":
         from mor_ds.interop.hf_export import hf_export_main
 

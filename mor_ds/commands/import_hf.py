@@ -23,13 +23,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="preset or YAML whose non-model sections (data, optim, train…) the export carries")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of --config (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mor_ds.config import load_config
+    from mor_ds.files import OutputError, check_output
     from mor_ds.interop import InteropError, import_hf, write_export
 
+    try:
+        check_output(args.out, suffix=".safetensors", force=args.force)
+    except OutputError as exc:
+        print(f"mor-ds import-hf: {exc}", file=sys.stderr)
+        return 2
     try:
         base = load_config(args.config, args.overrides) if args.config else None
         model, cfg = import_hf(args.path, base)

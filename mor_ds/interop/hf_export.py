@@ -125,6 +125,7 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
     """Write `model` (+ its tokenizer) as a Hugging Face directory; returns the directory."""
     from data_pipeline.errors import DataError
     from data_pipeline.tokenizer import load_tokenizer
+    from mor_ds.files import honour_umask
 
     if dtype not in DTYPES:
         raise InteropError(f"export: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -144,6 +145,7 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
     if cfg.model.family != "vanilla":  # save_pretrained copies the modeling files; make sure all are there
         copy_modeling_files(out)
     export_tokenizer(tokenizer, out)
+    honour_umask(out)  # save_pretrained's safetensors files are 0600
     return out
 
 

@@ -61,15 +61,10 @@ def write_export(model: CausalLM, cfg: Config, out: str | Path, source: str) -> 
     """Save `model` as a mor-ds export (the single-safetensors format mor_ds.weights.load_model reads)."""
     import json
 
-    from safetensors.torch import save_model
+    from mor_ds.weights import CONFIG_KEY, write_safetensors
 
-    from mor_ds.weights import CONFIG_KEY
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out), metadata={CONFIG_KEY: json.dumps(cfg.to_dict()), "step": "0", "tokens": "",
+    return write_safetensors(model, out, {CONFIG_KEY: json.dumps(cfg.to_dict()), "step": "0", "tokens": "",
                                           "source": source})
-    return out
 
 
 def import_hf(path: str | Path, base: Config | None = None) -> tuple[CausalLM, Config]:
