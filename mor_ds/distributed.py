@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
 import socket
 import subprocess
+import sys
+import warnings
 from collections import Counter
 from datetime import timedelta
 from dataclasses import dataclass
@@ -146,6 +149,9 @@ def _deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    # DeepSpeed 0.19 calls the collectives torch 2.13 renamed; each call site warns once per process (rank)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
+                            r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     patches.disable_shm_op()
     return deepspeed
 
@@ -539,7 +545,15 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, tag: str) -> dict[
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    # zero_to_fp32 prints a banner and a progress bar for every load (eval, export, generate): kept out of the
+    # user's output, and shown only if the consolidation fails
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    except BaseException:
+        sys.stderr.write(chatter.getvalue())
+        raise
     return {clean_param_name(k): v for k, v in state.items()}
 
 

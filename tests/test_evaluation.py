@@ -259,3 +259,17 @@ def _prepared_shards(tmp_path):
     out = tmp_path / "shards"
     prepare(corpus, tok.path, str(out), workers=0, shard_tokens=2048, show_progress=False)
     return out
+
+
+def test_fewshot_outside_a_git_checkout_is_quiet_and_records_the_mor_ds_commit(tokenizer, tmp_path, capfd,
+                                                                                monkeypatch):
+    from mor_ds.provenance import code_version
+
+    cfg = tiny_config("tiny-vanilla", f"data.tokenizer={tokenizer.path}")
+    path = export_file(tmp_path, cfg, tiny_model(cfg))
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval", "--checkpoint", str(path), "--tasks", "mor_tiny_mc", "--include-path", str(TASKS_DIR),
+                     "--limit", "2", "--json", str(out)]) == 0
+    assert "not a git repository" not in capfd.readouterr().err
+    assert json.loads(out.read_text())["causal"]["git_hash"] == code_version().get("git_commit")

@@ -224,6 +224,11 @@ def test_mor_ds_export_format_hf(tokenizer, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model.to(torch.bfloat16).float()(ids).logits, atol=1e-4, rtol=1e-4)
 
+    # import-hf reads Llama checkpoints: a MoR export (custom code) is one line, no "run the custom code? [y/N]"
+    capsys.readouterr()
+    assert cli_main(["import-hf", str(out), "--out", str(tmp_path / "back.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"mor-ds import-hf: {out} needs its own modeling code "
+                                                      f"(config.json has auto_map)")
     # the checkpoint's config names a tokenizer that is gone: one line naming it
     gone = tiny_config("tiny-vanilla", "data.tokenizer=/nonexistent/tok.model")
     path = write_export(tiny_model(gone), gone, tmp_path / "gone.safetensors", source="test")

@@ -88,18 +88,25 @@ def run_fewshot(model, tokenizer, tasks: str | list[str], *, routing: str = "cau
                 bootstrap_iters: int = 1000, seed: int = 1234, log_samples: bool = False) -> dict[str, Any]:
     """Evaluate an in-memory CausalLM; returns lm-eval's results dict ("results", "configs", "n-shot", …).
     `manager`: a TaskManager from `task_manager()` to reuse (else one is built from include_path)."""
+    from unittest import mock
+
     import lm_eval
+    import lm_eval.evaluator
 
     from mor_ds.evaluation.adapter import MoRLM
+    from mor_ds.provenance import code_version
 
     names = parse_tasks(tasks)
     manager = manager or task_manager(names, include_path, include_defaults)
     lm = MoRLM(model, tokenizer, routing=routing, batch_size=batch_size, max_length=max_length, device=device,
                dtype=dtype)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed)
+    # lm-eval records `git describe` of the current directory, and git prints "fatal: not a git repository"
+    # outside one; the code that evaluated is mor-ds: record its commit
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: code_version().get("git_commit")):
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+            bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed)
     results["mor_ds"] = {"routing": routing, **lm.get_model_info()}
     return results
 

@@ -26,6 +26,7 @@ import torch
 
 from mor_ds.config import Config
 from mor_ds.interop.errors import InteropError
+from mor_ds.interop.progress import no_progress_bars
 from mor_ds.interop.llama_names import to_hf
 from mor_ds.models import CausalLM
 
@@ -141,7 +142,8 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = _hf_model(model, cfg, tokenizer).to(DTYPES[dtype])
-    hf.save_pretrained(out)
+    with no_progress_bars():  # "Writing model shards" for one file
+        hf.save_pretrained(out)
     if cfg.model.family != "vanilla":  # save_pretrained copies the modeling files; make sure all are there
         copy_modeling_files(out)
     export_tokenizer(tokenizer, out)

@@ -7,12 +7,14 @@ downloaded: PATH must be a local directory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from mor_ds.config import Config, ModelConfig, from_dict
 from mor_ds.interop.errors import InteropError
+from mor_ds.interop.progress import no_progress_bars
 from mor_ds.interop.llama_names import from_hf
 from mor_ds.models import CausalLM, build_model
 
@@ -59,8 +61,6 @@ def find_tokenizer(path: Path) -> str:
 
 def write_export(model: CausalLM, cfg: Config, out: str | Path, source: str) -> Path:
     """Save `model` as a mor-ds export (the single-safetensors format mor_ds.weights.load_model reads)."""
-    import json
-
     from mor_ds.weights import CONFIG_KEY, write_safetensors
 
     return write_safetensors(model, out, {CONFIG_KEY: json.dumps(cfg.to_dict()), "step": "0", "tokens": "",
@@ -76,8 +76,12 @@ def import_hf(path: str | Path, base: Config | None = None) -> tuple[CausalLM, C
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise InteropError(f"import-hf: {path} has no config.json (expected a local Hugging Face model directory)")
-    try:
-        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if "auto_map" in json.loads((path / "config.json").read_text()):  # custom modeling code, e.g. a MoR export
+        raise InteropError(f"import-hf: {path} needs its own modeling code (config.json has auto_map); import-hf "
+                           f"reads Llama checkpoints — a mor-ds recursive/MoR model loads from its run dir or its "
+                           f"`mor-ds export` file directly")
+    try:  # never run a directory's code, and never ask whether to (transformers' [y/N] prompt)
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError) as exc:
         raise InteropError(f"import-hf: {path}/config.json: {str(exc).splitlines()[0]}") from None
     model_cfg = model_config_from_hf(hf_config)
@@ -92,7 +96,8 @@ def import_hf(path: str | Path, base: Config | None = None) -> tuple[CausalLM, C
     cfg = from_dict(data)
 
     try:
-        hf = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        with no_progress_bars():
+            hf = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InteropError(f"import-hf: {path}: cannot load the weights ({str(exc).splitlines()[0]})") from None
     model = build_model(cfg.model, cfg.router)

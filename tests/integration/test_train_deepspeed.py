@@ -133,7 +133,8 @@ def assert_learns(run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache) -> Path:
     run_dir = tmp_path_factory.mktemp("ref")
-    run_ok(run_dir, overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test"))
+    out = run_ok(run_dir, overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test"))
+    assert "Warning" not in out, out  # e.g. DeepSpeed's deprecated torch.distributed calls, once per rank
     return run_dir
 
 
@@ -323,6 +324,22 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(cache, tmp_path):
     torn = tmp_path / "checkpoints" / step_tag(5)
     assert torn.is_dir() and not (torn / COMPLETE).exists()
     assert latest_checkpoint(tmp_path / "checkpoints").step == 3
+
+
+def test_a_dead_wandb_service_costs_a_line_not_a_checkpoint_or_a_traceback(cache, tmp_path):
+    """Slurm signals every process of a job, wandb's service included: the trainer still checkpoints and stops,
+    and what wandb could not do is one line each, not the 30-line traceback of its exit hook."""
+    sets = overrides(cache, 2, "wandb.enabled=true", "wandb.project=mor-ds-test")
+    (proc,) = srun_style(tmp_path, sets, ntasks=1)
+    wait_for_step(tmp_path, 2, [proc])
+    (service,) = [pid for pid in descendants(proc.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "wandb-core"]
+    os.kill(service, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out and "socket.send()" not in out, out[-3000:]
+    assert "[mor-ds] SIGTERM received: stopped after step" in out
+    assert latest_checkpoint(tmp_path / "checkpoints").step == max(losses(tmp_path))
 
 
 def test_nan_steps_in_a_row_abort_with_a_checkpoint(cache, tmp_path):
@@ -719,6 +736,7 @@ def test_a_run_records_absolute_paths_and_what_it_read(new_user_run, fineweb, tm
     # the run's relative paths were resolved when it started: eval works from any directory
     code, out = mor_ds(tmp_path, "eval", "--checkpoint", str(new_user_run), "--batches", "1")
     assert code == 0 and "val loss" in out, out[-3000:]
+    assert "zero checkpoint" not in out and "Reconstructed fp32" not in out  # DeepSpeed's consolidation banner
 
 
 def test_a_finished_run_says_so_and_a_resume_never_rewrites_its_config(new_user_run, tmp_path):

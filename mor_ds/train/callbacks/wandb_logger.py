@@ -15,6 +15,7 @@ WANDB_MODE in the environment wins over "auto".
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import secrets
@@ -55,6 +56,7 @@ def run_id_path(run_dir: str | Path) -> Path:
 class WandbLogger(Callback):
     def __init__(self) -> None:
         self.run = None
+        self.started = False  # wandb's service runs (also after a failed call left self.run None)
 
     def on_train_start(self, trainer) -> None:
         cfg = trainer.cfg.wandb
@@ -63,6 +65,8 @@ class WandbLogger(Callback):
             return
         import wandb
 
+        # a dead service (see _close_service) makes asyncio warn about the socket once per write as well
+        logging.getLogger("asyncio").addFilter(lambda record: "socket.send() raised" not in record.getMessage())
         state = trainer.state
         id_file = run_id_path(trainer.run_dir)
         known = id_file.read_text().strip() if id_file.is_file() else state.wandb_run_id
@@ -72,6 +76,7 @@ class WandbLogger(Callback):
         id_file.write_text(run_id + "\n")
         common = dict(project=cfg.project, group=cfg.group or None, name=cfg.name or trainer.cfg.name or None,
                       config=trainer.cfg.to_dict(), dir=str(Path(trainer.run_dir)), mode=mode)
+        self.started = True
         if not known:
             self.run = wandb.init(id=run_id, **common)
         else:
@@ -103,6 +108,8 @@ class WandbLogger(Callback):
             self._call("log", lambda: self.run.log(record, step=trainer.state.step))
 
     def on_train_end(self, trainer) -> None:
+        if not self.started:
+            return
         if self.run is not None:
             run = self.run
 
@@ -112,3 +119,18 @@ class WandbLogger(Callback):
 
             self._call("finish", finish)
             self.run = None
+        _close_service()
+        self.started = False
+
+
+def _close_service() -> None:
+    """Wait for wandb's service to write everything, now rather than in wandb's exit hook: a service that died
+    with the job (Slurm signals every process) then costs one line here instead of a 30-line traceback after the
+    run's last line (wandb unregisters its hook before the teardown can fail)."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception as exc:  # the service is gone: nothing left to tell it
+        print(f"[mor-ds] W&B service already stopped ({exc.__class__.__name__}: {exc}); the records it had not "
+              f"written yet are lost", file=sys.stderr)
