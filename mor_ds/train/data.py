@@ -153,7 +153,7 @@ def tokenizer_provenance(tokenizer: Any) -> dict[str, Any]:
 
 
 def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
-    """The loaders of a run whose data section `resolve_data_config` resolved."""
+    """The loaders of a run (its data section resolved by `resolve_data_config`, or not yet)."""
     from data_pipeline.loader import StreamLoader
 
     d, t = cfg.data, cfg.train
@@ -161,8 +161,9 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
     warning = unused_vocab_warning(cfg, tokenizer)
     if warning and env.is_main:
         print(f"[mor-ds] warning: {warning}", flush=True)
-    provenance: dict[str, Any] = {"mode": d.mode, "tokenizer": tokenizer_provenance(tokenizer)}
-    if d.mode == "prepared":
+    mode = data_mode(cfg)  # as resolve_data_config decides it
+    provenance: dict[str, Any] = {"mode": mode, "tokenizer": tokenizer_provenance(tokenizer)}
+    if mode == "prepared":
         if not shard_dir:
             raise ConfigError(f"data.prepared_dir: not set for data.mode=prepared and data.source={d.source!r}; run "
                               f"`mor-data prepare` and point data.prepared_dir at its output (or use data.mode=stream)")
@@ -187,7 +188,7 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
         provenance["val"] = shards_provenance(val)
         description += (f"; validation {val.num_windows * t.seq_len:,} held-out tokens"
                         + (f" ({val.split_note})" if val.split_note else ""))
-    train_shards = train.shards if d.mode == "prepared" else []
+    train_shards = train.shards if mode == "prepared" else []
     check_shards(env, shard_dir, train_shards, val_shards)
     return TrainData(train, make_val, tokenizer, description, shard_dir if train_shards or val_shards else "",
                      train_shards, provenance)
