@@ -343,14 +343,14 @@ def _file_records(files: list[tuple[str, int]], text_field: str) -> Iterator[dic
             for record in records:
                 record[_READ_COLUMN] += before
                 yield record
-        except _Truncated as e:
-            yield _record(None, "truncated", str(e), path, before + os.path.getsize(path))
+        except _Truncated as e:  # an error record counts as the file's start in progress (its size may be gone)
+            yield _record(None, "truncated", str(e), path, before)
         except _Corrupt as e:
-            yield _record(None, "corrupt", str(e), path, before + os.path.getsize(path))
+            yield _record(None, "corrupt", str(e), path, before)
         except (OSError, zstandard.ZstdError, zlib.error, ValueError) as e:
             # corrupt compressed data, unreadable or non-parquet file: the rest of this file is skipped
             yield _record(None, "unreadable", f"cannot read the rest of the file ({type(e).__name__}: {e})", path,
-                          before + os.path.getsize(path))
+                          before)
 
 
 def open_dataset(spec: SourceSpec, text_field: str = "text"):
