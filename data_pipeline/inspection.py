@@ -11,7 +11,7 @@ from rich.table import Table
 
 from data_pipeline.errors import ShardError
 from data_pipeline.loader import check_tokenizer
-from data_pipeline.shards import ShardIndex, read_shard, verify_shard
+from data_pipeline.shards import INDEX_FILE, ShardIndex, read_shard, verify_shard
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -107,9 +107,14 @@ def inspect(directory: str, *, tokenizer_path: str | None = None, samples: int =
 
 
 def verify_command(directory: str, tokenizer_path: str | None, console: Console) -> int:
-    """Exit 1 when the shards or the tokenizer do not check out; a directory that is not a prepared set (no or an
-    invalid index) raises ShardError, which `mor-data` reports as for every command (exit 2)."""
-    problems = verify(directory, tokenizer_path)
+    """Exit 1 when the index, the shards or the tokenizer do not check out (damage found); a directory without an
+    index is not a prepared set: the ShardError reaches `mor-data`, which reports it as for every command (exit 2)."""
+    if not (Path(os.path.expanduser(directory)) / INDEX_FILE).exists():
+        ShardIndex.load(directory)  # raises the one-line "no shard index" error
+    try:
+        problems = verify(directory, tokenizer_path)
+    except ShardError as e:  # an index that is there but not valid (edited, damaged)
+        problems = [str(e)]
     for problem in problems:
         console.print(f"FAILED {problem}", markup=False)
     if problems:
