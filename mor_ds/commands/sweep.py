@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mor-ds sweep: expected SWEEP or status SWEEP, got {' '.join(words)}", file=sys.stderr)
         return 2
     if args.json and not (args.dry_run or show_status):
-        print("mor-ds sweep: --json needs --dry-run (it prints the arms instead of submitting them) or status",
-              file=sys.stderr)
+        print("mor-ds sweep: --json needs --dry-run (it prints the arms instead of submitting them)", file=sys.stderr)
         return 2
     try:
         sweep = load_sweep(words[-1])
