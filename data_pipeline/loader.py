@@ -231,37 +231,39 @@ class ShardLoader:
             return np.arange(count)
         return np.random.default_rng([self.seed, epoch, shard]).permutation(count)
 
+    def windows_at(self, positions: np.ndarray, cache: dict) -> np.ndarray:
+        """The ``(len(positions), seq_len + 1)`` windows at these positions of the split's endless window sequence
+        (epoch after epoch). ``cache`` (a dict the caller keeps) holds the current epoch's shard order and the
+        current shard's windows, so consecutive positions decompress each shard once."""
+        L, N = self.seq_len, self.num_windows
+        rows_out = np.empty((len(positions), L + 1), dtype=np.int64)
+        epochs, within = np.divmod(positions, N)
+        for epoch in np.unique(epochs).tolist():
+            if cache.get("epoch") != epoch:
+                shard_order = self._epoch_order(epoch)
+                cache.update(epoch=epoch, order=(shard_order, np.cumsum(self.shard_windows[shard_order])))
+            shard_order, ends = cache["order"]
+            rows = np.flatnonzero(epochs == epoch)
+            slots = np.searchsorted(ends, within[rows], side="right")
+            for slot in np.unique(slots).tolist():
+                shard = int(shard_order[slot])
+                if cache.get("shard") != (epoch, shard):
+                    tokens = read_shard(self.shard_dir, self.shards[shard], self.index.token_dtype)
+                    tokens = tokens[int(self.first_windows[shard]) * L:]
+                    cache.update(shard=(epoch, shard), windows=_windows(tokens, L, int(self.shard_windows[shard])),
+                                 window_order=self._window_order(epoch, shard))
+                picked = rows[slots == slot]
+                local = within[picked] - (ends[slot] - self.shard_windows[shard])
+                rows_out[picked] = cache["windows"][cache["window_order"][local]]
+        return rows_out
+
     def _batches(self, first: int) -> Iterator[torch.Tensor]:
         """This rank's batches from rank-local batch number ``first`` on."""
-        B, L, N = self.batch_size, self.seq_len, self.num_windows
-        # the current epoch -> (shard order, cumulative window counts in that order)
-        orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        # the current (epoch, shard) -> (its windows, their order in this epoch)
-        loaded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        cache: dict = {}
         k = first
         while self.num_batches is None or k < self.num_batches:
-            positions = k * self.global_batch + self.rank * B + np.arange(B)
-            batch = np.empty((B, L + 1), dtype=np.int64)
-            epochs, within = np.divmod(positions, N)
-            for epoch in np.unique(epochs).tolist():
-                if epoch not in orders:
-                    shard_order = self._epoch_order(epoch)
-                    orders = {epoch: (shard_order, np.cumsum(self.shard_windows[shard_order]))}
-                shard_order, ends = orders[epoch]
-                rows = np.flatnonzero(epochs == epoch)
-                slots = np.searchsorted(ends, within[rows], side="right")
-                for slot in np.unique(slots).tolist():
-                    shard = int(shard_order[slot])
-                    if (epoch, shard) not in loaded:
-                        tokens = read_shard(self.shard_dir, self.shards[shard], self.index.token_dtype)
-                        tokens = tokens[int(self.first_windows[shard]) * L:]
-                        loaded = {(epoch, shard): (_windows(tokens, L, int(self.shard_windows[shard])),
-                                                   self._window_order(epoch, shard))}
-                    windows, order = loaded[(epoch, shard)]
-                    picked = rows[slots == slot]
-                    local = within[picked] - (ends[slot] - self.shard_windows[shard])
-                    batch[picked] = windows[order[local]]
-            yield torch.from_numpy(batch)
+            positions = k * self.global_batch + self.rank * self.batch_size + np.arange(self.batch_size)
+            yield torch.from_numpy(self.windows_at(positions, cache))
             k += 1
 
     # ----- iteration and state

@@ -159,6 +159,15 @@ class RouterConfig:
 
 
 @dataclass
+class DataSource:
+    """One prepared shard directory of a data mixture (`data.sources`)."""
+
+    path: str = ""
+    weight: float = 1.0  # share of the training windows, normalised over the sources
+    name: str = ""  # in logs (data/<name>/...); empty = the directory's name
+
+
+@dataclass
 class DataConfig:
     # `embedded` (the installed demo corpus), a local path/glob, or hf:NAME[:CONFIG][@SPLIT]
     source: str = "embedded"
@@ -174,6 +183,9 @@ class DataConfig:
     min_chars: int = 0
     max_chars: int = 0  # 0 = no limit
     cache_dir: str = "~/.cache/mor-ds"
+    # a mixture of prepared shard directories (data_pipeline.mixture) instead of one prepared_dir, e.g.
+    # [{path: shards/fineweb, weight: 0.7}, {path: shards/code, weight: 0.3, name: code}]
+    sources: list[DataSource] = field(default_factory=list)
 
 
 @dataclass
@@ -435,12 +447,14 @@ def _absolute(path: str) -> str:
 
 def with_absolute_paths(cfg: Config) -> Config:
     """`cfg` with every local path (data.source when it is one, data.tokenizer, data.prepared_dir,
-    data.cache_dir, train.ds_config) made absolute against the current directory, as a run records them."""
+    data.cache_dir, data.sources[*].path, train.ds_config) made absolute against the current directory, as a run
+    records them."""
     d = cfg.data
     local_source = d.source and d.source != "embedded" and not d.source.startswith("hf:")
     data = dataclasses.replace(d, source=_absolute(d.source) if local_source else d.source,
                                tokenizer=_absolute(d.tokenizer), prepared_dir=_absolute(d.prepared_dir),
-                               cache_dir=_absolute(d.cache_dir))
+                               cache_dir=_absolute(d.cache_dir),
+                               sources=[dataclasses.replace(s, path=_absolute(s.path)) for s in d.sources])
     return dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train,
                                                                          ds_config=_absolute(cfg.train.ds_config)))
 
@@ -548,3 +562,13 @@ def _rules(cfg: Config, _check: Callable[[bool, str, Any, str], None]) -> None:
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 1")
     _check(cfg.data.val_shards >= 0, "data.val_shards", cfg.data.val_shards, "must be >= 0")
     _check(cfg.data.num_workers >= 1, "data.num_workers", cfg.data.num_workers, "must be >= 1")
+    sources = cfg.data.sources
+    for i, source in enumerate(sources):
+        _check(bool(source.path), f"data.sources[{i}].path", source.path, "must name a prepared shard directory")
+        _check(source.weight > 0, f"data.sources[{i}].weight", source.weight, "must be > 0")
+    names = [s.name or os.path.basename(os.path.normpath(s.path)) for s in sources]
+    _check(len(set(names)) == len(names), "data.sources", names, "need distinct names (set data.sources[i].name)")
+    _check(not (sources and cfg.data.prepared_dir), "data.prepared_dir", cfg.data.prepared_dir,
+           "give data.prepared_dir or data.sources, not both")
+    _check(not sources or cfg.data.mode != "stream", "data.mode", cfg.data.mode,
+           "data.sources are prepared shard directories: use data.mode=auto or prepared")

@@ -453,8 +453,8 @@ def test_start_up_checks_every_shard_the_run_reads(shard_dir, tokenizer_path, tm
     env = distributed.DistEnv(0, 1, 0, "127.0.0.1", 0)
     data = build_data(_data_config(shard_dir, tokenizer_path), env)
     index = ShardIndex.load(shard_dir)
-    assert data.shard_dir == str(shard_dir) and [s.file for s in data.train_shards] == [
-        s.file for s in index.shards if s.file != index.shards[-2].file]  # the second last is held out
+    assert [(d, s.file) for d, s in data.train_shards] == [
+        (str(shard_dir), s.file) for s in index.shards if s.file != index.shards[-2].file]  # the second last: val
     copy = tmp_path / "copy"
     shutil.copytree(shard_dir, copy)
     val = copy / index.shards[-2].file

@@ -6,8 +6,10 @@ validation batches, and the provenance of what was read.
   data.mode=prepared    shards from `mor-data prepare` in data.prepared_dir; the last data.val_shards are held out
   data.mode=stream      documents streamed and tokenized on the fly from data.source; validation from
                         data.prepared_dir when set, else none
-  data.mode=auto        (default) prepared when data.prepared_dir is set or the source is the embedded corpus, else
-                        stream
+  data.mode=auto        (default) prepared when data.prepared_dir or data.sources is set or the source is the embedded
+                        corpus, else stream
+  data.sources          a weighted mixture of prepared shard directories (data_pipeline.mixture); validation
+                        interleaves their held-out windows the same way; metrics log each source's tokens and epochs
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class TrainData:
     make_val_batches: Callable[[], Iterable[Tensor]] | None
     tokenizer: Any  # data_pipeline.tokenizer.Tokenizer
     description: str
-    shard_dir: str = ""  # prepared shards the run reads ("" in stream mode without validation)
-    train_shards: list = field(default_factory=list)  # data_pipeline.shards.ShardInfo of the training split
+    # (shard directory, data_pipeline.shards.ShardInfo) of the training split's prepared shards (none streamed)
+    train_shards: list[tuple[str, Any]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)  # what the run reads (see mor_ds.provenance)
 
 
@@ -88,7 +90,7 @@ def data_mode(cfg: Config) -> str:
     d = cfg.data
     if d.mode != "auto":
         return d.mode
-    return "prepared" if d.prepared_dir or d.source == "embedded" else "stream"
+    return "prepared" if d.prepared_dir or d.sources or d.source == "embedded" else "stream"
 
 
 def resolve_data_config(cfg: Config, env: distributed.DistEnv) -> Config:
@@ -102,6 +104,12 @@ def resolve_data_config(cfg: Config, env: distributed.DistEnv) -> Config:
     d = cfg.data
     mode = data_mode(cfg)
     prepared_dir, tokenizer, source = d.prepared_dir, d.tokenizer, d.source
+    if d.sources:  # a mixture: named sources, the first one's tokenizer unless one is given
+        sources = [dataclasses.replace(s, name=s.name or Path(s.path).name) for s in d.sources]
+        first = ShardIndex.load(sources[0].path)
+        tokenizer = tokenizer or str(Path(sources[0].path) / first.tokenizer.get("file", "tokenizer.model"))
+        return dataclasses.replace(cfg, data=dataclasses.replace(d, mode=mode, tokenizer=tokenizer, sources=sources,
+                                                                 source="mixture"))
     if d.source == "embedded" and not (prepared_dir and tokenizer):
         embedded_shards, embedded_tokenizer = _embedded(cfg, env)
         prepared_dir, tokenizer = prepared_dir or embedded_shards, tokenizer or embedded_tokenizer
@@ -127,20 +135,29 @@ def resolve_data(cfg: Config, env: distributed.DistEnv) -> tuple[str, Any]:
 
 
 def shard_loader(cfg: Config, env: distributed.DistEnv, shard_dir: str, tokenizer: Any, split: str) -> Any:
+    """The prepared data of a run whose data section is resolved: its mixture (data.sources) or `shard_dir`."""
     from data_pipeline.loader import ShardLoader
+    from data_pipeline.mixture import MixtureLoader, Source
 
-    t = cfg.train
+    t, d = cfg.train, cfg.data
+    if d.sources:
+        return MixtureLoader([Source(s.name, s.path, s.weight) for s in d.sources], t.seq_len, t.micro_batch_size,
+                             rank=env.rank, world_size=env.world_size, seed=t.seed, split=split,
+                             val_shards=d.val_shards, expected_tokenizer=tokenizer)
     return ShardLoader(shard_dir, t.seq_len, t.micro_batch_size, rank=env.rank, world_size=env.world_size,
-                       seed=t.seed, split=split, val_shards=cfg.data.val_shards,
-                       expected_tokenizer=tokenizer)
+                       seed=t.seed, split=split, val_shards=d.val_shards, expected_tokenizer=tokenizer)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def shards_provenance(loader: Any) -> dict[str, Any]:
-    """A prepared shard directory as a run reads it: where, which index (its SHA-256), what it was made from."""
+def shards_provenance(loader: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    """A prepared shard directory as a run reads it: where, which index (its SHA-256), what it was made from; for a
+    mixture, one such record per source with its name and weight."""
+    if hasattr(loader, "loaders"):  # a MixtureLoader
+        return [{"name": source.name, "weight": float(weight), **shards_provenance(one)}
+                for source, weight, one in zip(loader.sources, loader.weights, loader.loaders)]
     index = loader.index
     return {"shards": loader.shard_dir, "index_sha256": _sha256(Path(loader.shard_dir) / "index.json"),
             "source": index.source, "prepared": index.created, "command": index.command,
@@ -163,7 +180,13 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
         print(f"[mor-ds] warning: {warning}", flush=True)
     mode = data_mode(cfg)  # as resolve_data_config decides it
     provenance: dict[str, Any] = {"mode": mode, "tokenizer": tokenizer_provenance(tokenizer)}
-    if mode == "prepared":
+    if d.sources:
+        train = shard_loader(cfg, env, shard_dir, tokenizer, "train")
+        provenance["train"] = shards_provenance(train)
+        description = "mixture " + ", ".join(
+            f"{s.name} {w:.0%} ({one.shard_dir}, {one.num_windows * one.seq_len:,} tokens per epoch)"
+            for s, w, one in zip(train.sources, train.weights, train.loaders))
+    elif mode == "prepared":
         if not shard_dir:
             raise ConfigError(f"data.prepared_dir: not set for data.mode=prepared and data.source={d.source!r}; run "
                               f"`mor-data prepare` and point data.prepared_dir at its output (or use data.mode=stream)")
@@ -179,34 +202,41 @@ def build_data(cfg: Config, env: distributed.DistEnv) -> TrainData:
         provenance["train"] = {"stream": train.spec.describe()}
         description = f"stream {d.source}"
     make_val, val_shards = None, []
-    if shard_dir and d.val_shards > 0:
+    if (shard_dir or d.sources) and d.val_shards > 0:
         def make_val() -> Iterable[Tensor]:
             return shard_loader(cfg, env, shard_dir, tokenizer, "val")
 
         val = make_val()
-        val_shards = val.shards
+        val_shards = shard_files(val)
         provenance["val"] = shards_provenance(val)
-        description += (f"; validation {val.num_windows * t.seq_len:,} held-out tokens"
-                        + (f" ({val.split_note})" if val.split_note else ""))
-    train_shards = train.shards if mode == "prepared" else []
-    check_shards(env, shard_dir, train_shards, val_shards)
-    return TrainData(train, make_val, tokenizer, description, shard_dir if train_shards or val_shards else "",
-                     train_shards, provenance)
+        notes = [one.split_note for one in getattr(val, "loaders", [val]) if one.split_note]
+        description += (f"; validation {val.num_batches * val.global_batch * t.seq_len:,} held-out tokens"
+                        + (f" ({'; '.join(notes)})" if notes else ""))
+    train_shards = shard_files(train) if mode == "prepared" else []
+    check_shards(env, train_shards, val_shards)
+    return TrainData(train, make_val, tokenizer, description, train_shards, provenance)
 
 
-def check_shards(env: distributed.DistEnv, shard_dir: str, train_shards: list, val_shards: list) -> None:
+def shard_files(loader: Any) -> list[tuple[str, Any]]:
+    """(shard directory, data_pipeline.shards.ShardInfo) of every shard a ShardLoader or MixtureLoader reads."""
+    return [(one.shard_dir, info) for one in getattr(loader, "loaders", [loader]) for info in one.shards]
+
+
+def check_shards(env: distributed.DistEnv, train_shards: list[tuple[str, Any]],
+                 val_shards: list[tuple[str, Any]]) -> None:
     """Collective, at start-up: rank 0 checks the size of every shard the run will read and the SHA-256 of the
     validation shards (few, and otherwise read first at the first eval, which may be the end of the budget); the
     training shards' SHA-256 is checked in the background (callbacks.ShardAudit). A problem is a one-line
-    DataError on every rank."""
+    DataError on every rank, naming the directory to verify."""
     from data_pipeline.errors import ShardError
     from data_pipeline.shards import shard_file_problem
 
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     if env.is_main:
-        problems = [p for info in train_shards if (p := shard_file_problem(shard_dir, info, full=False))]
-        problems += [f"validation shard {p}" for info in val_shards if (p := shard_file_problem(shard_dir, info))]
+        problems = [(d, p) for d, info in train_shards if (p := shard_file_problem(d, info, full=False))]
+        problems += [(d, f"validation shard {p}") for d, info in val_shards if (p := shard_file_problem(d, info))]
     problems = distributed.broadcast_object(problems)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ShardError(f"{problems[0]}{more}; run `mor-data verify {shard_dir}`")
+        shard_dir, first = problems[0]
+        raise ShardError(f"{first}{more}; run `mor-data verify {shard_dir}`")

@@ -128,7 +128,7 @@ def build_trainer(cfg: Config, run_dir: str | Path, env: distributed.DistEnv, de
     trainer = Trainer(
         cfg=cfg, run_dir=run_dir, env=env, device=device, engine=engine, train_loader=data.train,
         make_val_batches=data.make_val_batches, total_steps=plan.steps, flops_per_token=plan.flops_per_token,
-        callbacks=[NonFiniteGuard(), SignalHandler(), ShardAudit(data.shard_dir, data.train_shards), Throughput(),
+        callbacks=[NonFiniteGuard(), SignalHandler(), ShardAudit(data.train_shards), Throughput(),
                    EvalCallback(), MetricsLogger(console), WandbLogger(), LossCurve(), CheckpointCallback(manager)],
         eos_id=data.tokenizer.eos_id if cfg.model.document_mask else None, faults=faults, num_params=num_params)
     if ref is not None:

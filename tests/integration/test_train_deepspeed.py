@@ -781,3 +781,29 @@ def test_a_run_that_fails_to_start_leaves_no_run_dir(fineweb):
     assert code == 2 and out.strip().splitlines()[-1] == (f"mor-ds train: data error: {fineweb / 'missing.model'}: "
                                                           f"tokenizer file not found")
     assert not (fineweb / "runs" / "broken").exists()
+
+
+def test_a_data_mixture_trains_resumes_exactly_and_logs_each_sources_tokens(fineweb, tmp_path):
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import embedded_sample, fineweb_records, write_records
+    from mor_ds.provenance import read_provenance
+
+    plays = write_records(tmp_path / "plays.jsonl.zst", fineweb_records(embedded_sample(120)[60:], 1000))
+    prepare(plays, str(fineweb / "tok.model"), str(tmp_path / "plays"), workers=0, shard_tokens=1 << 14,
+            show_progress=False)
+    sources = f"[{{path: {fineweb / 'shards'}, weight: 3}}, {{path: {tmp_path / 'plays'}, weight: 1, name: plays}}]"
+    sets = [s for s in new_user_sets("wandb.enabled=false", "train.max_steps=6") if not s.startswith("data.")]
+    sets += [f"data.sources={sources}", f"data.tokenizer={fineweb / 'tok.model'}"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert [finish(p)[0] for p in srun_style(straight, sets)] == [0, 0]
+    assert [finish(p)[0] for p in srun_style(stopped, sets, **{FAULT_ENV: "interrupt@3"})] == [EXIT_INTERRUPTED] * 2
+    assert [finish(p)[0] for p in srun_style(stopped, sets)] == [0, 0]
+    assert losses(stopped) == losses(straight)  # the mixture resumes bit-exactly
+    records = read_metrics(straight / "metrics.jsonl")
+    tokens = [(r["data/shards/tokens"], r["data/plays/tokens"]) for r in records]
+    assert [a + b for a, b in tokens] == [r["tokens"] for r in records]  # every window is one source's
+    assert tokens[-1] == (36 * 64, 12 * 64)  # 6 steps of 8 windows: 3 : 1
+    assert records[-1]["data/plays/epochs"] > 0 and "val/loss" in records[-1]
+    (start,) = read_provenance(straight)
+    assert [(s["name"], s["weight"], s["shards"]) for s in start["data"]["train"]] == [
+        ("shards", 0.75, str(fineweb / "shards")), ("plays", 0.25, str(tmp_path / "plays"))]

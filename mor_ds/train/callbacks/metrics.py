@@ -1,4 +1,5 @@
-"""Training metrics on logging steps: a concise console line and DIR/metrics.jsonl (one object per logged step).
+"""Training metrics on logging steps: a concise console line and DIR/metrics.jsonl (one object per logged step);
+with a data mixture also each source's tokens and epochs so far (`data/<name>/tokens`, `data/<name>/epochs`).
 
 Loss, aux losses and model stats are averaged over data-parallel ranks (one all-reduce of a stacked vector);
 only rank 0 prints and writes. After a resume, lines of steps past the checkpoint (written by the interrupted
@@ -88,6 +89,11 @@ class MetricsLogger(Callback):
                                "flops": state.flops, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps,
                                "elapsed_s": state.elapsed_s}
         rec.update(zip(names, reduced[1:]))
+        loader = trainer.train_loader
+        if hasattr(loader, "source_windows"):  # a data mixture: what each source has given so far (all ranks)
+            for name, windows in loader.source_windows().items():
+                rec[f"data/{name}/tokens"] = windows * trainer.cfg.train.seq_len
+            rec.update({f"data/{name}/epochs": epochs for name, epochs in loader.source_epochs().items()})
         rec.update(trainer.record)
         trainer.record = rec
         if not trainer.is_main:

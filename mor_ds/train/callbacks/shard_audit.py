@@ -10,6 +10,7 @@ one-line error naming the file (exit 2).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from mor_ds import distributed
 from mor_ds.train.callbacks.base import Callback
@@ -19,9 +20,8 @@ _RUNNING = None  # the audit's status while it reads; "" once every shard matche
 
 
 class ShardAudit(Callback):
-    def __init__(self, shard_dir: str, shards: list) -> None:
-        self.shard_dir = shard_dir
-        self.shards = shards  # data_pipeline.shards.ShardInfo of the training split
+    def __init__(self, shards: list[tuple[str, Any]]) -> None:
+        self.shards = shards  # (shard directory, data_pipeline.shards.ShardInfo) of the training split
         self.pending = bool(shards)
         self._status: str | None = _RUNNING
         self._stop = threading.Event()
@@ -30,12 +30,13 @@ class ShardAudit(Callback):
     def _run(self) -> None:
         from data_pipeline.shards import shard_file_problem
 
-        for info in self.shards:
+        for shard_dir, info in self.shards:
             if self._stop.is_set():
                 return
-            problem = shard_file_problem(self.shard_dir, info)
+            problem = shard_file_problem(shard_dir, info)
             if problem:
-                self._status = problem
+                self._status = f"{problem} (found by the background check of the training shards); stopped " \
+                               f"with a checkpoint: run `mor-data verify {shard_dir}`"
                 return
         self._status = ""
 
@@ -52,9 +53,7 @@ class ShardAudit(Callback):
             return
         self.pending = False
         if status:
-            trainer.request_stop(EXIT_CONFIG, f"data error: {status} (found by the background check of the "
-                                              f"training shards); stopped with a checkpoint: run `mor-data verify "
-                                              f"{self.shard_dir}`")
+            trainer.request_stop(EXIT_CONFIG, f"data error: {status}")
 
     def on_train_end(self, trainer) -> None:
         self._stop.set()
