@@ -162,7 +162,54 @@ def split_segments(index: ShardIndex, seq_len: int, val_shards: int,
     return [(n, 0, windows[n]) for n in range(last)] + [(last, 0, windows[last] - held)], note
 
 
-class ShardLoader:
+class GlobalOrderLoader:
+    """A loader whose batches are cut from one global sequence of windows: global batch k is positions
+    ``[k·W·B, (k+1)·W·B)`` and rank r takes ``[r·B, (r+1)·B)`` of it, so the position (windows consumed) is the
+    same on every rank and any world size whose global batch divides it continues the run. Subclasses set
+    ``global_batch``, ``prefetch``, ``num_batches`` (None: endless) and ``_next_batch``, and yield batches from
+    ``_batches(first)``."""
+
+    global_batch: int
+    prefetch: int
+    num_batches: int | None
+    _next_batch: int  # rank-local batches handed out so far
+
+    def _batches(self, first: int) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        first = self._next_batch
+        if self.num_batches is not None and first >= self.num_batches:
+            first = 0  # a new pass over the validation split
+        batches, close = _iterate(self._batches(first), self.prefetch)
+        try:
+            for k, batch in enumerate(batches, first):
+                self._next_batch = k + 1
+                yield batch
+        finally:
+            close()
+
+    def _resume_at(self, state: dict) -> None:
+        """Move to the position ``state`` records (its other keys already checked)."""
+        consumed = int(state["consumed_windows"])
+        if consumed % self.global_batch:
+            raise DataError(f"loader state is at window {consumed}, not a multiple of this run's global batch "
+                            f"{self.global_batch}; resume with a global batch that divides it")
+        self._next_batch = consumed // self.global_batch
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue a run from the states its ranks saved, on any world size whose global batch divides the position:
+        the position is a count of windows of the one global order, the same in every rank's state."""
+        positions = sorted({int(s.get("consumed_windows", -1)) for s in states})
+        if len(positions) != 1:
+            raise DataError(f"the ranks' loader states are at windows {positions}: not one step of one run")
+        self.load_state_dict(states[0])
+
+
+class ShardLoader(GlobalOrderLoader):
     """Batches of windows from prepared shards (see the module docstring for the order and sharding).
 
     Args:
@@ -216,7 +263,7 @@ class ShardLoader:
         if self.num_batches == 0:
             raise DataError(f"{index_path}: the val split has {self.num_windows} windows of {seq_len + 1} tokens, "
                             f"fewer than one global batch ({self.global_batch}); {smaller}")
-        self._next_batch = 0  # rank-local batches handed out so far
+        self._next_batch = 0
 
     # ----- order of windows
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -266,19 +313,7 @@ class ShardLoader:
             yield torch.from_numpy(self.windows_at(positions, cache))
             k += 1
 
-    # ----- iteration and state
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        first = self._next_batch
-        if self.num_batches is not None and first >= self.num_batches:
-            first = 0  # a new pass over the validation split
-        batches, close = _iterate(self._batches(first), self.prefetch)
-        try:
-            for k, batch in enumerate(batches, first):
-                self._next_batch = k + 1
-                yield batch
-        finally:
-            close()
-
+    # ----- state
     def state_dict(self) -> dict:
         """Position after the last batch handed out, plus what must match on resume."""
         return {"loader": "ShardLoader", "version": STATE_VERSION, "split": self.split, "seed": self.seed,
@@ -295,19 +330,7 @@ class ShardLoader:
             if state[key] != mine[key]:
                 raise DataError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r} "
                                 f"({self.shard_dir})")
-        consumed = int(state["consumed_windows"])
-        if consumed % self.global_batch:
-            raise DataError(f"loader state is at window {consumed}, not a multiple of this run's global batch "
-                            f"{self.global_batch}; resume with a global batch that divides it")
-        self._next_batch = consumed // self.global_batch
-
-    def load_state_dicts(self, states: list[dict]) -> None:
-        """Continue a run from the states its ranks saved, on any world size whose global batch divides the position:
-        the position is a count of windows of the one global order, the same in every rank's state."""
-        positions = sorted({int(s.get("consumed_windows", -1)) for s in states})
-        if len(positions) != 1:
-            raise DataError(f"the ranks' loader states are at windows {positions}: not one step of one run")
-        self.load_state_dict(states[0])
+        self._resume_at(state)
 
 
 class StreamLoader:

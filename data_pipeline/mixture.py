@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import ShardLoader, _iterate
+from data_pipeline.loader import GlobalOrderLoader, ShardLoader
 from data_pipeline.tokenizer import Tokenizer
 
 STATE_VERSION = 1
@@ -56,7 +56,7 @@ def apportion(weights: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-class MixtureLoader:
+class MixtureLoader(GlobalOrderLoader):
     """Batches of windows from several prepared shard directories in fixed proportions (module docstring).
 
     Args:
@@ -171,18 +171,6 @@ class MixtureLoader:
             yield torch.from_numpy(batch)
             k += 1
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        first = self._next_batch
-        if self.num_batches is not None and first >= self.num_batches:
-            first = 0
-        batches, close = _iterate(self._batches(first), self.prefetch)
-        try:
-            for k, batch in enumerate(batches, first):
-                self._next_batch = k + 1
-                yield batch
-        finally:
-            close()
-
     def source_windows(self) -> dict[str, int]:
         """Windows each source has contributed to the batches handed out so far (all ranks together)."""
         counts = self.counts_before(self._next_batch * self.global_batch)
@@ -211,16 +199,4 @@ class MixtureLoader:
         for key in ("split", "seed", "seq_len", "block", "sources"):
             if state[key] != mine[key]:
                 raise DataError(f"loader state has {key}={state[key]!r} but this mixture has {mine[key]!r}")
-        consumed = int(state["consumed_windows"])
-        if consumed % self.global_batch:
-            raise DataError(f"loader state is at window {consumed}, not a multiple of this run's global batch "
-                            f"{self.global_batch}; resume with a global batch that divides it")
-        self._next_batch = consumed // self.global_batch
-
-    def load_state_dicts(self, states: list[dict]) -> None:
-        """Continue a run from the states its ranks saved, on any world size whose global batch divides the position:
-        the position counts windows of the one global interleave, the same in every rank's state."""
-        positions = sorted({int(s.get("consumed_windows", -1)) for s in states})
-        if len(positions) != 1:
-            raise DataError(f"the ranks' loader states are at windows {positions}: not one step of one run")
-        self.load_state_dict(states[0])
+        self._resume_at(state)
