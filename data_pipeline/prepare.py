@@ -73,16 +73,22 @@ def _read_ends(directory: Path, shard: ShardInfo) -> np.ndarray:
     return ends.astype(np.int64)
 
 
-def library_versions() -> dict:
+def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each of these distributions (those not installed left out)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
-    for name in ("mor-ds", "datasets", "sentencepiece", "tokenizers", "zstandard", "numpy"):
+    out = {}
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             pass
     return out
+
+
+def library_versions() -> dict:
+    return {"python": platform.python_version(),
+            **installed_versions(("mor-ds", "datasets", "sentencepiece", "tokenizers", "zstandard", "numpy"))}
 
 
 def _settings(source: str, text_field: str, min_chars: int, max_chars: int, tokenizer_hash: str,

@@ -61,15 +61,9 @@ def code_version() -> dict[str, Any]:
 
 
 def libraries() -> dict[str, str]:
-    from importlib.metadata import version
+    from data_pipeline.prepare import installed_versions
 
-    versions = {}
-    for name in ("torch", "deepspeed", "wandb", "datasets", "sentencepiece", "tokenizers"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
+    return installed_versions(("torch", "deepspeed", "wandb", "datasets", "sentencepiece", "tokenizers"))
 
 
 def start_record(*, step: int, world_size: int, data: dict[str, Any], resumed_from: str | None,
