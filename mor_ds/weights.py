@@ -49,7 +49,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
 
 def write_safetensors(model: torch.nn.Module, out: str | Path, metadata: dict[str, str]) -> Path:
     """`model`'s state dict to `out`, atomically (a reader never sees half a file), mode per the umask."""
-    from mor_ds.files import honour_umask
+    from mor_ds.outputs import honour_umask
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mor_ds.files import OutputError, check_output
+    from mor_ds.outputs import OutputError, check_output
 
     try:
         check_output(args.out, suffix=".safetensors" if args.format == "safetensors" else None, force=args.force)

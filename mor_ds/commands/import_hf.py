@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mor_ds.config import load_config
-    from mor_ds.files import OutputError, check_output
+    from mor_ds.outputs import OutputError, check_output
     from mor_ds.interop import InteropError, import_hf, write_export
 
     try:

@@ -126,7 +126,7 @@ def export_hf(model: CausalLM, cfg: Config, out_dir: str | Path, tokenizer_path:
     """Write `model` (+ its tokenizer) as a Hugging Face directory; returns the directory."""
     from data_pipeline.errors import DataError
     from data_pipeline.tokenizer import load_tokenizer
-    from mor_ds.files import honour_umask
+    from mor_ds.outputs import honour_umask
 
     if dtype not in DTYPES:
         raise InteropError(f"export: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
