@@ -20,14 +20,21 @@ SHARD_TOKENS = 3000
 FRAME_TOKENS = 1000
 
 
+def split_corpus(root, bad_at: int, sizes: list[int]) -> str:
+    """DOCS as FineWeb records with one text-less record at `bad_at`, in files part-K.jsonl.zst of `sizes` records;
+    the glob of them."""
+    records = fineweb_records(DOCS)
+    records.insert(bad_at, {"id": "no text"})
+    start = 0
+    for part, size in enumerate(sizes):
+        write_records(root / f"part-{part}.jsonl.zst", records[start:start + size])
+        start += size
+    return str(root / "*.jsonl.zst")
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    records = fineweb_records(DOCS)
-    records.insert(7, {"id": "no text"})
-    for part in range(2):
-        write_records(root / f"part-{part}.jsonl.zst", records[part * 21:(part + 1) * 21])
-    return str(root / "*.jsonl.zst")
+    return split_corpus(tmp_path_factory.mktemp("src"), 7, [21, 21])
 
 
 def _run(source, tokenizer_path, out, **kw):
@@ -381,12 +388,7 @@ def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path, tokenizer_path):
 @pytest.fixture(scope="module")
 def five_files(tmp_path_factory):
     """Five files (one with a bad record), so three parts hold 2, 2 and 1 of them."""
-    root = tmp_path_factory.mktemp("five")
-    records = fineweb_records(DOCS)
-    records.insert(19, {"id": "no text"})
-    for part in range(5):
-        write_records(root / f"part-{part}.jsonl.zst", records[part * 9:(part + 1) * 9 - (part == 4) * 4])
-    return str(root / "*.jsonl.zst")
+    return split_corpus(tmp_path_factory.mktemp("five"), 19, [9, 9, 9, 9, 5])
 
 
 def test_prepare_in_parts_then_merge_equals_one_host_token_for_token(five_files, tokenizer_path, tmp_path, capsys):
