@@ -606,6 +606,9 @@ def stop_signals():
     from mor_ds.train.callbacks import signals
 
     previous = {sig: signal.getsignal(sig) for sig in early_signals.SIGNALS}
+    # Python's own Ctrl-C handler, as at a terminal: a suite started in the background inherits SIG_IGN, which
+    # install() rightly keeps
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stops: list[tuple[int, str]] = []
     lone = SimpleNamespace(env=distributed.DistEnv(0, 1, 0, "127.0.0.1", 0), device=torch.device("cpu"),
                            state=SimpleNamespace(step=1), request_stop=lambda *a: stops.append(a))
