@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from data_pipeline.loader import ShardLoader
+from data_pipeline.mixture import MixtureLoader, Source
 from data_pipeline.prepare import library_versions
 from data_pipeline.shards import DEFAULT_FRAME_TOKENS, ShardIndex, read_shard, write_shard
 from data_pipeline.sources import DocumentStream
@@ -92,14 +93,13 @@ def synthetic_shards(directory: str, reference_dir: str, shards: int, shard_toke
     return directory
 
 
-def bench_loader(shard_dir: str, seq_len: int, batch_size: int, *, seconds: float = 5.0, prefetch: int = 2) -> dict:
-    """Tokens/s a :class:`ShardLoader` hands out on this thread (torch limited to one thread), after a warm-up."""
+def _tokens_per_s(loader, seconds: float) -> tuple[float, int]:
+    """(tokens/s, batches) `loader` hands out on this thread (torch limited to one thread), after a warm-up."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        loader = ShardLoader(shard_dir, seq_len, batch_size, prefetch=prefetch, val_shards=0)
         batches = iter(loader)
         next(batches)
         count, start = 0, time.perf_counter()
@@ -109,9 +109,27 @@ def bench_loader(shard_dir: str, seq_len: int, batch_size: int, *, seconds: floa
         elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    return {"shard_dir": shard_dir, "shards": len(loader.shards), "shard_tokens": loader.index.shard_tokens,
-            "seq_len": seq_len, "batch_size": batch_size, "prefetch": prefetch,
-            "tokens_per_s": count * loader.tokens_per_batch / elapsed, "batches": count}
+    return count * loader.tokens_per_batch / elapsed, count
+
+
+def bench_loader(shard_dir: str, seq_len: int, batch_size: int, *, seconds: float = 5.0, prefetch: int = 2) -> dict:
+    """Tokens/s a :class:`ShardLoader` hands out on one thread."""
+    loader = ShardLoader(shard_dir, seq_len, batch_size, prefetch=prefetch, val_shards=0)
+    tokens_per_s, count = _tokens_per_s(loader, seconds)
+    return {"loader": "ShardLoader", "shard_dir": shard_dir, "shards": len(loader.shards),
+            "shard_tokens": loader.index.shard_tokens, "seq_len": seq_len, "batch_size": batch_size,
+            "prefetch": prefetch, "tokens_per_s": tokens_per_s, "batches": count}
+
+
+def bench_mixture(sources: list[Source], seq_len: int, batch_size: int, *, seconds: float = 5.0,
+                  prefetch: int = 2) -> dict:
+    """Tokens/s a :class:`MixtureLoader` of `sources` hands out on one thread."""
+    loader = MixtureLoader(sources, seq_len, batch_size, prefetch=prefetch, val_shards=0)
+    tokens_per_s, count = _tokens_per_s(loader, seconds)
+    return {"loader": "MixtureLoader", "shard_dir": " + ".join(f"{s.weight:g} x {s.name}" for s in sources),
+            "shards": sum(len(one.shards) for one in loader.loaders),
+            "shard_tokens": max(one.index.shard_tokens for one in loader.loaders), "seq_len": seq_len,
+            "batch_size": batch_size, "prefetch": prefetch, "tokens_per_s": tokens_per_s, "batches": count}
 
 
 def environment() -> dict:
@@ -144,5 +162,9 @@ def run_bench(source: str, tokenizer_path: str, shard_dir: str, worker_counts: l
             results["loader"] += [bench_loader(tmp, seq_len, batch_size, seconds=seconds, prefetch=p) | {
                 "shard_dir": f"synthetic: 2 shards x {synthetic_shard_tokens:,} unigram-sampled tokens"}
                 for p in (0, 2)]
+            # the two shard sets as a 70/30 data mixture: what interleaving costs over one ShardLoader
+            mixture = [Source("shards", shard_dir, 0.7), Source("synthetic", tmp, 0.3)]
+            results["loader"] += [bench_mixture(mixture, seq_len, batch_size, seconds=seconds, prefetch=p)
+                                  for p in (0, 2)]
     return results
 

@@ -167,11 +167,11 @@ def _print_bench(results: dict, console: Console) -> None:
         table.add_row(str(row["workers"]), f"{row['mb_per_s']:.2f}", f"{row['mb_per_s_per_worker']:.2f}",
                       f"{row['tokens_per_s']:,.0f}", f"{row['scaling']:.2f}x")
     console.print(table)
-    table = Table(title="ShardLoader on one core (torch 1 thread)")
-    for column in ("shards", "seq_len x batch", "prefetch", "tokens/s"):
+    table = Table(title="ShardLoader and MixtureLoader on one core (torch 1 thread)")
+    for column in ("loader", "shards", "seq_len x batch", "prefetch", "tokens/s"):
         table.add_column(column, justify="right")
     for row in results["loader"]:
-        table.add_row(f"{row['shard_dir']} ({row['shards']} x <= {row['shard_tokens']:,})",
+        table.add_row(row["loader"], f"{row['shard_dir']} ({row['shards']} x <= {row['shard_tokens']:,})",
                       f"{row['seq_len']} x {row['batch_size']}", str(row["prefetch"]), f"{row['tokens_per_s']:,.0f}")
     console.print(table)
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="also check that the shards were made with this tokenizer")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("bench", help="tokenization MB/s and its scaling with workers; loader tokens/s")
+    p = sub.add_parser("bench", help="tokenization MB/s and its scaling with workers; loader and mixture tokens/s")
     _add_source_args(p, required=False)
     p.add_argument("--tokenizer", help="default: the embedded corpus's SentencePiece model")
     p.add_argument("--shards", help="prepared shard directory for the loader (default: the embedded corpus)")

@@ -294,9 +294,11 @@ def test_bench_reports_every_figure(prepared, source, tokenizer_path, tmp_path, 
     assert [row["workers"] for row in tok["workers"]] == [0, 1] and all(row["mb_per_s"] > 0 for row in tok["workers"])
     assert min(tok["read_jsonl_zst_mb_per_cpu_s"], tok["library_mb_per_cpu_s"], tok["pipeline_mb_per_cpu_s"]) > 0
     count = len(ShardIndex.load(prepared).shards)
-    assert [(r["shards"], r["prefetch"]) for r in results["loader"]] == [(count, 0), (count, 2), (2, 0), (2, 2)]
+    assert [(r["loader"], r["shards"], r["prefetch"]) for r in results["loader"]] == [
+        ("ShardLoader", count, 0), ("ShardLoader", count, 2), ("ShardLoader", 2, 0), ("ShardLoader", 2, 2),
+        ("MixtureLoader", count + 2, 0), ("MixtureLoader", count + 2, 2)]
     assert all(r["tokens_per_s"] > 0 for r in results["loader"])
-    assert "ShardLoader on one core" in capsys.readouterr().out
+    assert "ShardLoader and MixtureLoader on one core" in capsys.readouterr().out
 
 
 def test_large_vocab_shards_are_uint32(tmp_path):
