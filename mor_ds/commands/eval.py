@@ -67,7 +67,11 @@ def checkpoint_position(checkpoint: str | Path) -> dict[str, Any]:
 def held_out_fingerprint(loader) -> str:
     """SHA-256 naming the held-out windows: the validation shards' checksums, the tokenizer and the window length.
     Two evaluations with the same fingerprint and window count scored the same tokens."""
-    parts = [loader.index.tokenizer_hash, loader.seq_len, [s.sha256 for s in loader.shards]]
+    if hasattr(loader, "loaders"):  # a mixture: each source's held-out shards and its weight
+        parts = [loader.seq_len, [[held_out_fingerprint(one), float(w)] for one, w in zip(loader.loaders,
+                                                                                            loader.weights)]]
+    else:
+        parts = [loader.index.tokenizer_hash, loader.seq_len, [s.sha256 for s in loader.shards]]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -109,14 +113,14 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(checkpoint, device)
     data_cfg = cfg.data
-    if data is not None:
-        data_cfg = dataclasses.replace(data_cfg, prepared_dir=data, mode="prepared")
+    if data is not None:  # instead of what the run read (one shard set or a mixture)
+        data_cfg = dataclasses.replace(data_cfg, prepared_dir=data, mode="prepared", sources=[])
     if val_shards is not None:
         data_cfg = dataclasses.replace(data_cfg, val_shards=val_shards)
     cfg = dataclasses.replace(cfg, data=data_cfg)
     env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0)
     shard_dir, tokenizer = resolve_data(cfg, env)
-    if not shard_dir:
+    if not shard_dir and not cfg.data.sources:
         raise ConfigError("data.prepared_dir: the run streamed its data and has no prepared validation shards; "
                           "pass --data")
     routed = cfg.model.family == "mor" and cfg.router.type == "expert_choice"
@@ -136,7 +140,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, val_shards: in
         result.update({f"{k}{suffix}": v for k, v in out.items() if k != "val/batches" or not suffix})
     result["val/tokens"] = result["val/batches"] * loader.tokens_per_batch
     result["val/batches_available"] = loader.num_batches
-    return {"checkpoint": checkpoint, **checkpoint_position(checkpoint), "data": shard_dir,
+    read = [{"name": x.name, "path": x.path, "weight": x.weight} for x in cfg.data.sources] or shard_dir
+    return {"checkpoint": checkpoint, **checkpoint_position(checkpoint), "data": read,
             "val_shards": data_cfg.val_shards, "seq_len": cfg.train.seq_len, "held_out": held_out_fingerprint(loader),
             **result}
 

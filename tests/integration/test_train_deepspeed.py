@@ -807,3 +807,10 @@ def test_a_data_mixture_trains_resumes_exactly_and_logs_each_sources_tokens(fine
     (start,) = read_provenance(straight)
     assert [(s["name"], s["weight"], s["shards"]) for s in start["data"]["train"]] == [
         ("shards", 0.75, str(fineweb / "shards")), ("plays", 0.25, str(tmp_path / "plays"))]
+    # mor-ds eval scores the mixture's held-out windows as the run's last validation did (1 batch of 4 on each of 2
+    # ranks: the first 8 windows of the interleave, here 2 batches of 4 on one process)
+    from mor_ds.commands.eval import evaluate_checkpoint
+
+    scored = evaluate_checkpoint(str(straight), batches=2)
+    assert [(s["name"], s["weight"]) for s in scored["data"]] == [("shards", 3.0), ("plays", 1.0)]
+    assert scored["val/loss"] == pytest.approx(records[-1]["val/loss"], rel=1e-4)
