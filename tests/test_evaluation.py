@@ -273,3 +273,21 @@ def test_fewshot_outside_a_git_checkout_is_quiet_and_records_the_mor_ds_commit(t
                      "--limit", "2", "--json", str(out)]) == 0
     assert "not a git repository" not in capfd.readouterr().err
     assert json.loads(out.read_text())["causal"]["git_hash"] == code_version().get("git_commit")
+
+
+def test_held_out_fingerprint_tells_window_splits_of_one_shard_apart(tmp_path):
+    """A one-shard set holds out the tail of its shard (5% per val shard): evaluations with val_shards 1 and 2 score
+    different windows of the same file, and their fingerprints say so."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.testing import write_records
+    from fixtures.tiny_lm import sentences
+    from mor_ds.commands.eval import evaluate_checkpoint
+
+    corpus = write_records(tmp_path / "docs.jsonl", [{"text": " ".join(sentences(8, seed=i))} for i in range(80)])
+    shards, tok = tmp_path / "one", tiny_tokenizer(tmp_path)
+    prepare(corpus, tok.path, str(shards), workers=0, show_progress=False)  # the default 2^25-token shard: one
+    cfg = tiny_config(*FAMILIES["vanilla"], f"data.tokenizer={tok.path}", f"data.prepared_dir={shards}",
+                      "train.micro_batch_size=1")
+    path = export_file(tmp_path, cfg, tiny_model(cfg))
+    one, two = (evaluate_checkpoint(str(path), val_shards=n) for n in (1, 2))
+    assert two["val/tokens"] > one["val/tokens"] and one["held_out"] != two["held_out"]

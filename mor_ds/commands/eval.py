@@ -72,6 +72,8 @@ def held_out_fingerprint(loader) -> str:
                                                                                             loader.weights)]]
     else:
         parts = [loader.index.tokenizer_hash, loader.seq_len, [s.sha256 for s in loader.shards]]
+        if loader.split_note:  # held out by windows of a shard, not whole shards: which windows
+            parts.append([loader.first_windows.tolist(), loader.shard_windows.tolist()])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
