@@ -166,9 +166,11 @@ class GlobalOrderLoader:
     """A loader whose batches are cut from one global sequence of windows: global batch k is positions
     ``[k·W·B, (k+1)·W·B)`` and rank r takes ``[r·B, (r+1)·B)`` of it, so the position (windows consumed) is the
     same on every rank and any world size whose global batch divides it continues the run. Subclasses set
-    ``global_batch``, ``prefetch``, ``num_batches`` (None: endless) and ``_next_batch``, and yield batches from
-    ``_batches(first)``."""
+    ``global_batch``, ``prefetch``, ``num_batches`` (None: endless) and ``_next_batch``, yield batches from
+    ``_batches(first)``, and name in ``MATCHING`` the keys of their ``state_dict()`` a resumed state must agree on
+    (``location()`` says what the loader reads, for errors)."""
 
+    MATCHING: tuple[str, ...]
     global_batch: int
     prefetch: int
     num_batches: int | None
@@ -189,16 +191,28 @@ class GlobalOrderLoader:
         finally:
             close()
 
-    def _resume_at(self, state: dict) -> None:
-        """Move to the position ``state`` records (its other keys already checked)."""
+    def location(self) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` left off; a different global batch size works if it divides the position."""
+        name = type(self).__name__
+        if state.get("loader") != name or state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state is not a {name} v{STATE_VERSION} state: {state.get('loader')!r} "
+                            f"v{state.get('version')!r}")
+        mine = self.state_dict()
+        for key in self.MATCHING:
+            if state[key] != mine[key]:
+                raise DataError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r} "
+                                f"({self.location()})")
         consumed = int(state["consumed_windows"])
         if consumed % self.global_batch:
             raise DataError(f"loader state is at window {consumed}, not a multiple of this run's global batch "
                             f"{self.global_batch}; resume with a global batch that divides it")
         self._next_batch = consumed // self.global_batch
-
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
 
     def load_state_dicts(self, states: list[dict]) -> None:
         """Continue a run from the states its ranks saved, on any world size whose global batch divides the position:
@@ -228,6 +242,8 @@ class ShardLoader(GlobalOrderLoader):
     Attributes: ``tokens_per_batch`` (target tokens per batch, ``batch_size * seq_len``), ``num_windows``
     (windows in the split), ``num_batches`` (batches per pass of the val split; None for train), ``index``.
     """
+
+    MATCHING = ("split", "seed", "seq_len", "num_windows", "tokenizer_hash")
 
     def __init__(self, shard_dir: str, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, split: str = "train", val_shards: int = 1, prefetch: int = 2,
@@ -320,17 +336,8 @@ class ShardLoader(GlobalOrderLoader):
                 "seq_len": self.seq_len, "num_windows": self.num_windows, "tokenizer_hash": self.index.tokenizer_hash,
                 "global_batch": self.global_batch, "consumed_windows": self._next_batch * self.global_batch}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` left off; a different global batch size works if it divides the position."""
-        if state.get("loader") != "ShardLoader" or state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state is not a ShardLoader v{STATE_VERSION} state: {state.get('loader')!r} "
-                            f"v{state.get('version')!r}")
-        mine = self.state_dict()
-        for key in ("split", "seed", "seq_len", "num_windows", "tokenizer_hash"):
-            if state[key] != mine[key]:
-                raise DataError(f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r} "
-                                f"({self.shard_dir})")
-        self._resume_at(state)
+    def location(self) -> str:
+        return self.shard_dir
 
 
 class StreamLoader:

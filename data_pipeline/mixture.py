@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import GlobalOrderLoader, ShardLoader
+from data_pipeline.loader import STATE_VERSION, GlobalOrderLoader, ShardLoader
 from data_pipeline.tokenizer import Tokenizer
 
-STATE_VERSION = 1
 DEFAULT_BLOCK = 4096  # windows per interleaving block (raised to fit the smallest weight)
 
 
@@ -69,6 +68,8 @@ class MixtureLoader(GlobalOrderLoader):
     Attributes: ``tokens_per_batch``, ``num_batches`` (val split), ``loaders`` (one ShardLoader per source),
     ``weights`` (normalised).
     """
+
+    MATCHING = ("split", "seed", "seq_len", "block", "sources")
 
     def __init__(self, sources: list[Source], seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, split: str = "train", val_shards: int = 1, prefetch: int = 2,
@@ -189,14 +190,5 @@ class MixtureLoader(GlobalOrderLoader):
                             for s, w, loader in zip(self.sources, self.weights, self.loaders)],
                 "global_batch": self.global_batch, "consumed_windows": self._next_batch * self.global_batch}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` left off: the same sources, weights and settings; a global batch that divides the
-        position."""
-        if state.get("loader") != "MixtureLoader" or state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state is not a MixtureLoader v{STATE_VERSION} state: {state.get('loader')!r} "
-                            f"v{state.get('version')!r}")
-        mine = self.state_dict()
-        for key in ("split", "seed", "seq_len", "block", "sources"):
-            if state[key] != mine[key]:
-                raise DataError(f"loader state has {key}={state[key]!r} but this mixture has {mine[key]!r}")
-        self._resume_at(state)
+    def location(self) -> str:
+        return ", ".join(s.path for s in self.sources)
