@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from data_pipeline.loader import ShardLoader
+from data_pipeline.loader import GlobalOrderLoader, ShardLoader
 from data_pipeline.mixture import MixtureLoader, Source
 from data_pipeline.prepare import library_versions
 from data_pipeline.shards import DEFAULT_FRAME_TOKENS, ShardIndex, read_shard, write_shard
@@ -93,8 +93,9 @@ def synthetic_shards(directory: str, reference_dir: str, shards: int, shard_toke
     return directory
 
 
-def _tokens_per_s(loader, seconds: float) -> tuple[float, int]:
-    """(tokens/s, batches) `loader` hands out on this thread (torch limited to one thread), after a warm-up."""
+def bench_loader(loader: GlobalOrderLoader, description: str, *, seconds: float = 5.0) -> dict:
+    """Tokens/s a :class:`ShardLoader` or :class:`MixtureLoader` hands out on this thread (torch limited to one
+    thread), after a warm-up."""
     import torch
 
     threads = torch.get_num_threads()
@@ -109,27 +110,11 @@ def _tokens_per_s(loader, seconds: float) -> tuple[float, int]:
         elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    return count * loader.tokens_per_batch / elapsed, count
-
-
-def bench_loader(shard_dir: str, seq_len: int, batch_size: int, *, seconds: float = 5.0, prefetch: int = 2) -> dict:
-    """Tokens/s a :class:`ShardLoader` hands out on one thread."""
-    loader = ShardLoader(shard_dir, seq_len, batch_size, prefetch=prefetch, val_shards=0)
-    tokens_per_s, count = _tokens_per_s(loader, seconds)
-    return {"loader": "ShardLoader", "shard_dir": shard_dir, "shards": len(loader.shards),
-            "shard_tokens": loader.index.shard_tokens, "seq_len": seq_len, "batch_size": batch_size,
-            "prefetch": prefetch, "tokens_per_s": tokens_per_s, "batches": count}
-
-
-def bench_mixture(sources: list[Source], seq_len: int, batch_size: int, *, seconds: float = 5.0,
-                  prefetch: int = 2) -> dict:
-    """Tokens/s a :class:`MixtureLoader` of `sources` hands out on one thread."""
-    loader = MixtureLoader(sources, seq_len, batch_size, prefetch=prefetch, val_shards=0)
-    tokens_per_s, count = _tokens_per_s(loader, seconds)
-    return {"loader": "MixtureLoader", "shard_dir": " + ".join(f"{s.weight:g} x {s.name}" for s in sources),
-            "shards": sum(len(one.shards) for one in loader.loaders),
-            "shard_tokens": max(one.index.shard_tokens for one in loader.loaders), "seq_len": seq_len,
-            "batch_size": batch_size, "prefetch": prefetch, "tokens_per_s": tokens_per_s, "batches": count}
+    parts = getattr(loader, "loaders", [loader])  # a mixture's shard sets
+    return {"loader": type(loader).__name__, "shard_dir": description, "shards": sum(len(p.shards) for p in parts),
+            "shard_tokens": max(p.index.shard_tokens for p in parts), "seq_len": loader.seq_len,
+            "batch_size": loader.batch_size, "prefetch": loader.prefetch,
+            "tokens_per_s": count * loader.tokens_per_batch / elapsed, "batches": count}
 
 
 def environment() -> dict:
@@ -155,16 +140,18 @@ def run_bench(source: str, tokenizer_path: str, shard_dir: str, worker_counts: l
     results = {"environment": environment(), "source": source, "tokenizer": tokenizer_path,
                "tokenization": bench_tokenization(source, tokenizer_path, worker_counts, text_field=text_field,
                                                   sample_bytes=sample_bytes, repeats=repeats),
-               "loader": [bench_loader(shard_dir, seq_len, batch_size, seconds=seconds, prefetch=p) for p in (0, 2)]}
+               "loader": [bench_loader(ShardLoader(shard_dir, seq_len, batch_size, prefetch=p, val_shards=0), shard_dir,
+                                       seconds=seconds) for p in (0, 2)]}
     if synthetic_shard_tokens:
         with tempfile.TemporaryDirectory(prefix="mor-data-bench-") as tmp:
             synthetic_shards(tmp, shard_dir, 2, synthetic_shard_tokens)
-            results["loader"] += [bench_loader(tmp, seq_len, batch_size, seconds=seconds, prefetch=p) | {
-                "shard_dir": f"synthetic: 2 shards x {synthetic_shard_tokens:,} unigram-sampled tokens"}
-                for p in (0, 2)]
+            synthetic = f"synthetic: 2 shards x {synthetic_shard_tokens:,} unigram-sampled tokens"
+            results["loader"] += [bench_loader(ShardLoader(tmp, seq_len, batch_size, prefetch=p, val_shards=0),
+                                               synthetic, seconds=seconds) for p in (0, 2)]
             # the two shard sets as a 70/30 data mixture: what interleaving costs over one ShardLoader
             mixture = [Source("shards", shard_dir, 0.7), Source("synthetic", tmp, 0.3)]
-            results["loader"] += [bench_mixture(mixture, seq_len, batch_size, seconds=seconds, prefetch=p)
-                                  for p in (0, 2)]
+            results["loader"] += [bench_loader(MixtureLoader(mixture, seq_len, batch_size, prefetch=p, val_shards=0),
+                                               " + ".join(f"{m.weight:g} x {m.name}" for m in mixture),
+                                               seconds=seconds) for p in (0, 2)]
     return results
 
